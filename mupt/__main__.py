@@ -1,0 +1,3 @@
+from mupt.cli import main
+
+main()

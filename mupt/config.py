@@ -1,0 +1,269 @@
+"""Typed configs (model, data, train, parametrization) with YAML load/save and validation.
+
+Every knob is a field of a pydantic model with ``extra="forbid"``, so a typo in a YAML file
+or a wrong value is rejected with a message naming the field; :func:`load_yaml` turns
+pydantic's errors into one-line :class:`~mupt.errors.ConfigError` messages for the CLI.
+Configs round-trip: ``load_yaml(save_yaml(cfg))`` equals ``cfg``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mupt.errors import ConfigError
+
+
+class Discretization(StrEnum):
+    """How B is discretized. A is always ZOH (exp(dt*A))."""
+
+    ZOH = "zoh"  # (exp(dt*A) - 1) / A * B
+    EULER = "euler"  # dt * B, what mamba_ssm computes
+
+
+class OptimizerName(StrEnum):
+    ADAMW = "adamw"
+    ADAM = "adam"
+    SGD = "sgd"
+
+    @property
+    def family(self) -> str:
+        """The width-rule family: 'adam' covers Adam and AdamW."""
+        return "sgd" if self is OptimizerName.SGD else "adam"
+
+
+class Schedule(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+class Scheme(StrEnum):
+    """Width parametrizations: standard, heuristic µP (every Linear as hidden), µP-SSM."""
+
+    SP = "sp"
+    MUP = "mup"
+    MUP_SSM = "mup-ssm"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+class ModelConfig(_Strict):
+    """Mamba-1 LM shape. Widths: N_u = d_inner = expand * d_model; N_x = d_state."""
+
+    d_model: int = Field(64, gt=0, description="residual width")
+    n_layers: int = Field(2, gt=0)
+    d_state: int = Field(16, gt=0, description="SSM state width N_x")
+    d_conv: int = Field(4, gt=0)
+    expand: int = Field(2, gt=0)
+    dt_rank: int | str = Field("auto", description="'auto' = ceil(d_model / 16)")
+    vocab_size: int = Field(256, gt=1)
+    discretization: Discretization = Discretization.ZOH
+    tie_embeddings: bool = False
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(1e-1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    scan_backend: str = Field("auto", description="auto | torch | reference | triton")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if isinstance(self.dt_rank, str) and self.dt_rank != "auto":
+            raise ValueError(f"dt_rank must be a positive integer or 'auto', got {self.dt_rank!r}")
+        if isinstance(self.dt_rank, int) and self.dt_rank <= 0:
+            raise ValueError(f"dt_rank must be positive, got {self.dt_rank}")
+        if self.dt_min >= self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must be below dt_max ({self.dt_max})")
+        return self
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def dt_rank_value(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+
+class DataConfig(_Strict):
+    """Where tokens come from: the builtin offline corpus, a text file/dir, or a synthetic task."""
+
+    source: str = Field("builtin", description="builtin | recall | PATH to a .txt file or a directory of .txt files")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(128, gt=1)
+    lr: float = Field(3e-3, gt=0, description="global (base) learning rate; per-group LRs are multiples of it")
+    optimizer: OptimizerName = OptimizerName.ADAMW
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables")
+    eval_every: int = Field(50, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    seed: int = 0
+    diverge_loss: float | None = Field(
+        None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
+    )
+
+
+class ParamConfig(_Strict):
+    """Which width rules to apply, relative to which base shape, plus tunable µP multipliers."""
+
+    scheme: Scheme = Scheme.MUP_SSM
+    base_d_model: int | None = Field(None, gt=0, description="base width; default: the model's own d_model")
+    base_d_state: int | None = Field(None, gt=0, description="base state width; default: the model's own d_state")
+    output_mult: float = Field(1.0, gt=0, description="tunable multiplier on the logits")
+    embedding_mult: float = Field(1.0, gt=0, description="tunable multiplier on the embedding output")
+    init_scale: float = Field(1.0, gt=0, description="tunable global factor on every init std")
+
+
+class RunConfig(_Strict):
+    """Everything one training run needs."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    param: ParamConfig = Field(default_factory=ParamConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """One line naming the first bad field, its value and what is expected."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    extra = f" and {len(err.errors()) - 1} more" if len(err.errors()) > 1 else ""
+    return f"{where}: {loc}: {first['msg']}{shown}{extra}"
+
+
+def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, where)) from None
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file, fsync and rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found; pass the path of an existing YAML file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        at = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix or regenerate the file") from None
+
+
+def write_yaml(path: str | Path, data: Any, header: str | None = None) -> None:
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
+    atomic_write_text(path, text)
+
+
+def load_yaml(path: str | Path, cls: type[C] = RunConfig) -> C:  # type: ignore[assignment]
+    return from_dict(cls, read_yaml(path), where=str(path))
+
+
+def save_yaml(path: str | Path, cfg: BaseModel, header: str | None = None) -> None:
+    write_yaml(path, to_dict(cfg), header=header)
+
+
+def with_overrides(cfg: C, overrides: dict[str, Any], where: str = "flags") -> C:
+    """Return a copy of ``cfg`` with dotted-key overrides (``{"model.d_model": 128}``), validated.
+
+    ``None`` values are skipped, so CLI options that were not given leave the config alone.
+    """
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value.value if isinstance(value, StrEnum) else value
+    return from_dict(type(cfg), data, where=where)
+
+
+class BestParams(_Strict):
+    """``runs/<study>/best.yaml``: what ``mupt tune`` found and ``mupt transfer`` reads."""
+
+    study: str
+    trial: int
+    value: float = Field(description="objective of the best trial: final validation loss (nats/token)")
+    params: dict[str, float] = Field(description="tuned values, e.g. {'lr': 3e-3, 'output_mult': 2.0}")
+    config: RunConfig = Field(description="the proxy run config with the tuned values applied")
+    manifest: dict[str, Any] = Field(default_factory=dict, description="parametrization manifest of the proxy")
+    code_version: str = ""
+    created: str = ""
+
+
+class LaunchConfig(_Strict):
+    """How ``mupt scale`` runs a recipe (independent of the width rules)."""
+
+    run_dir: str = Field("runs/scale", description="checkpoints, metrics.jsonl and summary go here")
+    ckpt_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    precision: str = Field("auto", description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
+    compile: bool = False
+    fsdp: bool = False
+
+
+class Recipe(_Strict):
+    """A launchable recipe for the wide model, written by ``mupt transfer``.
+
+    ``run`` is complete: ``mupt scale`` rebuilds the model and its optimizer groups from it via
+    :func:`mupt.parametrization.apply`, and checks them against ``per_role``.
+    """
+
+    source: dict[str, Any] = Field(default_factory=dict, description="study, trial, proxy shape, transfer ratio")
+    run: RunConfig
+    per_role: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="role -> {init_std, lr, fwd_mult, weight_decay} at the target width"
+    )
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    manifest: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,162 @@
+"""Corpora and batching: the builtin offline corpus, local text, and a synthetic recall task.
+
+* ``builtin``: byte-level (vocab 256) English text from CPython's own ``pydoc_data.topics``
+  (the standard library's documentation topics, ~465K characters); no download.
+* a path: a UTF-8 ``.txt`` file, or a directory searched recursively for ``*.txt``.
+* ``recall``: associative recall (key/value pairs, then queries; loss only on the answers).
+
+Batches are contiguous windows whose start offsets depend only on (seed, step, rank), so the
+same seed gives the same data order, a resumed run sees exactly the batches it would have
+seen, and every width in a sweep trains on the same tokens.  Validation windows are fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mupt.config import DataConfig
+from mupt.errors import DataError
+
+IGNORE_INDEX = -100
+_VAL_SEED = 0x5EED
+
+
+class TokenSource(Protocol):
+    vocab_size: int
+    name: str
+    bytes_per_token: float | None  # for bits-per-byte; None when tokens are not bytes
+
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]: ...
+
+
+def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+    return g
+
+
+class TextCorpus:
+    """Byte tokens with a deterministic train/validation split (the tail is validation)."""
+
+    vocab_size = 256
+    bytes_per_token: float | None = 1.0
+
+    def __init__(self, data: bytes, name: str, val_fraction: float = 0.1) -> None:
+        self.name = name
+        tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        n_val = int(len(tokens) * val_fraction)
+        self.train = tokens[: len(tokens) - n_val]
+        self.val = tokens[len(tokens) - n_val :]
+
+    def _check(self, split: Tensor, seq_len: int, which: str) -> None:
+        if len(split) < seq_len + 2:
+            raise DataError(
+                f"{self.name}: the {which} split has {len(split)} bytes, fewer than seq_len+2={seq_len + 2}; "
+                "use more text or a shorter --seq-len"
+            )
+
+    @staticmethod
+    def _windows(split: Tensor, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+        idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+        chunk = split[idx].long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        """The rank's slice of the global batch for ``step`` (global batch = batch_size)."""
+        self._check(self.train, seq_len, "train")
+        g = _step_generator(seed, step)
+        starts = torch.randint(0, len(self.train) - seq_len - 1, (batch_size,), generator=g)
+        return self._windows(self.train, starts[rank::world], seq_len)
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+        self._check(self.val, seq_len, "validation")
+        g = _step_generator(_VAL_SEED, 0)
+        starts = torch.randint(0, len(self.val) - seq_len - 1, (n, batch_size), generator=g)
+        return [self._windows(self.val, s, seq_len) for s in starts]
+
+
+class RecallTask:
+    """Associative recall: ``k1 v1 ... kP vP`` then ``q v`` pairs; loss on the answers only.
+
+    Keys come from tokens [0, 128), values from [128, 256); keys are distinct per sequence.
+    """
+
+    vocab_size = 256
+    bytes_per_token: float | None = None
+    name = "recall"
+
+    def __init__(self, pairs: int = 8) -> None:
+        if pairs > 128:
+            raise DataError(f"recall_pairs={pairs} exceeds the 128 distinct keys; use at most 128")
+        self.pairs = pairs
+
+    def _make(self, g: torch.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        p = self.pairs
+        if seq_len < 2 * p + 2:
+            raise DataError(f"recall with {p} pairs needs seq_len >= {2 * p + 2}; got {seq_len}")
+        keys = torch.argsort(torch.rand(batch_size, 128, generator=g), dim=1)[:, :p]
+        vals = torch.randint(128, 256, (batch_size, p), generator=g)
+        n_q = math.ceil((seq_len + 1 - 2 * p) / 2)
+        q_idx = torch.randint(0, p, (batch_size, n_q), generator=g)
+        ctx = torch.stack([keys, vals], dim=2).reshape(batch_size, 2 * p)
+        qs = torch.stack([keys.gather(1, q_idx), vals.gather(1, q_idx)], dim=2).reshape(batch_size, 2 * n_q)
+        seq = torch.cat([ctx, qs], dim=1)[:, : seq_len + 1]
+        x, y = seq[:, :-1], seq[:, 1:].clone()
+        pos = torch.arange(seq_len)
+        is_answer = (pos >= 2 * p) & ((pos - 2 * p) % 2 == 0)  # x[pos] is a query key, y[pos] its value
+        y[:, ~is_answer] = IGNORE_INDEX
+        return x, y
+
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        x, y = self._make(_step_generator(seed, step, salt=1), batch_size, seq_len)
+        return x[rank::world], y[rank::world]
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+        g = _step_generator(_VAL_SEED, 0, salt=1)
+        return [self._make(g, batch_size, seq_len) for _ in range(n)]
+
+
+def builtin_text() -> bytes:
+    """CPython's pydoc topics, joined in key order: deterministic on a given Python version."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def _read_text_path(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or directory; pass a .txt file or a directory of .txt files")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"--data {path}: the directory holds no .txt files; add some or pass a file")
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"--data {f}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+        except OSError as err:
+            raise DataError(f"--data {f}: cannot read ({err.strerror}); check permissions") from None
+    return "\n\n".join(parts).encode("utf-8")
+
+
+def load_data(cfg: DataConfig) -> TokenSource:
+    if cfg.source == "builtin":
+        return TextCorpus(builtin_text(), "builtin", cfg.val_fraction)
+    if cfg.source == "recall":
+        return RecallTask(cfg.recall_pairs)
+    path = Path(cfg.source)
+    return TextCorpus(_read_text_path(path), str(path), cfg.val_fraction)
