@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mupt.config import RunConfig, load_yaml
+
+TINY = ["--width", "32", "--layers", "1", "--d-state", "8", "--batch-size", "4", "--seq-len", "32"]
+
+
+def test_train_writes_config_and_metrics(cli, tmp_path: Path) -> None:
+    code, out, err = cli("train", *TINY, "--steps", "6", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "Training summary" in out and "final val loss" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["steps"] == 6 and len(metrics["train_loss"]) == 6
+    cfg = load_yaml(tmp_path / "run" / "config.yaml", RunConfig)
+    assert cfg.model.d_model == 32 and cfg.train.steps == 6
+
+
+def test_config_file_with_flag_override(cli, tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("model: {d_model: 32, n_layers: 1, d_state: 8}\ntrain: {steps: 3, batch_size: 2, seq_len: 16}\n")
+    code, _, err = cli("train", "--config", str(tmp_path / "c.yaml"), "--steps", "2", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 2
+
+
+def one_line_exit_2(result: tuple[int, str, str], *needles: str) -> None:
+    code, _, err = result
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_inputs_exit_2_with_one_line(cli, tmp_path: Path) -> None:
+    one_line_exit_2(cli("train", "--width", "-3"), "--width", "-3")
+    one_line_exit_2(cli("train", "--optimizer", "lion"), "lion")
+    one_line_exit_2(cli("train", "--config", str(tmp_path / "missing.yaml")), "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2")
+    one_line_exit_2(cli("train", "--config", str(tmp_path / "bad.yaml")), "not valid YAML")
+    one_line_exit_2(cli("train", "--data", str(tmp_path / "nope.txt")), "nope.txt")
+    one_line_exit_2(cli("train", "--width", "40"), "multiple of 16")
+
+
+def test_diverging_run_exits_2_and_keeps_metrics(cli, tmp_path: Path) -> None:
+    res = cli("train", *TINY, "--steps", "30", "--lr", "50", "--out", str(tmp_path / "r"))
+    one_line_exit_2(res, "diverged", "--lr")
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["status"] == "diverged"
