@@ -95,12 +95,22 @@ def _mup_ssm(family: str, disc: Discretization) -> dict[Role, Rule]:
     rules[Role.A_LOG] = Rule(init=None, lr=ZERO if adam else _U)
     # dt rows and dt_proj: hidden-like
     if disc is Discretization.ZOH:
-        # var(W_B) ~ N_x/N_u ; var(W_C) ~ 1/(N_x N_u)
+        # var(W_B) ~ N_x/N_u ; var(W_C) ~ 1/(N_x N_u).  C's Adam LR CORRECTED from 1/(N_u sqrt N_x) to
+        # 1/(N_u N_x) (docs/width_rules.md, "Correction 2"): y sums N_x coherent updates C_n x_n, so C is
+        # a readout over the state; measured layer-0 y slope +0.28 -> +0.03 with N_x scaled.
         rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5) if adam else (-1.0, 1.0))
-        rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -0.5) if adam else (-1.0, -1.0))
+        rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
+    elif adam:
+        # Euler-B, Adam: CORRECTED to the ZOH rows (docs/width_rules.md, "Correction 1").  The DESIGN.md
+        # row var(W_B) ~ 1/N_u made x and Δx shrink with slope -0.66..-0.79 under N_x scaling: the
+        # state's steady-state gain is 1/|A_n| = 1/(n+1) for Euler too (dt*B summed over ~1/(dt|A_n|)
+        # steps), so B needs the same sqrt(N_x) boost.  Measured with it: |slope(x), slope(Δx)| <= 0.18.
+        rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5))
+        rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))  # DESIGN Euler C row = corrected ZOH
     else:
-        # var(W_B) ~ 1/N_u ; var(W_C) ~ 1/(N_x N_u)
-        rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.0), lr=(-1.0, -0.5) if adam else (-1.0, 0.0))
+        # Euler-B, SGD: DESIGN.md rows, UNVERIFIED (no SGD coordinate check yet); by the argument of
+        # the Adam correction these likely need the ZOH rows too.  var(W_B) ~ 1/N_u ; var(W_C) ~ 1/(N_x N_u)
+        rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.0), lr=(-1.0, 0.0))
         rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
     return rules
 
@@ -259,6 +269,7 @@ def apply(
     """
     cfg = model.cfg
     scheme = Scheme(param.scheme)
+    rules = rules_for(scheme, optimizer, model.cfg.discretization)  # validates the names first
     opt = OptimizerName(optimizer)
     if cfg.tie_embeddings and scheme is not Scheme.SP:
         raise ConfigError(f"tie_embeddings=true cannot be used with scheme {scheme.value}; untie them or use sp")
@@ -273,9 +284,10 @@ def apply(
                 )
     base_cfg = cfg.model_copy(update={"d_model": base.d_model, "d_state": base.d_state})
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
-    rules = rules_for(scheme, opt, cfg.discretization)
     roles = named_roles(model)
-    manifest = Manifest(scheme.value, opt.value, cfg.discretization.value, base.d_model, base.d_state, cfg.d_model, cfg.d_state)
+    manifest = Manifest(
+        scheme.value, opt.value, cfg.discretization.value, base.d_model, base.d_state, cfg.d_model, cfg.d_state
+    )
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     fwd: dict[Role, float] = {}
     with torch.no_grad():
@@ -292,13 +304,15 @@ def apply(
             wd = 0.0 if role in NO_WEIGHT_DECAY else weight_decay / lr_mult
             fan_in, fan_out = _fan(p)
             manifest.params[name] = Entry(role.value, list(p.shape), fan_in, fan_out, std, lr_mult, 0.0, wd)
-            g = groups.setdefault((lr_mult, wd), {"params": [], "names": [], "lr": lr * lr_mult, "lr_mult": lr_mult, "weight_decay": wd})
+            g = groups.setdefault(
+                (lr_mult, wd), {"params": [], "names": [], "lr": lr * lr_mult, "lr_mult": lr_mult, "weight_decay": wd}
+            )
             g["params"].append(p)
             g["names"].append(name)
-    fwd[Role.LM_HEAD] *= param.output_mult
+    fwd[Role.LM_HEAD] = fwd.get(Role.LM_HEAD, 1.0) * param.output_mult  # absent when tied to the embedding
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)
-    for name, entry in manifest.params.items():
+    for entry in manifest.params.values():
         entry.fwd_mult = fwd[Role(entry.role)]
     return Parametrized(list(groups.values()), manifest)
 

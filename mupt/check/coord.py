@@ -1,0 +1,328 @@
+"""Coordinate check: do activations and their updates stay Θ(1) as the model gets wider?
+
+For each width (d_model; N_u = expand * d_model scales with it, and N_x = d_state too with
+``scale_state``) and each seed, a model is built under the chosen width rules (base shape =
+the smallest width), probed on one fixed validation batch, trained ``steps`` optimizer steps
+on the builtin corpus, and probed again on the same batch.  Per layer we record the RMS
+(root mean square per coordinate) of
+
+* ``x``: the SSM's last state (batch, N_u, N_x), ``y``: the pure SSM output ``C x``,
+* ``out``: the block (mixer) output added to the residual stream,
+* ``dx``, ``dy``, ``dout``: their changes since init on the same input,
+
+plus ``logits`` and ``dlogits`` of the LM head.  Per quantity the least-squares slope of
+log2(mean-over-seeds RMS) vs log2(width) is fitted; a quantity is *flat* iff
+``|slope| <= tolerance``.  The check passes iff every quantity is flat.
+
+Nothing here prints; the CLI renders the table, progress and exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mupt.config import (
+    DataConfig,
+    Discretization,
+    ModelConfig,
+    OptimizerName,
+    ParamConfig,
+    RunConfig,
+    Scheme,
+    TrainConfig,
+    atomic_write_text,
+)
+from mupt.data import TokenSource, load_data
+from mupt.errors import ConfigError
+from mupt.train import Trainer
+
+LAYER_QUANTITIES = ("x", "y", "out", "dx", "dy", "dout")
+HEAD_QUANTITIES = ("logits", "dlogits")
+QUANTITIES = LAYER_QUANTITIES + HEAD_QUANTITIES
+HEAD = "head"  # the "layer" label of the logits rows
+
+DEFAULT_WIDTHS = (64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class CoordSettings:
+    """What one coordinate check measures."""
+
+    scheme: Scheme = Scheme.MUP_SSM
+    optimizer: OptimizerName = OptimizerName.ADAM
+    discretization: Discretization = Discretization.ZOH
+    widths: tuple[int, ...] = DEFAULT_WIDTHS
+    n_layers: int = 3
+    seeds: int = 3
+    steps: int = 4
+    lr: float = 1e-2
+    scale_state: bool = False
+    base_d_state: int = 16
+    tolerance: float = 0.25
+    batch_size: int = 4
+    seq_len: int = 32
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        ws = list(self.widths)
+        if len(ws) < 2 or len(set(ws)) != len(ws) or ws != sorted(ws):
+            shown = ",".join(map(str, ws))
+            raise ConfigError(f"--widths {shown}: give at least two distinct widths in increasing order")
+        if ws[-1] < 8 * ws[0]:
+            raise ConfigError(
+                f"--widths {','.join(map(str, ws))} span {ws[-1] / ws[0]:g}x; a coordinate check needs >= 8x "
+                f"(e.g. {ws[0]},{2 * ws[0]},{4 * ws[0]},{8 * ws[0]})"
+            )
+        if self.scale_state and any((w * self.base_d_state) % ws[0] for w in ws):
+            raise ConfigError(
+                f"--scale-state needs every width to be a multiple of the base {ws[0]} so that d_state scales "
+                f"by the same ratio; got {','.join(map(str, ws))}"
+            )
+        for name, value in (("--seeds", self.seeds), ("--steps", self.steps), ("--layers", self.n_layers)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.tolerance <= 0:
+            raise ConfigError(f"--tolerance must be positive, got {self.tolerance}")
+
+    def d_state(self, width: int) -> int:
+        return self.base_d_state * width // self.widths[0] if self.scale_state else self.base_d_state
+
+    def run_config(self, width: int, seed: int) -> RunConfig:
+        return RunConfig(
+            model=ModelConfig(
+                d_model=width,
+                n_layers=self.n_layers,
+                d_state=self.d_state(width),
+                discretization=self.discretization,
+                scan_backend=resolve_scan_backend(self.backend),
+            ),
+            data=DataConfig(source="builtin"),
+            train=TrainConfig(
+                steps=self.steps,
+                batch_size=self.batch_size,
+                seq_len=self.seq_len,
+                lr=self.lr,
+                optimizer=self.optimizer,
+                seed=seed,
+                eval_batches=1,
+            ),
+            param=ParamConfig(scheme=self.scheme, base_d_model=self.widths[0], base_d_state=self.base_d_state),
+        )
+
+
+def resolve_scan_backend(backend: str) -> str:
+    """``auto`` -> the fast torch scan when it is installed, else the reference scan (CPU)."""
+    if backend != "auto":
+        return backend
+    try:
+        import mupt.scan.torch_scan  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "auto"
+
+
+@dataclass
+class Row:
+    """One (layer, quantity): mean-over-seeds RMS per width, its log2-log2 slope and verdict."""
+
+    layer: str
+    quantity: str
+    rms: list[float]  # per width, mean over seeds
+    rms_seeds: list[list[float]]  # per width, per seed
+    slope: float
+    flat: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.quantity}"
+
+
+@dataclass
+class CoordResult:
+    settings: dict[str, Any]
+    widths: list[int]
+    d_states: list[int]
+    rows: list[Row] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(r.flat for r in self.rows)
+
+    @property
+    def failing(self) -> list[Row]:
+        return [r for r in self.rows if not r.flat]
+
+    def row(self, layer: int | str, quantity: str) -> Row:
+        for r in self.rows:
+            if r.layer == str(layer) and r.quantity == quantity:
+                return r
+        raise KeyError(f"no row for layer {layer!r}, quantity {quantity!r}")
+
+    def slopes(self) -> dict[str, float]:
+        return {r.key: r.slope for r in self.rows}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "widths": self.widths,
+            "d_states": self.d_states,
+            "passed": self.passed,
+            "seconds": self.seconds,
+            "rows": [{**asdict(r), "key": r.key} for r in self.rows],
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+
+    def save_json(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+
+def rms(t: torch.Tensor) -> float:
+    return float(t.double().pow(2).mean().sqrt())
+
+
+def log2_slope(widths: Sequence[float], values: Sequence[float]) -> float:
+    """Least-squares slope of log2(values) vs log2(widths); NaN when a value is not positive/finite."""
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        return math.nan
+    xs = [math.log2(w) for w in widths]
+    ys = [math.log2(v) for v in values]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def _probe(trainer: Trainer, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    trainer.model.eval()
+    probe: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        trainer.model(batch.to(trainer.device), probe)
+    return probe
+
+
+def measure_one(settings: CoordSettings, width: int, seed: int, data: TokenSource | None = None) -> dict[str, float]:
+    """RMS of every tracked quantity for one (width, seed) run; keys ``{layer}.{quantity}``."""
+    cfg = settings.run_config(width, seed)
+    data = data if data is not None else load_data(cfg.data)
+    trainer = Trainer(cfg, data=data)
+    probe_x, _ = data.val_batches(1, settings.batch_size, settings.seq_len)[0]
+    before = _probe(trainer, probe_x)
+    for _ in range(settings.steps):
+        trainer.train_step()
+    after = _probe(trainer, probe_x)
+    out: dict[str, float] = {}
+    for i in range(settings.n_layers):
+        for q in ("x", "y", "out"):
+            key = f"layers.{i}.{q}"
+            out[f"{i}.{q}"] = rms(after[key])
+            out[f"{i}.d{q}"] = rms(after[key] - before[key])
+    out[f"{HEAD}.logits"] = rms(after["logits"])
+    out[f"{HEAD}.dlogits"] = rms(after["logits"] - before["logits"])
+    return out
+
+
+ProgressCallback = Callable[[int, int, float], None]  # (width, seed, seconds of that run)
+
+
+def coord_check(
+    settings: CoordSettings | None = None, on_run: ProgressCallback | None = None, **kwargs: Any
+) -> CoordResult:
+    """Run the coordinate check; ``kwargs`` override fields of the default :class:`CoordSettings`."""
+    import time
+
+    if settings is None:
+        settings = CoordSettings(**kwargs)
+    elif kwargs:
+        settings = CoordSettings(**{**asdict(settings), **kwargs})
+    settings = CoordSettings(
+        **{
+            **asdict(settings),
+            "scheme": Scheme(settings.scheme),
+            "optimizer": OptimizerName(settings.optimizer),
+            "discretization": Discretization(settings.discretization),
+            "widths": tuple(int(w) for w in settings.widths),
+        }
+    )
+    settings.validate()
+    start = time.perf_counter()
+    data = load_data(DataConfig(source="builtin"))
+    per: dict[str, list[list[float]]] = {}  # key -> per width -> per seed
+    for wi, width in enumerate(settings.widths):
+        for seed in range(settings.seeds):
+            t0 = time.perf_counter()
+            values = measure_one(settings, width, seed, data)
+            for key, v in values.items():
+                per.setdefault(key, [[] for _ in settings.widths])[wi].append(v)
+            if on_run is not None:
+                on_run(width, seed, time.perf_counter() - t0)
+    result = CoordResult(
+        settings={
+            **{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
+            "backend": resolve_scan_backend(settings.backend),  # what actually ran
+        },
+        widths=list(settings.widths),
+        d_states=[settings.d_state(w) for w in settings.widths],
+    )
+    layers = [str(i) for i in range(settings.n_layers)]
+    for layer, quantities in [(la, LAYER_QUANTITIES) for la in layers] + [(HEAD, HEAD_QUANTITIES)]:
+        for q in quantities:
+            seeds = per[f"{layer}.{q}"]
+            means = [sum(s) / len(s) for s in seeds]
+            slope = log2_slope(settings.widths, means)
+            flat = math.isfinite(slope) and abs(slope) <= settings.tolerance
+            result.rows.append(Row(layer, q, means, seeds, slope, flat))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def plot(result: CoordResult, path: str | Path) -> None:
+    """Figure-1-style PNG: one panel per quantity, one line per layer, log2 RMS vs log2 width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(QUANTITIES)
+    cols = 4
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.3 * ((n + cols - 1) // cols)))
+    xs = [math.log2(w) for w in result.widths]
+    for ax, q in zip(axes.flat, QUANTITIES, strict=False):
+        for r in (r for r in result.rows if r.quantity == q):
+            ys = [math.log2(v) if v > 0 and math.isfinite(v) else math.nan for v in r.rms]
+            label = f"layer {r.layer}" if r.layer != HEAD else "lm head"
+            ax.plot(xs, ys, marker="o", label=f"{label} (slope {r.slope:+.2f})")
+        ax.set_title(q.replace("d", "Δ", 1) if q.startswith("d") else q)
+        ax.set_xlabel("width d_model (log2 axis)")
+        ax.set_ylabel("log2 RMS")
+        ax.set_xticks(xs, [str(w) for w in result.widths])
+        lo, hi = ax.get_ylim()
+        if hi - lo < 4:  # a common minimum span, so that a flat line looks flat (log2 units)
+            mid = (lo + hi) / 2
+            ax.set_ylim(mid - 2, mid + 2)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    s = result.settings
+    state = "N_x scaled" if s["scale_state"] else f"N_x={s['base_d_state']}"
+    verdict = "PASS" if result.passed else "FAIL"
+    fig.suptitle(
+        f"coordinate check: {s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, "
+        f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}: {verdict}"
+    )
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,89 @@
+"""Coordinate check: slope fitting, a real small run whose verdict is asserted, and the CLI gate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot
+from mupt.errors import ConfigError
+
+# The reference scan (the oracle) keeps these numbers independent of the fast backends.
+# Small but real: 4 widths spanning 8x, 2 layers, 2 seeds, 3 Adam steps at lr 1e-2.  Measured
+# on 2 CPU cores (reference scan): mup-ssm max |slope| ~0.2 on the stable quantities below;
+# sp: Δout of layer 0 grows with slope ~+1.0 (see docs/width_rules.md).
+SMALL = dict(widths=(32, 64, 128, 256), n_layers=2, seeds=2, steps=3, seq_len=16, batch_size=4, backend="reference")
+
+
+def test_log2_slope_recovers_powers() -> None:
+    ws = [64, 128, 256, 512]
+    assert log2_slope(ws, [3.0 * w**0.5 for w in ws]) == pytest.approx(0.5)
+    assert log2_slope(ws, [7.0] * 4) == pytest.approx(0.0, abs=1e-12)
+    assert log2_slope(ws, [1 / w for w in ws]) == pytest.approx(-1.0)
+    assert math.isnan(log2_slope(ws, [1.0, 0.0, 1.0, 1.0]))
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="8x"):
+        coord_check(widths=(64, 128, 256))
+    with pytest.raises(ConfigError, match="increasing"):
+        coord_check(widths=(256, 64, 512))
+    with pytest.raises(ConfigError, match="--seeds"):
+        coord_check(widths=(32, 256), seeds=0)
+    assert CoordSettings(widths=(64, 512), scale_state=True, base_d_state=8).d_state(512) == 64
+    assert CoordSettings(widths=(64, 512), base_d_state=8).d_state(512) == 8
+
+
+@pytest.fixture(scope="module")
+def sp_and_mup_ssm() -> tuple:
+    return coord_check(scheme="sp", **SMALL), coord_check(scheme="mup-ssm", **SMALL)
+
+
+def test_sp_fails_with_growing_block_updates(sp_and_mup_ssm) -> None:
+    sp, _ = sp_and_mup_ssm
+    assert not sp.passed
+    dout = sp.row(0, "dout")
+    assert not dout.flat and dout.slope >= 0.6, dout.slope  # Adam with one global LR: Δ(Wx) ~ fan_in
+    assert sp.row(1, "dout").slope >= 0.6
+    assert dout.rms[-1] > 3 * dout.rms[0]
+
+
+def test_mup_ssm_block_outputs_and_logits_stay_flat(sp_and_mup_ssm) -> None:
+    sp, mup_ssm = sp_and_mup_ssm
+    for layer, q in [(0, "out"), (0, "dout"), (1, "out"), (1, "dout"), ("head", "logits"), ("head", "dlogits")]:
+        row = mup_ssm.row(layer, q)
+        assert abs(row.slope) <= 0.3, (layer, q, row.slope)
+        assert row.slope < sp.row(layer, q).slope - 0.4, (layer, q)
+    data = json.loads(mup_ssm.to_json())
+    assert data["widths"] == [32, 64, 128, 256] and len(data["rows"]) == 2 * 6 + 2
+    assert data["rows"][0]["key"] == "0.x" and len(data["rows"][0]["rms_seeds"][0]) == 2
+
+
+def test_plot_writes_png(tmp_path, sp_and_mup_ssm) -> None:
+    plot(sp_and_mup_ssm[0], tmp_path / "f" / "coord.png")
+    assert (tmp_path / "f" / "coord.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli_args(tmp_path, scheme: str, tol: str) -> list[str]:
+    return [
+        "check", "coord", "--scheme", scheme, "--widths", "32,64,128,256", "--layers", "1", "--seeds", "2",
+        "--steps", "3", "--seq-len", "16", "--tolerance", tol, "--backend", "reference",
+        "--out", str(tmp_path / scheme),
+    ]  # fmt: skip
+
+
+def test_cli_exit_codes_and_files(cli, tmp_path) -> None:
+    code, out, _ = cli(*_cli_args(tmp_path, "sp", "0.25"))
+    assert code == 1, out
+    assert "FAIL" in out and "Δout" in out
+    data = json.loads((tmp_path / "sp" / "coord.json").read_text())
+    assert data["passed"] is False and data["settings"]["scheme"] == "sp"
+    assert (tmp_path / "sp" / "coord.png").stat().st_size > 1000
+    # a generous tolerance turns the same measurement into a pass: the gate follows the slopes
+    code, out, _ = cli(*_cli_args(tmp_path, "mup-ssm", "5"))
+    assert code == 0, out
+    assert "PASS" in out and (tmp_path / "mup-ssm" / "coord.json").is_file()
+    code, _, err = cli("check", "coord", "--widths", "64,128")
+    assert code == 2 and "8x" in err
