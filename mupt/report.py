@@ -29,7 +29,9 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], jus
     t = Table(title=title, title_justify="left", header_style="bold")
     first = rows[0] if rows else []
     for i, col in enumerate(columns):
-        numeric = justify_numbers and i < len(first) and isinstance(first[i], (int, float)) and not isinstance(first[i], bool)
+        numeric = (
+            justify_numbers and i < len(first) and isinstance(first[i], (int, float)) and not isinstance(first[i], bool)
+        )
         t.add_column(col, justify="right" if numeric else "left")
     for row in rows:
         t.add_row(*(fmt(v) for v in row))

@@ -50,7 +50,9 @@ class TrainResult:
         return nats / math.log(2) / self.bytes_per_token
 
 
-def build_model(cfg: RunConfig, device: str | torch.device = "cpu", reinit: bool = True) -> tuple[MambaLM, Parametrized]:
+def build_model(
+    cfg: RunConfig, device: str | torch.device = "cpu", reinit: bool = True
+) -> tuple[MambaLM, Parametrized]:
     """Model at the config's width, initialised under its scheme; same seed -> same weights."""
     torch.manual_seed(cfg.train.seed)
     model = MambaLM(cfg.model)

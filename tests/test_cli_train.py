@@ -19,7 +19,9 @@ def test_train_writes_config_and_metrics(cli, tmp_path: Path) -> None:
 
 
 def test_config_file_with_flag_override(cli, tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("model: {d_model: 32, n_layers: 1, d_state: 8}\ntrain: {steps: 3, batch_size: 2, seq_len: 16}\n")
+    (tmp_path / "c.yaml").write_text(
+        "model: {d_model: 32, n_layers: 1, d_state: 8}\ntrain: {steps: 3, batch_size: 2, seq_len: 16}\n"
+    )
     code, _, err = cli("train", "--config", str(tmp_path / "c.yaml"), "--steps", "2", "--out", str(tmp_path / "r"))
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 2

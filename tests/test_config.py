@@ -9,7 +9,9 @@ from mupt.errors import ConfigError
 
 
 def test_run_config_round_trips(tmp_path: Path) -> None:
-    cfg = with_overrides(RunConfig(), {"model.d_model": 96, "train.lr": 1e-3, "param.scheme": "sp", "data.source": "recall"})
+    cfg = with_overrides(
+        RunConfig(), {"model.d_model": 96, "train.lr": 1e-3, "param.scheme": "sp", "data.source": "recall"}
+    )
     save_yaml(tmp_path / "c.yaml", cfg, header="made by a test")
     back = load_yaml(tmp_path / "c.yaml")
     assert back == cfg

@@ -26,7 +26,9 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-check_app = typer.Typer(help="Pass/fail verification for CI: coordinate checks and LR-transfer checks.", no_args_is_help=True)
+check_app = typer.Typer(
+    help="Pass/fail verification for CI: coordinate checks and LR-transfer checks.", no_args_is_help=True
+)
 app.add_typer(check_app, name="check")
 
 out = Console()
@@ -40,24 +42,50 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 # Command modules register themselves on ``app`` / ``check_app`` when imported.
+from mupt.cli import check_coord as _check_coord  # noqa: E402,F401
+from mupt.cli import check_transfer as _check_transfer  # noqa: E402,F401
 from mupt.cli import train as _train  # noqa: E402,F401
+from mupt.cli import transfer as _transfer  # noqa: E402,F401
+from mupt.cli import tune as _tune  # noqa: E402,F401
+
+
+def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(usage/click errors, aborts) from click and from the copy newer typer releases vendor."""
+    errors: list[type[BaseException]] = [click.ClickException]
+    aborts: list[type[BaseException]] = [click.exceptions.Abort, typer.Abort]
+    try:
+        from typer._click import exceptions as vendored  # typer >= 0.26 ships its own click
+
+        errors.append(vendored.ClickException)
+        aborts.append(getattr(vendored, "Abort", typer.Abort))
+    except ImportError:
+        pass
+    return tuple(errors), tuple(aborts)
+
+
+_CLICK_ERRORS, _ABORTS = _click_exception_types()
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, map user errors to one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
+            sys.exit(code)
     except MuptError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
         err.print("[bold red]aborted[/]")
         sys.exit(130)
-    except click.UsageError as e:
-        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        err.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except click.ClickException as e:
-        err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+    except _CLICK_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # help was asked for by giving no arguments
+            out.print(e.format_message(), highlight=False)  # type: ignore[attr-defined]
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+        err.print(f"[bold red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
         sys.exit(2)

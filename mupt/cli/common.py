@@ -17,7 +17,9 @@ ConfigOpt = Annotated[
 WidthOpt = Annotated[int | None, typer.Option("--width", "-w", help="d_model of the model (N_u = expand * d_model).")]
 LayersOpt = Annotated[int | None, typer.Option("--layers", help="Number of Mamba blocks.")]
 StateOpt = Annotated[int | None, typer.Option("--d-state", help="SSM state width N_x.")]
-DiscOpt = Annotated[Discretization | None, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")]
+DiscOpt = Annotated[
+    Discretization | None, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")
+]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Global (base) learning rate.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Sequences per step (global batch).")]

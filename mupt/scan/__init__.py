@@ -47,7 +47,9 @@ def resolve_backend(backend: str | Backend, device: torch.device) -> Backend:
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ScanError(f"u and delta must be (batch, dim, length) and equal; got {tuple(u.shape)}, {tuple(delta.shape)}")
+        raise ScanError(
+            f"u and delta must be (batch, dim, length) and equal; got {tuple(u.shape)}, {tuple(delta.shape)}"
+        )
     batch, dim, length = u.shape
     if A.dim() != 2 or A.shape[0] != dim:
         raise ScanError(f"A must be (dim={dim}, state); got {tuple(A.shape)}")

@@ -1,0 +1,260 @@
+"""``mupt check transfer`` (LR-transfer sweep as a CI gate) and ``mupt check all`` (coord + transfer)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mupt.check.lr_transfer import (
+    LossTable,
+    SchemeResult,
+    SweepSpec,
+    TransferReport,
+    check_transfer,
+    parse_lr_grid,
+    parse_widths,
+    validate_spec,
+)
+from mupt.cli import check_app, err, out
+from mupt.cli.common import (
+    BackendOpt,
+    BatchOpt,
+    ConfigOpt,
+    DataOpt,
+    DiscOpt,
+    LayersOpt,
+    OptimOpt,
+    SeqOpt,
+    StateOpt,
+    StepsOpt,
+    progress,
+    resolve_config,
+)
+from mupt.config import OptimizerName, RunConfig, Scheme, with_overrides
+from mupt.errors import ConfigError
+
+WidthsOpt = Annotated[str, typer.Option("--widths", help="Comma list of d_model widths; the smallest is the base.")]
+LrsOpt = Annotated[
+    str, typer.Option("--lrs", help="LR grid: 2^-14..2^-4 (step 1 in log2), 2^-14..2^-4:0.5, or a comma list.")
+]
+VsOpt = Annotated[Scheme | None, typer.Option("--vs", help="Contrast scheme (e.g. sp), swept and plotted, not gated.")]
+SeedsOpt = Annotated[int, typer.Option("--seeds", help="Seeds per point (losses are averaged).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (default: CPU count, max 8).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Torch threads per worker (default CPUs/workers).")]
+MaxDriftOpt = Annotated[float, typer.Option("--max-drift", help="Largest allowed optimum drift, in log2 units.")]
+TolOpt = Annotated[float, typer.Option("--monotone-tol", help="Allowed loss increase (nats) width to width.")]
+
+
+def _default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def build_spec(
+    config: Path | None,
+    widths: str,
+    lrs: str,
+    scheme: Scheme,
+    vs: Scheme | None,
+    seeds: int,
+    **flags: Any,
+) -> SweepSpec:
+    ws = parse_widths(widths)
+    grid = parse_lr_grid(lrs)
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: must be at least 1")
+    if vs is not None and vs == scheme:
+        raise ConfigError(f"--vs {vs.value}: the contrast must differ from --scheme {scheme.value}")
+    base: RunConfig = resolve_config(config, **flags)
+    if base.model.scan_backend == "auto":  # the fast CPU scan may not be installed yet
+        from mupt.check.coord import resolve_scan_backend
+
+        base = with_overrides(base, {"model.scan_backend": resolve_scan_backend("auto")})
+    schemes = [scheme] + ([vs] if vs is not None else [])
+    spec = SweepSpec(base, ws, grid, schemes, [base.train.seed + i for i in range(seeds)])
+    validate_spec(spec)  # bad shapes fail here, before any output
+    return spec
+
+
+def loss_grid(title: str, table: LossTable, res: SchemeResult) -> Table:
+    xs = sorted({x for row in table.values() for x in row})
+    t = Table(title=title, title_justify="left", header_style="bold")
+    t.add_column("width", justify="right")
+    for x in xs:
+        t.add_column(f"2^{x:g}", justify="right")
+    t.add_column("log2 lr*", justify="right")
+    t.add_column("shift", justify="right")
+    for wr in res.widths:
+        cells = []
+        for x in xs:
+            v = table[wr.width].get(x)
+            if v is None:
+                cells.append("[red]div[/]")
+            elif x == wr.grid_best_log2_lr:
+                cells.append(f"[bold green]*{v:.3f}[/]")
+            else:
+                cells.append(f"{v:.3f}")
+        opt = "-" if wr.opt_log2_lr is None else f"{wr.opt_log2_lr:.2f}" + (" edge" if wr.at_edge else "")
+        shift = "-" if wr.shift is None else f"{wr.shift:+.2f}"
+        t.add_row(str(wr.width), *cells, opt, shift)
+    return t
+
+
+def render(report: TransferReport, max_drift: float) -> None:
+    for scheme, table in report.tables.items():
+        res = report.results[scheme]
+        role = "gate" if scheme == report.gate else "contrast"
+        grid = loss_grid(f"{scheme} ({role}): final val loss (nats/token), * = best per width", table, res)
+        if not out.is_terminal:  # logs/CI: do not squeeze the columns to 80
+            out.width = max(out.width, 160)
+        out.print(grid)
+        drift = "n/a" if res.drift is None else f"{res.drift:.2f}"
+        colour = "green" if res.passed else "red"
+        out.print(
+            f"{scheme}: drift [bold]{drift}[/] log2 (max {max_drift:g}), monotone at base optimum "
+            f"[bold]{res.monotone_at_base_opt}[/], at each optimum {res.monotone_at_each_opt} -> "
+            f"[bold {colour}]{'PASS' if res.passed else 'FAIL'}[/]",
+            highlight=False,
+        )
+        for why in res.reasons:
+            out.print(f"  - {why}", highlight=False)
+    out.print(
+        f"points: {len(report.sweep.points)} ({report.sweep.cache_hits} cached, {report.sweep.trained} trained); "
+        + "; ".join(f"{k}: {v}" for k, v in report.files.items()),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def run_transfer(
+    spec: SweepSpec, out_dir: Path, workers: int, threads: int | None, max_drift: float, tol: float
+) -> bool:
+    total = len(spec.configs())
+    err.print(
+        f"[bold]mupt check transfer[/] schemes={','.join(s.value for s in spec.schemes)} widths={spec.widths} "
+        f"lrs={len(spec.lrs)} seeds={len(spec.seeds)} steps={spec.base.train.steps} points={total} workers={workers}",
+        highlight=False,
+    )
+    with progress() as bar:
+        task = bar.add_task("transfer", total=total, info="")
+
+        def on_point(rec: dict[str, Any], cached: bool) -> None:
+            loss = rec["final_val_loss"]
+            info = f"{rec['scheme']} w={rec['width']} lr=2^{rec['log2_lr']:.3g} " + (
+                "diverged" if loss is None else f"{loss:.3f}"
+            )
+            bar.update(task, advance=1, info=info + (" (cached)" if cached else ""))
+
+        report = check_transfer(spec, out_dir, workers, threads, max_drift, tol, on_point)
+    render(report, max_drift)
+    return report.passed
+
+
+@check_app.command("transfer")
+def transfer(
+    widths: WidthsOpt = "64,128,256,512",
+    lrs: LrsOpt = "2^-12..2^-5",
+    scheme: Annotated[Scheme, typer.Option("--scheme", help="Scheme under test (gated).")] = Scheme.MUP_SSM,
+    vs: VsOpt = None,
+    seeds: SeedsOpt = 1,
+    config: ConfigOpt = None,
+    layers: LayersOpt = None,
+    d_state: StateOpt = None,
+    discretization: DiscOpt = None,
+    steps: StepsOpt = 120,
+    batch_size: BatchOpt = 8,
+    seq_len: SeqOpt = 64,
+    optimizer: OptimOpt = OptimizerName.ADAM,
+    data: DataOpt = None,
+    backend: BackendOpt = None,
+    workers: WorkersOpt = 0,
+    threads: ThreadsOpt = None,
+    max_drift: MaxDriftOpt = 1.0,
+    monotone_tol: TolOpt = 0.0,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Output dir: points/ cache, transfer.json, PNG, summary.md.")
+    ] = Path("runs/check-transfer"),
+) -> None:
+    """Sweep LR x width, locate the optimum per width, gate on its drift and on wider-is-not-worse.
+
+    Exit 0 when the --scheme passes, 1 when it fails, 2 on bad input. Finished points are cached
+    under --out/points/, so re-running resumes an interrupted sweep.
+
+    Example: [bold]mupt check transfer --widths 64,128,256,512 --lrs 2^-12..2^-5 --vs sp[/]
+    """
+    spec = build_spec(
+        config, widths, lrs, scheme, vs, seeds, layers=layers, d_state=d_state, discretization=discretization,
+        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data, backend=backend,
+    )  # fmt: skip
+    passed = run_transfer(spec, out_dir, workers or _default_workers(), threads, max_drift, monotone_tol)
+    if not passed:
+        raise typer.Exit(1)
+
+
+# --- mupt check all -------------------------------------------------------------------------
+
+CI_WIDTHS = "32,64,128,256"
+CI_LRS = "2^-12..2^-5"
+CI_STEPS = 60
+CI_COORD_WIDTHS = (32, 64, 128, 256)
+
+
+def run_coord(out_dir: Path, backend: str | None) -> bool:
+    """The coordinate check (mupt.check.coord) with CI-sized settings; writes coord.json + PNG."""
+    from mupt.check.coord import CoordSettings, coord_check
+    from mupt.check.coord import plot as coord_plot
+
+    settings = CoordSettings(widths=CI_COORD_WIDTHS, n_layers=2, seeds=2, backend=backend or "auto")
+    err.print(f"[bold]mupt check all[/]: coordinate check widths={list(settings.widths)} seeds={settings.seeds}")
+    res = coord_check(settings)
+    res.save_json(out_dir / "coord.json")
+    coord_plot(res, out_dir / "coord.png")
+    bad = ", ".join(f"{r.key} slope {r.slope:+.2f}" for r in res.failing)
+    verdict = "[bold green]PASS[/]" if res.passed else f"[bold red]FAIL[/] (not flat: {bad})"
+    out.print(
+        f"coord: {len(res.rows)} quantities, max |slope| {max(abs(r.slope) for r in res.rows):.2f} "
+        f"(tolerance {settings.tolerance:g}) -> {verdict}; {out_dir / 'coord.json'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return res.passed
+
+
+@check_app.command("all")
+def check_all(
+    widths: WidthsOpt = CI_WIDTHS,
+    lrs: LrsOpt = CI_LRS,
+    steps: StepsOpt = CI_STEPS,
+    backend: BackendOpt = None,
+    workers: WorkersOpt = 0,
+    max_drift: MaxDriftOpt = 1.0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output dir (coord/ and transfer/ inside).")] = Path(
+        "runs/check-all"
+    ),
+) -> None:
+    """Coordinate check + LR-transfer check of mup-ssm, with defaults sized for a 2-core CI job.
+
+    Exit 0 only if both pass. Example CI step: [bold]mupt check all --out runs/ci-check[/]
+    """
+    start = time.perf_counter()
+    spec = build_spec(
+        None, widths, lrs, Scheme.MUP_SSM, None, 1, steps=steps, batch_size=8, seq_len=64,
+        optimizer=OptimizerName.ADAM, backend=backend,
+    )  # fmt: skip
+    coord = run_coord(out_dir / "coord", backend)
+    t_coord = time.perf_counter() - start
+    transfer_ok = run_transfer(spec, out_dir / "transfer", workers or _default_workers(), None, max_drift, 0.0)
+    total = time.perf_counter() - start
+    ok = coord and transfer_ok
+    out.print(
+        f"check all: coord {'PASS' if coord else 'FAIL'} ({t_coord:.0f}s), "
+        f"transfer {'PASS' if transfer_ok else 'FAIL'} ({total - t_coord:.0f}s) -> "
+        f"[bold {'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}[/] in {total:.0f}s",
+        highlight=False,
+    )
+    if not ok:
+        raise typer.Exit(1)

@@ -1,0 +1,206 @@
+"""LR-transfer check: verdict logic on synthetic tables, real tiny sweeps through the CLI, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mupt.check.lr_transfer import (
+    SweepSpec,
+    analyze,
+    check_transfer,
+    parse_lr_grid,
+    parse_widths,
+    refine_optimum,
+)
+from mupt.config import OptimizerName, RunConfig, Scheme, with_overrides
+from mupt.errors import ConfigError
+
+TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference"]
+
+
+def tiny_base() -> RunConfig:
+    return with_overrides(
+        RunConfig(),
+        {
+            "model.n_layers": 1,
+            "model.scan_backend": "reference",
+            "train.steps": 4,
+            "train.batch_size": 2,
+            "train.seq_len": 16,
+            "train.optimizer": OptimizerName.ADAM,
+        },
+    )
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def test_parse_lr_grid_forms() -> None:
+    grid = parse_lr_grid("2^-14..2^-4")
+    assert [math.log2(x) for x in grid] == pytest.approx(list(range(-14, -3)))
+    half = parse_lr_grid("2^-10..2^-8:0.5")
+    assert [math.log2(x) for x in half] == pytest.approx([-10, -9.5, -9, -8.5, -8])
+    assert parse_lr_grid("3e-3, 1e-3,2^-6") == pytest.approx([1e-3, 3e-3, 2**-6])
+
+
+@pytest.mark.parametrize("bad", ["2^-4..2^-14", "abc", "1e-3,2e-3", "2^-10..2^-5:0", "1e-3,-1,2e-3", "2^-x..2^-3"])
+def test_parse_lr_grid_rejects(bad: str) -> None:
+    with pytest.raises(ConfigError, match="--lrs"):
+        parse_lr_grid(bad)
+
+
+def test_parse_widths() -> None:
+    assert parse_widths("256,64,128") == [64, 128, 256]
+    for bad in ("64", "64,64", "a,b", "0,64"):
+        with pytest.raises(ConfigError, match="--widths"):
+            parse_widths(bad)
+
+
+# --- verdict logic on synthetic tables -------------------------------------------------------
+
+XS = [-10.0, -9.0, -8.0, -7.0, -6.0]
+
+
+def table_of(rows: dict[int, list[float | None]]) -> dict[int, dict[float, float | None]]:
+    return {w: dict(zip(XS, ys, strict=True)) for w, ys in rows.items()}
+
+
+def test_parabola_refinement_exact() -> None:
+    # vertex of the parabola through (-9, 2.5), (-8, 2.2), (-7, 2.4): -8 + 0.1
+    opt, idx, edge = refine_optimum(XS, [3.0, 2.5, 2.2, 2.4, 2.9])
+    assert (idx, edge) == (2, False) and opt == pytest.approx(-7.9)
+    # unequal spacing: y = (x + 7.5)^2 sampled at -9, -8, -6 -> exact vertex -7.5
+    opt, _, _ = refine_optimum([-9.0, -8.0, -6.0], [2.25, 0.25, 2.25])
+    assert opt == pytest.approx(-7.5)
+    # argmin at the edge: not refined, flagged
+    assert refine_optimum(XS, [2.0, 2.5, 2.6, 2.7, 2.8]) == (-10.0, 0, True)
+    # a diverged neighbour: keep the grid point
+    assert refine_optimum(XS, [3.0, None, 2.2, 2.4, None]) == (-8.0, 2, False)
+    assert refine_optimum(XS, [None] * 5) == (None, None, False)
+
+
+def test_analyze_drift_and_monotone_pass() -> None:
+    t = table_of({64: [3.0, 2.5, 2.2, 2.4, 2.9], 128: [2.9, 2.4, 2.1, 2.0, 2.6]})
+    r = analyze(t, "mup-ssm", max_drift=1.0)
+    # width 128: argmin -7, parabola through (-8, 2.1), (-7, 2.0), (-6, 2.6) -> -7 - 5/14
+    assert r.widths[1].opt_log2_lr == pytest.approx(-7 - 5 / 14)
+    assert r.drift == pytest.approx(0.9 - 5 / 14)
+    assert r.base_opt_log2_lr == pytest.approx(-7.9)
+    assert [w.loss_at_base_opt for w in r.widths] == [2.2, 2.1]
+    assert r.monotone_at_base_opt and r.monotone_at_each_opt and r.passed
+    assert analyze(t, "mup-ssm", max_drift=0.5).passed is False  # 0.543 > 0.5
+
+
+def test_analyze_drift_and_non_monotone_fail() -> None:
+    t = table_of(
+        {
+            64: [3.0, 2.5, 2.2, 2.4, 2.9],
+            128: [2.1, 2.0, 2.15, 2.4, 2.9],  # optimum moves left: parabola (-10,2.1),(-9,2.0),(-8,2.15)
+            256: [2.0, 2.1, 2.3, 2.6, None],  # argmin at the edge; worse than 128 at base optimum (-8)
+        }
+    )
+    r = analyze(t, "sp", max_drift=1.0)
+    v128 = -9 - (2.15 - 2.1) / (2 * (2.1 - 4.0 + 2.15))  # = -9.1
+    assert r.widths[1].opt_log2_lr == pytest.approx(v128)
+    assert r.widths[2].opt_log2_lr == -10.0 and r.widths[2].at_edge
+    assert r.drift == pytest.approx(2.1)  # |-10 - (-7.9)|
+    assert not r.monotone_at_base_opt  # 2.2 -> 2.15 -> 2.3
+    assert r.monotone_at_each_opt  # best losses 2.2 -> 2.0 -> 2.0: equal is "not worse"
+    assert not r.passed
+    assert any("drifts" in why for why in r.reasons) and any("edge" in why for why in r.reasons)
+
+
+def test_analyze_diverged_wider_point_is_worse() -> None:
+    t = table_of({64: [3.0, 2.5, 2.2, 2.4, 2.9], 128: [2.9, 2.4, None, 2.0, 2.6]})
+    r = analyze(t, "sp")
+    assert r.widths[1].loss_at_base_opt is None
+    assert not r.monotone_at_base_opt and not r.passed
+    # a whole width diverged: no drift, fail with a reason
+    r2 = analyze(table_of({64: [3.0, 2.5, 2.2, 2.4, 2.9], 128: [None] * 5}), "sp")
+    assert r2.drift is None and not r2.passed and any("diverged" in why for why in r2.reasons)
+
+
+# --- real sweeps ------------------------------------------------------------------------------
+
+
+def test_cli_tiny_sweep_end_to_end(cli, tmp_path: Path) -> None:
+    out = tmp_path / "tr"
+    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-7", "--vs", "sp", "--workers", "2"]
+    code, stdout, stderr = cli(*args, *TINY, "--out", str(out))
+    assert code == 0, stderr
+    doc = json.loads((out / "transfer.json").read_text())
+    assert doc["gate"] == "mup-ssm" and doc["passed"] is True
+    assert len(doc["points"]) == 2 * 2 * 3 and doc["trained"] == 12
+    assert set(doc["results"]) == {"mup-ssm", "sp"}
+    assert all(p["status"] == "ok" and p["final_val_loss"] > 0 for p in doc["points"])
+    # same data and seed: at the base width both schemes are the same model -> identical losses
+    base = {(p["scheme"], p["log2_lr"]): p["final_val_loss"] for p in doc["points"] if p["width"] == 16}
+    assert base[("mup-ssm", -8.0)] == pytest.approx(base[("sp", -8.0)], abs=1e-6)
+    assert (out / "transfer.png").stat().st_size > 1000
+    assert "## mupt check transfer: PASS" in (out / "summary.md").read_text()
+    assert len(list((out / "points").glob("*.json"))) == 12
+    assert "log2 lr*" in stdout
+    # a gate that cannot pass (wider must be 10 nats better) exits 1, reusing every cached point
+    code, stdout, _ = cli(*args, *TINY, "--out", str(out), "--monotone-tol", "-10")
+    assert code == 1
+    assert "12 cached, 0 trained" in stdout
+
+
+def test_resume_after_interruption_reuses_points(tmp_path: Path) -> None:
+    spec = SweepSpec(tiny_base(), [16, 32], [2**-9, 2**-8, 2**-7], [Scheme.MUP_SSM], [0])
+    seen: list[bool] = []
+
+    def interrupt_after_two(rec: dict, cached: bool) -> None:
+        seen.append(cached)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        check_transfer(spec, tmp_path, workers=1, threads=1, on_point=interrupt_after_two)
+    assert len(list((tmp_path / "points").glob("*.json"))) == 2
+    assert not (tmp_path / "transfer.json").exists()
+    rep = check_transfer(spec, tmp_path, workers=2, threads=1)
+    assert (rep.sweep.cache_hits, rep.sweep.trained) == (2, 4)
+    again = check_transfer(spec, tmp_path, workers=2, threads=1)
+    assert (again.sweep.cache_hits, again.sweep.trained) == (6, 0)
+    assert again.tables == rep.tables
+    # a different config (more steps) is a different point: nothing reused
+    longer = SweepSpec(with_overrides(tiny_base(), {"train.steps": 5}), [16, 32], spec.lrs, spec.schemes, [0])
+    assert check_transfer(longer, tmp_path / "b", workers=1, threads=1, plot=False).sweep.cache_hits == 0
+
+
+def test_diverged_points_recorded_and_plotted_as_missing(cli, tmp_path: Path) -> None:
+    out = tmp_path / "div"
+    code, stdout, stderr = cli(
+        "check", "transfer", "--widths", "16,32", "--lrs", "2^-8,2^-7,2^6", "--workers", "1", *TINY, "--out", str(out)
+    )
+    doc = json.loads((out / "transfer.json").read_text())
+    huge = [p for p in doc["points"] if p["log2_lr"] == 6.0]
+    assert len(huge) == 2 and all(p["status"] == "diverged" and p["final_val_loss"] is None for p in huge)
+    assert all(p["reason"] for p in huge)
+    assert doc["tables"]["mup-ssm"]["16"]["6"] is None
+    assert code in (0, 1) and "div" in stdout
+    assert (out / "transfer.png").is_file() and "diverged" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--lrs", "2^-4..2^-14"),
+        ("--lrs", "fast"),
+        ("--widths", "64"),
+        ("--widths", "64,x"),
+        ("--widths", "16,40"),
+        ("--vs", "mup-ssm"),
+    ],
+)
+def test_bad_inputs_exit_2_one_line(cli, tmp_path: Path, flag: str, value: str) -> None:
+    code, _, stderr = cli("check", "transfer", flag, value, *TINY, "--out", str(tmp_path / "x"))
+    assert code == 2
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert flag in stderr or value.split(",")[-1] in stderr
+    assert not (tmp_path / "x" / "points").exists()
