@@ -1,0 +1,264 @@
+"""``mupt transfer``: best proxy HPs -> per-role LR/init/multipliers at the target width -> recipe YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mupt.cli import app, err, out
+from mupt.cli.common import (
+    BackendOpt,
+    BaseOpt,
+    BatchOpt,
+    ConfigOpt,
+    DataOpt,
+    DiscOpt,
+    LayersOpt,
+    LrOpt,
+    OptimOpt,
+    SchemeOpt,
+    SeedOpt,
+    SeqOpt,
+    StateOpt,
+    StepsOpt,
+    WidthOpt,
+    resolve_config,
+)
+from mupt.config import BestParams, Recipe, RunConfig, Scheme
+from mupt.errors import ConfigError, StorageError
+from mupt.report import key_values, table
+from mupt.transfer import (
+    FAR_FEWER,
+    SCAN_FWD_FLOPS,
+    TOKENS_PER_PARAM,
+    TRAIN_FLOP_FACTOR,
+    VERIFIED_RATIO,
+    apply_locations,
+    default_recipe_path,
+    explain,
+    latest_best,
+    load_best,
+    save_recipe,
+    summarize,
+)
+from mupt.transfer import transfer as do_transfer
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3g} TiB"  # pragma: no cover
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _source(
+    from_: Path | None, lr: float | None, runs_dir: Path, config: Path | None, proxy_flags: dict[str, object]
+) -> tuple[BestParams | RunConfig, Path | None]:
+    given = [("--" + k.replace("_", "-")) for k, v in proxy_flags.items() if v is not None]
+    if config is not None:
+        given.insert(0, "--config")
+    if from_ is not None and lr is not None:
+        raise ConfigError("--from and --lr both given: use --from runs/<study>/best.yaml OR --lr X with --config")
+    if lr is None and given:
+        raise ConfigError(
+            f"{given[0]} describes the proxy and only applies with --lr; best.yaml records the proxy "
+            "(use --to-width/--to-state for the target)"
+        )
+    if lr is not None:
+        return resolve_config(config, lr=lr, **proxy_flags), None  # type: ignore[arg-type]
+    path = from_ if from_ is not None else latest_best(runs_dir)
+    return load_best(path), path
+
+
+@app.command()
+def transfer(
+    to_width: Annotated[
+        int | None, typer.Option("--to-width", help="Target d_model (N_u = expand * d_model follows).")
+    ] = None,
+    to_state: Annotated[
+        int | None, typer.Option("--to-state", help="Target d_state N_x (mup-ssm only; default: the proxy's).")
+    ] = None,
+    to_layers: Annotated[
+        int | None, typer.Option("--to-layers", help="Target depth; refused unless equal to the proxy's.")
+    ] = None,
+    scheme: SchemeOpt = None,
+    from_: Annotated[
+        Path | None,
+        typer.Option("--from", help="best.yaml written by mupt tune; default: the newest runs/*/best.yaml."),
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where to look for runs/*/best.yaml.")] = Path("runs"),
+    lr: LrOpt = None,
+    config: ConfigOpt = None,
+    width: WidthOpt = None,
+    layers: LayersOpt = None,
+    d_state: StateOpt = None,
+    discretization: DiscOpt = None,
+    optimizer: OptimOpt = None,
+    base_width: BaseOpt = None,
+    data: DataOpt = None,
+    seed: SeedOpt = None,
+    backend: BackendOpt = None,
+    steps: StepsOpt = None,
+    batch_size: BatchOpt = None,
+    seq_len: SeqOpt = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Recipe path; default recipes/<scheme>-<to-width>.yaml.")
+    ] = None,
+    explain_rules: Annotated[
+        bool, typer.Option("--explain", help="Print each role's rule (exponents of N_u, N_x), why, and its code line.")
+    ] = False,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also show what sp, mup and mup-ssm would launch from the same proxy.")
+    ] = False,
+) -> None:
+    """Map the best proxy hyperparameters to the target width and write a launchable recipe.
+
+    The source is --from runs/<study>/best.yaml, the newest runs/*/best.yaml, or --lr X (the proxy
+    then comes from --config and --width/--layers/--d-state/...).  --steps/--batch-size/--seq-len
+    set the TARGET run's length (default: the proxy's).
+
+    Example: [bold]mupt transfer --to-width 4096[/]   [bold]mupt transfer --explain[/]
+    """
+    proxy_flags = dict(
+        width=width, layers=layers, d_state=d_state, discretization=discretization, optimizer=optimizer,
+        base_width=base_width, data=data, seed=seed, backend=backend,
+    )  # fmt: skip
+    if to_width is None and not explain_rules:
+        raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")
+    try:
+        best, path = _source(from_, lr, runs_dir, config, proxy_flags)
+    except StorageError:
+        if to_width is not None:
+            raise
+        best, path = RunConfig(), None  # --explain alone without any study: explain the default config's rules
+    proxy = best.config if isinstance(best, BestParams) else best
+    if explain_rules:
+        _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
+        if to_width is None:
+            return
+    assert to_width is not None
+    recipe = do_transfer(
+        best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        source_path=path,
+    )  # fmt: skip
+    _show(recipe, path)
+    if compare:
+        _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
+    dest = out_path if out_path is not None else default_recipe_path(recipe)
+    save_recipe(dest, recipe)
+    out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
+
+
+def _show(recipe: Recipe, path: Path | None) -> None:
+    s = recipe.source
+    run = recipe.run
+    origin = f"{path} (study {s.get('study')}, trial {s.get('trial')})" if path else f"--lr {s['params']['lr']:g}"
+    err.print(
+        f"[bold]mupt transfer[/] from {origin}: d_model {s['proxy']['d_model']} -> {run.model.d_model}, "
+        f"d_state {s['proxy']['d_state']} -> {run.model.d_state}, scheme {Scheme(run.param.scheme).value}, "
+        f"optimizer {run.train.optimizer.value}, B {run.model.discretization.value}",
+        highlight=False,
+    )
+    base = s["base_per_role"]
+    rows = []
+    for role, tgt in recipe.per_role.items():
+        b = base[role]
+        rows.append(
+            [
+                role,
+                b["init_std"], tgt["init_std"], _ratio(tgt["init_std"], b["init_std"]),
+                b["lr"], tgt["lr"], _ratio(tgt["lr"], b["lr"]),
+                b["fwd_mult"], tgt["fwd_mult"], _ratio(tgt["fwd_mult"], b["fwd_mult"]),
+                tgt["weight_decay"],
+            ]
+        )  # fmt: skip
+    r_u, r_x = s["ratio"]["width"], s["ratio"]["state"]
+    out.print(
+        table(
+            f"Per role: base (d_model {s['base']['d_model']}, d_state {s['base']['d_state']}) vs target "
+            f"(d_model {run.model.d_model}, d_state {run.model.d_state}); N_u ratio {r_u:g}, N_x ratio {r_x:g}",
+            ["role", "init std base", "target", "ratio", "LR base", "target", "ratio", "fwd base", "target", "ratio",
+             "wd (group)"],
+            rows,
+        )
+    )  # fmt: skip
+    sm = summarize(recipe)
+    items: list[tuple[str, object]] = [
+        ("parameters (target / proxy)", f"{sm.params:,} / {sm.proxy_params:,}"),
+        ("transfer ratio (N_u, N_x)", f"{sm.width_ratio:g}x, {sm.state_ratio:g}x (verified up to {VERIFIED_RATIO:g}x)"),
+        ("weights (fp32)", _bytes(sm.weight_bytes)),
+        ("weights + grads + optimizer states (fp32)", _bytes(sm.state_bytes)),
+        ("activations per token (fp32; scan states recomputed)", _bytes(sm.activation_bytes_per_token)),
+        ("training FLOPs per token (6·non-embedding params + scan)", f"{sm.flops_per_token:.4g}"),
+        (
+            "  of which the scan",
+            f"{sm.scan_flops_per_token:.4g} ({TRAIN_FLOP_FACTOR:g} x {SCAN_FWD_FLOPS:g} · layers · N_u · N_x)",
+        ),
+        ("target tokens (steps x batch x seq)", f"{sm.train_tokens:,}"),
+        ("target training FLOPs", f"{sm.train_flops:.4g}"),
+        (
+            "proxy tokens / recommended minimum",
+            f"{sm.proxy_tokens:,} / {sm.recommended_proxy_tokens:,.0f} ({TOKENS_PER_PARAM:g} tokens per proxy "
+            f"parameter; warn below {FAR_FEWER:.0%})",
+        ),
+    ]
+    out.print(key_values("Summary", items))
+    for w in sm.warnings:
+        err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _compare(
+    best: BestParams | RunConfig, to_width: int, to_state: int | None, to_layers: int | None,
+    steps: int | None, batch_size: int | None, seq_len: int | None,
+) -> None:  # fmt: skip
+    recipes: dict[str, Recipe] = {}
+    for sch in Scheme:
+        try:
+            recipes[sch.value] = do_transfer(
+                best, to_width, to_state if sch is Scheme.MUP_SSM else None, to_layers, sch,
+                steps=steps, batch_size=batch_size, seq_len=seq_len,
+            )  # fmt: skip
+        except ConfigError as e:
+            err.print(f"[yellow]{sch.value}: {e}[/]", highlight=False)
+    if not recipes:
+        return
+    roles = list(next(iter(recipes.values())).per_role)
+    cols = ["role"] + [f"{k} LR" for k in recipes] + [f"{k} init std" for k in recipes]
+    rows = [
+        [
+            role,
+            *(r.per_role[role]["lr"] for r in recipes.values()),
+            *(r.per_role[role]["init_std"] for r in recipes.values()),
+        ]
+        for role in roles
+    ]
+    out.print(table(f"What each scheme would launch at d_model {to_width} (same proxy result)", cols, rows))
+
+
+def _explain(proxy: RunConfig, scheme: Scheme) -> None:
+    opt, disc = proxy.train.optimizer, proxy.model.discretization
+    rows = [[e.role, e.init, e.lr, e.fwd, e.why, e.where] for e in explain(scheme, opt, disc.value)]
+    out.print(
+        table(
+            f"Width rules: {scheme.value}, {opt.family} family ({opt.value}), B discretization {disc.value}; "
+            "value = base value x (N_u/N_u,base)^a (N_x/N_x,base)^b",
+            ["role", "init std", "LR", "fwd mult", "why", "code"],
+            rows,
+            justify_numbers=False,
+        )
+    )
+    loc = apply_locations()
+    out.print(
+        f"Applied by mupt.parametrization.apply: init std {loc['init']}, LR multiplier {loc['lr']}, "
+        f"forward multiplier {loc['fwd']}, weight decay {loc['weight_decay']} (wd / lr_mult, decoupled). "
+        "Derivation and measured slopes: docs/width_rules.md.",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -1,0 +1,310 @@
+"""mupt transfer: proxy HPs -> target recipe (exact at base width, rule powers at 4x/16x, real models, CLI)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mupt.config import BestParams, Recipe, RunConfig, Scheme, load_yaml, save_yaml, with_overrides
+from mupt.errors import ConfigError
+from mupt.model import Role, role_of
+from mupt.parametrization import rules_for
+from mupt.train import Trainer, build_model
+from mupt.transfer import (
+    activation_floats_per_token,
+    apply_locations,
+    check_ratios,
+    explain,
+    load_recipe,
+    rule_locations,
+    save_recipe,
+    shape_info,
+    summarize,
+    transfer,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+LR = 0.004
+
+
+def proxy(**extra: object) -> RunConfig:
+    base = {
+        "model.d_model": 64, "model.n_layers": 2, "model.d_state": 16,
+        "train.lr": LR, "train.weight_decay": 0.1, "train.steps": 40, "train.batch_size": 8, "train.seq_len": 64,
+        "param.output_mult": 2.0,
+    }  # fmt: skip
+    return with_overrides(RunConfig(), {**base, **extra})
+
+
+def best(cfg: RunConfig | None = None) -> BestParams:
+    cfg = cfg or proxy()
+    _, par = build_model(cfg)
+    return BestParams(
+        study="unit", trial=7, value=1.96, params={"lr": cfg.train.lr, "output_mult": cfg.param.output_mult},
+        config=cfg, manifest=par.manifest.to_dict(), code_version="test", created="now",
+    )  # fmt: skip
+
+
+def real_per_role(cfg: RunConfig) -> dict[str, dict[str, float | None]]:
+    """Per-role values from apply() on a real (CPU) model, read off the manifest."""
+    _, par = build_model(cfg)
+    out: dict[str, dict[str, float | None]] = {}
+    for e in par.manifest.params.values():
+        row = {
+            "init_std": e.init_std,
+            "lr": cfg.train.lr * e.lr_mult,
+            "fwd_mult": e.fwd_mult,
+            "weight_decay": e.weight_decay,
+        }
+        assert out.setdefault(e.role, row) == row
+    return out
+
+
+def test_base_width_reproduces_proxy_exactly() -> None:
+    bp = best()
+    r = transfer(bp, 64)
+    p = bp.config
+    assert r.run.model == p.model and r.run.train == p.train and r.run.data == p.data
+    assert r.run.param.model_dump(exclude={"base_d_model", "base_d_state"}) == p.param.model_dump(
+        exclude={"base_d_model", "base_d_state"}
+    )
+    assert (r.run.param.base_d_model, r.run.param.base_d_state) == (64, 16)
+    assert r.per_role == real_per_role(p)  # the numbers the proxy trained with, bit for bit
+    assert all(v["lr"] == LR for k, v in r.per_role.items())  # identity rules at the base shape
+    assert r.per_role["lm_head"]["fwd_mult"] == 2.0  # the tuned output multiplier carries over
+    assert r.manifest == bp.manifest
+    assert r.source["study"] == "unit" and r.source["trial"] == 7 and r.source["ratio"] == {"width": 1.0, "state": 1.0}
+
+
+def test_proxy_with_its_own_base_keeps_it() -> None:
+    p = proxy(**{"model.d_model": 128, "param.base_d_model": 64})  # tuned at 128 with rules relative to 64
+    assert transfer(best(p), 128).per_role == real_per_role(p)  # same shape: exactly what the proxy trained with
+    r = transfer(best(p), 512)
+    assert r.run.param.base_d_model == 64 and r.source["ratio"]["width"] == 4.0
+    assert r.per_role == real_per_role(r.run) and check_ratios(r) == []
+    assert r.per_role["in_proj"]["lr"] == LR / 8 and r.source["base_per_role"]["in_proj"]["lr"] == LR / 2
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+@pytest.mark.parametrize("factor", [4, 16])
+def test_ratios_are_the_rule_powers(scheme: Scheme, factor: int) -> None:
+    bp = best(proxy(**{"param.scheme": scheme.value}))
+    to_state = 16 * factor if scheme is Scheme.MUP_SSM else None
+    r = transfer(bp, 64 * factor, to_state=to_state)
+    r_x = factor if to_state else 1
+    assert r.source["ratio"] == {"width": factor, "state": r_x}
+    rules = rules_for(scheme, "adamw", "zoh")
+    base = r.source["base_per_role"]
+    assert set(r.per_role) == {role.value for role in Role}
+    for name, tgt in r.per_role.items():
+        rule = rules[Role(name)]
+        want_lr = factor ** rule.lr[0] * r_x ** rule.lr[1]
+        assert base[name]["lr"] == LR and math.isclose(tgt["lr"] / LR, want_lr, rel_tol=1e-12), name
+        if rule.init is None:
+            assert tgt["init_std"] is None and base[name]["init_std"] is None
+        else:
+            want = factor ** rule.init[0] * r_x ** rule.init[1]
+            assert math.isclose(tgt["init_std"] / base[name]["init_std"], want, rel_tol=1e-12), name
+        assert tgt["fwd_mult"] == base[name]["fwd_mult"]  # no forward-multiplier rule scales with width here
+    assert check_ratios(r) == []
+    if scheme is Scheme.SP:
+        assert {v["lr"] for v in r.per_role.values()} == {LR}
+    if scheme is Scheme.MUP_SSM:  # B and C see N_x too: the heuristic µP would not
+        assert math.isclose(r.per_role["x_proj_B"]["lr"], LR * factor**-1 * factor**0.5)
+        assert math.isclose(r.per_role["x_proj_C"]["lr"], LR / factor**2)
+
+
+def test_meta_values_equal_real_apply_and_model_carries_recipe_lrs() -> None:
+    r = transfer(best(), 256, to_state=32)
+    assert r.per_role == real_per_role(r.run)  # meta-device numbers == a real 256-wide model's
+    model, par = build_model(r.run)
+    assert model.num_params() == shape_info(r.run).num_params == summarize(r).params
+    assert model.cfg.d_model == 256 and model.cfg.d_state == 32
+    seen = set()
+    for g in par.param_groups:
+        for name in g["names"]:
+            want = r.per_role[role_of(name).value]
+            assert math.isclose(g["lr"], want["lr"], rel_tol=1e-12) and g["weight_decay"] == want["weight_decay"]
+            seen.add(role_of(name).value)
+    assert seen == set(r.per_role)
+    # the initialised weights have the recipe's init std (large matrices: within sampling error)
+    w = model.backbone.layers[0].mixer.in_proj.weight
+    assert math.isclose(float(w.detach().std()), r.per_role["in_proj"]["init_std"], rel_tol=0.05)  # type: ignore[arg-type]
+    assert model.mult_output == r.per_role["lm_head"]["fwd_mult"] == 2.0
+    # the Trainer's optimizer (what mupt train / scale step with) carries the same LRs, per parameter
+    tr = Trainer(r.run)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    for g in tr.optimizer.param_groups:
+        for p in g["params"]:
+            assert math.isclose(g["lr"], r.per_role[role_of(names[id(p)]).value]["lr"], rel_tol=1e-12)  # type: ignore[arg-type]
+
+
+def test_recipe_round_trips_with_header(tmp_path: Path) -> None:
+    r = transfer(best(), 1024, steps=500, batch_size=32)
+    path = save_recipe(tmp_path / "r.yaml", r)
+    text = path.read_text()
+    assert text.startswith("# mupt transfer: recipe for d_model=1024") and "study unit trial 7" in text
+    back = load_recipe(path)
+    assert back == r and isinstance(back, Recipe) and load_yaml(path, Recipe) == r
+    save_yaml(tmp_path / "again.yaml", back)
+    assert load_recipe(tmp_path / "again.yaml") == r
+    assert back.run.train.steps == 500 and back.run.train.batch_size == 32 and back.run.train.lr == LR
+    assert any("horizon" in w for w in back.source["warnings"])  # steps/batch changed: µP does not cover that
+
+
+def test_scheme_comparison_from_one_proxy() -> None:
+    bp = best()  # tuned under mup-ssm
+    by = {s: transfer(bp, 1024, scheme=s) for s in Scheme}
+    assert {v["lr"] for v in by[Scheme.SP].per_role.values()} == {LR}
+    assert by[Scheme.MUP].per_role["A_log"]["lr"] == LR / 16  # heuristic µP: A_log as a hidden matrix
+    assert by[Scheme.MUP_SSM].per_role["A_log"]["lr"] == LR
+    assert by[Scheme.SP].per_role["lm_head"]["init_std"] == 4 * by[Scheme.MUP].per_role["lm_head"]["init_std"]
+    assert any("tuned under mup-ssm" in w for w in by[Scheme.SP].source["warnings"])
+    # every scheme is the identity at the proxy shape, so the tuned LR is exact there
+    for s in Scheme:
+        assert transfer(bp, 64, scheme=s).per_role == by[Scheme.MUP_SSM].source["base_per_role"]
+
+
+def test_refusals_are_one_line() -> None:
+    bp = best()
+    cases = [
+        (dict(to_width=256, to_layers=4), "--to-layers 4: mupt has no depth-transfer rules"),
+        (dict(to_width=256, to_state=64, scheme="mup"), "--to-state 64: scheme mup has no state-width"),
+        (dict(to_width=250), "--to-width 250: not a multiple of 16"),
+        (dict(to_width=0), "--to-width 0: must be a positive"),
+        (dict(to_width=256, scheme="muP"), "--scheme 'muP'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as info:
+            transfer(bp, **kw)  # type: ignore[arg-type]
+        assert "\n" not in str(info.value)
+    assert transfer(bp, 256, to_layers=2).run.model.n_layers == 2  # the proxy's depth is fine
+
+
+def test_summary_memory_flops_and_warnings() -> None:
+    r = transfer(best(proxy(**{"train.steps": 400})), 8192)  # 128x the proxy width: beyond the verified 64x
+    s = summarize(r)
+    m = r.run.model
+    emb = m.vocab_size * m.d_model
+    assert s.weight_bytes == 4 * s.params and s.optimizer_bytes == 8 * s.params and s.state_bytes == 16 * s.params
+    assert s.flops_per_token == 6 * (s.params - emb) + 27 * m.n_layers * m.d_inner * m.d_state
+    assert s.activation_bytes_per_token == 4 * activation_floats_per_token(r.run)
+    assert any("128x is outside" in w for w in s.warnings)
+    # 400 x 8 x 64 = 204,800 proxy tokens >= 10% of 20 tokens x 98,240 proxy params; 40 steps are not
+    assert s.proxy_params == 98_240 and not any("tokens/parameter" in w for w in s.warnings)
+    short = transfer(best(), 256)
+    assert any("tokens/parameter" in w and "Chinchilla" in w for w in short.source["warnings"])
+
+
+def test_explain_points_at_the_lines_that_set_each_rule() -> None:
+    src = (ROOT / "mupt" / "parametrization.py").read_text().splitlines()
+    for scheme in Scheme:
+        for opt, disc in (("adamw", "zoh"), ("adamw", "euler"), ("sgd", "zoh")):
+            rows = explain(scheme, opt, disc)
+            assert [e.role for e in rows] == [r.value for r in Role]
+            for e in rows:
+                file, line = e.where.rsplit(":", 1)
+                assert file == "mupt/parametrization.py" and "Rule(" in src[int(line) - 1], (scheme, e)
+                assert e.why
+    locs = rule_locations("mup-ssm", "adamw", "zoh")
+    assert "Role.X_PROJ_B" in src[int(locs[Role.X_PROJ_B].rsplit(":", 1)[1]) - 1]
+    assert "Role.A_LOG" in src[int(locs[Role.A_LOG].rsplit(":", 1)[1]) - 1]
+    b = {e.role: e for e in explain("mup-ssm", "adamw", "zoh")}
+    assert (b["x_proj_B"].init, b["x_proj_B"].lr) == ("N_u^-1/2 N_x^1/2", "N_u^-1 N_x^1/2")
+    assert (b["lm_head"].init, b["A_log"].init, b["embedding"].lr) == ("N_u^-1", "structured", "1")
+    for key, where in apply_locations().items():
+        assert "_ratio" in src[int(where.rsplit(":", 1)[1]) - 1] or key == "weight_decay"
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "mupt", "transfer", *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=120
+    )
+
+
+def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None:
+    bp = best()
+    save_yaml(tmp_path / "runs" / "old" / "best.yaml", bp.model_copy(update={"study": "old"}))
+    os.utime(tmp_path / "runs" / "old" / "best.yaml", (1, 1))
+    save_yaml(tmp_path / "runs" / "new" / "best.yaml", bp.model_copy(update={"study": "new"}))
+    res = run_cli("--to-width", "1024", "--explain", "--compare", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    recipe = load_recipe(tmp_path / "recipes" / "mup-ssm-1024.yaml")
+    assert recipe.source["study"] == "new" and recipe.source["path"] == str(Path("runs/new/best.yaml"))
+    assert recipe.run.model.d_model == 1024 and recipe.per_role["in_proj"]["lr"] == LR / 16
+    for text in ("mupt/parametrization.py:", "x_proj_B", "N_u^-1 N_x^1/2", "Summary", "sp LR", "recipe written"):
+        assert text in res.stdout, text
+
+
+def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "corrupt.yaml").write_text("study: [unclosed\n")
+    save_yaml(tmp_path / "wrong.yaml", proxy())  # valid YAML, but a RunConfig, not a best.yaml
+    save_yaml(tmp_path / "runs" / "s" / "best.yaml", best())
+    cases = [
+        (["--to-width", "256"], "no runs/*/best.yaml found"),  # cwd without runs/
+        (["--to-width", "256", "--from", "missing.yaml"], "missing.yaml: no such best-params file"),
+        (["--to-width", "256", "--from", "corrupt.yaml"], "corrupt.yaml: not valid YAML"),
+        (["--to-width", "256", "--from", "wrong.yaml"], "wrong.yaml: study: Field required"),
+        (["--to-width", "256", "--from", "runs/s/best.yaml", "--to-layers", "3"], "no depth-transfer rules"),
+        (["--to-width", "256", "--from", "runs/s/best.yaml", "--width", "128"], "--width describes the proxy"),
+        (["--from", "runs/s/best.yaml"], "--to-width is required"),
+    ]
+    for args, msg in cases:
+        cwd = tmp_path / "empty" if args == ["--to-width", "256"] else tmp_path
+        cwd.mkdir(exist_ok=True)
+        res = run_cli(*args, cwd=cwd)
+        assert res.returncode == 2, (args, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (args, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+def test_cli_lr_directly(tmp_path: Path) -> None:
+    res = run_cli("--lr", "0.01", "--width", "128", "--to-width", "512", "--out", "r.yaml", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    r = load_recipe(tmp_path / "r.yaml")
+    assert r.source["kind"] == "lr" and r.run.param.base_d_model == 128 and r.run.train.lr == 0.01
+    assert r.per_role["out_proj"]["lr"] == 0.01 / 4
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tune_transfer_train_beats_8x_lrs(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """Tune at width 64 (log2 grid 2^-9..2^-5), transfer to 256, train: the transferred LR beats 8x up and 8x down.
+
+    Dense grid on this setup (2 layers, d_state 16, 40 steps of 8 x 64 bytes, AdamW, mup-ssm, base 64), val loss:
+      width  64: 2^-10 2.54 | 2^-9 2.18 | 2^-8 2.06 | 2^-7 1.96 | 2^-6 2.08 | 2^-5 2.15 | 2^-4 2.51
+      width 256: 2^-10 2.41 | 2^-9 2.08 | 2^-8 1.90 | 2^-7 1.84 | 2^-6 2.01 | 2^-5 2.11 | 2^-4 2.39
+    """
+    runs = tmp_path / "runs"
+    code, _, stderr = cli(
+        "tune", "--width", "64", "--steps", "40", "--batch-size", "8", "--seq-len", "64", "--eval-every", "40",
+        "--sampler", "grid", "--lr-range", f"{2**-9},{2**-5}", "--pruner", "none", "--trials", "5",
+        "--study", "e2e", "--runs-dir", str(runs),
+    )  # fmt: skip
+    assert code == 0, stderr
+    recipe_path = tmp_path / "r.yaml"
+    code, _, stderr = cli("transfer", "--runs-dir", str(runs), "--to-width", "256", "--out", str(recipe_path))
+    assert code == 0, stderr
+    recipe = load_recipe(recipe_path)
+    lr = recipe.run.train.lr
+    assert recipe.source["study"] == "e2e" and recipe.run.param.base_d_model == 64
+    torch.set_num_threads(1)  # small models on a shared 2-core machine: one thread is fastest
+    losses = {}
+    for name, factor in (("transferred", 1.0), ("8x larger", 8.0), ("8x smaller", 1 / 8)):
+        res = Trainer(with_overrides(recipe.run, {"train.lr": lr * factor})).run()
+        losses[name] = res.final_val_loss if res.status == "ok" else math.inf
+    print(f"\ntuned lr at width 64: {lr:g}; val loss at width 256: {losses}")
+    assert losses["transferred"] < losses["8x larger"] and losses["transferred"] < losses["8x smaller"], losses
