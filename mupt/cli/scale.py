@@ -1,0 +1,135 @@
+"""``mupt scale``: train a recipe for real, on one process or many (torchrun), resumable."""
+
+from __future__ import annotations
+
+import shlex
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mupt import launch
+from mupt.cli import app, err, fail, out
+from mupt.cli.common import progress
+from mupt.report import key_values
+
+
+@app.command()
+def scale(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML written by mupt transfer.")],
+    run_dir: Annotated[
+        Path | None,
+        typer.Option("--run-dir", help="Checkpoints, metrics.jsonl, summary.json (recipe: launch.run_dir)."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override run.train.steps.")] = None,
+    ckpt_every: Annotated[int | None, typer.Option("--ckpt-every", help="Checkpoint every N steps.")] = None,
+    log_every: Annotated[int | None, typer.Option("--log-every", help="Log metrics every N steps.")] = None,
+    precision: Annotated[
+        str | None, typer.Option("--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")
+    ] = None,
+    compile_: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (GPU runs).")
+    ] = None,
+    fsdp: Annotated[
+        bool | None, typer.Option("--fsdp/--no-fsdp", help="FSDP2 (fully_shard per block) not DDP.")
+    ] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes per node (torch.distributed.run).")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes (needs --rdzv-endpoint).")] = 1,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous for multi-node runs.")
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint (default when one exists)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+) -> None:
+    """Launch the large run from a recipe: DDP or FSDP2, bf16 on GPU, DCP checkpoints, exact resume.
+
+    Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
+    """
+    recipe = launch.apply_overrides(
+        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, ckpt_every=ckpt_every,
+        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
+    )  # fmt: skip
+    flags = launch.worker_flags(recipe, resume)
+    if launch.is_worker():
+        _run_here(recipe, resume)
+        return
+    distributed = nproc > 1 or nnodes > 1 or recipe.launch.fsdp
+    if distributed:
+        argv = launch.torchrun_args(recipe_path, flags, nproc, nnodes, rdzv_endpoint)
+        command = "torchrun " + shlex.join(argv)
+    else:
+        command = shlex.join(["mupt", "scale", str(recipe_path), *flags])
+    if dry_run:
+        plan = launch.make_plan(recipe, nproc * nnodes, command)
+        out.print(key_values("mupt scale plan (dry run)", plan.rows()))
+        return
+    if not distributed:
+        _run_here(recipe, resume)
+        return
+    err.print(f"[bold]mupt scale[/] launching {nproc * nnodes} processes: {command}", highlight=False)
+    code = launch.launch_distributed(argv)
+    if code > 128:
+        latest = launch.find_latest(Path(recipe.launch.run_dir))
+        err.print(f"stopped by signal {code - 128}; the workers wrote checkpoint {latest}; rerun to resume")
+        return
+    if code:
+        raise fail(f"a worker exited with code {code} (its error is above); fix it and rerun to resume", code=code)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    rows = [
+        ("status", s["status"] + (f" ({s['reason']})" if s.get("reason") else "")),
+        ("processes", s["world"]),
+        ("steps (resumed from)", f"{s['steps']} ({s['start_step']})"),
+        ("tokens seen", s["tokens_seen"]),
+        ("wall time (s)", s["seconds"]),
+        ("throughput (tokens/s)", s["tokens_per_s"]),
+        ("last train loss (nats)", s["last_loss"]),
+        ("best val loss (nats)", s["best_val_loss"]),
+        ("checkpoint", s["checkpoint"]),
+        ("run dir", s["run_dir"]),
+    ]
+    out.print(key_values("Scale summary", rows))
+
+
+def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
+    rank = launch._dist_env()[0]
+    cfg = recipe.run
+    if rank != 0:
+        result = launch.run(recipe, resume)
+    else:
+        with ExitStack() as stack:
+            state: dict[str, Any] = {}
+            last_val: list[float] = []
+
+            def on_start(info: dict[str, Any]) -> None:  # after set-up: errors before it stay one line
+                resumed = f" resumed from {info['resumed_from']}" if info["resumed_from"] else ""
+                err.print(
+                    f"[bold]mupt scale[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
+                    f"params={info['params']:,} {info['mode']} x{info['world']} {info['device']} {info['precision']} "
+                    f"scan={info['scan_backend']} lr={cfg.train.lr:g} run_dir={recipe.launch.run_dir}{resumed}",
+                    highlight=False,
+                )
+                bar = stack.enter_context(progress())
+                state["bar"] = bar
+                state["task"] = bar.add_task("scale", total=cfg.train.steps, completed=info["start_step"], info="")
+
+            def on_log(rec: dict[str, Any]) -> None:
+                if "val_loss" in rec:
+                    last_val.append(rec["val_loss"])
+                if "loss" not in rec or "bar" not in state:
+                    return
+                val = f" val {last_val[-1]:.3f}" if last_val else ""
+                info = f"loss {rec['loss']:.3f}{val} lr {rec['lr']:.3g} {rec['tokens_per_s']:,.0f} tok/s"
+                state["bar"].update(state["task"], completed=rec["step"], info=info)
+
+            result = launch.run(recipe, resume, on_log=on_log, on_start=on_start)
+        _print_summary(result.summary())
+    if result.status == "diverged":
+        raise fail(f"run diverged: {result.reason}; lower the recipe's lr (now {cfg.train.lr:g})")
+    if result.status == "terminated" and rank == 0:
+        err.print(f"terminated by {result.reason}; checkpoint {result.checkpoint} written; rerun to resume")

@@ -1,0 +1,772 @@
+"""The large run: one recipe, one process or many (torchrun), DDP or FSDP2, resumable DCP checkpoints.
+
+:func:`run` is what every rank executes.  It builds the model and optimizer through
+:class:`mupt.train.Trainer` (so per-group LRs come from the width rules), wraps the model (DDP,
+or FSDP2 ``fully_shard`` per block then root), rebuilds the optimizer over the wrapped
+parameters, and checks that every group's LR still equals ``base lr * lr_mult`` from the
+manifest and the recipe's ``per_role`` table.  Each rank trains on its slice of the global
+batch; the data order is a pure function of (seed, step), so the data position is the step.
+
+Checkpoints (``<run_dir>/checkpoints/step_NNNNNN``) are written with
+``torch.distributed.checkpoint`` (model + optimizer via ``get_state_dict``/``set_state_dict``,
+which handles DDP and FSDP2 alike) plus per-rank RNG/scheduler state and a ``meta.json``
+(step, fingerprint of the model/param config, file sizes).  They are written to ``.tmp`` and
+renamed, then ``latest`` is rewritten atomically.  SIGTERM sets a flag; the loop checkpoints
+and returns.  A corrupt checkpoint or one for another model raises :class:`CheckpointError`.
+
+:func:`launch_distributed` hands N processes to PyTorch's elastic launcher
+(``torch.distributed.run``), exactly as ``torchrun`` would.  Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mupt.config import OptimizerName, Recipe, RunConfig, atomic_write_text, load_yaml, save_yaml, to_dict
+from mupt.errors import CheckpointError, ConfigError
+from mupt.train import Trainer, build_optimizer, lr_factor
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+META = "meta.json"
+KEEP_CHECKPOINTS = 2
+
+LogCallback = Callable[[dict[str, Any]], None]
+
+
+# --- recipe + plan ---------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return load_yaml(path, Recipe)
+
+
+def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
+    """Flags (``steps``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``, ``fsdp``)
+    override the recipe; ``None`` leaves a field alone."""
+    data = to_dict(recipe)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key == "steps":
+            data["run"]["train"]["steps"] = value
+        elif key in LAUNCH_FLAGS:
+            data["launch"][key] = str(value) if key == "run_dir" else value
+        else:
+            raise KeyError(f"apply_overrides: unknown flag {key!r}")
+    from mupt.config import from_dict
+
+    out = from_dict(Recipe, data, where="flags")
+    if out.launch.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision {out.launch.precision!r} is not one of auto, fp32, bf16")
+    return out
+
+
+LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp")
+
+
+def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
+    """CLI flags that make a worker see exactly the resolved recipe (after overrides)."""
+    lc = recipe.launch
+    flags = [
+        "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--ckpt-every", str(lc.ckpt_every),
+        "--log-every", str(lc.log_every), "--precision", lc.precision,
+        "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
+    ]  # fmt: skip
+    if resume is not None:
+        flags.append("--resume" if resume else "--no-resume")
+    return flags
+
+
+def torchrun_args(
+    recipe_path: str | Path, flags: list[str], nproc: int, nnodes: int = 1, rdzv_endpoint: str | None = None
+) -> list[str]:
+    """The argv ``torchrun`` would get to run ``mupt scale`` on N processes per node."""
+    if nproc < 1 or nnodes < 1:
+        raise ConfigError(f"--nproc ({nproc}) and --nnodes ({nnodes}) must be >= 1")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if rdzv_endpoint:
+        rdzv_id = hashlib.sha1(str(recipe_path).encode()).hexdigest()[:8]
+        head = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
+        head += ["--rdzv-id", f"mupt-{rdzv_id}"]
+    else:
+        head = ["--standalone", "--nnodes", "1"]
+    tail = ["-m", "mupt", "scale", str(recipe_path), *flags]
+    return [*head, "--nproc-per-node", str(nproc), "--max-restarts", "0", *tail]
+
+
+def is_worker() -> bool:
+    """True inside a process started by torchrun / torch.distributed.run."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def launch_distributed(argv: list[str]) -> int:
+    """Run ``torch.distributed.run`` with ``argv`` (as torchrun would); returns the exit code.
+
+    A SIGTERM/SIGINT to this process is forwarded to the workers by the elastic agent (they
+    checkpoint and stop); it comes back here as ``128 + signal``.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as elastic_run
+
+    try:
+        elastic_run(parse_args(argv))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c and c > 0), 1)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+@dataclass
+class Plan:
+    d_model: int
+    n_layers: int
+    d_state: int
+    params: int
+    world: int
+    fsdp: bool
+    device: str
+    precision: str
+    global_batch: int
+    seq_len: int
+    steps: int
+    tokens: int
+    memory: dict[str, float]  # GiB per rank
+    command: str
+    scan_backend: str
+
+    def rows(self) -> list[tuple[str, Any]]:
+        m = self.memory
+        return [
+            ("model", f"d_model={self.d_model} layers={self.n_layers} d_state={self.d_state}"),
+            ("parameters", f"{self.params:,}"),
+            ("processes", f"{self.world} ({'FSDP2' if self.fsdp else 'DDP' if self.world > 1 else 'single'})"),
+            ("device / precision", f"{self.device} / {self.precision}"),
+            ("scan backend", self.scan_backend),
+            ("global batch x seq", f"{self.global_batch} x {self.seq_len}"),
+            ("steps / tokens", f"{self.steps:,} / {self.tokens:,}"),
+            ("weights fp32 (per rank)", human_bytes(m["weights"])),
+            ("grads fp32 (per rank)", human_bytes(m["grads"])),
+            ("optimizer states (per rank)", human_bytes(m["optimizer"])),
+            ("activations (per rank, rough)", human_bytes(m["activations"])),
+            ("total (per rank)", human_bytes(m["total"])),
+            ("launch command", self.command),
+        ]
+
+
+def human_bytes(gib: float) -> str:
+    for unit, scale in (("GiB", 1.0), ("MiB", 1024.0), ("KiB", 1024.0**2)):
+        if gib * scale >= 1 or unit == "KiB":
+            return f"{gib * scale:.2f} {unit}"
+    return ""
+
+
+def count_params(cfg: RunConfig) -> int:
+    from mupt.model import MambaLM
+
+    with torch.device("meta"):
+        model = MambaLM(cfg.model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_estimate(cfg: RunConfig, params: int, world: int, fsdp: bool, bf16: bool) -> dict[str, float]:
+    """GiB per rank: fp32 weights + grads + optimizer states (sharded under FSDP) + activations.
+
+    Activations: per layer the tensors autograd keeps (norm in/out, xz, conv out, delta, B, C, y,
+    gate) for the rank's micro-batch, plus fp32 logits; the torch/Triton scans recompute states.
+    """
+    gib = 1024**3
+    shard = world if fsdp else 1
+    m = cfg.model
+    opt_states = 1 if cfg.train.optimizer is OptimizerName.SGD else 2
+    weights = 4 * params / shard
+    grads = 4 * params / shard
+    optim = 4 * opt_states * params / shard
+    local_batch = max(1, cfg.train.batch_size // world)
+    tokens = local_batch * cfg.train.seq_len
+    act_bytes = 2 if bf16 else 4
+    per_token_layer = 2 * m.d_model + 2 * m.d_inner + 3 * m.d_inner + 2 * m.d_state + m.dt_rank_value + m.d_inner
+    acts = tokens * (m.n_layers * per_token_layer * act_bytes + 2 * 4 * m.vocab_size + 4 * m.d_model)
+    total = weights + grads + optim + acts
+    return {k: v / gib for k, v in (("weights", weights), ("grads", grads), ("optimizer", optim),
+                                      ("activations", acts), ("total", total))}  # fmt: skip
+
+
+def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
+    cfg = recipe.run
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(recipe.launch.precision, cuda)
+    params = count_params(cfg)
+    from mupt.scan import resolve_backend
+
+    backend = resolve_backend(cfg.model.scan_backend, torch.device("cuda" if cuda else "cpu")).value
+    tc = cfg.train
+    return Plan(
+        cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, params, world, recipe.launch.fsdp,
+        "cuda" if cuda else "cpu", precision, tc.batch_size, tc.seq_len, tc.steps,
+        tc.steps * tc.batch_size * tc.seq_len,
+        memory_estimate(cfg, params, world, recipe.launch.fsdp, precision == "bf16"), command, backend,
+    )  # fmt: skip
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    if precision == "auto":
+        return "bf16" if cuda else "fp32"
+    return precision
+
+
+# --- fingerprint -------------------------------------------------------------------------------
+
+
+def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
+    """What must match for a checkpoint to be loadable into this run (the scan backend need not)."""
+    model = to_dict(cfg.model)
+    model.pop("scan_backend", None)
+    return {
+        "model": model,
+        "param": to_dict(cfg.param),
+        "optimizer": cfg.train.optimizer.value,
+        "lr": cfg.train.lr,
+    }
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(fingerprint_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')} {a!r} in the checkpoint vs {b!r} in the recipe"
+
+
+# --- per-group learning rates --------------------------------------------------------------------
+
+
+def regroup(trainer: Trainer, module: nn.Module) -> list[dict[str, Any]]:
+    """Trainer's groups rebuilt over ``module``'s (possibly sharded) parameters, matched by name."""
+    by_name = dict(module.named_parameters())
+    base = trainer.cfg.train.lr
+    groups = []
+    for g in trainer.par.param_groups:
+        missing = [n for n in g["names"] if n not in by_name]
+        if missing:
+            raise ConfigError(f"after wrapping, parameter {missing[0]!r} is gone; cannot keep its LR group")
+        groups.append(
+            {
+                "params": [by_name[n] for n in g["names"]],
+                "names": list(g["names"]),
+                "lr": base * g["lr_mult"],
+                "lr_mult": g["lr_mult"],
+                "weight_decay": g["weight_decay"],
+            }
+        )
+    return groups
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def check_group_lrs(trainer: Trainer, recipe: Recipe, module: nn.Module) -> None:
+    """Every optimizer group's LR == base lr * lr_mult (manifest, per_role); all parameters covered."""
+    cfg = trainer.cfg
+    base = cfg.train.lr
+    fresh = trainer.par.manifest.params
+    rec_params: dict[str, Any] = recipe.manifest.get("params", {}) if recipe.manifest else {}
+    factor = lr_factor(cfg.train)(trainer.step)
+    seen: set[int] = set()
+    for g in trainer.optimizer.param_groups:
+        if len(g["params"]) != len(g["names"]):
+            raise ConfigError("optimizer group lost parameters after wrapping; cannot verify per-group LRs")
+        for p, name in zip(g["params"], g["names"], strict=True):
+            seen.add(id(p))
+            entry = fresh[name]
+            mult = float(rec_params[name]["lr_mult"]) if name in rec_params else entry.lr_mult
+            if not _close(mult, entry.lr_mult):
+                raise ConfigError(
+                    f"recipe manifest gives {name} lr_mult={mult:g} but the width rules give {entry.lr_mult:g}; "
+                    "regenerate the recipe with mupt transfer"
+                )
+            role_lr = (recipe.per_role.get(entry.role) or {}).get("lr")
+            if role_lr is not None and not _close(float(role_lr), base * mult):
+                raise ConfigError(
+                    f"recipe per_role.{entry.role}.lr={role_lr:g} but base lr {base:g} x lr_mult {mult:g} = "
+                    f"{base * mult:g}; regenerate the recipe with mupt transfer"
+                )
+            want = base * mult
+            if not _close(float(g.get("initial_lr", g["lr"])), want) or not _close(float(g["lr"]), want * factor):
+                raise CheckpointError(
+                    f"optimizer group of {name} has lr {g['lr']:g}, expected {want * factor:g} "
+                    f"(base {base:g} x lr_mult {mult:g} x schedule {factor:g}); the checkpoint or wrapper changed it"
+                )
+    ours = {id(p) for p in module.parameters()}
+    if ours != seen:
+        raise ConfigError(
+            f"optimizer covers {len(seen)} tensors but the wrapped model has {len(ours)}; per-group LRs would be lost"
+        )
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint, or None; a dangling ``latest`` is an error."""
+    root = run_dir / CKPT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        path = root / name
+        if not name.startswith("step_") or not path.is_dir():
+            raise CheckpointError(
+                f"{pointer} points to {name!r}, which is not a checkpoint directory; fix or delete {pointer}"
+            )
+        return path
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(trainer: Trainer, run_dir: Path, extra: dict[str, Any], rank: int) -> Path:
+    """Write ``step_NNNNNN`` via ``.tmp`` + rename and repoint ``latest``; every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = run_dir / CKPT_DIR
+    final = root / _step_name(trainer.step)
+    tmp = root / (final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    msd, osd = get_state_dict(trainer.model, trainer.optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    torch.save(
+        {"rng": _rng_state(trainer.device), "scheduler": trainer.scheduler.state_dict()}, tmp / f"rank_{rank}.pt"
+    )
+    _barrier()
+    if rank == 0:
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = {
+            "step": trainer.step,
+            "fingerprint": fingerprint(trainer.cfg),
+            "fingerprint_fields": fingerprint_fields(trainer.cfg),
+            "world": trainer.world,
+            "files": sizes,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for p in old[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """Parse and validate ``meta.json``: complete files, matching fingerprint."""
+    try:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        step = int(meta["step"])
+        files: dict[str, int] = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (meta.json unreadable: {type(e).__name__}); delete it to fall back "
+            "to an older one, or pass a new --run-dir"
+        ) from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            got = f.stat().st_size if f.is_file() else "missing"
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt ({name}: {got} bytes, expected {size}); delete it to fall back "
+                "to an older one, or pass a new --run-dir"
+            )
+    if meta.get("fingerprint") != fingerprint(cfg):
+        diff = _first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg)) or "fingerprint"
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model ({diff}); use the recipe it was made with or "
+            "a new --run-dir"
+        )
+    meta["step"] = step
+    return meta
+
+
+def load_checkpoint(trainer: Trainer, path: Path, rank: int) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, RNG and step from ``path``; returns its meta."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = read_meta(path, trainer.cfg)
+    msd, osd = get_state_dict(trainer.model, trainer.optimizer)
+    state = {"model": msd, "optim": osd}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(
+            trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        own = path / f"rank_{rank}.pt"
+        extra = torch.load(own if own.is_file() else path / "rank_0.pt", weights_only=False)
+        trainer.scheduler.load_state_dict(extra["scheduler"])
+        if own.is_file():
+            _set_rng_state(extra["rng"], trainer.device)
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException with a multi-line message
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); delete it to fall back "
+            "to an older one, or pass a new --run-dir"
+        ) from None
+    trainer.step = int(meta["step"])
+    return meta
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleResult:
+    status: str  # "ok" | "terminated" | "diverged"
+    reason: str | None
+    start_step: int
+    steps: int
+    tokens_seen: int
+    tokens_this_run: int
+    seconds: float
+    tokens_per_s: float
+    best_val_loss: float | None
+    final_val_loss: float | None
+    last_loss: float | None
+    world: int
+    run_dir: str
+    checkpoint: str | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("losses")
+        return d
+
+
+class _Autocast(nn.Module):
+    """Runs the wrapped module under bf16 autocast; parameters stay fp32 (master weights)."""
+
+    def __init__(self, inner: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.device_type = device_type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.inner(*args, **kwargs)
+
+
+class _Stop:
+    """SIGTERM sets a flag; the loop checkpoints and leaves at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag, self.signal = True, signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (written after the checkpoint, before a crash)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line from a killed run
+    atomic_write_text(path, "".join(s + "\n" for s in keep))
+
+
+def run(
+    recipe: Recipe,
+    resume: bool | None = None,
+    on_log: LogCallback | None = None,
+    on_start: LogCallback | None = None,
+) -> ScaleResult:
+    """Train ``recipe`` in this process (one rank of a torchrun job, or alone); every rank calls it.
+
+    ``on_start`` (rank 0) gets the set-up once the model is wrapped and any checkpoint loaded;
+    ``on_log`` (rank 0) gets every metrics record.
+    """
+    rank, world, local_rank = _dist_env()
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    cfg = recipe.run
+    if cfg.train.batch_size % world:
+        raise ConfigError(
+            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes; "
+            f"use a batch size that is a multiple of {world}"
+        )
+    started_pg = False
+    if (world > 1 or recipe.launch.fsdp) and not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, device_id=device if cuda else None)
+        else:  # FSDP2 in one plain process: a one-rank group needs no rendezvous
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        started_pg = True
+    try:
+        return _run(recipe, resume, on_log, on_start, rank, world, device)
+    finally:
+        if started_pg:
+            dist.destroy_process_group()
+
+
+def _wrap(trainer: Trainer, recipe: Recipe, world: int, device: torch.device) -> nn.Module:
+    model = trainer.model
+    if recipe.launch.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():
+            raise ConfigError("--fsdp needs torch.distributed; launch with --nproc N (N >= 1) through torchrun")
+        mesh = init_device_mesh(device.type, (world,))
+        for layer in model.backbone.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _run(
+    recipe: Recipe,
+    resume: bool | None,
+    on_log: LogCallback | None,
+    on_start: LogCallback | None,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> ScaleResult:
+    cfg, lc, tc = recipe.run, recipe.launch, recipe.run.train
+    run_dir = Path(lc.run_dir)
+    trainer = Trainer(cfg, device=device, rank=rank, world=world)
+    wrapped = _wrap(trainer, recipe, world, device)
+    # DDP shares the model's parameters; fully_shard swaps them for DTensors in place: either way
+    # the optimizer must hold the model's parameters as they are now, grouped as the width rules say.
+    trainer.optimizer = build_optimizer(regroup(trainer, trainer.model), tc)
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor(tc))
+    check_group_lrs(trainer, recipe, trainer.model)
+    module: nn.Module = wrapped
+    precision = resolve_precision(lc.precision, device.type == "cuda")
+    if precision == "bf16":
+        module = _Autocast(module, device.type)
+    if lc.compile:
+        module = torch.compile(module)  # type: ignore[assignment]
+    trainer.module = module
+
+    latest = find_latest(run_dir)
+    if latest is not None and resume is False:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (latest {latest.name}); drop --no-resume to continue, or pass "
+            "a new --run-dir"
+        )
+    best_val: float | None = None
+    metrics = run_dir / "metrics.jsonl"
+    if latest is not None:
+        meta = load_checkpoint(trainer, latest, rank)
+        best_val = meta.get("best_val_loss")
+        factor = lr_factor(tc)(trainer.step)  # what LambdaLR computes; differs only if --steps changed
+        for g in trainer.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        check_group_lrs(trainer, recipe, trainer.model)
+        if rank == 0:
+            _truncate_metrics(metrics, trainer.step)
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    if rank == 0:
+        save_yaml(run_dir / "recipe.yaml", recipe, header="resolved recipe of this run (mupt scale)")
+        shutil.rmtree(run_dir / CKPT_DIR / (_step_name(trainer.step) + ".tmp"), ignore_errors=True)
+    _barrier()
+    if rank == 0 and on_start is not None:
+        from mupt.scan import resolve_backend
+
+        on_start({
+            "params": trainer.model.num_params(), "world": world, "device": str(device), "precision": precision,
+            "scan_backend": resolve_backend(cfg.model.scan_backend, device).value, "start_step": trainer.step,
+            "resumed_from": str(latest) if latest is not None else None,
+            "mode": "fsdp2" if lc.fsdp else "ddp" if world > 1 else "single",
+        })  # fmt: skip
+
+    start_step = trainer.step
+    tokens_per_step = tc.batch_size * tc.seq_len
+    res = ScaleResult("ok", None, start_step, start_step, start_step * tokens_per_step, 0, 0.0, 0.0, best_val,
+                      None, None, world, str(run_dir))  # fmt: skip
+    fh = metrics.open("a", encoding="utf-8") if rank == 0 else None
+    last_ckpt: Path | None = latest
+    t0 = time.perf_counter()
+    window_t, window_step = t0, trainer.step
+
+    def reduce_mean(x: float) -> float:
+        if world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / world
+
+    def any_rank(flag: bool) -> bool:
+        if world == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt
+        last_ckpt = save_checkpoint(trainer, run_dir, {"best_val_loss": res.best_val_loss}, rank)
+
+    try:
+        with _Stop() as stop:
+            while trainer.step < tc.steps:
+                lr = trainer.current_lr()
+                loss = reduce_mean(trainer.train_step())
+                step = trainer.step
+                res.losses.append((step, loss))
+                res.last_loss = loss
+                reason = trainer.divergence(loss)
+                record: dict[str, Any] | None = None
+                if step % lc.log_every == 0 or step == tc.steps or reason is not None:
+                    now = time.perf_counter()
+                    tps = (step - window_step) * tokens_per_step / max(now - window_t, 1e-9)
+                    window_t, window_step = now, step
+                    record = {"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
+                              "tokens_per_s": tps, "time": now - t0}  # fmt: skip
+                if reason is None and (step % tc.eval_every == 0 or step == tc.steps):
+                    val = reduce_mean(trainer.evaluate())
+                    res.final_val_loss = val
+                    res.best_val_loss = val if res.best_val_loss is None else min(res.best_val_loss, val)
+                    record = record or {"step": step}
+                    record["val_loss"] = val
+                    if trainer.divergence(val) is not None:
+                        reason = "validation " + str(trainer.divergence(val))
+                if record is not None and rank == 0:
+                    assert fh is not None
+                    fh.write(json.dumps(record) + "\n")
+                    fh.flush()
+                    if on_log is not None:
+                        on_log({**record, "total_steps": tc.steps})
+                if reason is not None:
+                    res.status, res.reason = "diverged", reason
+                    break
+                stopping = any_rank(stop.flag)
+                if step % lc.ckpt_every == 0 or step == tc.steps or stopping:
+                    checkpoint()
+                if stopping:
+                    res.status, res.reason = "terminated", f"signal {stop.signal or 'on another rank'} at step {step}"
+                    break
+    finally:
+        if fh is not None:
+            fh.close()
+    res.steps = trainer.step
+    res.seconds = time.perf_counter() - t0
+    res.tokens_this_run = (trainer.step - start_step) * tokens_per_step
+    res.tokens_seen = trainer.step * tokens_per_step
+    res.tokens_per_s = res.tokens_this_run / res.seconds if res.seconds > 0 else 0.0
+    res.checkpoint = str(last_ckpt) if last_ckpt is not None else None
+    if rank == 0:
+        atomic_write_text(run_dir / "summary.json", json.dumps(res.summary(), indent=1))
+    return res

@@ -1,0 +1,303 @@
+"""mupt scale / mupt.launch: real torchrun gloo processes, real DCP checkpoints, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mupt import launch
+from mupt.config import Recipe, load_yaml, save_yaml, to_dict
+from mupt.errors import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def make_recipe(tmp: Path, name: str = "r", width: int | None = None, keep_tables: bool = True, **launch_kw: Any):
+    """tiny.yaml with its run dir under ``tmp``; launch/train fields overridden by keyword."""
+    data = to_dict(load_yaml(TINY, Recipe))
+    steps = launch_kw.pop("steps", None)
+    if steps is not None:
+        data["run"]["train"]["steps"] = steps
+    if width is not None:
+        data["run"]["model"]["d_model"] = width
+    if not keep_tables:
+        data["per_role"], data["manifest"] = {}, {}
+    data["launch"].update({"run_dir": str(tmp / f"{name}-run"), "log_every": 1, **launch_kw})
+    path = tmp / f"{name}.yaml"
+    save_yaml(path, Recipe.model_validate(data))
+    return path, Path(data["launch"]["run_dir"])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="200")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def scale_cmd(recipe: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "mupt", "scale", str(recipe), *flags]
+
+
+def run_scale(recipe: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        scale_cmd(recipe, *flags), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def wait_for_step(proc: subprocess.Popen[str], metrics: Path, step: int, timeout: float = 60) -> int:
+    """Poll metrics.jsonl until a train step >= ``step`` is logged; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stderr.read() if proc.stderr else ''}")
+        if metrics.is_file():
+            seen = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.endswith("}")]
+            if seen and max(seen) >= step:
+                return max(seen)
+        time.sleep(0.005)
+    raise AssertionError(f"no step >= {step} logged within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The 1-process reference curve (40 steps, global batch 8)."""
+    tmp = tmp_path_factory.mktemp("single")
+    recipe, run_dir = make_recipe(tmp, "single")
+    torch.set_num_threads(1)
+    launch.run(launch.load_recipe(recipe))
+    curve = losses(run_dir)
+    assert len(curve) == 40 and curve[40] < curve[1] - 1.0  # it trains
+    return curve
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(tmp_path: Path, single: dict[int, float], mode: str) -> None:
+    if mode == "fsdp":
+        fsdp = pytest.importorskip("torch.distributed.fsdp")
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no gloo backend")
+    recipe, run_dir = make_recipe(tmp_path, mode)
+    flags = ["--nproc", "2"] + (["--fsdp"] if mode == "fsdp" else [])
+    proc = run_scale(recipe, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(run_dir)
+    assert sorted(curve) == sorted(single)
+    for step, loss in single.items():
+        assert curve[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["status"] == "ok" and summary["tokens_seen"] == 40 * 8 * 32
+    ckpt = run_dir / "checkpoints" / "step_000040"
+    assert (ckpt / ".metadata").is_file() and (ckpt / "rank_1.pt").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000040"
+
+
+def test_sigkill_then_rerun_resumes_exactly(tmp_path: Path) -> None:
+    torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1 too
+    ref_recipe, ref_dir = make_recipe(tmp_path, "ref", steps=120, ckpt_every=10)
+    launch.run(launch.load_recipe(ref_recipe))
+    reference = losses(ref_dir)
+
+    recipe, run_dir = make_recipe(tmp_path, "killed", steps=120, ckpt_every=10)
+    proc = subprocess.Popen(scale_cmd(recipe), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 23)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists(), "the run finished before the kill; the test proved nothing"
+    killed_at = launch.find_latest(run_dir)
+    assert killed_at is not None
+    resumed_from = int(killed_at.name.split("_")[1])
+    assert 20 <= resumed_from < 120
+
+    rerun = run_scale(recipe)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["start_step"] == resumed_from and summary["steps"] == 120
+    after = losses(run_dir)
+    assert sorted(after) == list(range(1, 121))  # lines written after the checkpoint were dropped, then redone
+    assert [after[s] for s in range(resumed_from + 1, 121)] == [reference[s] for s in range(resumed_from + 1, 121)]
+    assert after == reference
+
+
+def test_sigterm_writes_final_checkpoint(tmp_path: Path) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "term", steps=2000, ckpt_every=1000)
+    proc = subprocess.Popen(scale_cmd(recipe), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 5)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "terminated" and 5 <= summary["steps"] < 1000
+    latest = launch.find_latest(run_dir)
+    assert latest is not None and latest.name == f"step_{summary['steps']:06d}"
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["step"] == summary["steps"]
+    assert "rerun to resume" in stderr
+
+
+@pytest.fixture
+def trained(tmp_path: Path, cli) -> tuple[Path, Path]:
+    recipe, run_dir = make_recipe(tmp_path, "base", steps=6, ckpt_every=3)
+    code, _, stderr = cli("scale", str(recipe))
+    assert code == 0, stderr
+    return recipe, run_dir
+
+
+def one_line_error(cli, *args: str) -> str:
+    code, _, stderr = cli(*args)
+    assert code == 2, stderr
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, stderr
+    return " ".join(lines[0].split())
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path: Path, trained: tuple[Path, Path], cli) -> None:
+    _, run_dir = trained
+    wider, _ = make_recipe(tmp_path, "wider", width=48, keep_tables=False, steps=12)
+    msg = one_line_error(cli, "scale", str(wider), "--run-dir", str(run_dir))
+    assert "another model" in msg and "d_model 32" in msg and "48" in msg
+    assert launch.find_latest(run_dir).name == "step_000006"  # nothing overwritten
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "meta", "pointer"])
+def test_corrupt_checkpoint_is_refused(trained: tuple[Path, Path], cli, damage: str) -> None:
+    recipe, run_dir = trained
+    ckpt = run_dir / "checkpoints" / "step_000006"
+    shard = ckpt / "__0_0.distcp"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "garble":
+        shard.write_bytes(bytes(255 - b for b in shard.read_bytes()))
+    elif damage == "meta":
+        (ckpt / "meta.json").write_text("{not json")
+    else:
+        (run_dir / "checkpoints" / "latest").write_text("step_000099\n")
+    msg = one_line_error(cli, "scale", str(recipe), "--steps", "9")
+    assert "checkpoint" in msg and ("corrupt" in msg or "not a checkpoint" in msg)
+    assert not (run_dir / "checkpoints" / "step_000009").exists()  # never a silent fresh start
+
+
+def test_no_resume_refuses_to_overwrite(trained: tuple[Path, Path], cli) -> None:
+    recipe, _ = trained
+    msg = one_line_error(cli, "scale", str(recipe), "--no-resume")
+    assert "already holds checkpoints" in msg
+
+
+def test_resume_continues_step_counter(trained: tuple[Path, Path], cli) -> None:
+    recipe, run_dir = trained
+    code, _, stderr = cli("scale", str(recipe), "--steps", "8")
+    assert code == 0, stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["start_step"], summary["steps"], summary["tokens_seen"]) == (6, 8, 8 * 8 * 32)
+    assert sorted(losses(run_dir)) == list(range(1, 9))
+
+
+def test_per_role_lr_mismatch_fails(tmp_path: Path, cli) -> None:
+    recipe, _ = make_recipe(tmp_path, "bad")
+    data = load_yaml(recipe, Recipe)
+    per_role = {k: dict(v) for k, v in data.per_role.items()}
+    per_role["in_proj"]["lr"] = 0.004  # width rules say 0.004 * (16/32) = 0.002
+    save_yaml(recipe, data.model_copy(update={"per_role": per_role}))
+    msg = one_line_error(cli, "scale", str(recipe))
+    assert "per_role.in_proj.lr=0.004" in msg and "0.002" in msg
+
+
+def test_group_lr_check_catches_a_changed_optimizer(tmp_path: Path) -> None:
+    from mupt.train import Trainer
+
+    recipe = load_yaml(TINY, Recipe)
+    trainer = Trainer(recipe.run)
+    launch.check_group_lrs(trainer, recipe, trainer.model)  # as built: fine
+    trainer.optimizer.param_groups[1]["lr"] *= 2
+    with pytest.raises(CheckpointError, match="expected"):
+        launch.check_group_lrs(trainer, recipe, trainer.model)
+
+
+def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path, cli) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "dry")
+    code, out, stderr = cli("scale", str(recipe), "--dry-run", "--nproc", "2", "--fsdp")
+    assert code == 0, stderr
+    text = " ".join(out.split())
+    params = launch.count_params(load_yaml(recipe, Recipe).run)
+    assert f"{params:,}" in text and "torchrun --standalone" in text and "--nproc-per-node 2" in text
+    assert "FSDP2" in text and "optimizer states" in text
+    assert not run_dir.exists()
+
+
+def test_memory_estimate_shards_under_fsdp() -> None:
+    cfg = load_yaml(TINY, Recipe).run
+    p = launch.count_params(cfg)
+    ddp = launch.memory_estimate(cfg, p, 4, fsdp=False, bf16=False)
+    fsdp = launch.memory_estimate(cfg, p, 4, fsdp=True, bf16=False)
+    assert ddp["weights"] * 2**30 == pytest.approx(4 * p) and ddp["optimizer"] == pytest.approx(2 * ddp["weights"])
+    assert fsdp["weights"] == pytest.approx(ddp["weights"] / 4)
+
+
+def test_torchrun_argv_and_multinode_needs_endpoint() -> None:
+    argv = launch.torchrun_args("r.yaml", ["--fsdp"], 4, 2, "node0:29500")
+    assert argv[:2] == ["--nnodes", "2"] and "--rdzv-endpoint" in argv and argv[-3:] == ["scale", "r.yaml", "--fsdp"]
+    from torch.distributed.run import parse_args
+
+    args = parse_args(argv)
+    assert args.nproc_per_node == "4" and args.module and args.training_script == "mupt"
+    with pytest.raises(Exception, match="rdzv-endpoint"):
+        launch.torchrun_args("r.yaml", [], 4, 2, None)
+
+
+def test_sigterm_to_torchrun_parent_checkpoints_all_ranks(tmp_path: Path) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "term2", steps=5000, ckpt_every=4000)
+    proc = subprocess.Popen(
+        scale_cmd(recipe, "--nproc", "2"), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, so a failed test can stop the workers too
+    )  # fmt: skip
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 3, timeout=90)
+        proc.send_signal(signal.SIGTERM)  # only the launcher: the elastic agent forwards it to the workers
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    latest = launch.find_latest(run_dir)
+    assert summary["status"] == "terminated" and latest is not None
+    assert latest.name == f"step_{summary['steps']:06d}"
+    assert (latest / "rank_0.pt").is_file() and (latest / "rank_1.pt").is_file()
+    assert "rerun to resume" in stderr and "Traceback" not in stderr
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    recipe, run_dir = make_recipe(tmp_path, "bf16", steps=3, ckpt_every=3, precision="bf16")
+    res = launch.run(launch.load_recipe(recipe))
+    assert res.status == "ok" and all(torch.isfinite(torch.tensor(loss)) for _, loss in res.losses)
+    meta = FileSystemReader(str(run_dir / "checkpoints" / "step_000003")).read_metadata().state_dict_metadata
+    model_keys = [k for k in meta if k.startswith("model.")]
+    assert model_keys and all(meta[k].properties.dtype == torch.float32 for k in model_keys)
+    assert meta["model.backbone.layers.0.mixer.A_log"].properties.dtype == torch.float32
