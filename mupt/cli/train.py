@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mupt.cli import app, err, fail, out
+from mupt.cli import app, fail, out
 from mupt.cli.common import (
     BackendOpt,
     BaseOpt,
@@ -66,13 +66,13 @@ def train(
     trainer = Trainer(cfg)
     if out_dir is not None:
         save_yaml(out_dir / "config.yaml", cfg)
-    err.print(
+    out.print(
         f"[bold]mupt train[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} d_state={cfg.model.d_state} "
         f"params={trainer.model.num_params():,} scheme={cfg.param.scheme.value} lr={cfg.train.lr:g} "
         f"data={trainer.data.name}",
         highlight=False,
     )
-    with progress() as bar:
+    with progress(transient=True) as bar:
         task = bar.add_task("train", total=cfg.train.steps, info="")
         last_val: list[float] = []
 
