@@ -251,6 +251,20 @@ def named_roles(model: nn.Module) -> dict[str, Role]:
     return out
 
 
+def check_dt_rank_width(lead: str, width: int, scheme: Scheme, dt_rank: int | str, hint: str = "") -> None:
+    """Refuse a d_model whose auto dt_rank = ceil(d_model/16) would not scale with width (non-sp schemes).
+
+    ``lead`` starts the one-line message (e.g. ``"d_model=72 is"``); ``hint`` ends it.
+    """
+    if scheme is Scheme.SP or dt_rank != "auto" or width % 16 == 0:
+        return
+    lo, hi = width // 16 * 16, (width // 16 + 1) * 16
+    raise ConfigError(
+        f"{lead} not a multiple of 16, so dt_rank=ceil(d_model/16) does not scale with width and the "
+        f"{scheme.value} rules cannot hold; use {lo or hi} or {hi}{hint}"
+    )
+
+
 def apply(
     model: MambaLM,
     param: ParamConfig,
@@ -274,14 +288,8 @@ def apply(
     if cfg.tie_embeddings and scheme is not Scheme.SP:
         raise ConfigError(f"tie_embeddings=true cannot be used with scheme {scheme.value}; untie them or use sp")
     base = BaseShape.of(cfg, param)
-    if scheme is not Scheme.SP and cfg.dt_rank == "auto":
-        for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
-            if width % 16:
-                lo, hi = width // 16 * 16, (width // 16 + 1) * 16
-                raise ConfigError(
-                    f"{what}={width} is not a multiple of 16, so dt_rank=ceil(d_model/16) does not scale with "
-                    f"width and the {scheme.value} rules cannot hold; use {lo or hi} or {hi}, or set dt_rank"
-                )
+    for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
+        check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
     base_cfg = cfg.model_copy(update={"d_model": base.d_model, "d_state": base.d_state})
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
     roles = named_roles(model)

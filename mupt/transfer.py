@@ -135,12 +135,7 @@ def load_best(path: str | Path) -> BestParams:
 def _check_width(flag: str, width: int, scheme: Scheme, dt_rank: int | str) -> None:
     if width <= 0:
         raise ConfigError(f"{flag} {width}: must be a positive d_model, e.g. 4096")
-    if scheme is not Scheme.SP and dt_rank == "auto" and width % 16:
-        lo, hi = width // 16 * 16, (width // 16 + 1) * 16
-        raise ConfigError(
-            f"{flag} {width}: not a multiple of 16, so dt_rank=ceil(d_model/16) does not scale with width and the "
-            f"{scheme.value} rules cannot hold; use {lo or hi} or {hi}"
-        )
+    parametrization.check_dt_rank_width(f"{flag} {width}:", width, scheme, dt_rank)
 
 
 def target_config(
