@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot
+from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot, slope_stderr
 from mupt.errors import ConfigError
 
 # The reference scan (the oracle) keeps these numbers independent of the fast backends.
@@ -23,6 +23,17 @@ def test_log2_slope_recovers_powers() -> None:
     assert log2_slope(ws, [7.0] * 4) == pytest.approx(0.0, abs=1e-12)
     assert log2_slope(ws, [1 / w for w in ws]) == pytest.approx(-1.0)
     assert math.isnan(log2_slope(ws, [1.0, 0.0, 1.0, 1.0]))
+
+
+def test_slope_stderr_measures_seed_spread() -> None:
+    ws = [64, 128, 256, 512]
+    # identical seeds: the slope cannot move under resampling
+    assert slope_stderr(ws, [[w**0.5] * 3 for w in ws]) == pytest.approx(0.0, abs=1e-12)
+    # seeds spread 2x at every width: the error is a sizeable fraction of an exponent, and wider spread gives more
+    narrow = slope_stderr(ws, [[1.0, 1.2, 1.4] for _ in ws])
+    wide = slope_stderr(ws, [[1.0, 2.0, 4.0] for _ in ws])
+    assert 0.01 < narrow < wide < 1.0
+    assert math.isnan(slope_stderr(ws, [[1.0] for _ in ws]))
 
 
 def test_settings_are_validated() -> None:
@@ -59,6 +70,7 @@ def test_mup_ssm_block_outputs_and_logits_stay_flat(sp_and_mup_ssm) -> None:
     data = json.loads(mup_ssm.to_json())
     assert data["widths"] == [32, 64, 128, 256] and len(data["rows"]) == 2 * 6 + 2
     assert data["rows"][0]["key"] == "0.x" and len(data["rows"][0]["rms_seeds"][0]) == 2
+    assert all(math.isfinite(r["slope_se"]) and r["slope_se"] >= 0 for r in data["rows"])
 
 
 def test_plot_writes_png(tmp_path, sp_and_mup_ssm) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,6 +141,7 @@ class Row:
     rms_seeds: list[list[float]]  # per width, per seed
     slope: float
     flat: bool
+    slope_se: float = math.nan  # bootstrap over seeds; NaN with one seed
 
     @property
     def key(self) -> str:
@@ -201,6 +203,27 @@ def log2_slope(widths: Sequence[float], values: Sequence[float]) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def slope_stderr(widths: Sequence[float], per_seed: Sequence[Sequence[float]], n_boot: int = 500) -> float:
+    """Standard error of :func:`log2_slope` of the seed means, by resampling each width's seeds.
+
+    Says how much of a slope is seed noise: a quantity whose seeds spread 10x at one width has a
+    slope that moves by tenths between seed sets.  NaN when no width has two seeds.
+    """
+    if all(len(s) < 2 for s in per_seed):
+        return math.nan
+    rng = random.Random(0)
+    slopes = []
+    for _ in range(n_boot):
+        means = [sum(rng.choices(s, k=len(s))) / len(s) for s in per_seed]
+        slope = log2_slope(widths, means)
+        if math.isfinite(slope):
+            slopes.append(slope)
+    if len(slopes) < 2:
+        return math.nan
+    mean = sum(slopes) / len(slopes)
+    return math.sqrt(sum((x - mean) ** 2 for x in slopes) / (len(slopes) - 1))
 
 
 def _probe(trainer: Trainer, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -281,7 +304,8 @@ def coord_check(
             means = [sum(s) / len(s) for s in seeds]
             slope = log2_slope(settings.widths, means)
             flat = math.isfinite(slope) and abs(slope) <= settings.tolerance
-            result.rows.append(Row(layer, q, means, seeds, slope, flat))
+            se = slope_stderr(settings.widths, seeds)
+            result.rows.append(Row(layer, q, means, seeds, slope, flat, se))
     result.seconds = time.perf_counter() - start
     return result
 

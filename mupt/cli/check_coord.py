@@ -32,7 +32,10 @@ def parse_widths(text: str) -> tuple[int, ...]:
 
 def result_table(res: CoordResult) -> Table:
     t = Table(
-        title=f"RMS per width (mean over {res.settings['seeds']} seeds), log2-log2 slope, verdict",
+        title=(
+            f"RMS per width (mean over {res.settings['seeds']} seeds), log2-log2 slope with its seed-bootstrap "
+            "standard error, verdict"
+        ),
         title_justify="left",
         header_style="bold",
     )
@@ -42,6 +45,7 @@ def result_table(res: CoordResult) -> Table:
         label = f"{w}" if not res.settings["scale_state"] else f"{w}/N_x={n}"
         t.add_column(label, justify="right")
     t.add_column("slope", justify="right")
+    t.add_column("± seeds", justify="right")
     t.add_column("verdict")
     for r in res.rows:
         verdict = "[green]flat[/]" if r.flat else ("[red]grows[/]" if r.slope > 0 else "[red]shrinks[/]")
@@ -50,6 +54,7 @@ def result_table(res: CoordResult) -> Table:
             _LABELS.get(r.quantity, r.quantity),
             *(f"{v:.3g}" for v in r.rms),
             f"{r.slope:+.2f}",
+            "—" if r.slope_se != r.slope_se else f"{r.slope_se:.2f}",
             verdict,
         )
     return t
