@@ -87,31 +87,23 @@ def _mup(family: str) -> dict[Role, Rule]:
     return rules
 
 
-def _mup_ssm(family: str, disc: Discretization) -> dict[Role, Rule]:
+def _mup_ssm(family: str) -> dict[Role, Rule]:
     """µP-SSM (DESIGN.md section 4): B and C rows get their own N_u/N_x rules, A_log and the
     vector-like SSM parameters are not hidden matrices."""
     adam = family == "adam"
     rules = _mup(family)
     rules[Role.A_LOG] = Rule(init=None, lr=ZERO if adam else _U)
     # dt rows and dt_proj: hidden-like
-    if disc is Discretization.ZOH:
-        # var(W_B) ~ N_x/N_u ; var(W_C) ~ 1/(N_x N_u).  C's Adam LR CORRECTED from 1/(N_u sqrt N_x) to
-        # 1/(N_u N_x) (docs/width_rules.md, "Correction 2"): y sums N_x coherent updates C_n x_n, so C is
-        # a readout over the state; measured layer-0 y slope +0.28 -> +0.03 with N_x scaled.
-        rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5) if adam else (-1.0, 1.0))
-        rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
-    elif adam:
-        # Euler-B, Adam: CORRECTED to the ZOH rows (docs/width_rules.md, "Correction 1").  The DESIGN.md
-        # row var(W_B) ~ 1/N_u made x and Δx shrink with slope -0.66..-0.79 under N_x scaling: the
-        # state's steady-state gain is 1/|A_n| = 1/(n+1) for Euler too (dt*B summed over ~1/(dt|A_n|)
-        # steps), so B needs the same sqrt(N_x) boost.  Measured with it: |slope(x), slope(Δx)| <= 0.18.
-        rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5))
-        rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))  # DESIGN Euler C row = corrected ZOH
-    else:
-        # Euler-B, SGD: DESIGN.md rows, UNVERIFIED (no SGD coordinate check yet); by the argument of
-        # the Adam correction these likely need the ZOH rows too.  var(W_B) ~ 1/N_u ; var(W_C) ~ 1/(N_x N_u)
-        rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.0), lr=(-1.0, 0.0))
-        rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
+    # B and C rows, the same for ZOH and Euler B (docs/width_rules.md): var(W_B) ~ N_x/N_u,
+    # var(W_C) ~ 1/(N_x N_u).
+    # * C's Adam LR CORRECTED from 1/(N_u sqrt N_x) to 1/(N_u N_x) ("Correction 2"): y sums N_x coherent
+    #   updates C_n x_n, so C is a readout over the state; measured layer-0 y slope +0.28 -> +0.03 (N_x scaled).
+    # * Euler B rows CORRECTED to the ZOH rows ("Correction 1" for Adam, "Correction 3" for SGD).  DESIGN.md's
+    #   var(W_B) ~ 1/N_u made x and Δx shrink under N_x scaling (Adam -0.66..-0.79; SGD -0.18..-0.39): the
+    #   state's steady-state gain is 1/|A_n| = 1/(n+1) for Euler too (dt*B summed over ~1/(dt|A_n|) steps),
+    #   so B needs the same sqrt(N_x) boost.
+    rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5) if adam else (-1.0, 1.0))
+    rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
     return rules
 
 
@@ -120,7 +112,7 @@ for _family in ("adam", "sgd"):
     for _disc in Discretization:
         RULES[(Scheme.SP, _family, _disc)] = _sp()
         RULES[(Scheme.MUP, _family, _disc)] = _mup(_family)
-        RULES[(Scheme.MUP_SSM, _family, _disc)] = _mup_ssm(_family, _disc)
+        RULES[(Scheme.MUP_SSM, _family, _disc)] = _mup_ssm(_family)
 
 NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
 

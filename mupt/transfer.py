@@ -450,7 +450,7 @@ _WHY_SP: dict[Role, str] = {
 }
 
 
-def why(role: Role, scheme: Scheme, optimizer: OptimizerName | str, disc: str) -> str:
+def why(role: Role, scheme: Scheme, optimizer: OptimizerName | str) -> str:
     scheme = Scheme(scheme)
     sgd = OptimizerName(optimizer).family == "sgd"
     if scheme is Scheme.SP:
@@ -460,8 +460,6 @@ def why(role: Role, scheme: Scheme, optimizer: OptimizerName | str, disc: str) -
             return "SP: structured (mamba_ssm) init, the global LR"
         return "SP: fan-in init (std 1/sqrt(fan_in)) as PyTorch/mamba_ssm, one global LR for everything"
     text = (_WHY_MUP if scheme is Scheme.MUP and role in _WHY_MUP else _WHY_MUP_SSM)[role]
-    if scheme is Scheme.MUP_SSM and role is Role.X_PROJ_B and disc == "euler" and sgd:
-        text = "DESIGN.md row for Euler-B under SGD (unverified: no SGD coordinate check yet)"
     if sgd and role in (Role.EMBEDDING, Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D, Role.A_LOG):
         text += "; SGD: vector-like LR ∝ N_u (gradients shrink as 1/N_u)"
     return text
@@ -488,7 +486,7 @@ def rule_locations(scheme: Scheme | str, optimizer: OptimizerName | str, disc: s
     builders = {
         Scheme.SP: lambda: parametrization._sp(),
         Scheme.MUP: lambda: parametrization._mup(family),
-        Scheme.MUP_SSM: lambda: parametrization._mup_ssm(family, parametrization.Discretization(disc)),
+        Scheme.MUP_SSM: lambda: parametrization._mup_ssm(family),
     }
     fallback_line = inspect.getsourcelines(parametrization.rules_for)[1]
     fallback = f"{_relpath(parametrization.__file__)}:{fallback_line}"
@@ -562,7 +560,7 @@ def explain(scheme: Scheme | str, optimizer: OptimizerName | str, disc: str) -> 
     where = rule_locations(scheme, optimizer, disc)
     return [
         RuleExplanation(r.value, format_exp(rules[r].init), format_exp(rules[r].lr), format_exp(rules[r].fwd),
-                        why(r, Scheme(scheme), optimizer, disc), where[r])
+                        why(r, Scheme(scheme), optimizer), where[r])
         for r in Role if r in rules
     ]  # fmt: skip
 

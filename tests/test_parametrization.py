@@ -38,12 +38,9 @@ def expected(scheme: Scheme, family: str, disc: Discretization) -> dict[Role, tu
     table[Role.A_LOG] = (None, hidden_lr)
     if scheme is Scheme.MUP_SSM:
         table[Role.A_LOG] = (None, ONE if adam else U)
-        if disc is Discretization.ZOH or adam:  # var W_B ~ N_x/N_u, var W_C ~ 1/(N_x N_u) (Euler+Adam: corrected)
-            table[Role.X_PROJ_B] = ((-0.5, 0.5), (-1.0, 0.5) if adam else (-1.0, 1.0))
-            table[Role.X_PROJ_C] = ((-0.5, -0.5), (-1.0, -1.0))  # Adam LR corrected from (-1, -0.5)
-        else:  # Euler + SGD (DESIGN.md rows, unverified): var W_B ~ 1/N_u, var W_C ~ 1/(N_x N_u)
-            table[Role.X_PROJ_B] = ((-0.5, 0.0), (-1.0, 0.0))
-            table[Role.X_PROJ_C] = ((-0.5, -0.5), (-1.0, -1.0))
+        # var W_B ~ N_x/N_u, var W_C ~ 1/(N_x N_u), for ZOH and Euler (Euler B rows corrected from DESIGN.md)
+        table[Role.X_PROJ_B] = ((-0.5, 0.5), (-1.0, 0.5) if adam else (-1.0, 1.0))
+        table[Role.X_PROJ_C] = ((-0.5, -0.5), (-1.0, -1.0))  # Adam LR corrected from (-1, -0.5)
     return table
 
 
