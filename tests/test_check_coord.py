@@ -99,3 +99,14 @@ def test_cli_exit_codes_and_files(cli, tmp_path) -> None:
     assert "PASS" in out and (tmp_path / "mup-ssm" / "coord.json").is_file()
     code, _, err = cli("check", "coord", "--widths", "64,128")
     assert code == 2 and "8x" in err
+
+
+def test_sgd_euler_state_scaling_keeps_x_flat_where_heuristic_mup_vanishes() -> None:
+    """SGD, Euler-B, N_x scaled with width: the µP-SSM B rows (sqrt(N_x) boost) keep the state flat,
+    the heuristic (B as a plain hidden matrix) lets it vanish (docs/width_rules.md, section 4b)."""
+    settings = dict(SMALL, optimizer="sgd", lr=0.1, discretization="euler", scale_state=True)
+    mup, mup_ssm = coord_check(scheme="mup", **settings), coord_check(scheme="mup-ssm", **settings)
+    assert mup_ssm.d_states == [16, 32, 64, 128]
+    for q in ("x", "dx"):
+        assert abs(mup_ssm.row(0, q).slope) <= 0.2, (q, mup_ssm.row(0, q).slope)
+        assert mup.row(0, q).slope <= -0.3, (q, mup.row(0, q).slope)
