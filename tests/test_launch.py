@@ -301,3 +301,18 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path) -> None:
     model_keys = [k for k in meta if k.startswith("model.")]
     assert model_keys and all(meta[k].properties.dtype == torch.float32 for k in model_keys)
     assert meta["model.backbone.layers.0.mixer.A_log"].properties.dtype == torch.float32
+
+
+def test_diverging_run_exits_2_with_one_line_and_keeps_checkpoints(tmp_path: Path, cli) -> None:
+    # LR 3 on tiny.yaml: the loss passes the divergence bound after a few steps (step 3 on CPU fp32)
+    recipe, run_dir = make_recipe(tmp_path, "hot", keep_tables=False, steps=20, ckpt_every=2)
+    data = to_dict(load_yaml(recipe, Recipe))
+    data["run"]["train"]["lr"] = 3.0
+    save_yaml(recipe, Recipe.model_validate(data))
+    msg = one_line_error(cli, "scale", str(recipe))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and 2 < summary["steps"] < 20, summary
+    assert "diverged" in msg and "lower the recipe's lr (now 3)" in msg
+    latest = launch.find_latest(run_dir)  # the last good checkpoint is kept; none of the diverged state
+    assert latest is not None and int(latest.name.split("_")[1]) < summary["steps"]
+    assert f"last good checkpoint {latest}" in msg

@@ -108,13 +108,13 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
 
             def on_start(info: dict[str, Any]) -> None:  # after set-up: errors before it stay one line
                 resumed = f" resumed from {info['resumed_from']}" if info["resumed_from"] else ""
-                err.print(
+                out.print(
                     f"[bold]mupt scale[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
                     f"params={info['params']:,} {info['mode']} x{info['world']} {info['device']} {info['precision']} "
                     f"scan={info['scan_backend']} lr={cfg.train.lr:g} run_dir={recipe.launch.run_dir}{resumed}",
                     highlight=False,
                 )
-                bar = stack.enter_context(progress())
+                bar = stack.enter_context(progress(transient=True))  # the summary table replaces it
                 state["bar"] = bar
                 state["task"] = bar.add_task("scale", total=cfg.train.steps, completed=info["start_step"], info="")
 
@@ -130,6 +130,7 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
             result = launch.run(recipe, resume, on_log=on_log, on_start=on_start)
         _print_summary(result.summary())
     if result.status == "diverged":
-        raise fail(f"run diverged: {result.reason}; lower the recipe's lr (now {cfg.train.lr:g})")
+        kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
+        raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
     if result.status == "terminated" and rank == 0:
         err.print(f"terminated by {result.reason}; checkpoint {result.checkpoint} written; rerun to resume")
