@@ -284,6 +284,7 @@ def regroup(trainer: Trainer, module: nn.Module) -> list[dict[str, Any]]:
                 "lr": base * g["lr_mult"],
                 "lr_mult": g["lr_mult"],
                 "weight_decay": g["weight_decay"],
+                "eps": g["eps"],
             }
         )
     return groups

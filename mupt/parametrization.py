@@ -116,6 +116,12 @@ for _family in ("adam", "sgd"):
 
 NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
 
+#: Adam's epsilon at the base width (PyTorch's default).  Under µP every gradient except the readout's
+#: shrinks like 1/N_u, so a fixed epsilon damps the smallest ones at large width (measured at d_model
+#: 4096: first-step |g|/(|g|+1e-8) is 0.34 for A_log and 0.30 for dt_proj, vs ~1 at d_model 64).  The
+#: µP schemes scale it with the gradients, eps = ADAM_EPS / r_u (docs/width_rules.md, "Adam epsilon").
+ADAM_EPS = 1e-8
+
 
 def rules_for(scheme: Scheme | str, optimizer: OptimizerName | str, disc: Discretization | str) -> dict[Role, Rule]:
     try:
@@ -268,7 +274,8 @@ def apply(
     """Initialise ``model`` under ``param.scheme`` and return its optimizer groups + manifest.
 
     ``reinit`` rescales the model's current (default) init to the rule's std; pass False when
-    loading trained weights.  Groups carry ``lr = lr * lr_mult`` and ``lr_mult``; schedules must
+    loading trained weights.  Groups carry ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps``
+    (:data:`ADAM_EPS`, divided by r_u under the µP schemes; SGD ignores it); schedules must
     multiply group LRs (LambdaLR does), never set them absolutely.  Decoupled weight decay:
     PyTorch's AdamW decays by ``lr_group * wd_group`` per step, so ``wd_group = wd / lr_mult``
     keeps the per-step decay width-independent; roles in NO_WEIGHT_DECAY get none.
@@ -288,6 +295,7 @@ def apply(
     manifest = Manifest(
         scheme.value, opt.value, cfg.discretization.value, base.d_model, base.d_state, cfg.d_model, cfg.d_state
     )
+    eps = ADAM_EPS if scheme is Scheme.SP else ADAM_EPS / r_u
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     fwd: dict[Role, float] = {}
     with torch.no_grad():
@@ -305,7 +313,8 @@ def apply(
             fan_in, fan_out = _fan(p)
             manifest.params[name] = Entry(role.value, list(p.shape), fan_in, fan_out, std, lr_mult, 0.0, wd)
             g = groups.setdefault(
-                (lr_mult, wd), {"params": [], "names": [], "lr": lr * lr_mult, "lr_mult": lr_mult, "weight_decay": wd}
+                (lr_mult, wd),
+                {"params": [], "names": [], "lr": lr * lr_mult, "lr_mult": lr_mult, "weight_decay": wd, "eps": eps},
             )
             g["params"].append(p)
             g["names"].append(name)

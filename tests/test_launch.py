@@ -232,6 +232,10 @@ def test_group_lr_check_catches_a_changed_optimizer(tmp_path: Path) -> None:
     recipe = load_yaml(TINY, Recipe)
     trainer = Trainer(recipe.run)
     launch.check_group_lrs(trainer, recipe, trainer.model)  # as built: fine
+    regrouped = launch.regroup(trainer, trainer.model)  # what scale builds after wrapping: same groups and eps
+    built = [(g["lr_mult"], g["eps"], g["names"]) for g in trainer.par.param_groups]
+    assert [(g["lr_mult"], g["eps"], g["names"]) for g in regrouped] == built
+    assert {g["eps"] for g in regrouped} == {1e-8 / 2}  # tiny.yaml: mup-ssm, d_model 32 over base 16
     trainer.optimizer.param_groups[1]["lr"] *= 2
     with pytest.raises(CheckpointError, match="expected"):
         launch.check_group_lrs(trainer, recipe, trainer.model)

@@ -138,6 +138,9 @@ def test_lr_and_init_at_width_ratio_4_follow_the_table(scheme: Scheme, optimizer
     table = expected(scheme, optimizer.family, disc)
     groups = {id(p): g for g in par.param_groups for p in g["params"]}
     params = dict(m.named_parameters())
+    # Adam's epsilon follows the gradients (∝ 1/N_u) under µP; SP keeps PyTorch's default
+    assert {g["eps"] for g in par.param_groups} == {1e-8 if scheme is Scheme.SP else 1e-8 / r_u}
+    assert all(g["eps"] == 1e-8 for g in apply(model(discretization=disc), param, optimizer, 1e-2).param_groups)
     for name, entry in par.manifest.params.items():
         role = Role(entry.role)
         init, lr = table[role]
