@@ -93,7 +93,7 @@ def _mup_ssm(family: str) -> dict[Role, Rule]:
     adam = family == "adam"
     rules = _mup(family)
     rules[Role.A_LOG] = Rule(init=None, lr=ZERO if adam else _U)
-    # dt rows and dt_proj: hidden-like
+    # dt rows and dt_proj keep _mup's hidden-matrix rules.
     # B and C rows, the same for ZOH and Euler B (docs/width_rules.md): var(W_B) ~ N_x/N_u,
     # var(W_C) ~ 1/(N_x N_u).
     # * C's Adam LR CORRECTED from 1/(N_u sqrt N_x) to 1/(N_u N_x) ("Correction 2"): y sums N_x coherent

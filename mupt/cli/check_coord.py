@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -54,7 +55,7 @@ def result_table(res: CoordResult) -> Table:
             _LABELS.get(r.quantity, r.quantity),
             *(f"{v:.3g}" for v in r.rms),
             f"{r.slope:+.2f}",
-            "—" if r.slope_se != r.slope_se else f"{r.slope_se:.2f}",
+            "—" if math.isnan(r.slope_se) else f"{r.slope_se:.2f}",
             verdict,
         )
     return t
