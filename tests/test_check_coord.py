@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot, slope_stderr
+from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot, plot_steps, slope_stderr
 from mupt.errors import ConfigError
 
 # The reference scan (the oracle) keeps these numbers independent of the fast backends.
@@ -45,6 +45,18 @@ def test_settings_are_validated() -> None:
         coord_check(widths=(32, 256), seeds=0)
     assert CoordSettings(widths=(64, 512), scale_state=True, base_d_state=8).d_state(512) == 64
     assert CoordSettings(widths=(64, 512), base_d_state=8).d_state(512) == 8
+    with pytest.raises(ConfigError, match="--base-width 128"):
+        coord_check(widths=(64, 512), base_width=128)
+
+
+def test_base_width_sets_the_base_shape_of_every_run() -> None:
+    """--base-width 64 --widths 256..2048 checks the widths a 64-wide proxy transfers to."""
+    s = CoordSettings(widths=(256, 2048), base_width=64, scale_state=True, base_d_state=8)
+    s.validate()
+    cfg = s.run_config(256, seed=1)
+    assert (cfg.param.base_d_model, cfg.param.base_d_state, cfg.model.d_state) == (64, 8, 32)
+    assert s.d_state(2048) == 256
+    assert CoordSettings(widths=(64, 512)).run_config(512, 0).param.base_d_model == 64
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +85,26 @@ def test_mup_ssm_block_outputs_and_logits_stay_flat(sp_and_mup_ssm) -> None:
     assert all(math.isfinite(r["slope_se"]) and r["slope_se"] >= 0 for r in data["rows"])
 
 
-def test_plot_writes_png(tmp_path, sp_and_mup_ssm) -> None:
+def test_slopes_after_every_step(sp_and_mup_ssm) -> None:
+    """Per-step slopes: the last is the verdict's slope, probing between steps does not change
+    training (a 1-step run reproduces step 1 exactly), and a wrong rule shows from step 1 on."""
+    sp, _ = sp_and_mup_ssm
+    for r in sp.rows:
+        assert len(r.slopes_by_step) == len(r.rms_by_step) == SMALL["steps"]
+        assert r.slopes_by_step[-1] == r.slope and r.rms_by_step[-1] == r.rms
+    one = coord_check(scheme="sp", **{**SMALL, "steps": 1})
+    assert [r.rms for r in one.rows] == [r.rms_by_step[0] for r in sp.rows]
+    # sp: one global Adam LR makes Δ(W u) grow with fan_in from the very first (sign-like) step on,
+    # and the slope keeps rising (measured 0.59, 0.78, 1.03): a wrong rule drifts, it is no bump
+    slopes = sp.row(0, "dout").slopes_by_step
+    assert slopes[0] >= 0.4 and slopes == sorted(slopes), slopes
+
+
+def test_plots_write_png(tmp_path, sp_and_mup_ssm) -> None:
     plot(sp_and_mup_ssm[0], tmp_path / "f" / "coord.png")
-    assert (tmp_path / "f" / "coord.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_steps(sp_and_mup_ssm[0], tmp_path / "f" / "coord_steps.png")
+    for name in ("coord.png", "coord_steps.png"):
+        assert (tmp_path / "f" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _cli_args(tmp_path, scheme: str, tol: str) -> list[str]:
@@ -93,12 +122,17 @@ def test_cli_exit_codes_and_files(cli, tmp_path) -> None:
     data = json.loads((tmp_path / "sp" / "coord.json").read_text())
     assert data["passed"] is False and data["settings"]["scheme"] == "sp"
     assert (tmp_path / "sp" / "coord.png").stat().st_size > 1000
+    assert (tmp_path / "sp" / "coord_steps.png").stat().st_size > 1000
+    assert "Slope after each optimizer step" in out and "step 3" in out  # the failing rows, per step
+    assert len(data["rows"][0]["slopes_by_step"]) == 3
     # a generous tolerance turns the same measurement into a pass: the gate follows the slopes
     code, out, _ = cli(*_cli_args(tmp_path, "mup-ssm", "5"))
     assert code == 0, out
     assert "PASS" in out and (tmp_path / "mup-ssm" / "coord.json").is_file()
     code, _, err = cli("check", "coord", "--widths", "64,128")
     assert code == 2 and "8x" in err
+    code, _, err = cli("check", "coord", "--widths", "64,512", "--base-width", "128")
+    assert code == 2 and "--base-width 128" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sgd_euler_state_scaling_keeps_x_flat_where_heuristic_mup_vanishes() -> None:

@@ -2,8 +2,9 @@
 
 For each width (d_model; N_u = expand * d_model scales with it, and N_x = d_state too with
 ``scale_state``) and each seed, a model is built under the chosen width rules (base shape =
-the smallest width), probed on one fixed validation batch, trained ``steps`` optimizer steps
-on the builtin corpus, and probed again on the same batch.  Per layer we record the RMS
+``base_width``, by default the smallest width), probed on one fixed validation batch, trained
+``steps`` optimizer steps on the builtin corpus, and probed again on the same batch after every
+step.  Per layer we record the RMS
 (root mean square per coordinate) of
 
 * ``x``: the SSM's last state (batch, N_u, N_x), ``y``: the pure SSM output ``C x``,
@@ -12,7 +13,10 @@ on the builtin corpus, and probed again on the same batch.  Per layer we record 
 
 plus ``logits`` and ``dlogits`` of the LM head.  Per quantity the least-squares slope of
 log2(mean-over-seeds RMS) vs log2(width) is fitted; a quantity is *flat* iff
-``|slope| <= tolerance``.  The check passes iff every quantity is flat.
+``|slope| <= tolerance``.  The check passes iff every quantity is flat after the last step;
+the slopes after the earlier steps are kept too (``slopes_by_step``), because they tell a wrong
+width rule (a slope that is there from the first steps on and keeps its sign) from a transient
+that only some widths go through within the window (docs/width_rules.md, finding 1).
 
 Nothing here prints; the CLI renders the table, progress and exit code.
 """
@@ -70,6 +74,12 @@ class CoordSettings:
     batch_size: int = 4
     seq_len: int = 32
     backend: str = "auto"
+    #: d_model of the base shape (the proxy the LR was tuned at); None = the smallest width.
+    base_width: int | None = None
+
+    @property
+    def base(self) -> int:
+        return self.base_width if self.base_width is not None else self.widths[0]
 
     def validate(self) -> None:
         ws = list(self.widths)
@@ -81,9 +91,14 @@ class CoordSettings:
                 f"--widths {','.join(map(str, ws))} span {ws[-1] / ws[0]:g}x; a coordinate check needs >= 8x "
                 f"(e.g. {ws[0]},{2 * ws[0]},{4 * ws[0]},{8 * ws[0]})"
             )
-        if self.scale_state and any((w * self.base_d_state) % ws[0] for w in ws):
+        if self.base_width is not None and not 0 < self.base_width <= ws[0]:
             raise ConfigError(
-                f"--scale-state needs every width to be a multiple of the base {ws[0]} so that d_state scales "
+                f"--base-width {self.base_width}: give a positive width no larger than the smallest of --widths "
+                f"({ws[0]}); the base is the proxy the rules scale up from"
+            )
+        if self.scale_state and any((w * self.base_d_state) % self.base for w in ws):
+            raise ConfigError(
+                f"--scale-state needs every width to be a multiple of the base {self.base} so that d_state scales "
                 f"by the same ratio; got {','.join(map(str, ws))}"
             )
         for name, value in (("--seeds", self.seeds), ("--steps", self.steps), ("--layers", self.n_layers)):
@@ -95,7 +110,7 @@ class CoordSettings:
             raise ConfigError(f"--tolerance must be positive, got {self.tolerance}")
 
     def d_state(self, width: int) -> int:
-        return self.base_d_state * width // self.widths[0] if self.scale_state else self.base_d_state
+        return self.base_d_state * width // self.base if self.scale_state else self.base_d_state
 
     def run_config(self, width: int, seed: int) -> RunConfig:
         return RunConfig(
@@ -116,7 +131,7 @@ class CoordSettings:
                 seed=seed,
                 eval_batches=1,
             ),
-            param=ParamConfig(scheme=self.scheme, base_d_model=self.widths[0], base_d_state=self.base_d_state),
+            param=ParamConfig(scheme=self.scheme, base_d_model=self.base, base_d_state=self.base_d_state),
         )
 
 
@@ -142,6 +157,8 @@ class Row:
     slope: float
     flat: bool
     slope_se: float = math.nan  # bootstrap over seeds; NaN with one seed
+    rms_by_step: list[list[float]] = field(default_factory=list)  # [step][width], mean over seeds
+    slopes_by_step: list[float] = field(default_factory=list)  # slope after step 1..steps; last == slope
 
     @property
     def key(self) -> str:
@@ -234,18 +251,34 @@ def _probe(trainer: Trainer, batch: torch.Tensor) -> dict[str, torch.Tensor]:
     return probe
 
 
-def measure_one(settings: CoordSettings, width: int, seed: int, data: TokenSource | None = None) -> dict[str, float]:
-    """RMS of every tracked quantity for one (width, seed) run; keys ``{layer}.{quantity}``."""
+def measure_steps(
+    settings: CoordSettings, width: int, seed: int, data: TokenSource | None = None
+) -> list[dict[str, float]]:
+    """RMS of every tracked quantity after each optimizer step of one (width, seed) run.
+
+    Element ``k`` holds the values after step ``k + 1``; keys are ``{layer}.{quantity}``.  Probing
+    is a forward pass in eval mode without gradients, so it does not change the training run.
+    """
     cfg = settings.run_config(width, seed)
     data = data if data is not None else load_data(cfg.data)
     trainer = Trainer(cfg, data=data)
     probe_x, _ = data.val_batches(1, settings.batch_size, settings.seq_len)[0]
     before = _probe(trainer, probe_x)
+    snapshots = []
     for _ in range(settings.steps):
         trainer.train_step()
-    after = _probe(trainer, probe_x)
+        snapshots.append(_quantities(before, _probe(trainer, probe_x), settings.n_layers))
+    return snapshots
+
+
+def measure_one(settings: CoordSettings, width: int, seed: int, data: TokenSource | None = None) -> dict[str, float]:
+    """RMS of every tracked quantity after the last step of one (width, seed) run."""
+    return measure_steps(settings, width, seed, data)[-1]
+
+
+def _quantities(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], n_layers: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    for i in range(settings.n_layers):
+    for i in range(n_layers):
         for q in ("x", "y", "out"):
             key = f"layers.{i}.{q}"
             out[f"{i}.{q}"] = rms(after[key])
@@ -280,19 +313,21 @@ def coord_check(
     settings.validate()
     start = time.perf_counter()
     data = load_data(DataConfig(source="builtin"))
-    per: dict[str, list[list[float]]] = {}  # key -> per width -> per seed
+    per: dict[str, list[list[list[float]]]] = {}  # key -> per step -> per width -> per seed
     for wi, width in enumerate(settings.widths):
         for seed in range(settings.seeds):
             t0 = time.perf_counter()
-            values = measure_one(settings, width, seed, data)
-            for key, v in values.items():
-                per.setdefault(key, [[] for _ in settings.widths])[wi].append(v)
+            for step, values in enumerate(measure_steps(settings, width, seed, data)):
+                for key, v in values.items():
+                    by_step = per.setdefault(key, [[[] for _ in settings.widths] for _ in range(settings.steps)])
+                    by_step[step][wi].append(v)
             if on_run is not None:
                 on_run(width, seed, time.perf_counter() - t0)
     result = CoordResult(
         settings={
             **{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
             "backend": resolve_scan_backend(settings.backend),  # what actually ran
+            "base_width": settings.base,
         },
         widths=list(settings.widths),
         d_states=[settings.d_state(w) for w in settings.widths],
@@ -300,12 +335,12 @@ def coord_check(
     layers = [str(i) for i in range(settings.n_layers)]
     for layer, quantities in [(la, LAYER_QUANTITIES) for la in layers] + [(HEAD, HEAD_QUANTITIES)]:
         for q in quantities:
-            seeds = per[f"{layer}.{q}"]
-            means = [sum(s) / len(s) for s in seeds]
-            slope = log2_slope(settings.widths, means)
+            by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
+            slopes = [log2_slope(settings.widths, means) for means in by_step]
+            seeds, slope = per[f"{layer}.{q}"][-1], slopes[-1]
             flat = math.isfinite(slope) and abs(slope) <= settings.tolerance
             se = slope_stderr(settings.widths, seeds)
-            result.rows.append(Row(layer, q, means, seeds, slope, flat, se))
+            result.rows.append(Row(layer, q, by_step[-1], seeds, slope, flat, se, by_step, slopes))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -317,8 +352,6 @@ def plot(result: CoordResult, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = len(QUANTITIES)
     cols = 4
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.3 * ((n + cols - 1) // cols)))
@@ -338,13 +371,56 @@ def plot(result: CoordResult, path: str | Path) -> None:
             ax.set_ylim(mid - 2, mid + 2)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    verdict = "PASS" if result.passed else "FAIL"
+    fig.suptitle(f"coordinate check: {_describe(result)}: {verdict}")
+    _save(fig, path)
+
+
+def plot_steps(result: CoordResult, path: str | Path) -> None:
+    """PNG of each slope after every step: one panel per quantity, one line per layer, ±tolerance band.
+
+    A wrong width rule shows as a slope that leaves the band early and keeps drifting; a transient
+    that narrow and wide models pass through at different times shows as a bump.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, cols = len(QUANTITIES), 4
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.0 * ((n + cols - 1) // cols)))
+    tol = result.settings["tolerance"]
+    for ax, q in zip(axes.flat, QUANTITIES, strict=False):
+        for r in (r for r in result.rows if r.quantity == q):
+            steps = list(range(1, len(r.slopes_by_step) + 1))
+            label = f"layer {r.layer}" if r.layer != HEAD else "lm head"
+            ax.plot(steps, r.slopes_by_step, marker="o", label=label)
+        ax.axhspan(-tol, tol, color="green", alpha=0.08)
+        ax.axhline(0, color="gray", lw=0.6)
+        ax.set_title(q.replace("d", "Δ", 1) if q.startswith("d") else q)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("log2-log2 slope vs width")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"slope after each step: {_describe(result)} (band: ±{tol:g})")
+    _save(fig, path)
+
+
+def _describe(result: CoordResult) -> str:
     s = result.settings
     state = "N_x scaled" if s["scale_state"] else f"N_x={s['base_d_state']}"
-    verdict = "PASS" if result.passed else "FAIL"
-    fig.suptitle(
-        f"coordinate check: {s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, "
-        f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}: {verdict}"
+    base = s.get("base_width") or s["widths"][0]  # results written before base_width existed
+    return (
+        f"{s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, base {base}, "
+        f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}"
     )
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
-from mupt.check.coord import DEFAULT_WIDTHS, HEAD, CoordResult, CoordSettings, coord_check, plot
+from mupt.check.coord import DEFAULT_WIDTHS, HEAD, CoordResult, CoordSettings, coord_check, plot, plot_steps
 from mupt.cli import check_app, err, out
 from mupt.cli.common import BackendOpt, progress
 from mupt.config import Discretization, OptimizerName, Scheme
@@ -61,6 +61,22 @@ def result_table(res: CoordResult) -> Table:
     return t
 
 
+def steps_table(res: CoordResult, rows: list) -> Table:
+    """The given rows' slopes after every step: a transient (a bump) vs a wrong rule (a drift)."""
+    t = Table(
+        title="Slope after each optimizer step (the failing quantities)", title_justify="left", header_style="bold"
+    )
+    t.add_column("layer")
+    t.add_column("quantity")
+    for k in range(1, res.settings["steps"] + 1):
+        t.add_column(f"step {k}", justify="right")
+    tol = res.settings["tolerance"]
+    for r in rows:
+        cells = [f"{s:+.2f}" if abs(s) <= tol else f"[red]{s:+.2f}[/]" for s in r.slopes_by_step]
+        t.add_row(r.layer if r.layer != HEAD else "lm head", _LABELS.get(r.quantity, r.quantity), *cells)
+    return t
+
+
 @check_app.command("coord")
 def coord(
     scheme: Annotated[Scheme, typer.Option("--scheme", help="Width rules: sp, mup (heuristic) or mup-ssm.")] = (
@@ -70,9 +86,17 @@ def coord(
     discretization: Annotated[
         Discretization, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")
     ] = Discretization.ZOH,
-    widths: Annotated[
-        str, typer.Option("--widths", help="Comma list of d_model widths spanning >= 8x; the smallest is the base.")
-    ] = ",".join(map(str, DEFAULT_WIDTHS)),
+    widths: Annotated[str, typer.Option("--widths", help="Comma list of d_model widths spanning >= 8x.")] = ",".join(
+        map(str, DEFAULT_WIDTHS)
+    ),
+    base_width: Annotated[
+        int | None,
+        typer.Option(
+            "--base-width",
+            help="d_model of the base shape (the proxy the LR is tuned at); default: the smallest of --widths. "
+            "E.g. --base-width 64 --widths 256,512,1024,2048 checks the widths a 64-wide proxy transfers to.",
+        ),
+    ] = None,
     layers: Annotated[int, typer.Option("--layers", help="Number of Mamba blocks.")] = 3,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per width (RMS is averaged over seeds).")] = 3,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps before the second probe.")] = 4,
@@ -85,9 +109,9 @@ def coord(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Writes coord.json and coord.png here.")] = Path(
-        "runs/check-coord"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Writes coord.json, coord.png and coord_steps.png (slope per step) here.")
+    ] = Path("runs/check-coord"),
 ) -> None:
     """Train each width a few steps and check that x, y, Δx, Δy (per layer), block outputs and
     logits keep a width-independent RMS.
@@ -100,12 +124,13 @@ def coord(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
+        base_width=base_width,
     )  # fmt: skip
     settings.validate()
     err.print(
         f"[bold]mupt check coord[/] scheme={scheme.value} optimizer={optimizer.value} disc={discretization.value} "
-        f"widths={list(settings.widths)} N_x={'scaled from ' if scale_state else ''}{d_state} layers={layers} "
-        f"seeds={seeds} steps={steps} lr={lr:g}",
+        f"widths={list(settings.widths)} base={settings.base} N_x={'scaled from ' if scale_state else ''}{d_state} "
+        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}",
         highlight=False,
     )
     # Diverging schemes (sp at large width) drive exp(dt*A) into denormal floats, which slow CPU math
@@ -120,6 +145,7 @@ def coord(
         res = coord_check(settings, on_run=on_run)
     res.save_json(out_dir / "coord.json")
     plot(res, out_dir / "coord.png")
+    plot_steps(res, out_dir / "coord_steps.png")
     out.print(result_table(res))
     if res.passed:
         out.print(
@@ -129,6 +155,7 @@ def coord(
             soft_wrap=True,
         )
         return
+    out.print(steps_table(res, res.failing))
     bad = ", ".join(f"{r.key} {r.slope:+.2f}" for r in res.failing)
     out.print(
         f"[bold red]FAIL[/]: {len(res.failing)} of {len(res.rows)} slopes outside ±{tolerance:g}: {bad} "
