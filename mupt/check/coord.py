@@ -65,7 +65,7 @@ class CoordSettings:
     discretization: Discretization = Discretization.ZOH
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     n_layers: int = 3
-    seeds: int = 3
+    seeds: int = 24  # y is bimodal per seed (docs/width_rules.md, finding 1)
     steps: int = 4
     lr: float = 1e-2
     scale_state: bool = False

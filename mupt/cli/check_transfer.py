@@ -200,19 +200,27 @@ def transfer(
 CI_WIDTHS = "32,64,128,256"
 CI_LRS = "2^-12..2^-5"
 CI_STEPS = 60
-CI_COORD_WIDTHS = (32, 64, 128, 256)
+# The coordinate part checks the widths a 64-wide proxy transfers to, with `mupt check coord`'s
+# other defaults (3 layers, 24 seeds): below d_model 256 layer-1 y is still rising with width
+# under Adam (docs/width_rules.md, finding 1).
+CI_COORD_BASE = 64
+CI_COORD_WIDTHS = (256, 512, 1024, 2048)
 
 
 def run_coord(out_dir: Path, backend: str | None) -> bool:
     """The coordinate check (mupt.check.coord) with CI-sized settings; writes coord.json + PNG."""
-    from mupt.check.coord import CoordSettings, coord_check
+    from mupt.check.coord import CoordSettings, coord_check, plot_steps
     from mupt.check.coord import plot as coord_plot
 
-    settings = CoordSettings(widths=CI_COORD_WIDTHS, n_layers=2, seeds=2, backend=backend or "auto")
-    err.print(f"[bold]mupt check all[/]: coordinate check widths={list(settings.widths)} seeds={settings.seeds}")
+    settings = CoordSettings(widths=CI_COORD_WIDTHS, base_width=CI_COORD_BASE, backend=backend or "auto")
+    err.print(
+        f"[bold]mupt check all[/]: coordinate check widths={list(settings.widths)} base={settings.base} "
+        f"seeds={settings.seeds}"
+    )
     res = coord_check(settings)
     res.save_json(out_dir / "coord.json")
     coord_plot(res, out_dir / "coord.png")
+    plot_steps(res, out_dir / "coord_steps.png")
     bad = ", ".join(f"{r.key} slope {r.slope:+.2f}" for r in res.failing)
     verdict = "[bold green]PASS[/]" if res.passed else f"[bold red]FAIL[/] (not flat: {bad})"
     out.print(
@@ -237,6 +245,9 @@ def check_all(
     ),
 ) -> None:
     """Coordinate check + LR-transfer check of mup-ssm, with defaults sized for a 2-core CI job.
+
+    The coordinate part checks d_model 256..2048 against a 64-wide base (3 layers, 24 seeds); the
+    transfer part sweeps --widths x --lrs. See docs/ci.md for timings and what each part proves.
 
     Exit 0 only if both pass. Example CI step: [bold]mupt check all --out runs/ci-check[/]
     """
