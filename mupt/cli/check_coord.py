@@ -107,7 +107,9 @@ def coord(
             "seed sets.",
         ),
     ] = 24,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps before the second probe.")] = 4,
+    steps: Annotated[
+        int, typer.Option("--steps", help="Optimizer steps; probed after each, the verdict uses the last.")
+    ] = 4,
     lr: Annotated[float, typer.Option("--lr", help="Global (base-width) learning rate.")] = 1e-2,
     scale_state: Annotated[
         bool, typer.Option("--scale-state/--fixed-state", help="Scale N_x (d_state) with d_model from the base.")
@@ -126,7 +128,9 @@ def coord(
 
     Exit 0 when every slope is within --tolerance, 1 otherwise, 2 on bad input.
 
-    Example: [bold]mupt check coord --scheme mup-ssm --discretization zoh --scale-state[/]
+    Examples: [bold]mupt check coord --scheme mup-ssm --discretization zoh --scale-state[/];
+    [bold]mupt check coord --base-width 64 --widths 256,512,1024,2048[/] (the widths a 64-wide proxy
+    transfers to).
     """
     settings = CoordSettings(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
