@@ -206,6 +206,15 @@ class CoordResult:
     def save_json(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())
 
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Writes coord.json, coord.png and coord_steps.png into ``out_dir``; returns their paths."""
+        out_dir = Path(out_dir)
+        paths = {name: out_dir / name for name in ("coord.json", "coord.png", "coord_steps.png")}
+        self.save_json(paths["coord.json"])
+        plot(self, paths["coord.png"])
+        plot_steps(self, paths["coord_steps.png"])
+        return paths
+
 
 def rms(t: torch.Tensor) -> float:
     return float(t.double().pow(2).mean().sqrt())
@@ -269,11 +278,6 @@ def measure_steps(
         trainer.train_step()
         snapshots.append(_quantities(before, _probe(trainer, probe_x), settings.n_layers))
     return snapshots
-
-
-def measure_one(settings: CoordSettings, width: int, seed: int, data: TokenSource | None = None) -> dict[str, float]:
-    """RMS of every tracked quantity after the last step of one (width, seed) run."""
-    return measure_steps(settings, width, seed, data)[-1]
 
 
 def _quantities(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], n_layers: int) -> dict[str, float]:
@@ -345,23 +349,40 @@ def coord_check(
     return result
 
 
-def plot(result: CoordResult, path: str | Path) -> None:
-    """Figure-1-style PNG: one panel per quantity, one line per layer, log2 RMS vs log2 width."""
+def quantity_label(quantity: str) -> str:
+    """Display name of a quantity key: ``dy`` -> ``Δy``, ``logits`` stays."""
+    return "Δ" + quantity[1:] if quantity.startswith("d") else quantity
+
+
+def layer_label(row: Row) -> str:
+    return f"layer {row.layer}" if row.layer != HEAD else "lm head"
+
+
+def _panels(result: CoordResult, panel_height: float) -> tuple[Any, list[tuple[Any, str, list[Row]]]]:
+    """A figure with one panel per quantity: (figure, [(axes, quantity, that quantity's rows)])."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(QUANTITIES)
-    cols = 4
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.3 * ((n + cols - 1) // cols)))
-    xs = [math.log2(w) for w in result.widths]
+    n_rows = (len(QUANTITIES) + 3) // 4
+    fig, axes = plt.subplots(n_rows, 4, figsize=(16, panel_height * n_rows))
+    panels = []
     for ax, q in zip(axes.flat, QUANTITIES, strict=False):
-        for r in (r for r in result.rows if r.quantity == q):
+        ax.set_title(quantity_label(q))
+        ax.grid(alpha=0.3)
+        panels.append((ax, q, [r for r in result.rows if r.quantity == q]))
+    return fig, panels
+
+
+def plot(result: CoordResult, path: str | Path) -> None:
+    """Figure-1-style PNG: one panel per quantity, one line per layer, log2 RMS vs log2 width."""
+    fig, panels = _panels(result, 3.3)
+    xs = [math.log2(w) for w in result.widths]
+    for ax, _, rows in panels:
+        for r in rows:
             ys = [math.log2(v) if v > 0 and math.isfinite(v) else math.nan for v in r.rms]
-            label = f"layer {r.layer}" if r.layer != HEAD else "lm head"
-            ax.plot(xs, ys, marker="o", label=f"{label} (slope {r.slope:+.2f})")
-        ax.set_title(q.replace("d", "Δ", 1) if q.startswith("d") else q)
+            ax.plot(xs, ys, marker="o", label=f"{layer_label(r)} (slope {r.slope:+.2f})")
         ax.set_xlabel("width d_model (log2 axis)")
         ax.set_ylabel("log2 RMS")
         ax.set_xticks(xs, [str(w) for w in result.widths])
@@ -370,7 +391,6 @@ def plot(result: CoordResult, path: str | Path) -> None:
             mid = (lo + hi) / 2
             ax.set_ylim(mid - 2, mid + 2)
         ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
     verdict = "PASS" if result.passed else "FAIL"
     fig.suptitle(f"coordinate check: {_describe(result)}: {verdict}")
     _save(fig, path)
@@ -382,29 +402,20 @@ def plot_steps(result: CoordResult, path: str | Path) -> None:
     A wrong width rule shows as a slope that leaves the band early and keeps drifting; a transient
     that narrow and wide models pass through at different times shows as a bump.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, cols = len(QUANTITIES), 4
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3.0 * ((n + cols - 1) // cols)))
+    fig, panels = _panels(result, 3.0)
     tol = result.settings["tolerance"]
-    for ax, q in zip(axes.flat, QUANTITIES, strict=False):
-        for r in (r for r in result.rows if r.quantity == q):
-            steps = list(range(1, len(r.slopes_by_step) + 1))
-            label = f"layer {r.layer}" if r.layer != HEAD else "lm head"
-            ax.plot(steps, r.slopes_by_step, marker="o", label=label)
+    steps = list(range(1, result.settings["steps"] + 1))
+    for ax, _, rows in panels:
+        for r in rows:
+            ax.plot(steps, r.slopes_by_step, marker="o", label=layer_label(r))
         ax.axhspan(-tol, tol, color="green", alpha=0.08)
         ax.axhline(0, color="gray", lw=0.6)
-        ax.set_xticks(range(1, result.settings["steps"] + 1))
+        ax.set_xticks(steps)
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, -1.2 * tol), max(hi, 1.2 * tol))
-        ax.set_title(q.replace("d", "Δ", 1) if q.startswith("d") else q)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("log2-log2 slope vs width")
         ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
     fig.suptitle(f"slope after each step: {_describe(result)} (band: ±{tol:g})")
     _save(fig, path)
 

@@ -10,15 +10,11 @@ import torch
 import typer
 from rich.table import Table
 
-from mupt.check.coord import DEFAULT_WIDTHS, HEAD, CoordResult, CoordSettings, coord_check, plot, plot_steps
+from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
 from mupt.cli.common import BackendOpt, progress
 from mupt.config import Discretization, OptimizerName, Scheme
 from mupt.errors import ConfigError
-
-_LABELS = {
-    "x": "x", "y": "y", "out": "out", "dx": "Δx", "dy": "Δy", "dout": "Δout", "logits": "logits", "dlogits": "Δlogits"
-}  # fmt: skip
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -51,8 +47,8 @@ def result_table(res: CoordResult) -> Table:
     for r in res.rows:
         verdict = "[green]flat[/]" if r.flat else ("[red]grows[/]" if r.slope > 0 else "[red]shrinks[/]")
         t.add_row(
-            r.layer if r.layer != HEAD else "lm head",
-            _LABELS.get(r.quantity, r.quantity),
+            layer_label(r),
+            quantity_label(r.quantity),
             *(f"{v:.3g}" for v in r.rms),
             f"{r.slope:+.2f}",
             "—" if math.isnan(r.slope_se) else f"{r.slope_se:.2f}",
@@ -61,7 +57,7 @@ def result_table(res: CoordResult) -> Table:
     return t
 
 
-def steps_table(res: CoordResult, rows: list) -> Table:
+def steps_table(res: CoordResult, rows: list[Row]) -> Table:
     """The given rows' slopes after every step: a transient (a bump) vs a wrong rule (a drift)."""
     t = Table(
         title="Slope after each optimizer step (the failing quantities)", title_justify="left", header_style="bold"
@@ -73,7 +69,7 @@ def steps_table(res: CoordResult, rows: list) -> Table:
     tol = res.settings["tolerance"]
     for r in rows:
         cells = [f"{s:+.2f}" if abs(s) <= tol else f"[red]{s:+.2f}[/]" for s in r.slopes_by_step]
-        t.add_row(r.layer if r.layer != HEAD else "lm head", _LABELS.get(r.quantity, r.quantity), *cells)
+        t.add_row(layer_label(r), quantity_label(r.quantity), *cells)
     return t
 
 
@@ -155,14 +151,12 @@ def coord(
             bar.update(task, advance=1, info=f"width {width} seed {seed} ({seconds:.1f}s)")
 
         res = coord_check(settings, on_run=on_run)
-    res.save_json(out_dir / "coord.json")
-    plot(res, out_dir / "coord.png")
-    plot_steps(res, out_dir / "coord_steps.png")
+    paths = res.save(out_dir)
     out.print(result_table(res))
     if res.passed:
         out.print(
             f"[bold green]PASS[/]: all {len(res.rows)} slopes within ±{tolerance:g} ({res.seconds:.0f}s); "
-            f"{out_dir / 'coord.json'}, {out_dir / 'coord.png'}",
+            f"{paths['coord.json']}, {paths['coord.png']}",
             highlight=False,
             soft_wrap=True,
         )
@@ -171,7 +165,7 @@ def coord(
     bad = ", ".join(f"{r.key} {r.slope:+.2f}" for r in res.failing)
     out.print(
         f"[bold red]FAIL[/]: {len(res.failing)} of {len(res.rows)} slopes outside ±{tolerance:g}: {bad} "
-        f"({res.seconds:.0f}s); {out_dir / 'coord.json'}, {out_dir / 'coord.png'}",
+        f"({res.seconds:.0f}s); {paths['coord.json']}, {paths['coord.png']}",
         highlight=False,
         soft_wrap=True,
     )

@@ -209,8 +209,7 @@ CI_COORD_WIDTHS = (256, 512, 1024, 2048)
 
 def run_coord(out_dir: Path, backend: str | None) -> bool:
     """The coordinate check (mupt.check.coord) with CI-sized settings; writes coord.json + PNG."""
-    from mupt.check.coord import CoordSettings, coord_check, plot_steps
-    from mupt.check.coord import plot as coord_plot
+    from mupt.check.coord import CoordSettings, coord_check
 
     settings = CoordSettings(widths=CI_COORD_WIDTHS, base_width=CI_COORD_BASE, backend=backend or "auto")
     err.print(
@@ -218,9 +217,7 @@ def run_coord(out_dir: Path, backend: str | None) -> bool:
         f"seeds={settings.seeds}"
     )
     res = coord_check(settings)
-    res.save_json(out_dir / "coord.json")
-    coord_plot(res, out_dir / "coord.png")
-    plot_steps(res, out_dir / "coord_steps.png")
+    res.save(out_dir)
     bad = ", ".join(f"{r.key} slope {r.slope:+.2f}" for r in res.failing)
     verdict = "[bold green]PASS[/]" if res.passed else f"[bold red]FAIL[/] (not flat: {bad})"
     out.print(
