@@ -212,7 +212,11 @@ class MambaMixer(nn.Module):
 class InProj2(nn.Module):
     """mamba_ssm Mamba2's fused ``in_proj`` as five row blocks (z, x, B, C, dt), each its own parameter.
 
-    u (batch, length, d_model) -> z, x (.., d_inner); B, C (.., ngroups*d_state); dt (.., nheads).
+    u (batch, length, d_model) -> (batch, length, 2*d_inner + 2*ngroups*d_state + nheads), the rows
+    z, x, B, C, dt in mamba_ssm's order, as one matrix product over the concatenated blocks.
+    ``mult[block]`` is the block's forward multiplier, folded into its rows here for every block but
+    C: C's is applied by :class:`Mamba2Mixer` after conv1d and SiLU, where it scales the SSD's
+    readout (docs/width_rules.md, section 7).
     """
 
     BLOCKS = ("z", "x", "B", "C", "dt")
@@ -228,12 +232,12 @@ class InProj2(nn.Module):
     def weights(self) -> list[Tensor]:
         return [getattr(self, "weight_" + b) for b in self.BLOCKS]
 
-    def forward(self, u: Tensor) -> list[Tensor]:
-        out = []
-        for block, w in zip(self.BLOCKS, self.weights(), strict=True):
-            y = F.linear(u, w)
-            out.append(y if self.mult[block] == 1.0 else y * self.mult[block])
-        return out
+    def forward(self, u: Tensor) -> Tensor:
+        ws = [
+            w if self.mult[b] == 1.0 or b == "C" else w * self.mult[b]
+            for b, w in zip(self.BLOCKS, self.weights(), strict=True)
+        ]
+        return F.linear(u, torch.cat(ws, dim=0))
 
 
 class GatedRMSNorm(nn.Module):
@@ -303,10 +307,11 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, length, _ = hidden.shape
         gn = cfg.ngroups * cfg.d_state
-        z, x, B, C, dt = self.in_proj(hidden)
-        xBC = torch.cat([x, B, C], dim=-1).transpose(1, 2)
-        xBC = F.silu(self.conv1d(xBC)[..., :length]).transpose(1, 2)
+        z, xBC, dt = torch.split(self.in_proj(hidden), [cfg.d_inner, self.conv_dim, cfg.nheads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :length]).transpose(1, 2)
         x, B, C = torch.split(xBC, [cfg.d_inner, gn, gn], dim=-1)
+        if self.in_proj.mult["C"] != 1.0:  # the readout multiplier acts on the SSD's C input
+            C = C * self.in_proj.mult["C"]
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
         xh = x.reshape(b, length, cfg.nheads, cfg.headdim)

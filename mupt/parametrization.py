@@ -35,11 +35,12 @@ from mupt.config import (
     ParamConfig,
     Scheme,
     atomic_write_text,
+    from_dict,
     read_yaml,
     write_yaml,
 )
 from mupt.errors import ConfigError
-from mupt.model import MambaLM, MambaMixer, Role, role_of
+from mupt.model import Mamba2Mixer, MambaLM, MambaMixer, Role, role_of
 
 Exp = tuple[float, float]  # exponents of (r_u, r_x)
 ZERO: Exp = (0.0, 0.0)
@@ -58,9 +59,14 @@ _FANIN: Exp = (-0.5, 0.0)  # std ~ 1/sqrt(fan_in) with fan_in ~ N_u
 _INV_U: Exp = (-1.0, 0.0)
 _U: Exp = (1.0, 0.0)
 
-_VECTOR_LIKE = (Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D)
-_STRUCTURED = (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG)
-_MATRICES = (Role.IN_PROJ, Role.X_PROJ_DT, Role.X_PROJ_B, Role.X_PROJ_C, Role.DT_PROJ, Role.OUT_PROJ, Role.LM_HEAD)
+_VECTOR_LIKE = (
+    Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D, Role.GATED_NORM, Role.A_LOG_HEAD,
+)  # fmt: skip
+_STRUCTURED = (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG, Role.GATED_NORM, Role.A_LOG_HEAD)
+_MATRICES = (
+    Role.IN_PROJ, Role.X_PROJ_DT, Role.X_PROJ_B, Role.X_PROJ_C, Role.DT_PROJ, Role.OUT_PROJ, Role.LM_HEAD,
+    Role.IN_PROJ_Z, Role.IN_PROJ_X, Role.IN_PROJ_B, Role.IN_PROJ_C, Role.IN_PROJ_DT,
+)  # fmt: skip
 
 
 def _sp() -> dict[Role, Rule]:
@@ -105,6 +111,16 @@ def _mup_ssm(family: str) -> dict[Role, Rule]:
     #   so B needs the same sqrt(N_x) boost.
     rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5) if adam else (-1.0, 1.0))
     rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
+    # Mamba-2 (docs/width_rules.md, "Mamba-2"): A is one scalar per head, so every state coordinate has the
+    # same Θ(1) gain and B needs no sqrt(N_x) boost: its rows stay hidden-like.  C is the readout of the
+    # N_x-dim state (y = Σ_n C_n h_n, like q·k over a head of dim N_x in attention), so C_n must be ~ 1/N_x.
+    # C = SiLU(conv1d(W_C u) + bias): the conv bias, not W_C, sets C's scale, so the 1/N_x is a forward
+    # multiplier on C after the SiLU (Mamba2Mixer applies it there), and W_C keeps the hidden rules.
+    # SGD (derived, not measured): B and C are shared by the ∝ N_u heads of their group, so their gradients
+    # sum N_u coherent terms and do not shrink like a hidden matrix's; with C's 1/N_x multiplier both carry
+    # one factor 1/N_x, hence LR ∝ N_x/N_u for the B and C rows.
+    rules[Role.IN_PROJ_B] = Rule(init=_FANIN, lr=_INV_U if adam else (-1.0, 1.0))
+    rules[Role.IN_PROJ_C] = Rule(init=_FANIN, lr=_INV_U if adam else (-1.0, 1.0), fwd=(0.0, -1.0))
     return rules
 
 
@@ -115,7 +131,9 @@ for _family in ("adam", "sgd"):
         RULES[(Scheme.MUP, _family, _disc)] = _mup(_family)
         RULES[(Scheme.MUP_SSM, _family, _disc)] = _mup_ssm(_family)
 
-NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
+NO_WEIGHT_DECAY = frozenset(
+    {Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING, Role.GATED_NORM, Role.A_LOG_HEAD}
+)
 
 #: Adam's epsilon at the base width (PyTorch's default).  Under µP every gradient except the readout's
 #: shrinks like 1/N_u, so a fixed epsilon damps the smallest ones at large width (measured at d_model
@@ -149,6 +167,11 @@ def _default_std(role: Role, cfg: ModelConfig) -> float:
     """Std of the model's default init for a role at shape ``cfg`` (see MambaLM.reset_parameters)."""
     fan_in = {
         Role.IN_PROJ: cfg.d_model,
+        Role.IN_PROJ_Z: cfg.d_model,
+        Role.IN_PROJ_X: cfg.d_model,
+        Role.IN_PROJ_B: cfg.d_model,
+        Role.IN_PROJ_C: cfg.d_model,
+        Role.IN_PROJ_DT: cfg.d_model,
         Role.LM_HEAD: cfg.d_model,
         Role.X_PROJ_DT: cfg.d_inner,
         Role.X_PROJ_B: cfg.d_inner,
@@ -289,9 +312,12 @@ def apply(
     if cfg.tie_embeddings and scheme is not Scheme.SP:
         raise ConfigError(f"tie_embeddings=true cannot be used with scheme {scheme.value}; untie them or use sp")
     base = BaseShape.of(cfg, param)
-    for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
-        check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
-    base_cfg = cfg.model_copy(update={"d_model": base.d_model, "d_state": base.d_state})
+    if cfg.arch is Arch.MAMBA1:
+        for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
+            check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
+    base_cfg = from_dict(
+        ModelConfig, {**cfg.model_dump(), "d_model": base.d_model, "d_state": base.d_state}, where="base shape"
+    )
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
     roles = named_roles(model)
     manifest = Manifest(
@@ -333,6 +359,11 @@ def set_forward_multipliers(model: MambaLM, fwd: dict[Role, float]) -> None:
     model.mult_output = fwd.get(Role.LM_HEAD, 1.0)
     model.backbone.mult_embedding = fwd.get(Role.EMBEDDING, 1.0)
     for layer in model.backbone.layers:
+        if isinstance(layer.mixer, Mamba2Mixer):
+            for block in layer.mixer.in_proj.BLOCKS:
+                layer.mixer.in_proj.mult[block] = fwd.get(Role("in_proj_" + block), 1.0)
+            layer.mixer.mult_out = fwd.get(Role.OUT_PROJ, 1.0)
+            continue
         m: MambaMixer = layer.mixer  # type: ignore[assignment]
         m.mult_in = fwd.get(Role.IN_PROJ, 1.0)
         m.mult_dt_proj = fwd.get(Role.DT_PROJ, 1.0)

@@ -27,8 +27,10 @@ import torch
 
 from mupt import parametrization
 from mupt.config import (
+    Arch,
     BestParams,
     LaunchConfig,
+    ModelConfig,
     OptimizerName,
     Recipe,
     RunConfig,
@@ -39,7 +41,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.errors import ConfigError, StorageError
-from mupt.model import MambaLM, Role
+from mupt.model import ARCH_ROLES, MambaLM, Role
 from mupt.parametrization import BaseShape, Exp, Manifest, Rule, apply, rules_for
 
 #: Width (or state) ratios up to this were verified by the coordinate / LR-transfer checks; beyond it we warn.
@@ -132,10 +134,18 @@ def load_best(path: str | Path) -> BestParams:
 # --- the transfer -------------------------------------------------------------------------------
 
 
-def _check_width(flag: str, width: int, scheme: Scheme, dt_rank: int | str) -> None:
+def _check_width(flag: str, width: int, scheme: Scheme, model: ModelConfig) -> None:
     if width <= 0:
         raise ConfigError(f"{flag} {width}: must be a positive d_model, e.g. 4096")
-    parametrization.check_dt_rank_width(f"{flag} {width}:", width, scheme, dt_rank)
+    if model.arch is Arch.MAMBA2:
+        if (model.expand * width) % model.headdim:
+            step = model.headdim // math.gcd(model.headdim, model.expand)
+            raise ConfigError(
+                f"{flag} {width}: mamba2 needs expand*d_model divisible by headdim={model.headdim} "
+                f"(heads grow at fixed headdim); use a multiple of {step}"
+            )
+        return
+    parametrization.check_dt_rank_width(f"{flag} {width}:", width, scheme, model.dt_rank)
 
 
 def target_config(
@@ -155,7 +165,7 @@ def target_config(
         target_scheme = Scheme(scheme) if scheme is not None else proxy_scheme
     except ValueError:
         raise ConfigError(f"--scheme {scheme!r}: choose sp, mup or mup-ssm") from None
-    _check_width("--to-width", to_width, target_scheme, pm.dt_rank)
+    _check_width("--to-width", to_width, target_scheme, pm)
     if to_layers is not None and to_layers != pm.n_layers:
         raise ConfigError(
             f"--to-layers {to_layers}: mupt has no depth-transfer rules, so the proxy optimum (n_layers={pm.n_layers}) "
@@ -288,6 +298,9 @@ def activation_floats_per_token(cfg: RunConfig) -> int:
     """
     m = cfg.model
     per_layer = 2 * m.d_model + 7 * m.d_inner + m.dt_rank_value + 2 * m.d_state
+    if m.arch is Arch.MAMBA2:  # in_proj z, x, B, C, dt; conv out + SiLU over x/B/C; dt; SSD out; gated norm
+        gn = m.ngroups * m.d_state
+        per_layer = 2 * m.d_model + 7 * m.d_inner + 6 * gn + 2 * m.nheads
     return m.n_layers * per_layer + m.d_model + 2 * m.vocab_size
 
 
@@ -436,12 +449,24 @@ _WHY_MUP_SSM: dict[Role, str] = {
     Role.OUT_PROJ: "hidden matrix (fan-in N_u), init also / sqrt(n_layers) for the pre-norm residual",
     Role.LM_HEAD: "readout: logits sum d_model coherent features, so init std ∝ 1/fan_in and LR ∝ 1/fan_in "
     "keep logits and their updates Θ(1)",
+    Role.IN_PROJ_Z: "mamba2 gate rows: hidden matrix (fan-in d_model, fan-out d_inner)",
+    Role.IN_PROJ_X: "mamba2 x rows: hidden matrix (fan-in d_model, fan-out d_inner)",
+    Role.IN_PROJ_B: "mamba2 B rows: A is one scalar per head, so every state coordinate has gain Θ(1) and B "
+    "needs no sqrt(N_x) boost: hidden rules keep RMS(h) and its updates Θ(1) (docs/width_rules.md, Mamba-2)",
+    Role.IN_PROJ_C: "mamba2 C rows: readout over the N_x-dim state (y = Σ_n C_n h_n, like q·k in attention), so "
+    "C_n ∝ 1/N_x: var ∝ 1/(N_u N_x^2), Adam LR ∝ 1/(N_u N_x)",
+    Role.IN_PROJ_DT: "mamba2 dt rows: fan-in d_model, one output per head (heads ∝ d_model): a hidden matrix",
+    Role.A_LOG_HEAD: "mamba2: one A per head (a vector over heads, structured init A ~ U[1, 16]): vector-like",
+    Role.GATED_NORM: "mamba2 gated RMSNorm gain: per-coordinate (vector-like), Θ(1)",
 }
 _WHY_MUP: dict[Role, str] = {
     Role.X_PROJ_B: "heuristic µP: a plain hidden matrix (no N_x dependence; the state gain is ignored)",
     Role.X_PROJ_C: "heuristic µP: a plain hidden matrix (no N_x dependence; the sum over the state is ignored)",
     Role.A_LOG: "heuristic µP treats this 2-D tensor as a hidden matrix: LR ∝ 1/N_u, so its updates vanish "
     "with width (the pitfall µP-SSM fixes)",
+    Role.IN_PROJ_B: "heuristic µP: part of the fused in_proj, a plain hidden matrix",
+    Role.IN_PROJ_C: "heuristic µP: part of the fused in_proj, a plain hidden matrix (the sum over the state is "
+    "ignored)",
 }
 _WHY_SP: dict[Role, str] = {
     Role.EMBEDDING: "SP: Θ(1) init, the global LR",
@@ -456,11 +481,12 @@ def why(role: Role, scheme: Scheme, optimizer: OptimizerName | str) -> str:
     if scheme is Scheme.SP:
         if role in _WHY_SP:
             return _WHY_SP[role]
-        if role in (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG):
+        if role in (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG, Role.A_LOG_HEAD, Role.GATED_NORM):
             return "SP: structured (mamba_ssm) init, the global LR"
         return "SP: fan-in init (std 1/sqrt(fan_in)) as PyTorch/mamba_ssm, one global LR for everything"
     text = (_WHY_MUP if scheme is Scheme.MUP and role in _WHY_MUP else _WHY_MUP_SSM)[role]
-    if sgd and role in (Role.EMBEDDING, Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D, Role.A_LOG):
+    vector_like = (Role.EMBEDDING, Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D, Role.A_LOG)
+    if sgd and role in (*vector_like, Role.A_LOG_HEAD, Role.GATED_NORM):
         text += "; SGD: vector-like LR ∝ N_u (gradients shrink as 1/N_u)"
     return text
 
@@ -554,9 +580,12 @@ class RuleExplanation:
     where: str
 
 
-def explain(scheme: Scheme | str, optimizer: OptimizerName | str, disc: str) -> list[RuleExplanation]:
-    """Per role: the exponents of N_u and N_x for init std, LR and forward multiplier, why, and where."""
-    rules = rules_for(scheme, optimizer, disc)
+def explain(
+    scheme: Scheme | str, optimizer: OptimizerName | str, disc: str, arch: Arch | str = Arch.MAMBA1
+) -> list[RuleExplanation]:
+    """Per role of an ``arch`` model: the exponents of N_u and N_x for init std, LR and forward multiplier,
+    why, and where."""
+    rules = {r: rule for r, rule in rules_for(scheme, optimizer, disc).items() if r in ARCH_ROLES[Arch(arch)]}
     where = rule_locations(scheme, optimizer, disc)
     return [
         RuleExplanation(r.value, format_exp(rules[r].init), format_exp(rules[r].lr), format_exp(rules[r].fwd),

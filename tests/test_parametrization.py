@@ -201,3 +201,28 @@ def test_reinit_false_keeps_trained_weights() -> None:
     apply(m, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D), "adamw", 1e-3, reinit=False)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert math.isclose(m.mult_output, 1.0)
+
+
+def test_mamba2_apply_covers_every_parameter_and_puts_the_C_multiplier_after_the_silu() -> None:
+    """arch mamba2, d_model 64 -> 128 and N_x 16 -> 32 (base -> model): every parameter gets exactly one
+    group and the mamba2 role set; C's 1/N_x multiplier sits on the mixer; init stds follow the manifest."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mamba2", d_model=128, d_state=32, headdim=32, ngroups=2, n_layers=2)
+    for scheme, want_c in ((Scheme.MUP_SSM, 0.5), (Scheme.MUP, 1.0), (Scheme.SP, 1.0)):
+        m = MambaLM(cfg)
+        par = apply(m, ParamConfig(scheme=scheme, base_d_model=64, base_d_state=16), "adamw", 1e-3)
+        ids = [id(p) for g in par.param_groups for p in g["params"]]
+        assert sorted(ids) == sorted(id(p) for p in m.parameters())
+        assert {e.role for e in par.manifest.params.values()} == {r.value for r in ARCH_ROLES[Arch.MAMBA2]}
+        mixer = m.backbone.layers[1].mixer
+        assert mixer.in_proj.mult == {"z": 1.0, "x": 1.0, "B": 1.0, "C": want_c, "dt": 1.0}
+        entry = par.manifest.params["backbone.layers.1.mixer.in_proj.weight_C"]
+        assert entry.fwd_mult == want_c and entry.shape == [2 * 32, 128]
+        w = dict(m.named_parameters())["backbone.layers.1.mixer.in_proj.weight_x"]
+        std = par.manifest.params["backbone.layers.1.mixer.in_proj.weight_x"].init_std
+        assert std is not None and abs(w.std().item() / std - 1) < 0.05
+    # Adam: with N_x fixed the heuristic and µP-SSM tables agree on every mamba2 role
+    ssm, mup = rules_for("mup-ssm", "adamw", "zoh"), rules_for("mup", "adamw", "zoh")
+    differ = {r for r in ARCH_ROLES[Arch.MAMBA2] if ssm[r] != mup[r]}
+    assert differ == {Role.IN_PROJ_C} and ssm[Role.IN_PROJ_C].fwd == (0.0, -1.0)
+    assert ssm[Role.IN_PROJ_C].init == mup[Role.IN_PROJ_C].init and ssm[Role.IN_PROJ_C].lr == mup[Role.IN_PROJ_C].lr

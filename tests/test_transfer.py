@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mupt.config import BestParams, Recipe, RunConfig, Scheme, load_yaml, save_yaml, with_overrides
+from mupt.config import Arch, BestParams, Recipe, RunConfig, Scheme, load_yaml, save_yaml, with_overrides
 from mupt.errors import ConfigError
-from mupt.model import Role, role_of
+from mupt.model import ARCH_ROLES, Role, role_of
 from mupt.parametrization import rules_for
 from mupt.train import Trainer, build_model
 from mupt.transfer import (
@@ -101,7 +101,7 @@ def test_ratios_are_the_rule_powers(scheme: Scheme, factor: int) -> None:
     assert r.source["ratio"] == {"width": factor, "state": r_x}
     rules = rules_for(scheme, "adamw", "zoh")
     base = r.source["base_per_role"]
-    assert set(r.per_role) == {role.value for role in Role}
+    assert set(r.per_role) == {role.value for role in ARCH_ROLES[Arch.MAMBA1]}
     for name, tgt in r.per_role.items():
         rule = rules[Role(name)]
         want_lr = factor ** rule.lr[0] * r_x ** rule.lr[1]
@@ -207,8 +207,10 @@ def test_explain_points_at_the_lines_that_set_each_rule() -> None:
     for scheme in Scheme:
         for opt, disc in (("adamw", "zoh"), ("adamw", "euler"), ("sgd", "zoh")):
             rows = explain(scheme, opt, disc)
-            assert [e.role for e in rows] == [r.value for r in Role]
-            for e in rows:
+            assert [e.role for e in rows] == [r.value for r in Role if r in ARCH_ROLES[Arch.MAMBA1]]
+            rows2 = explain(scheme, opt, disc, "mamba2")
+            assert [e.role for e in rows2] == [r.value for r in Role if r in ARCH_ROLES[Arch.MAMBA2]]
+            for e in rows + rows2:
                 file, line = e.where.rsplit(":", 1)
                 assert file == "mupt/parametrization.py" and "Rule(" in src[int(line) - 1], (scheme, e)
                 assert e.why
@@ -308,3 +310,27 @@ def test_tune_transfer_train_beats_8x_lrs(tmp_path: Path, cli) -> None:  # type:
         losses[name] = res.final_val_loss if res.status == "ok" else math.inf
     print(f"\ntuned lr at width 64: {lr:g}; val loss at width 256: {losses}")
     assert losses["transferred"] < losses["8x larger"] and losses["transferred"] < losses["8x smaller"], losses
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+def test_mamba2_recipe_has_every_mamba2_role_at_the_rule_powers(scheme: Scheme) -> None:
+    """arch mamba2: d_model 64 -> 512 (heads 4 -> 32 at headdim 32), N_x 16 -> 128 under mup-ssm."""
+    cfg = proxy(**{"model.arch": "mamba2", "model.headdim": 32, "model.ngroups": 2, "param.scheme": scheme.value})
+    r = transfer(best(cfg), 512, to_state=128 if scheme is Scheme.MUP_SSM else None)
+    assert set(r.per_role) == {role.value for role in ARCH_ROLES[Arch.MAMBA2]}
+    assert r.run.model.arch is Arch.MAMBA2 and r.run.model.nheads == 32
+    assert check_ratios(r) == []
+    base = r.source["base_per_role"]
+    lr = {name: row["lr"] / base[name]["lr"] for name, row in r.per_role.items()}
+    if scheme is Scheme.SP:
+        assert set(lr.values()) == {1.0}
+    else:  # hidden rows 1/N_u; A_log per head, dt_bias, D, gated norm vector-like (Adam LR Θ(1))
+        for name in ("in_proj_z", "in_proj_x", "in_proj_B", "in_proj_C", "in_proj_dt", "out_proj"):
+            assert math.isclose(lr[name], 1 / 8), name
+        for name in ("A_log_head", "dt_bias", "D", "gated_norm", "conv1d_weight"):
+            assert lr[name] == 1.0, name
+    fwd_c = r.per_role["in_proj_C"]["fwd_mult"] / base["in_proj_C"]["fwd_mult"]
+    # C reads out the N_x-dim state: a 1/N_x multiplier on C (after conv1d and SiLU) under mup-ssm only
+    assert fwd_c == (1 / 8 if scheme is Scheme.MUP_SSM else 1.0)
+    with pytest.raises(ConfigError, match="divisible by headdim=32"):
+        transfer(best(cfg), 520)

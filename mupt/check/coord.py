@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from mupt.config import (
+    Arch,
     DataConfig,
     Discretization,
     ModelConfig,
@@ -76,6 +77,9 @@ class CoordSettings:
     backend: str = "auto"
     #: d_model of the base shape (the proxy the LR was tuned at); None = the smallest width.
     base_width: int | None = None
+    arch: Arch = Arch.MAMBA1
+    headdim: int = 64  # mamba2 only
+    ngroups: int = 1  # mamba2 only
 
     @property
     def base(self) -> int:
@@ -101,6 +105,13 @@ class CoordSettings:
                 f"--scale-state needs every width to be a multiple of the base {self.base} so that d_state scales "
                 f"by the same ratio; got {','.join(map(str, ws))}"
             )
+        if self.arch is Arch.MAMBA2:
+            bad = [w for w in (self.base, *ws) if (2 * w) % self.headdim or (2 * w // self.headdim) % self.ngroups]
+            if bad:
+                raise ConfigError(
+                    f"--widths: mamba2 needs 2*d_model divisible by --headdim {self.headdim} and the head count by "
+                    f"--ngroups {self.ngroups}; {bad[0]} is not (use multiples of {self.headdim})"
+                )
         for name, value in (("--seeds", self.seeds), ("--steps", self.steps), ("--layers", self.n_layers)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -119,6 +130,9 @@ class CoordSettings:
                 n_layers=self.n_layers,
                 d_state=self.d_state(width),
                 discretization=self.discretization,
+                arch=self.arch,
+                headdim=self.headdim,
+                ngroups=self.ngroups,
                 scan_backend=resolve_scan_backend(self.backend),
             ),
             data=DataConfig(source="builtin"),
@@ -311,6 +325,7 @@ def coord_check(
             "scheme": Scheme(settings.scheme),
             "optimizer": OptimizerName(settings.optimizer),
             "discretization": Discretization(settings.discretization),
+            "arch": Arch(settings.arch),
             "widths": tuple(int(w) for w in settings.widths),
         }
     )

@@ -13,7 +13,7 @@ from rich.table import Table
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
 from mupt.cli.common import BackendOpt, progress
-from mupt.config import Discretization, OptimizerName, Scheme
+from mupt.config import Arch, Discretization, OptimizerName, Scheme
 from mupt.errors import ConfigError
 
 
@@ -94,6 +94,9 @@ def coord(
         ),
     ] = None,
     layers: Annotated[int, typer.Option("--layers", help="Number of Mamba blocks.")] = 3,
+    arch: Annotated[Arch, typer.Option("--arch", help="Mixer: mamba1 or mamba2 (SSD).")] = Arch.MAMBA1,
+    headdim: Annotated[int, typer.Option("--headdim", help="mamba2: channels per head (heads grow with width).")] = 64,
+    ngroups: Annotated[int, typer.Option("--ngroups", help="mamba2: B/C groups.")] = 1,
     seeds: Annotated[
         int,
         typer.Option(
@@ -132,11 +135,12 @@ def coord(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
-        base_width=base_width,
+        base_width=base_width, arch=arch, headdim=headdim, ngroups=ngroups,
     )  # fmt: skip
     settings.validate()
     err.print(
-        f"[bold]mupt check coord[/] scheme={scheme.value} optimizer={optimizer.value} disc={discretization.value} "
+        f"[bold]mupt check coord[/] arch={arch.value} scheme={scheme.value} optimizer={optimizer.value} "
+        f"disc={discretization.value} "
         f"widths={list(settings.widths)} base={settings.base} N_x={'scaled from ' if scale_state else ''}{d_state} "
         f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}",
         highlight=False,

@@ -22,12 +22,15 @@ from mupt.check.lr_transfer import (
 )
 from mupt.cli import check_app, err, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
     BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
+    NgroupsOpt,
     OptimOpt,
     SeqOpt,
     StateOpt,
@@ -162,6 +165,9 @@ def transfer(
     vs: VsOpt = None,
     seeds: SeedsOpt = 1,
     config: ConfigOpt = None,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
@@ -187,7 +193,8 @@ def transfer(
     Example: [bold]mupt check transfer --widths 64,128,256,512 --lrs 2^-12..2^-5 --vs sp[/]
     """
     spec = build_spec(
-        config, widths, lrs, scheme, vs, seeds, layers=layers, d_state=d_state, discretization=discretization,
+        config, widths, lrs, scheme, vs, seeds, arch=arch, headdim=headdim, ngroups=ngroups, layers=layers,
+        d_state=d_state, discretization=discretization,
         steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data, backend=backend,
     )  # fmt: skip
     passed = run_transfer(spec, out_dir, workers or _default_workers(), threads, max_drift, monotone_tol)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mupt.config import Discretization, OptimizerName, RunConfig, Scheme, load_yaml, with_overrides
+from mupt.config import Arch, Discretization, OptimizerName, RunConfig, Scheme, load_yaml, with_overrides
 
 ConfigOpt = Annotated[
     Path | None,
@@ -17,6 +17,14 @@ ConfigOpt = Annotated[
 WidthOpt = Annotated[int | None, typer.Option("--width", "-w", help="d_model of the model (N_u = expand * d_model).")]
 LayersOpt = Annotated[int | None, typer.Option("--layers", help="Number of Mamba blocks.")]
 StateOpt = Annotated[int | None, typer.Option("--d-state", help="SSM state width N_x.")]
+ArchOpt = Annotated[
+    Arch | None,
+    typer.Option("--arch", help="Mixer: mamba1 (selective scan) or mamba2 (SSD, heads of --headdim channels)."),
+]
+HeaddimOpt = Annotated[
+    int | None, typer.Option("--headdim", help="mamba2: channels per head (heads = expand*d_model/headdim).")
+]
+NgroupsOpt = Annotated[int | None, typer.Option("--ngroups", help="mamba2: B/C groups shared by the heads.")]
 DiscOpt = Annotated[
     Discretization | None, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")
 ]
@@ -38,6 +46,9 @@ def resolve_config(config: Path | None, **flags: Any) -> RunConfig:
     """Load ``config`` (or the defaults) and apply the flags that were given."""
     cfg = load_yaml(config) if config is not None else RunConfig()
     mapping = {
+        "arch": "model.arch",
+        "headdim": "model.headdim",
+        "ngroups": "model.ngroups",
         "width": "model.d_model",
         "layers": "model.n_layers",
         "d_state": "model.d_state",

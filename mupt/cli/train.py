@@ -10,14 +10,17 @@ import typer
 
 from mupt.cli import app, fail, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
     BaseOpt,
     BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
     LrOpt,
+    NgroupsOpt,
     OptimOpt,
     SchemeOpt,
     SeedOpt,
@@ -36,6 +39,7 @@ from mupt.train import Trainer
 @app.command()
 def train(
     config: ConfigOpt = None,
+    arch: ArchOpt = None,
     width: WidthOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
@@ -50,6 +54,8 @@ def train(
     data: DataOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Run directory: writes config.yaml and metrics.json there.")
     ] = None,
@@ -59,7 +65,8 @@ def train(
     Example: [bold]mupt train --width 64 --steps 300 --lr 3e-3[/]
     """
     cfg = resolve_config(
-        config, width=width, layers=layers, d_state=d_state, discretization=discretization, steps=steps, lr=lr,
+        config, arch=arch, headdim=headdim, ngroups=ngroups, width=width, layers=layers, d_state=d_state,
+        discretization=discretization, steps=steps, lr=lr,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
         data=data, seed=seed, backend=backend,
     )  # fmt: skip
@@ -67,7 +74,8 @@ def train(
     if out_dir is not None:
         save_yaml(out_dir / "config.yaml", cfg)
     out.print(
-        f"[bold]mupt train[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} d_state={cfg.model.d_state} "
+        f"[bold]mupt train[/] arch={cfg.model.arch.value} d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
+        f"d_state={cfg.model.d_state} "
         f"params={trainer.model.num_params():,} scheme={cfg.param.scheme.value} lr={cfg.train.lr:g} "
         f"data={trainer.data.name}",
         highlight=False,

@@ -9,14 +9,17 @@ import typer
 
 from mupt.cli import app, err, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
     BaseOpt,
     BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
     LrOpt,
+    NgroupsOpt,
     OptimOpt,
     SchemeOpt,
     SeedOpt,
@@ -26,7 +29,7 @@ from mupt.cli.common import (
     WidthOpt,
     resolve_config,
 )
-from mupt.config import BestParams, Recipe, RunConfig, Scheme
+from mupt.config import Arch, BestParams, Recipe, RunConfig, Scheme
 from mupt.errors import ConfigError, StorageError
 from mupt.report import key_values, table
 from mupt.transfer import (
@@ -97,6 +100,9 @@ def transfer(
     lr: LrOpt = None,
     config: ConfigOpt = None,
     width: WidthOpt = None,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
@@ -127,7 +133,8 @@ def transfer(
     Example: [bold]mupt transfer --to-width 4096[/]   [bold]mupt transfer --explain[/]
     """
     proxy_flags = dict(
-        width=width, layers=layers, d_state=d_state, discretization=discretization, optimizer=optimizer,
+        width=width, arch=arch, headdim=headdim, ngroups=ngroups, layers=layers, d_state=d_state,
+        discretization=discretization, optimizer=optimizer,
         base_width=base_width, data=data, seed=seed, backend=backend,
     )  # fmt: skip
     if to_width is None and not explain_rules:
@@ -244,11 +251,12 @@ def _compare(
 
 def _explain(proxy: RunConfig, scheme: Scheme) -> None:
     opt, disc = proxy.train.optimizer, proxy.model.discretization
-    rows = [[e.role, e.init, e.lr, e.fwd, e.why, e.where] for e in explain(scheme, opt, disc.value)]
+    rows = [[e.role, e.init, e.lr, e.fwd, e.why, e.where] for e in explain(scheme, opt, disc.value, proxy.model.arch)]
     out.print(
         table(
-            f"Width rules: {scheme.value}, {opt.family} family ({opt.value}), B discretization {disc.value}; "
-            "value = base value x (N_u/N_u,base)^a (N_x/N_x,base)^b",
+            f"Width rules: {scheme.value}, {opt.family} family ({opt.value}), "
+            + (f"B discretization {disc.value}; " if proxy.model.arch is Arch.MAMBA1 else "arch mamba2 (SSD); ")
+            + "value = base value x (N_u/N_u,base)^a (N_x/N_x,base)^b",
             ["role", "init std", "LR", "fwd mult", "why", "code"],
             rows,
             justify_numbers=False,

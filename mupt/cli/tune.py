@@ -10,13 +10,16 @@ import typer
 
 from mupt.cli import app, err, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
     BaseOpt,
     BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
+    NgroupsOpt,
     OptimOpt,
     SchemeOpt,
     SeedOpt,
@@ -66,7 +69,8 @@ def _proxy(config: Path | None, **flags: object) -> RunConfig:
 
 
 _FLAG_FIELDS = {
-    "width": "model.d_model", "layers": "model.n_layers", "d_state": "model.d_state",
+    "width": "model.d_model", "layers": "model.n_layers", "d_state": "model.d_state", "arch": "model.arch",
+    "headdim": "model.headdim", "ngroups": "model.ngroups",
     "discretization": "model.discretization", "backend": "model.scan_backend", "steps": "train.steps",
     "batch_size": "train.batch_size", "seq_len": "train.seq_len", "optimizer": "train.optimizer",
     "seed": "train.seed", "scheme": "param.scheme", "base_width": "param.base_d_model", "data": "data.source",
@@ -87,6 +91,9 @@ def _lr_range(text: str | None) -> tuple[float, float] | None:
 def tune(
     config: ConfigOpt = None,
     width: WidthOpt = None,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
@@ -132,7 +139,8 @@ def tune(
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
     cfg = _proxy(
-        config, width=width, layers=layers, d_state=d_state, discretization=discretization, steps=steps,
+        config, arch=arch, headdim=headdim, ngroups=ngroups, width=width, layers=layers, d_state=d_state,
+        discretization=discretization, steps=steps,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
         data=data, seed=seed, backend=backend,
     )  # fmt: skip
