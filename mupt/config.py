@@ -45,6 +45,13 @@ class Schedule(StrEnum):
     LINEAR = "linear"
 
 
+class Arch(StrEnum):
+    """Mixer architecture of every block."""
+
+    MAMBA1 = "mamba1"  # selective scan, A per (channel, state), x_proj + dt_proj
+    MAMBA2 = "mamba2"  # SSD: scalar A per head, B/C per group from in_proj, gated RMSNorm
+
+
 class Scheme(StrEnum):
     """Width parametrizations: standard, heuristic µP (every Linear as hidden), µP-SSM."""
 
@@ -58,8 +65,15 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Mamba-1 LM shape. Widths: N_u = d_inner = expand * d_model; N_x = d_state."""
+    """Mamba LM shape. Widths: N_u = d_inner = expand * d_model; N_x = d_state.
 
+    ``arch`` picks the mixer: mamba1 (selective scan) or mamba2 (SSD, mamba_ssm's Mamba2 layout:
+    ``nheads = d_inner / headdim`` heads, ``ngroups`` B/C groups shared by ``nheads / ngroups``
+    heads, ``chunk_size`` steps per SSD chunk).  ``headdim``, ``ngroups`` and ``chunk_size`` only
+    apply to mamba2; ``dt_rank`` and ``discretization`` only to mamba1.
+    """
+
+    arch: Arch = Arch.MAMBA1
     d_model: int = Field(64, gt=0, description="residual width")
     n_layers: int = Field(2, gt=0)
     d_state: int = Field(16, gt=0, description="SSM state width N_x")
@@ -74,6 +88,9 @@ class ModelConfig(_Strict):
     dt_init_floor: float = Field(1e-4, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     scan_backend: str = Field("auto", description="auto | torch | reference | triton")
+    headdim: int = Field(64, gt=0, description="mamba2: channels per head; heads = d_inner / headdim")
+    ngroups: int = Field(1, gt=0, description="mamba2: B/C groups, each shared by nheads / ngroups heads")
+    chunk_size: int = Field(64, gt=0, description="mamba2: time steps per SSD chunk (a speed knob, not the math)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -83,11 +100,26 @@ class ModelConfig(_Strict):
             raise ValueError(f"dt_rank must be positive, got {self.dt_rank}")
         if self.dt_min >= self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must be below dt_max ({self.dt_max})")
+        if self.arch is Arch.MAMBA2:
+            if self.d_inner % self.headdim:
+                raise ValueError(
+                    f"mamba2 needs d_inner = expand*d_model = {self.d_inner} divisible by headdim={self.headdim}; "
+                    "change d_model or headdim"
+                )
+            if self.nheads % self.ngroups:
+                raise ValueError(
+                    f"mamba2 needs nheads = {self.nheads} divisible by ngroups={self.ngroups}; change ngroups"
+                )
         return self
 
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        """mamba2: number of SSD heads, d_inner / headdim (grows with width at fixed headdim)."""
+        return self.d_inner // self.headdim
 
     @property
     def dt_rank_value(self) -> int:
