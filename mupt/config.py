@@ -128,9 +128,13 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where tokens come from: the builtin offline corpus, a text file/dir, or a synthetic task."""
+    """Where tokens come from: the builtin corpus, a prepared dataset, a token file, text, or a synthetic task."""
 
-    source: str = Field("builtin", description="builtin | recall | PATH to a .txt file or a directory of .txt files")
+    source: str = Field(
+        "builtin",
+        description="builtin | recall | DATASET_DIR (mupt prepare) | tokens.bin/.npy | a .txt file or dir",
+    )
+    vocab_size: int | None = Field(default=None, gt=1, description="vocabulary of a plain .bin/.npy token file")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
 
@@ -295,6 +299,9 @@ class BestParams(_Strict):
     params: dict[str, float] = Field(description="tuned values, e.g. {'lr': 3e-3, 'output_mult': 2.0}")
     config: RunConfig = Field(description="the proxy run config with the tuned values applied")
     manifest: dict[str, Any] = Field(default_factory=dict, description="parametrization manifest of the proxy")
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="identity of the proxy's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )
     code_version: str = ""
     created: str = ""
 
@@ -324,3 +331,6 @@ class Recipe(_Strict):
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     manifest: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mupt.config import OptimizerName, RunConfig, Schedule, TrainConfig
-from mupt.data import IGNORE_INDEX, TokenSource, load_data
+from mupt.data import IGNORE_INDEX, TokenSource, load_data, vocab_mismatch
+from mupt.data.dataset import padded_vocab
+from mupt.errors import ConfigError
 from mupt.model import MambaLM
 from mupt.parametrization import Parametrized, apply
 
@@ -201,6 +203,8 @@ class Trainer:
         self.device = torch.device(device)
         self.rank, self.world = rank, world
         self.data = data if data is not None else load_data(cfg.data)
+        if cfg.model.vocab_size != padded_vocab(self.data.vocab_size):
+            raise ConfigError(vocab_mismatch(cfg.model.vocab_size, self.data.vocab_size, f"data {self.data.name}"))
         self.model, self.par = build_model(cfg, self.device)
         self.module: nn.Module = self.model  # callers may wrap (DDP/FSDP) and assign here
         self.optimizer = build_optimizer(self.par.param_groups, cfg.train)

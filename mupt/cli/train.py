@@ -23,6 +23,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     WidthOpt,
     progress,
     resolve_config,
@@ -47,6 +48,7 @@ def train(
     scheme: SchemeOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     out_dir: Annotated[
@@ -60,7 +62,7 @@ def train(
     cfg = resolve_config(
         config, width=width, layers=layers, d_state=d_state, discretization=discretization, steps=steps, lr=lr,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
-        data=data, seed=seed, backend=backend,
+        data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     trainer = Trainer(cfg)
     if out_dir is not None:
