@@ -8,6 +8,7 @@ Configs round-trip: ``load_yaml(save_yaml(cfg))`` equals ``cfg``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -222,6 +223,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (also inside dicts, lists and tuples) replaced by ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259) for the files mupt writes: non-finite numbers become ``null``.
+
+    Python's default writes bare ``NaN``/``Infinity``, which strict readers (``jq``, browsers,
+    most non-Python parsers) reject; a diverged run has such numbers.  ``allow_nan=False`` makes
+    any that slipped through an error instead of an unreadable file.
+    """
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +28,7 @@ from mupt.cli.common import (
     progress,
     resolve_config,
 )
-from mupt.config import atomic_write_text, save_yaml
+from mupt.config import atomic_write_text, json_text, save_yaml
 from mupt.report import key_values
 from mupt.train import Trainer
 
@@ -102,6 +101,6 @@ def train(
             "seconds": result.seconds, "train_loss": result.train_loss, "val_loss": result.val_loss,
             "final_val_bits_per_byte": bpb,
         }  # fmt: skip
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(out_dir / "metrics.json", json_text(metrics, indent=1))
     if result.status == "diverged":
         raise fail(f"run diverged: {result.reason}; lower --lr (now {cfg.train.lr:g})")
