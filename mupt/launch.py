@@ -129,6 +129,28 @@ def is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def stop_with_launcher(sig: int = signal.SIGTERM) -> bool:
+    """Linux: have the kernel send ``sig`` to this worker when its parent (the torchrun agent) dies.
+
+    torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL (OOM killer,
+    ``kill -9``, a lost job step) would leave the workers training on, orphaned, still writing
+    checkpoints into the run directory that the rerun resumes from.  With SIGTERM they checkpoint at
+    the next step boundary and stop, as after a forwarded SIGTERM.  Returns whether it was set
+    (``prctl(PR_SET_PDEATHSIG)``, see prctl(2)); elsewhere it does nothing.
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(1, int(sig), 0, 0, 0)) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
 def launch_distributed(argv: list[str]) -> int:
     """Run ``torch.distributed.run`` with ``argv`` (as torchrun would); returns the exit code.
 
@@ -639,6 +661,8 @@ def run(
     ``on_log`` (rank 0) gets every metrics record.
     """
     rank, world, local_rank = dist_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_launcher()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
