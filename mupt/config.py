@@ -8,6 +8,7 @@ Configs round-trip: ``load_yaml(save_yaml(cfg))`` equals ``cfg``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mupt.errors import ConfigError
+from mupt.errors import ConfigError, StorageError
 
 
 class Discretization(StrEnum):
@@ -127,9 +128,13 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where tokens come from: the builtin offline corpus, a text file/dir, or a synthetic task."""
+    """Where tokens come from: the builtin corpus, a prepared dataset, a token file, text, or a synthetic task."""
 
-    source: str = Field("builtin", description="builtin | recall | PATH to a .txt file or a directory of .txt files")
+    source: str = Field(
+        "builtin",
+        description="builtin | recall | DATASET_DIR (mupt prepare) | tokens.bin/.npy | a .txt file or dir",
+    )
+    vocab_size: int | None = Field(default=None, gt=1, description="vocabulary of a plain .bin/.npy token file")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
 
@@ -220,6 +225,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (also inside dicts, lists and tuples) replaced by ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259) for the files mupt writes: non-finite numbers become ``null``.
+
+    Python's default writes bare ``NaN``/``Infinity``, which strict readers (``jq``, browsers,
+    most non-Python parsers) reject; a diverged run has such numbers.  ``allow_nan=False`` makes
+    any that slipped through an error instead of an unreadable file.
+    """
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -273,6 +299,9 @@ class BestParams(_Strict):
     params: dict[str, float] = Field(description="tuned values, e.g. {'lr': 3e-3, 'output_mult': 2.0}")
     config: RunConfig = Field(description="the proxy run config with the tuned values applied")
     manifest: dict[str, Any] = Field(default_factory=dict, description="parametrization manifest of the proxy")
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="identity of the proxy's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )
     code_version: str = ""
     created: str = ""
 
@@ -302,3 +331,61 @@ class Recipe(_Strict):
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     manifest: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML (written by ``mupt transfer``), validated completely.
+
+    Raises :class:`ConfigError` (one line) when the file is missing, not YAML, invalid, or is a
+    ``best.yaml`` from ``mupt tune`` (which needs ``mupt transfer`` first).
+    """
+    data = read_yaml(path)
+    if isinstance(data, dict) and "run" not in data and {"study", "params", "config"} <= set(data):
+        raise ConfigError(
+            f"{path} is a best.yaml from mupt tune, not a recipe; run `mupt transfer --from {path} --to-width N` "
+            "first and pass the recipe it writes"
+        )
+    return from_dict(Recipe, data, where=str(path))
+
+
+def load_best(path: str | Path) -> BestParams:
+    """Read a ``best.yaml`` written by ``mupt tune``.
+
+    Raises :class:`~mupt.errors.StorageError` when the file is missing and :class:`ConfigError`
+    when it is corrupt or invalid (one line each).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"{path}: no such best-params file; run `mupt tune` first or pass the right path")
+    return load_yaml(path, BestParams)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key (sorted order) where two nested dicts differ, with both values; ``None`` if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else (prefix.rstrip(".") or "<root>", a, b)
+
+
+def parse_widths(text: str, at_least: int = 1, flag: str = "--widths") -> list[int]:
+    """``"256,64,128"`` -> ``[64, 128, 256]`` (sorted, distinct, positive).
+
+    Raises :class:`ConfigError` naming ``flag`` when an item is not an integer, not positive, or
+    fewer than ``at_least`` distinct widths are given.
+    """
+    try:
+        widths = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated integers, e.g. 64,128,256,512") from None
+    if any(w <= 0 for w in widths):
+        raise ConfigError(f"{flag} {text!r}: widths must be positive")
+    if len(widths) < at_least:
+        raise ConfigError(f"{flag} {text!r}: give at least {at_least} distinct widths (e.g. 64,128,256,512)")
+    return widths

@@ -17,7 +17,6 @@ from mupt.check.lr_transfer import (
     TransferReport,
     check_transfer,
     parse_lr_grid,
-    parse_widths,
     validate_spec,
 )
 from mupt.cli import check_app, err, out
@@ -35,10 +34,11 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     progress,
     resolve_config,
 )
-from mupt.config import OptimizerName, RunConfig, Scheme, with_overrides
+from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
 WidthsOpt = Annotated[str, typer.Option("--widths", help="Comma list of d_model widths; the smallest is the base.")]
@@ -66,7 +66,7 @@ def build_spec(
     seeds: int,
     **flags: Any,
 ) -> SweepSpec:
-    ws = parse_widths(widths)
+    ws = parse_widths(widths, at_least=2)
     grid = parse_lr_grid(lrs)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1")
@@ -176,6 +176,7 @@ def transfer(
     seq_len: SeqOpt = 64,
     optimizer: OptimOpt = OptimizerName.ADAM,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = 0,
     threads: ThreadsOpt = None,
@@ -194,8 +195,8 @@ def transfer(
     """
     spec = build_spec(
         config, widths, lrs, scheme, vs, seeds, arch=arch, headdim=headdim, ngroups=ngroups, layers=layers,
-        d_state=d_state, discretization=discretization,
-        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data, backend=backend,
+        d_state=d_state, discretization=discretization, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        optimizer=optimizer, data=data, vocab_size=vocab_size, backend=backend,
     )  # fmt: skip
     passed = run_transfer(spec, out_dir, workers or _default_workers(), threads, max_drift, monotone_tol)
     if not passed:

@@ -26,6 +26,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     WidthOpt,
     progress,
 )
@@ -54,6 +55,7 @@ from mupt.tune import (
 def _proxy(config: Path | None, **flags: object) -> RunConfig:
     """The proxy config: --config (or the built-in proxy) with the shared flags applied."""
     from mupt.cli.common import resolve_config
+    from mupt.data import fit_vocab
 
     if config is None:
         # resolve_config starts from RunConfig(): let it validate the flags (errors name the flag),
@@ -64,7 +66,7 @@ def _proxy(config: Path | None, **flags: object) -> RunConfig:
             if v is not None:
                 section, key = _FLAG_FIELDS[k].split(".")
                 overrides[_FLAG_FIELDS[k]] = getattr(getattr(mapped, section), key)
-        return with_overrides(proxy_config(), overrides, where="flags")
+        return fit_vocab(with_overrides(proxy_config(), overrides, where="flags"))
     return resolve_config(config, **flags)
 
 
@@ -74,6 +76,7 @@ _FLAG_FIELDS = {
     "discretization": "model.discretization", "backend": "model.scan_backend", "steps": "train.steps",
     "batch_size": "train.batch_size", "seq_len": "train.seq_len", "optimizer": "train.optimizer",
     "seed": "train.seed", "scheme": "param.scheme", "base_width": "param.base_d_model", "data": "data.source",
+    "vocab_size": "data.vocab_size",
 }  # fmt: skip
 
 
@@ -104,6 +107,7 @@ def tune(
     scheme: SchemeOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     eval_every: Annotated[
@@ -128,6 +132,14 @@ def tune(
             help="RDB URL (sqlite:///x.db, postgresql://...) or a journal file; default runs/<study>/journal.log.",
         ),
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat",
+            help="RDB storages: seconds between a running trial's heartbeats; a trial silent for twice this "
+            "(its worker died) is failed and retried with the same parameters.",
+        ),
+    ] = 30,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs/<study>/ goes.")] = Path("runs"),
     report: Annotated[
         bool, typer.Option("--report", help="Run no trials: show the study's table, write its plots, print best.yaml.")
@@ -142,14 +154,14 @@ def tune(
         config, arch=arch, headdim=headdim, ngroups=ngroups, width=width, layers=layers, d_state=d_state,
         discretization=discretization, steps=steps,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
-        data=data, seed=seed, backend=backend,
+        data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     if eval_every is not None:
         cfg = with_overrides(cfg, {"train.eval_every": eval_every}, where="--eval-every")
     settings = TuneSettings(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
-        runs_dir=str(runs_dir), threads=threads,
+        runs_dir=str(runs_dir), threads=threads, heartbeat_interval=heartbeat,
     )  # fmt: skip
     if report:
         _report(settings, cfg, top)
