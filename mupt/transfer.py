@@ -291,6 +291,21 @@ def activation_floats_per_token(cfg: RunConfig) -> int:
     return m.n_layers * per_layer + m.d_model + 2 * m.vocab_size
 
 
+def train_flops_per_token(cfg: RunConfig, info: ShapeInfo | None = None) -> tuple[float, float]:
+    """Training FLOPs per token of ``cfg``'s model, and the selective scan's part of it.
+
+    ``6 x non-embedding parameters`` (each weight: one multiply-add forward, two backward; the
+    LM head counts, the embedding lookup does not) ``+ TRAIN_FLOP_FACTOR x SCAN_FWD_FLOPS x
+    n_layers x N_u x N_x`` (the scan, which has no parameters of that size).  Norms, the conv's
+    gating and the softmax are left out (under 1% at the proxy shapes).  Used by the transfer
+    summary and by ``mupt tune``'s compute accounting (docs: README, "compute").
+    """
+    info = info if info is not None else shape_info(cfg)
+    m = cfg.model
+    scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
+    return 6.0 * (info.num_params - info.embedding_params) + scan, scan
+
+
 def summarize(recipe: Recipe) -> Summary:
     cfg = recipe.run
     info = shape_info(cfg)
@@ -299,8 +314,7 @@ def summarize(recipe: Recipe) -> Summary:
     m = cfg.model
     opt = OptimizerName(cfg.train.optimizer)
     states = 2 if opt is not OptimizerName.SGD else (1 if cfg.train.momentum > 0 else 0)
-    scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
-    flops = 6.0 * (info.num_params - info.embedding_params) + scan
+    flops, scan = train_flops_per_token(cfg, info)
     ratio = recipe.source.get("ratio", {})
     proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.train.seq_len
     return Summary(
@@ -607,6 +621,7 @@ __all__ = [
     "shape_info",
     "summarize",
     "target_config",
+    "train_flops_per_token",
     "transfer",
     "warnings",
 ]
