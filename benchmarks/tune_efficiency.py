@@ -53,7 +53,8 @@ BACKEND = "auto" if importlib.util.find_spec("mupt.scan.torch_scan") else "refer
 METHODS = {
     "tpe": {"fidelity": "steps", "pruner": "none"},
     "tpe+asha": {"fidelity": "steps", "pruner": "asha"},
-    "width": {"fidelity": "width", "pruner": "asha"},  # the default of mupt tune
+    "width": {"fidelity": "width", "pruner": "asha"},  # the default of mupt tune: rungs of 16, 5, 2, 1 trials
+    "width-r4": {"fidelity": "width", "pruner": "asha", "reduction": 4},  # rungs of 16, 4, 1, 1 trials
     "width-noprune": {"fidelity": "width", "pruner": "none"},
 }
 
@@ -190,6 +191,45 @@ def run_corpus(args: argparse.Namespace, corpus: str, data: str, workdir: Path) 
     }  # fmt: skip
 
 
+def range_usage(args: argparse.Namespace) -> dict:
+    """Issue 14 item 12: how many of a default study's trials land near plausible LRs, per LR range.
+
+    The README proxy at d_model 64 (2 layers, 64 steps of 8 x 64 bytes), ``--fidelity steps`` with
+    TPE + ASHA and 16 trials (the setting of the original report), several seeds per range.
+    "Near" = within one octave of the best LR the study found.
+    """
+    import math
+
+    cfg = with_overrides(proxy_config(), {"model.d_model": 64, "model.scan_backend": BACKEND})
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in args.usage_ranges.split(":"):
+            lo, hi = (float(x) for x in text.split(","))
+            rows = []
+            for seed in range(args.usage_seeds):
+                s = TuneSettings(study=f"u{seed}", trials=16, seed=seed, runs_dir=f"{tmp}/{text}", lr_range=(lo, hi),
+                                 fidelity="steps", pruner="asha")  # fmt: skip
+                trials = run_study(s, cfg).study.get_trials(deepcopy=False)
+                done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+                best = min((t for t in done if t.state is TrialState.COMPLETE), key=lambda t: t.value)
+                rows.append({
+                    "seed": seed, "complete": sum(t.state is TrialState.COMPLETE for t in done),
+                    "diverged": sum(t.user_attrs.get("status") == "diverged" for t in done),
+                    "pruned": sum(t.user_attrs.get("status") == "pruned" for t in done),
+                    "near_best": sum(abs(math.log2(t.params["lr"] / best.params["lr"])) <= 1 for t in done),
+                    "best_lr": best.params["lr"], "best_loss": best.value,
+                })  # fmt: skip
+            out[text] = rows
+            mean = {k: statistics.fmean(r[k] for r in rows) for k in ("complete", "diverged", "pruned", "near_best")}
+            print(
+                f"LR range {text:>12}: of 16 trials, mean complete {mean['complete']:.1f}, diverged "
+                f"{mean['diverged']:.1f}, pruned {mean['pruned']:.1f}, within an octave of the best "
+                f"{mean['near_best']:.1f}; best losses {[round(r['best_loss'], 3) for r in rows]}",
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
@@ -206,8 +246,20 @@ def main() -> None:
     ap.add_argument("--methods", default="tpe,tpe+asha,width")
     ap.add_argument("--corpora", default="builtin,stdlib-docstrings")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tune_efficiency.json")
+    ap.add_argument("--usage-ranges", default="", help="e.g. 1e-5,1:1e-4,0.1 -> only the LR-range usage measurement")
+    ap.add_argument("--usage-seeds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.usage_ranges:
+        t0, load0 = time.perf_counter(), os.getloadavg()
+        usage = range_usage(args)
+        wall = time.perf_counter() - t0
+        print(f"wall time {wall:.0f}s; load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
+        path = args.out.with_name("tune_lr_range.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"ranges": usage, "wall_seconds": wall, "loadavg_start": load0}, indent=1))
+        print(f"wrote {path}")
+        return
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     results = {}

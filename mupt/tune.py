@@ -127,7 +127,7 @@ class TuneSettings(BaseModel):
     heartbeat_interval: int = Field(default=30, description="RDB only: seconds between heartbeats")
     threads: int = Field(default=1, description="torch threads per worker; small proxies are fastest on one")
     fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
-    reduction: int = Field(default=4, description="rung i holds round(trials / reduction**i) of rung i-1's best")
+    reduction: int = Field(default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best")
 
     @field_validator("sampler", mode="before")
     @classmethod
@@ -504,7 +504,7 @@ class Rung:
 
     ``size`` is the number of trials the rung holds: rung 0 samples ``--trials`` configurations,
     rung r takes the best ``round(trials / reduction**r)`` (at least 1) of rung r-1 by rank
-    (default reduction 4: 16 trials give rungs of 16, 4, 1 and 1).
+    (default reduction 3: 16 trials give rungs of 16, 5, 2 and 1).
     Each rung is its own Optuna study in the one storage (rung 0 keeps the study's name), so the
     sampler only ever compares results at one fidelity.
     """

@@ -125,7 +125,7 @@ def tune(
         typer.Option(
             "--trials",
             "-n",
-            help="Configurations sampled (rung 0); rung i keeps round(trials/reduction^i) of them (16: 16,4,1,1).",
+            help="Configurations sampled (rung 0); rung i keeps round(trials/reduction^i) of them (16: 16,5,2,1).",
         ),
     ] = 16,
     fidelity: Annotated[
@@ -138,7 +138,7 @@ def tune(
     ] = Fidelity.WIDTH,
     reduction: Annotated[
         int, typer.Option("--reduction", help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity).")
-    ] = 4,
+    ] = 3,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
     threads: Annotated[
         int, typer.Option("--threads", help="Torch threads per worker (1 is fastest for small proxies; add --workers).")
