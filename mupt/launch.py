@@ -70,14 +70,16 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
-    """Flags (``steps``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``, ``fsdp``)
-    override the recipe; ``None`` leaves a field alone."""
+    """Flags (``steps``, ``data``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``,
+    ``fsdp``) override the recipe; ``None`` leaves a field alone."""
     data = to_dict(recipe)
     for key, value in flags.items():
         if value is None:
             continue
         if key == "steps":
             data["run"]["train"]["steps"] = value
+        elif key == "data":
+            data["run"]["data"]["source"] = str(value)
         elif key in LAUNCH_FLAGS:
             data["launch"][key] = str(value) if key == "run_dir" else value
         else:
@@ -97,7 +99,8 @@ def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
     """CLI flags that make a worker see exactly the resolved recipe (after overrides)."""
     lc = recipe.launch
     flags = [
-        "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--ckpt-every", str(lc.ckpt_every),
+        "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
+        "--ckpt-every", str(lc.ckpt_every),
         "--log-every", str(lc.log_every), "--precision", lc.precision,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip

@@ -1108,7 +1108,11 @@ def lineage(ladder: Ladder, trial: FrozenTrial, rung_index: int) -> list[dict[st
 
 
 def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
-    """The best COMPLETE trial at the proxy width as a :class:`BestParams`; raises StorageError when none."""
+    """The best COMPLETE trial at the proxy width as a :class:`BestParams` (with its data's identity).
+
+    Raises StorageError when no trial completed at the proxy width.
+    """
+    from mupt.data import identity_of, load_data
     from mupt.train import build_model
 
     best = best_trial(ladder)
@@ -1131,6 +1135,7 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
         params={k: float(v) for k, v in best.params.items()},
         config=tuned,
         manifest=par.manifest.to_dict(),
+        dataset=identity_of(load_data(cfg.data)),
         code_version=str(ladder.study.user_attrs.get("code_version", code_version())),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         fidelity=ladder.settings.fidelity.value,
