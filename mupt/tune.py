@@ -15,7 +15,10 @@ race is closed as FAIL with reason "over budget"), so the study never overshoots
 
 Resume: the same study name continues the study.  Each trial records its owner (host, pid,
 process start time); trials left RUNNING by a dead local process are marked FAIL on the next
-start (journal storage); RDB storage relies on heartbeats.  Nothing here prints.
+start (journal storage).  On an RDB storage every running trial beats every ``heartbeat_interval``
+seconds; a trial silent for twice that (its worker was killed, its machine lost) is marked FAIL by
+the next worker to look and queued again with the same parameters (at most twice), and the other
+workers wait for it rather than stopping short of the budget.  Nothing here prints.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -42,7 +46,16 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mupt import __version__
-from mupt.config import BestParams, OptimizerName, RunConfig, load_yaml, save_yaml, to_dict, with_overrides
+from mupt.config import (
+    BestParams,
+    OptimizerName,
+    RunConfig,
+    first_difference,
+    load_best,
+    save_yaml,
+    to_dict,
+    with_overrides,
+)
 from mupt.errors import ConfigError, MuptError, StorageError
 
 # Optuna logs a traceback for every failed trial (Ctrl-C, a lost budget race); mupt reports trials itself.
@@ -174,7 +187,7 @@ class TuneSettings(BaseModel):
         if self.threads <= 0:
             raise ConfigError(f"--threads {self.threads}: must be at least 1")
         if self.heartbeat_interval <= 0:
-            raise ConfigError(f"heartbeat_interval {self.heartbeat_interval}: must be positive seconds")
+            raise ConfigError(f"--heartbeat {self.heartbeat_interval}: must be a positive number of seconds")
         if self.reduction < 2:
             raise ConfigError(f"--reduction {self.reduction}: must be at least 2 (each rung keeps 1/reduction)")
         return self
@@ -288,6 +301,17 @@ DB_DRIVERS = {
 }
 
 
+def sqlalchemy_url(url: str) -> str:
+    """``url`` with a PostgreSQL driver SQLAlchemy can import: a bare ``postgresql://`` means psycopg 3 to
+    SQLAlchemy >= 2.1; when only psycopg2 (``pip install psycopg2-binary``) is installed, name it."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
 def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
     """Journal file storage (default) or an RDB URL; one-line StorageError when unusable.
 
@@ -301,14 +325,22 @@ def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
             parent = Path(url[len("sqlite:///") :]).expanduser().parent
             if not parent.is_dir():
                 raise StorageError(f"--storage {url}: directory {parent} does not exist; create it or fix the path")
+        import inspect
+
+        # Optuna >= 4.9 renamed the retry callback and its argument (the old names warn, and go in Optuna 6)
+        new_name = "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+        retry_cls = getattr(
+            optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback
+        )
+        callback = "heartbeat_stale_trial_callback" if new_name else "failed_trial_callback"
         try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; we rely on them knowingly
+            with warnings.catch_warnings():  # heartbeats and retries are "experimental" in every Optuna so far
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url,
+                    sqlalchemy_url(url),
                     heartbeat_interval=settings.heartbeat_interval,
                     grace_period=2 * settings.heartbeat_interval,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    **{callback: retry_cls(max_retry=2)},  # type: ignore[arg-type]
                 )
         except ImportError as e:
             fix = DB_DRIVERS.get(dialect, f"install the SQLAlchemy driver for {dialect}")
@@ -493,6 +525,16 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
         except Exception:  # another worker closed it first
             continue
     return failed
+
+
+def fail_stale_rdb_trials(study: optuna.Study) -> list[int]:
+    """RDB storage: fail the RUNNING trials whose heartbeat is older than the grace period and queue
+    their retries (Optuna's ``fail_stale_trials`` + ``RetryFailedTrialCallback``); returns their numbers."""
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before)
 
 
 # --- rungs: the fidelity schedule -------------------------------------------------------------
@@ -680,7 +722,8 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
             before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
             for key in ("proxy_config", "search_space", "fidelity", "rungs"):
                 if before[key] != attrs[key]:
-                    what = _first_difference(before[key], attrs[key])
+                    d = first_difference(before[key], attrs[key])
+                    what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
                     flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials)"}.get(
                         key, key.replace("_", " ")
                     )
@@ -698,14 +741,6 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
             for i in coarse_to_fine(len(grid))[: settings.trials]:
                 study.enqueue_trial({"lr": grid[i]}, user_attrs={"grid_index": i})
     return Prepared(ladder, stale, repaired)
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
 
 
 def count_states(study: optuna.Study | Ladder) -> dict[str, int]:
@@ -738,6 +773,23 @@ def _over_budget(study: optuna.Study, number: int, cap: int) -> bool:
     return done + ahead >= cap
 
 
+class _DuplicateRetry(Exception):
+    """Raised inside a retry that another worker queued too (Optuna's SQLite storage can fail a stale
+    trial in two workers at once, and each queues a retry); only the lowest-numbered twin runs."""
+
+
+def _earlier_twin(study: optuna.Study, number: int) -> int | None:
+    """The number of an earlier, not failed retry of the same failed trial as trial ``number``, if any."""
+    trials = study.get_trials(deepcopy=False)
+    history = trials[number].system_attrs.get("retry_history") if number < len(trials) else None
+    if not history:
+        return None
+    for t in trials[:number]:
+        if t.state is not TrialState.FAIL and t.system_attrs.get("retry_history") == history:
+            return t.number
+    return None
+
+
 def _suggest(trial: optuna.Trial, space: dict[str, tuple[float, float]]) -> dict[str, float]:
     return {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in space.items()}
 
@@ -766,6 +818,10 @@ def make_objective(
         if rung.index == 0 and _over_budget(trial.study, trial.number, rung.size):
             trial.set_user_attr("reason", "over budget: other workers already filled the trial budget")
             raise _OverBudget
+        twin = _earlier_twin(trial.study, trial.number)
+        if twin is not None:
+            trial.set_user_attr("reason", f"duplicate retry: trial {twin} already retries the same failed trial")
+            raise _DuplicateRetry
         if rung.index > 0:
             source = trial.user_attrs.get("promoted_from")
             twins = [
@@ -880,6 +936,11 @@ def run_worker(
     """
     storage = open_storage(settings)
     seed_base = settings.seed + 7919 * index
+    if settings.workers > 1 or settings.is_rdb:
+        # other invocations (other machines) run workers with the same index and flags: without a per-process
+        # salt two of them that see the same trial count would draw the same point.  One local worker stays
+        # reproducible by --seed.
+        seed_base += zlib.crc32(worker_id().encode()) % 1_000_003
     ladder = open_ladder(settings, cfg, seed_base, storage)
     from mupt.data import load_data
 
@@ -888,9 +949,10 @@ def run_worker(
     ran = 0
     while True:
         with study_lock(settings, storage):
-            if not settings.is_rdb:
-                for st in ladder.studies:
-                    fail_dead_trials(st)
+            for st in ladder.studies:
+                # RDB: a stale trial is failed and retried with the same parameters (and, when promoted, the
+                # same promoted_from); a RUNNING trial of a dead worker makes _pick wait for that to happen
+                fail_stale_rdb_trials(st) if settings.is_rdb else fail_dead_trials(st)
             pick = _pick(ladder)
         if pick is None:
             break
@@ -907,11 +969,13 @@ def run_worker(
         def note(s: optuna.Study, t: FrozenTrial) -> None:
             nonlocal skipped
             reason = str(t.user_attrs.get("reason", ""))
-            skipped = t.state is TrialState.FAIL and reason.startswith(("over budget", "no promotion"))
+            skipped = t.state is TrialState.FAIL and reason.startswith(
+                ("over budget", "no promotion", "duplicate retry")
+            )
             if on_trial is not None and not skipped:
                 on_trial(s, t)
 
-        study.optimize(objectives[pick], n_trials=1, catch=(_OverBudget, _NoWork), callbacks=[note])
+        study.optimize(objectives[pick], n_trials=1, catch=(_OverBudget, _NoWork, _DuplicateRetry), callbacks=[note])
         if skipped and pick == 0:
             break
         ran += 0 if skipped else 1
@@ -1034,7 +1098,7 @@ def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
         if t.state in (TrialState.WAITING, TrialState.RUNNING):
             continue
         reason = t.user_attrs.get("reason")
-        if t.state is TrialState.FAIL and str(reason).startswith(("over budget", "no promotion")):
+        if t.state is TrialState.FAIL and str(reason).startswith(("over budget", "no promotion", "duplicate retry")):
             continue
         last_step = max(t.intermediate_values) if t.intermediate_values else None
         rows.append(
@@ -1151,14 +1215,6 @@ def write_best(ladder: Ladder, cfg: RunConfig, run_dir: Path) -> tuple[BestParam
     path = run_dir / "best.yaml"
     save_yaml(path, bp, header=f"mupt tune: best of study {bp.study} (trial {bp.trial}); read by mupt transfer")
     return bp, path
-
-
-def load_best(path: str | Path) -> BestParams:
-    """Read a ``best.yaml``; one-line StorageError/ConfigError when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise StorageError(f"{path}: no such best-params file; run `mupt tune` first or pass the right path")
-    return load_yaml(path, BestParams)
 
 
 @dataclass
@@ -1387,6 +1443,7 @@ __all__ = [
     "count_states",
     "default_study_name",
     "fail_dead_trials",
+    "fail_stale_rdb_trials",
     "flops_per_trial_step",
     "grid_flops",
     "lineage",
@@ -1406,6 +1463,7 @@ __all__ = [
     "run_study",
     "run_worker",
     "search_space",
+    "sqlalchemy_url",
     "study_flops",
     "study_lock",
     "trial_rows",

@@ -160,6 +160,14 @@ def tune(
             help="RDB URL (sqlite:///x.db, postgresql://...) or a journal file; default runs/<study>/journal.log.",
         ),
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat",
+            help="RDB storages: seconds between a running trial's heartbeats; a trial silent for twice this "
+            "(its worker died) is failed and retried with the same parameters.",
+        ),
+    ] = 30,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs/<study>/ goes.")] = Path("runs"),
     report: Annotated[
         bool, typer.Option("--report", help="Run no trials: show the study's table, write its plots, print best.yaml.")
@@ -188,7 +196,7 @@ def tune(
     settings = TuneSettings(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
-        runs_dir=str(runs_dir), threads=threads, fidelity=fidelity, reduction=reduction,
+        runs_dir=str(runs_dir), threads=threads, fidelity=fidelity, reduction=reduction, heartbeat_interval=heartbeat,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
