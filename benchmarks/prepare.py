@@ -1,7 +1,7 @@
 """``mupt prepare`` throughput (MB/s of text) against the ``tokenizers`` library's own batch encode.
 
 Text: the builtin corpus's documents, each repeated with a distinct prefix, written as ``.jsonl``
-files into a temporary directory (about 24 MB by default).  Tokenizer: a byte-level BPE of 8192 ids
+files into a temporary directory (about 11 MB by default).  Tokenizer: a byte-level BPE of 8192 ids
 trained on the builtin corpus (what ``mupt prepare --train-tokenizer`` builds), saved as a
 tokenizer.json and passed with ``--tokenizer``.
 
@@ -17,7 +17,7 @@ Per repeat, in turn (so machine load hits them alike):
 The table shows the median MB/s (text UTF-8 bytes / wall seconds) and the ratio against the
 baseline; target: ``mupt prepare`` >= 0.8 of the baseline.
 
-    python benchmarks/prepare.py              # ~24 MB, 3 repeats
+    python benchmarks/prepare.py              # ~11 MB, 3 repeats
     python benchmarks/prepare.py --quick      # ~4 MB, 1 repeat
 """
 
@@ -51,12 +51,12 @@ def make_corpus(root: Path, copies: int, files: int = 4) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~4 MB of text, 1 repeat")
-    ap.add_argument("--copies", type=int, default=None, help="variants of each builtin document (default 50)")
+    ap.add_argument("--copies", type=int, default=None, help="variants of each builtin document (default 24)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prepare.json")
     args = ap.parse_args()
-    copies = args.copies or (8 if args.quick else 50)
+    copies = args.copies or (8 if args.quick else 24)
     repeats = args.repeats or (1 if args.quick else 3)
 
     import tokenizers

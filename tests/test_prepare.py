@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mupt.config import DataConfig, RunConfig
-from mupt.data import fit_vocab, load_data
+from mupt.data import bytes_per_token, fit_vocab, load_data
 from mupt.data.dataset import open_dataset
 from mupt.errors import ConfigError, DataError
 
@@ -114,6 +114,8 @@ def test_dataset_batches_are_memmapped_deterministic_and_rank_sliced(bpe_dataset
     assert hits
     cfg = fit_vocab(RunConfig(data=DataConfig(source=str(bpe_dataset))))
     assert cfg.model.vocab_size == 2048
+    val = json.loads((bpe_dataset / "meta.json").read_text())["splits"]["val"]
+    assert bytes_per_token(cfg.data) == data.bytes_per_token == val["bytes"] / val["tokens"]
 
 
 def test_windows_span_shards(sources: tuple[Path, list[str]], tmp_path: Path) -> None:
@@ -297,12 +299,13 @@ def test_tune_transfer_scale_on_a_dataset(
 
     ds = str(bpe_dataset)
     runs = tmp_path / "runs"
-    code, _, err = cli(
+    code, out, err = cli(
         "tune", "--data", ds, "--width", "16", "--layers", "1", "--d-state", "4", "--steps", "4", "--batch-size", "4",
         "--seq-len", "32", "--eval-every", "4", "--sampler", "grid", "--lr-range", "0.001,0.004", "--pruner", "none",
         "--trials", "2", "--study", "ds", "--runs-dir", str(runs),
     )  # fmt: skip
     assert code == 0, err
+    assert "best val bits/byte" in out
     best = load_yaml(runs / "ds" / "best.yaml", BestParams)
     meta = json.loads((bpe_dataset / "meta.json").read_text())
     tok_sha = hashlib.sha256((bpe_dataset / "tokenizer.json").read_bytes()).hexdigest()
