@@ -13,6 +13,7 @@ import typer
 from mupt import launch
 from mupt.cli import app, err, fail, out
 from mupt.cli.common import progress
+from mupt.config import load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
 from mupt.report import key_values
 from mupt.transfer import data_identity
@@ -59,7 +60,7 @@ def scale(
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
+        load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
         log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
