@@ -29,6 +29,7 @@ from mupt.cli.common import (
     progress,
 )
 from mupt.config import RunConfig, with_overrides
+from mupt.data import bits_per_byte, bytes_per_token
 from mupt.errors import ConfigError, StorageError
 from mupt.report import fmt, key_values, table
 from mupt.tune import (
@@ -327,6 +328,7 @@ def _finish(
         rows += [
             ("best trial (proxy width)", bp.trial),
             ("best val loss (nats)", bp.value),
+            ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
             ("best lr", bp.params["lr"]),
             *([("best multipliers", extra)] if extra else []),
         ]
