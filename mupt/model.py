@@ -205,25 +205,41 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """mamba_ssm's default init (uses the global torch RNG; seed before calling)."""
+        """mamba_ssm's default init (uses the global torch RNG; seed before calling).
+
+        Every rescalable role is drawn with the std :func:`default_init_std` gives (uniform, as
+        nn.Linear / nn.Conv1d, or normal for the embedding); structured roles as mamba_ssm.
+        """
         cfg = self.cfg
-        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+
+        def std(role: Role) -> float:
+            value = default_init_std(role, cfg)
+            assert value is not None, role
+            return value
+
+        def uniform(w: Tensor, role: Role) -> None:
+            bound = math.sqrt(3.0) * std(role)  # U(-b, b) has std b/sqrt(3)
+            nn.init.uniform_(w, -bound, bound)
+
+        nn.init.normal_(self.backbone.embedding.weight, std=std(Role.EMBEDDING))
         if not cfg.tie_embeddings:
-            _linear_default(self.lm_head.weight)
+            uniform(self.lm_head.weight, Role.LM_HEAD)
         for norm in self._norms():
             nn.init.ones_(norm.weight)
         for layer in self.backbone.layers:
             m: MambaMixer = layer.mixer  # type: ignore[assignment]
-            _linear_default(m.in_proj.weight)
-            m.conv1d.reset_parameters()
-            for w in (m.x_proj.weight_dt, m.x_proj.weight_B, m.x_proj.weight_C):
-                _linear_default(w)
-            nn.init.uniform_(m.dt_proj.weight, -(cfg.dt_rank_value**-0.5), cfg.dt_rank_value**-0.5)
+            uniform(m.in_proj.weight, Role.IN_PROJ)
+            uniform(m.conv1d.weight, Role.CONV_WEIGHT)
+            assert m.conv1d.bias is not None
+            uniform(m.conv1d.bias, Role.CONV_BIAS)
+            for w, role in ((m.x_proj.weight_dt, Role.X_PROJ_DT), (m.x_proj.weight_B, Role.X_PROJ_B),
+                            (m.x_proj.weight_C, Role.X_PROJ_C)):  # fmt: skip
+                uniform(w, role)
+            uniform(m.dt_proj.weight, Role.DT_PROJ)
             m.dt_proj.bias.copy_(init_dt_bias(cfg, m.dt_proj.bias.shape[0]))
             m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand_as(m.A_log))
             nn.init.ones_(m.D)
-            _linear_default(m.out_proj.weight)
-            m.out_proj.weight.div_(math.sqrt(cfg.n_layers))  # mamba_ssm's prenorm-residual rescale
+            uniform(m.out_proj.weight, Role.OUT_PROJ)
 
     def _norms(self) -> list[nn.RMSNorm]:
         return [layer.norm for layer in self.backbone.layers] + [self.backbone.norm_f]  # type: ignore[misc]
@@ -247,9 +263,32 @@ def init_dt_bias(cfg: ModelConfig, d_inner: int) -> Tensor:
     return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
 
 
-def _linear_default(w: Tensor) -> None:
-    """nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+def default_init_std(role: Role, cfg: ModelConfig) -> float | None:
+    """Std of the default (mamba_ssm) init of a role's entries at shape ``cfg``; None for structured inits.
+
+    The one home of the default init: :meth:`MambaLM.reset_parameters` draws with it and
+    :func:`mupt.parametrization.apply` rescales relative to it.  Matrices and the depthwise conv use
+    nn.Linear / nn.Conv1d's U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in); out_proj is
+    further divided by sqrt(n_layers) (mamba_ssm's pre-norm residual rescale); the embedding is
+    N(0, 0.02^2).  Norm weights (ones), dt_bias, A_log and D are structured: None.
+    """
+    fan_in = {
+        Role.IN_PROJ: cfg.d_model,
+        Role.LM_HEAD: cfg.d_model,
+        Role.X_PROJ_DT: cfg.d_inner,
+        Role.X_PROJ_B: cfg.d_inner,
+        Role.X_PROJ_C: cfg.d_inner,
+        Role.OUT_PROJ: cfg.d_inner,
+        Role.DT_PROJ: cfg.dt_rank_value,
+        Role.CONV_WEIGHT: cfg.d_conv,
+        Role.CONV_BIAS: cfg.d_conv,
+    }
+    if role is Role.EMBEDDING:
+        return 0.02
+    if role not in fan_in:
+        return None
+    std = 1.0 / math.sqrt(3.0 * fan_in[role])
+    return std / math.sqrt(cfg.n_layers) if role is Role.OUT_PROJ else std
 
 
 def _split_sizes(cfg: ModelConfig) -> list[int]:
