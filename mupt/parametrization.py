@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from mupt.config import (
+    Arch,
     Discretization,
     ModelConfig,
     OptimizerName,
@@ -49,7 +50,7 @@ from mupt.config import (
     write_yaml,
 )
 from mupt.errors import ConfigError
-from mupt.model import MambaLM, MambaMixer, Role, default_init_std, role_of
+from mupt.model import ARCH_ROLES, MambaLM, MambaMixer, Role, default_init_std, role_of
 
 Exp = tuple[float, float]  # exponents of (r_u, r_x)
 ZERO: Exp = (0.0, 0.0)
@@ -185,7 +186,8 @@ RULE_TABLE: tuple[RuleRow, ...] = (
 
 
 def _build(table: tuple[RuleRow, ...]) -> dict[tuple[Scheme, str, Discretization], dict[Role, Rule]]:
-    """Index the table; every (scheme, family, disc) must give every role exactly one rule."""
+    """Index the table: every (scheme, family, disc) must give exactly one rule to every Mamba-1 role and
+    to every role that has a rule anywhere (an architecture's roles are added all at once)."""
     out: dict[tuple[Scheme, str, Discretization], dict[Role, Rule]] = {
         (s, f, d): {} for s in Scheme for f in ALL_FAMILIES for d in ALL_DISCS
     }
@@ -195,8 +197,9 @@ def _build(table: tuple[RuleRow, ...]) -> dict[tuple[Scheme, str, Discretization
                 if role in out[key]:
                     raise AssertionError(f"RULE_TABLE gives {role.value} two rules under {key}")
                 out[key][role] = row.rule
+    covered = {role for rules in out.values() for role in rules}
     for key, rules in out.items():
-        missing = [r.value for r in Role if r not in rules]
+        missing = [r.value for r in Role if r in covered | ARCH_ROLES[Arch.MAMBA1] and r not in rules]
         if missing:
             raise AssertionError(f"RULE_TABLE has no rule for {missing} under {key}")
         if any(not r.why or not r.ref for r in rules.values()):
@@ -285,12 +288,14 @@ def rules_markdown() -> str:
     for scheme in (Scheme.MUP_SSM, Scheme.MUP, Scheme.SP):
         by_disc = any(
             len({(RULES[(scheme, "adam", d)][role], RULES[(scheme, "sgd", d)][role]) for d in ALL_DISCS}) > 1
-            for role in Role
+            for role in RULES[(scheme, "adam", ALL_DISCS[0])]
         )
         head = ["role", *(["B"] if by_disc else []), "init std", "Adam LR", "SGD LR", "fwd",
                 "wd AdamW", "wd Adam (L2)", "wd SGD", "why", "derivation"]  # fmt: skip
         lines += [f"#### {_SCHEME_TITLE[scheme]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for role in Role:
+            if role not in RULES[(scheme, "adam", ALL_DISCS[0])]:
+                continue
             per_disc = {d: (RULES[(scheme, "adam", d)][role], RULES[(scheme, "sgd", d)][role]) for d in ALL_DISCS}
             for disc, (adam, sgd) in per_disc.items():
                 if not by_disc and disc is not ALL_DISCS[0]:
@@ -421,9 +426,10 @@ def _fan(p: torch.Tensor) -> tuple[int, int]:
 def named_roles(model: nn.Module) -> dict[str, Role]:
     """Every parameter's role; raises if any parameter has none (nothing silently defaults)."""
     out: dict[str, Role] = {}
+    arch = model.cfg.arch if isinstance(model, MambaLM) else Arch.MAMBA1
     for name, _ in model.named_parameters():
         try:
-            out[name] = role_of(name)
+            out[name] = role_of(name, arch)
         except KeyError as err:
             raise ConfigError(str(err)) from None
     return out
@@ -475,6 +481,12 @@ def apply(
     base_cfg = cfg.model_copy(update={"d_model": base.d_model, "d_state": base.d_state})
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
     roles = named_roles(model)
+    unruled = sorted({r.value for r in roles.values() if r not in rules})
+    if unruled:
+        raise ConfigError(
+            f"arch {cfg.arch.value}: no width rules yet for roles {', '.join(unruled)}; use arch mamba1 "
+            f"(see {DOCS}, section 6, for adding rules)"
+        )
     manifest = Manifest(
         scheme.value, opt.value, cfg.discretization.value, base.d_model, base.d_state, cfg.d_model, cfg.d_state
     )

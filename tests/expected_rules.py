@@ -3,8 +3,8 @@ derivation) independently of mupt.parametrization's RULE_TABLE, for the tests th
 
 from __future__ import annotations
 
-from mupt.config import Discretization, Scheme
-from mupt.model import Role
+from mupt.config import Arch, Discretization, Scheme
+from mupt.model import ARCH_ROLES, Role
 
 # Expected exponents (a_u, a_x) of the width ratios, written out from DESIGN.md section 4 /
 # docs/width_rules.md independently of mupt.parametrization's tables.  init: std ratio (None =
@@ -41,7 +41,7 @@ def expected_adam_l2_wd(scheme: Scheme) -> dict[Role, tuple[float, float] | None
     lr_Adam - lr_SGD - init), worked out by hand; None = no weight decay."""
     none = {r: None for r in (Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING)}
     if scheme is Scheme.SP:
-        return {**{r: ONE for r in Role}, **none}
+        return {**{r: ONE for r in ARCH_ROLES[Arch.MAMBA1]}, **none}
     table = {r: (-0.5, 0.0) for r in (*HIDDEN, Role.X_PROJ_B, Role.X_PROJ_C)}
     table[Role.LM_HEAD] = U  # -1 - (-1) - (-1)
     table[Role.CONV_WEIGHT] = INV  # 0 - 1 - 0

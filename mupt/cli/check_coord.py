@@ -11,7 +11,7 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, progress
+from mupt.cli.common import BackendOpt, DataOpt, VocabOpt, progress
 from mupt.config import Discretization, OptimizerName, Scheme
 from mupt.errors import ConfigError
 
@@ -114,6 +114,8 @@ def coord(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
+    data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Writes coord.json, coord.png and coord_steps.png (slope per step) here.")
     ] = Path("runs/check-coord"),
@@ -131,7 +133,7 @@ def coord(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
-        base_width=base_width,
+        base_width=base_width, data=data or "builtin", vocab_size=vocab_size,
     )  # fmt: skip
     settings.validate()
     err.print(
