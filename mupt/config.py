@@ -8,6 +8,7 @@ Configs round-trip: ``load_yaml(save_yaml(cfg))`` equals ``cfg``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mupt.errors import ConfigError
 
@@ -54,13 +55,35 @@ class Scheme(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # allow_inf_nan=False: `--lr inf` / `lr: .nan` are refused where they are read, not after a diverged run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
+
+
+# --- the default proxy: ONE definition ------------------------------------------------------------
+# `mupt train`, `mupt tune`, `mupt transfer --lr` and `mupt check transfer --config` all start from
+# RunConfig(), whose defaults are these; recipes/proxy.yaml is RunConfig() written out.  Sized so that
+# `mupt tune` (16 trials at d_model 256) finishes on two CPU cores in minutes.
+
+#: d_model of the default proxy.
+PROXY_D_MODEL = 256
+#: Optimizer steps of a proxy run.
+PROXY_STEPS = 64
+#: Sequences per optimizer step (the global batch).
+PROXY_BATCH_SIZE = 8
+#: Tokens per sequence.
+PROXY_SEQ_LEN = 64
+#: Steps between validation losses (also tune's pruning points).
+PROXY_EVAL_EVERY = 16
+#: Validation batches per evaluation.
+PROXY_EVAL_BATCHES = 2
+#: The optimizer every command defaults to (tune, train, transfer --lr and the checks).
+DEFAULT_OPTIMIZER = OptimizerName.ADAMW
 
 
 class ModelConfig(_Strict):
     """Mamba-1 LM shape. Widths: N_u = d_inner = expand * d_model; N_x = d_state."""
 
-    d_model: int = Field(64, gt=0, description="residual width")
+    d_model: int = Field(PROXY_D_MODEL, gt=0, description="residual width")
     n_layers: int = Field(2, gt=0)
     d_state: int = Field(16, gt=0, description="SSM state width N_x")
     d_conv: int = Field(4, gt=0)
@@ -74,6 +97,15 @@ class ModelConfig(_Strict):
     dt_init_floor: float = Field(1e-4, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     scan_backend: str = Field("auto", description="auto | torch | reference | triton")
+
+    @field_validator("scan_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from mupt.scan import Backend  # lazy: mupt.scan imports this module
+
+        if value not in {b.value for b in Backend}:
+            raise ValueError(f"unknown scan backend; choose one of: {', '.join(b.value for b in Backend)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -103,11 +135,11 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(200, gt=0)
-    batch_size: int = Field(16, gt=0)
-    seq_len: int = Field(128, gt=1)
+    steps: int = Field(PROXY_STEPS, gt=0)
+    batch_size: int = Field(PROXY_BATCH_SIZE, gt=0)
+    seq_len: int = Field(PROXY_SEQ_LEN, gt=1)
     lr: float = Field(3e-3, gt=0, description="global (base) learning rate; per-group LRs are multiples of it")
-    optimizer: OptimizerName = OptimizerName.ADAMW
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -115,8 +147,8 @@ class TrainConfig(_Strict):
     schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables")
-    eval_every: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
+    eval_every: int = Field(PROXY_EVAL_EVERY, gt=0)
+    eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0)
     seed: int = 0
     diverge_loss: float | None = Field(
         None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
@@ -147,13 +179,21 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
-    """One line naming the first bad field, its value and what is expected."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    extra = f" and {len(err.errors()) - 1} more" if len(err.errors()) > 1 else ""
-    return f"{where}: {loc}: {first['msg']}{shown}{extra}"
+    """Every bad field, one line each: ``where: loc: message (got value)``.
+
+    A single error is one line; several are a count line followed by one line per error, so a typo
+    (``train.lerning_rate``) is never hidden behind another field's error.
+    """
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}{shown}")
+    if len(lines) == 1:
+        return f"{where}: {lines[0]}"
+    return f"{where}: {len(lines)} errors\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
@@ -188,8 +228,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, recursively (dicts, lists, tuples)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    """Write ``obj`` as strict JSON (no bare NaN/Infinity: they become null), atomically."""
+    atomic_write_text(path, json.dumps(finite_or_none(obj), indent=indent, allow_nan=False) + "\n")
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f"a YAML file in it: {', '.join(str(path / n) for n in found)}" if found else "a YAML file"
+        raise ConfigError(f"{path}: is a directory; pass {hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; pass the path of an existing YAML file")
     try:
@@ -270,3 +330,17 @@ class Recipe(_Strict):
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     manifest: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The run config in any YAML file mupt writes: a run's ``config.yaml``, tune's ``best.yaml``
+    (its ``config``: the proxy with the tuned values) or transfer's recipe (its ``run``: the target).
+
+    Raises ConfigError (one line per bad field) when the file is none of these or invalid.
+    """
+    data = read_yaml(path)
+    if isinstance(data, dict) and "run" in data and "model" not in data:
+        return from_dict(Recipe, data, where=f"{path} (recipe)").run
+    if isinstance(data, dict) and "config" in data and "model" not in data:
+        return from_dict(BestParams, data, where=f"{path} (best.yaml)").config
+    return from_dict(RunConfig, data, where=str(path))

@@ -12,9 +12,11 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, progress
-from mupt.config import Discretization, OptimizerName, Scheme
+from mupt.cli.common import BackendOpt, ThreadsOpt, progress
+from mupt.config import DEFAULT_OPTIMIZER, Discretization, OptimizerName, Scheme
 from mupt.errors import ConfigError
+from mupt.paths import check_output_dir
+from mupt.threads import resolve_threads, set_threads
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -78,7 +80,10 @@ def coord(
     scheme: Annotated[Scheme, typer.Option("--scheme", help="Width rules: sp, mup (heuristic) or mup-ssm.")] = (
         Scheme.MUP_SSM
     ),
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer", help="adam, adamw or sgd.")] = OptimizerName.ADAM,
+    optimizer: Annotated[
+        OptimizerName,
+        typer.Option("--optimizer", help="adamw, adam or sgd (adam and adamw are identical here: weight decay 0)."),
+    ] = DEFAULT_OPTIMIZER,
     discretization: Annotated[
         Discretization, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")
     ] = Discretization.ZOH,
@@ -115,8 +120,14 @@ def coord(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
+    threads: ThreadsOpt = None,
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Writes coord.json, coord.png and coord_steps.png (slope per step) here.")
+        Path,
+        typer.Option(
+            "--run-dir",
+            "--out",
+            help="Writes coord.json, coord.png and coord_steps.png (slope per step) here (--out is the same flag).",
+        ),
     ] = Path("runs/check-coord"),
 ) -> None:
     """Train each width a few steps and check that x, y, Δx, Δy (per layer), block outputs and
@@ -135,10 +146,13 @@ def coord(
         base_width=base_width,
     )  # fmt: skip
     settings.validate()
+    n_threads = resolve_threads(threads)
+    check_output_dir(out_dir, "--run-dir")
+    set_threads(n_threads)
     err.print(
         f"[bold]mupt check coord[/] scheme={scheme.value} optimizer={optimizer.value} disc={discretization.value} "
         f"widths={list(settings.widths)} base={settings.base} N_x={'scaled from ' if scale_state else ''}{d_state} "
-        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}",
+        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g} threads={n_threads}",
         highlight=False,
     )
     # Diverging schemes (sp at large width) drive exp(dt*A) into denormal floats, which slow CPU math

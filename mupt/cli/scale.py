@@ -11,8 +11,10 @@ import typer
 
 from mupt import launch
 from mupt.cli import app, err, fail, out
-from mupt.cli.common import progress
+from mupt.cli.common import ThreadsOpt, progress
+from mupt.paths import check_output_dir
 from mupt.report import key_values
+from mupt.threads import resolve_threads, set_threads
 
 
 @app.command()
@@ -44,6 +46,7 @@ def scale(
         typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint (default when one exists)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Launch the large run from a recipe: DDP or FSDP2, bf16 on GPU, DCP checkpoints, exact resume.
 
@@ -53,8 +56,11 @@ def scale(
         launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, ckpt_every=ckpt_every,
         log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
-    flags = launch.worker_flags(recipe, resume)
+    n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
+    check_output_dir(Path(recipe.launch.run_dir), "--run-dir")
+    flags = [*launch.worker_flags(recipe, resume), "--threads", str(n_threads)]
     if launch.is_worker():
+        set_threads(n_threads)
         _run_here(recipe, resume)
         return
     distributed = nproc > 1 or nnodes > 1 or recipe.launch.fsdp
@@ -68,6 +74,7 @@ def scale(
         out.print(key_values("mupt scale plan (dry run)", plan.rows()))
         return
     if not distributed:
+        set_threads(n_threads)
         _run_here(recipe, resume)
         return
     err.print(f"[bold]mupt scale[/] launching {nproc * nnodes} processes: {command}", highlight=False)

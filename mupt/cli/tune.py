@@ -23,12 +23,15 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    ThreadsOpt,
     WidthOpt,
     progress,
 )
 from mupt.config import RunConfig, with_overrides
 from mupt.errors import ConfigError
+from mupt.paths import check_output_dir
 from mupt.report import fmt, key_values, table
+from mupt.threads import resolve_threads
 from mupt.tune import (
     SEARCHABLE,
     Progress,
@@ -107,9 +110,7 @@ def tune(
     ] = None,
     trials: Annotated[int, typer.Option("--trials", "-n", help="TOTAL finished trials over all workers.")] = 16,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
-    threads: Annotated[
-        int, typer.Option("--threads", help="Torch threads per worker (1 is fastest for small proxies; add --workers).")
-    ] = 1,
+    threads: ThreadsOpt = None,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")] = "tpe",
     pruner: Annotated[str, typer.Option("--pruner", help="asha (successive halving), median or none.")] = "asha",
     search: Annotated[str, typer.Option("--search", help=f"Comma list to tune, from: {','.join(SEARCHABLE)}.")] = "lr",
@@ -141,12 +142,13 @@ def tune(
     settings = TuneSettings(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
-        runs_dir=str(runs_dir), threads=threads,
+        runs_dir=str(runs_dir), threads=resolve_threads(threads, workers),
     )  # fmt: skip
     if report:
         _report(settings, cfg, top)
         return
     validate_proxy(cfg)  # a width the rules cannot take, or an unusable storage, fails here before any output
+    check_output_dir(settings.run_dir, "--runs-dir")
     open_storage(settings)
     m = cfg.model
     where = settings.storage if settings.is_rdb else str(settings.journal_path)
