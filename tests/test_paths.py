@@ -89,11 +89,12 @@ def test_every_command_refuses_bad_output_paths_before_work(cli, tmp_path: Path,
         assert_refused(cli("check", "coord", "--widths", "16,128", "--seeds", "1", "--run-dir", str(path)), msg)
         assert_refused(cli("check", "transfer", "--widths", "16,32", "--run-dir", str(path)), msg)
         assert_refused(cli("check", "all", "--run-dir", str(path)), msg)
-        assert_refused(cli("tune", *TINY, "--runs-dir", str(path)), "--runs-dir", msg)
         assert_refused(cli("scale", str(recipe), "--steps", "1", "--run-dir", str(path)), "--run-dir", msg)
-        recipe_msg = "is a regular file" if what == "at a file" else msg  # (an existing recipe file is replaced)
+        # tune writes <runs-dir>/<study>/, transfer a file: both are inside the path given
+        nested = "is a regular file" if what == "at a file" else msg
+        assert_refused(cli("tune", *TINY, "--runs-dir", str(path)), "--runs-dir", nested)
         target = path / "r.yaml"
-        assert_refused(cli("transfer", "--lr", "3e-3", "--to-width", "512", "--out", str(target)), recipe_msg)
+        assert_refused(cli("transfer", "--lr", "3e-3", "--to-width", "512", "--out", str(target)), nested)
     # transfer --out at a directory
     assert_refused(cli("transfer", "--lr", "3e-3", "--to-width", "512", "--out", str(tmp_path)), "is a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "proxy.yaml", "recipe.yaml"]

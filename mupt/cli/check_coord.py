@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, ThreadsOpt, progress
+from mupt.cli.common import BackendOpt, ThreadsOpt, check_backend, progress
 from mupt.config import DEFAULT_OPTIMIZER, Discretization, OptimizerName, Scheme
 from mupt.errors import ConfigError
 from mupt.paths import check_output_dir
@@ -142,7 +142,7 @@ def coord(
     settings = CoordSettings(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
-        tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
+        tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=check_backend(backend),
         base_width=base_width,
     )  # fmt: skip
     settings.validate()

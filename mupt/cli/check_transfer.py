@@ -29,6 +29,7 @@ from mupt.cli.common import (
     LayersOpt,
     StateOpt,
     ThreadsOpt,
+    check_backend,
     progress,
     resolve_config,
 )
@@ -240,7 +241,9 @@ def coord_settings(widths: str, backend: str | None) -> CoordSettings:
     """CI-sized coordinate-check settings (validated): ``widths`` against a 64-wide base."""
     from mupt.cli.check_coord import parse_widths as parse_coord_widths
 
-    settings = CoordSettings(widths=parse_coord_widths(widths), base_width=CI_COORD_BASE, backend=backend or "auto")
+    settings = CoordSettings(
+        widths=parse_coord_widths(widths), base_width=CI_COORD_BASE, backend=check_backend(backend)
+    )
     settings.validate()
     return settings
 

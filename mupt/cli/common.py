@@ -133,6 +133,17 @@ RunDirOpt = Annotated[
 ]
 
 
+def check_backend(backend: str | None) -> str:
+    """``--backend`` validated up front (before any directory or work); None -> ``auto``."""
+    from mupt.scan import Backend
+
+    value = backend or "auto"
+    if value not in {b.value for b in Backend}:
+        choices = ", ".join(b.value for b in Backend)
+        raise ConfigError(f"--backend {value}: unknown scan backend; choose one of: {choices}")
+    return value
+
+
 def check_lr_scale(lr_scale: float | None) -> None:
     """Refuse a --lr-scale that is not a finite positive number (one line, exit 2)."""
     if lr_scale is not None and not (lr_scale > 0 and lr_scale != float("inf")):
