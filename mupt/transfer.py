@@ -28,6 +28,7 @@ import torch
 from mupt import parametrization
 from mupt.config import (
     BestParams,
+    DataConfig,
     LaunchConfig,
     OptimizerName,
     Recipe,
@@ -38,7 +39,8 @@ from mupt.config import (
     save_yaml,
     to_dict,
 )
-from mupt.errors import ConfigError, StorageError
+from mupt.data import compare_identity
+from mupt.errors import ConfigError, DataError, StorageError
 from mupt.model import MambaLM, Role
 from mupt.parametrization import BaseShape, Exp, Manifest, Rule, apply, rules_for
 
@@ -201,10 +203,14 @@ def transfer(
     batch_size: int | None = None,
     seq_len: int | None = None,
     source_path: str | Path | None = None,
+    to_data: str | None = None,
 ) -> Recipe:
     """The recipe for the target shape from a proxy result (``BestParams``) or a proxy config with the tuned LR.
 
     ``steps``/``batch_size``/``seq_len`` set the target's training length (default: the proxy's).
+    ``to_data`` trains the target on other data (default: the proxy's); a tokenizer other than the
+    proxy's raises DataError, another corpus adds a warning.  The recipe records the identity of
+    its data (tokenizer, tokenizer_sha256, vocab, tokens) in ``recipe.dataset``.
     """
     if isinstance(best, BestParams):
         proxy = best.config
@@ -218,6 +224,16 @@ def transfer(
     if source_path is not None:
         origin["path"] = str(source_path)
     target = target_config(proxy, to_width, to_state, to_layers, scheme, steps, batch_size, seq_len)
+    proxy_data = best.dataset if isinstance(best, BestParams) and best.dataset else data_identity(proxy.data)
+    data_warnings: list[str] = []
+    target_data = proxy_data
+    if to_data is not None:
+        data_cfg = proxy.data.model_copy(update={"source": to_data})
+        if data_cfg.vocab_size is None and proxy_data.get("tokenizer") is None:
+            data_cfg = data_cfg.model_copy(update={"vocab_size": proxy_data.get("vocab_size")})
+        target_data = data_identity(data_cfg, strict=True)
+        data_warnings = compare_identity(proxy_data, target_data)
+        target = target.model_copy(update={"data": data_cfg})
     info = shape_info(target)
     base_info = shape_info(base_config(target, proxy))
     proxy_info = shape_info(proxy)
@@ -235,6 +251,7 @@ def transfer(
         "ratio": {"width": r_u, "state": r_x},
         "base_per_role": {k: v.recipe_row() for k, v in base_info.roles.items()},
         "proxy_config": to_dict(proxy),
+        "proxy_dataset": proxy_data,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
     recipe = Recipe(
@@ -243,9 +260,22 @@ def transfer(
         per_role={k: v.recipe_row() for k, v in info.roles.items()},
         launch=LaunchConfig(run_dir=f"runs/scale-{Scheme(target.param.scheme).value}-w{to_width}"),
         manifest=info.manifest.to_dict(),
+        dataset=target_data,
     )
-    recipe.source["warnings"] = warnings(recipe, proxy, info, proxy_info)
+    recipe.source["warnings"] = warnings(recipe, proxy, info, proxy_info) + data_warnings
     return recipe
+
+
+def data_identity(data: DataConfig, strict: bool = False) -> dict[str, Any]:
+    """Identity of ``data`` (:func:`mupt.data.identity_of`); ``{}`` when it cannot be opened, unless ``strict``."""
+    from mupt.data import identity_of, load_data
+
+    try:
+        return identity_of(load_data(data))
+    except DataError:
+        if strict:
+            raise
+        return {}
 
 
 # --- summary: size, memory, FLOPs, warnings ---------------------------------------------------

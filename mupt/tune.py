@@ -623,7 +623,8 @@ def trial_rows(study: optuna.Study, k: int | None = None) -> list[dict[str, Any]
 
 
 def best_params(study: optuna.Study, cfg: RunConfig) -> BestParams:
-    """The best COMPLETE trial as a :class:`BestParams`; raises when no trial completed."""
+    """The best COMPLETE trial as a :class:`BestParams` (with its data's identity); raises when no trial completed."""
+    from mupt.data import identity_of, load_data
     from mupt.train import build_model
 
     best = best_trial(study)
@@ -644,6 +645,7 @@ def best_params(study: optuna.Study, cfg: RunConfig) -> BestParams:
         params={k: float(v) for k, v in best.params.items()},
         config=tuned,
         manifest=par.manifest.to_dict(),
+        dataset=identity_of(load_data(cfg.data)),
         code_version=str(study.user_attrs.get("code_version", code_version())),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

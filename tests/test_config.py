@@ -121,14 +121,3 @@ def test_the_default_proxy_is_defined_once() -> None:
     )  # fmt: skip
     assert cfg.train.optimizer is c.DEFAULT_OPTIMIZER
     assert load_yaml(Path(__file__).resolve().parent.parent / "recipes" / "proxy.yaml") == cfg
-
-
-def test_strict_json_writes_null_for_non_finite(tmp_path: Path) -> None:
-    import json
-
-    from mupt.config import atomic_write_json
-
-    atomic_write_json(tmp_path / "m.json", {"loss": [1.5, float("nan"), float("inf")], "v": (float("-inf"), 2)})
-    text = (tmp_path / "m.json").read_text()
-    assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"loss": [1.5, None, None], "v": [None, 2]}

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, ThreadsOpt, check_backend, progress
+from mupt.cli.common import BackendOpt, DataOpt, ThreadsOpt, VocabOpt, check_backend, progress
 from mupt.config import DEFAULT_OPTIMIZER, Discretization, OptimizerName, Scheme
 from mupt.errors import ConfigError
 from mupt.paths import check_output_dir
@@ -121,6 +121,8 @@ def coord(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
     threads: ThreadsOpt = None,
+    data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     out_dir: Annotated[
         Path,
         typer.Option(
@@ -143,7 +145,7 @@ def coord(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=check_backend(backend),
-        base_width=base_width,
+        base_width=base_width, data=data or "builtin", vocab_size=vocab_size,
     )  # fmt: skip
     settings.validate()
     n_threads = resolve_threads(threads)

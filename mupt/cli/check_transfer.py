@@ -29,6 +29,7 @@ from mupt.cli.common import (
     LayersOpt,
     StateOpt,
     ThreadsOpt,
+    VocabOpt,
     check_backend,
     progress,
     resolve_config,
@@ -200,6 +201,7 @@ def transfer(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = PROXY_SEQ_LEN,
     optimizer: Annotated[OptimizerName, typer.Option("--optimizer", help="adamw, adam or sgd.")] = DEFAULT_OPTIMIZER,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -216,7 +218,8 @@ def transfer(
     """
     spec = build_spec(
         config, widths, lrs, scheme, vs, seeds, layers=layers, d_state=d_state, discretization=discretization,
-        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data, backend=backend,
+        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data,
+        vocab_size=vocab_size, backend=backend,
     )  # fmt: skip
     n_workers, n_threads = workers_threads(workers, threads)
     check_output_dir(out_dir, "--run-dir")

@@ -14,7 +14,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mupt.config import (
     DEFAULT_OPTIMIZER,
@@ -113,9 +121,13 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="builtin (offline stdlib docs), recall (synthetic), or a .txt file/dir.",
+        help="builtin (offline stdlib docs), recall (synthetic), a dataset dir (mupt prepare), a .bin/.npy token "
+        "file (with --vocab-size), or a .txt file/dir.",
         show_default="builtin" + _OR_CONFIG,
     ),
+]
+VocabOpt = Annotated[
+    int | None, typer.Option("--vocab-size", help="Vocabulary of a --data .bin/.npy token file (ids < it).")
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for init and data order.", show_default="0")]
 BackendOpt = Annotated[
@@ -150,13 +162,16 @@ def check_lr_scale(lr_scale: float | None) -> None:
         raise ConfigError(f"--lr-scale {lr_scale:g}: must be a finite number > 0, e.g. 0.5 or 2")
 
 
-def resolve_config(config: Path | None, lr_scale: float | None = None, **flags: Any) -> RunConfig:
-    """Load ``config`` (any file :func:`mupt.config.load_run_config` reads; default: the built-in proxy),
-    apply the flags that were given, then multiply the LR by ``lr_scale``.
+def resolve_config(config: Path | None, **flags: Any) -> RunConfig:
+    """Load ``config`` (any file :func:`mupt.config.load_run_config` reads; default: the built-in proxy)
+    and apply the flags that were given.
 
     Raises ConfigError naming the flag (not the dotted key) for a bad value.
     """
+    from mupt.data import fit_vocab
+
     cfg = load_run_config(config) if config is not None else RunConfig()
+    explicit_vocab = config is not None and "vocab_size" in cfg.model.model_fields_set
     mapping = {
         "width": "model.d_model",
         "layers": "model.n_layers",
@@ -172,6 +187,7 @@ def resolve_config(config: Path | None, lr_scale: float | None = None, **flags: 
         "scheme": "param.scheme",
         "base_width": "param.base_d_model",
         "data": "data.source",
+        "vocab_size": "data.vocab_size",
     }
     overrides = {mapping[k]: v for k, v in flags.items() if k in mapping}
     unknown = set(flags) - set(mapping)
@@ -185,10 +201,15 @@ def resolve_config(config: Path | None, lr_scale: float | None = None, **flags: 
         for dotted, flag in flag_names.items():
             msg = msg.replace(dotted, flag)
         raise type(e)(msg) from None
+    return fit_vocab(cfg, explicit_vocab, where=str(config))
+
+
+def scale_lr(cfg: RunConfig, lr_scale: float | None) -> RunConfig:
+    """``cfg`` with its global LR multiplied by ``--lr-scale`` (None: unchanged); refuses a bad factor."""
     check_lr_scale(lr_scale)
-    if lr_scale is not None:
-        cfg = with_overrides(cfg, {"train.lr": cfg.train.lr * lr_scale}, where="--lr-scale")
-    return cfg
+    if lr_scale is None:
+        return cfg
+    return with_overrides(cfg, {"train.lr": cfg.train.lr * lr_scale}, where="--lr-scale")
 
 
 class LineProgress:
@@ -202,7 +223,7 @@ class LineProgress:
     def __init__(self, console: Console, min_interval: float) -> None:
         self.console = console
         self.min_interval = min_interval
-        self.tasks: dict[int, dict[str, Any]] = {}
+        self.tasks: dict[TaskID, dict[str, Any]] = {}
         self.start = time.monotonic()
 
     def __enter__(self) -> LineProgress:
@@ -213,8 +234,8 @@ class LineProgress:
     ) -> None:
         return None
 
-    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
-        task_id = len(self.tasks)
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> TaskID:
+        task_id = TaskID(len(self.tasks))
         self.tasks[task_id] = {
             "description": description, "total": total, "completed": completed, "fields": dict(fields),
             "last_line": float("-inf"), "last_done": completed,
@@ -222,7 +243,7 @@ class LineProgress:
         return task_id
 
     def update(
-        self, task_id: int, *, completed: float | None = None, advance: float | None = None, **fields: Any
+        self, task_id: TaskID, *, completed: float | None = None, advance: float | None = None, **fields: Any
     ) -> None:
         t = self.tasks[task_id]
         if completed is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,9 +13,11 @@ import typer
 from mupt import launch
 from mupt.cli import app, err, fail, out
 from mupt.cli.common import ThreadsOpt, progress
+from mupt.data import compare_identity
 from mupt.paths import check_output_dir
 from mupt.report import key_values
 from mupt.threads import resolve_threads, set_threads
+from mupt.transfer import data_identity
 
 
 @app.command()
@@ -25,6 +28,12 @@ def scale(
         typer.Option("--run-dir", help="Checkpoints, metrics.jsonl, summary.json (recipe: launch.run_dir)."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Override run.train.steps.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="Override run.data.source (a dataset dir, .bin/.npy, ...): same tokenizer as the recipe's."
+        ),
+    ] = None,
     ckpt_every: Annotated[int | None, typer.Option("--ckpt-every", help="Checkpoint every N steps.")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Log metrics every N steps.")] = None,
     precision: Annotated[
@@ -53,11 +62,14 @@ def scale(
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, ckpt_every=ckpt_every,
+        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
         log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
     n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
     check_output_dir(Path(recipe.launch.run_dir), "--run-dir")
+    if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
+        for w in compare_identity(recipe.dataset, data_identity(recipe.run.data, strict=True)):
+            err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     flags = [*launch.worker_flags(recipe, resume), "--threads", str(n_threads)]
     if launch.is_worker():
         set_threads(n_threads)
@@ -104,7 +116,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
-    rank = launch._dist_env()[0]
+    rank = launch.dist_env()[0]
     cfg = recipe.run
     if rank != 0:
         result = launch.run(recipe, resume)
@@ -121,7 +133,8 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
                     f"scan={info['scan_backend']} lr={cfg.train.lr:g} run_dir={recipe.launch.run_dir}{resumed}",
                     highlight=False,
                 )
-                bar = stack.enter_context(progress(transient=True))  # the summary table replaces it
+                bar = progress(transient=True)  # the summary table replaces it
+                stack.enter_context(bar)
                 state["bar"] = bar
                 state["task"] = bar.add_task("scale", total=cfg.train.steps, completed=info["start_step"], info="")
 
@@ -140,4 +153,8 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
         raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
     if result.status == "terminated" and rank == 0:
-        err.print(f"terminated by {result.reason}; checkpoint {result.checkpoint} written; rerun to resume")
+        interrupted = result.signal == signal.SIGINT
+        what = "interrupted (Ctrl-C)" if interrupted else "terminated by"
+        err.print(f"{what} {result.reason}; checkpoint {result.checkpoint} written; rerun to resume", highlight=False)
+        if interrupted:
+            raise typer.Exit(130)

@@ -27,11 +27,14 @@ from mupt.cli.common import (
     StateOpt,
     StepsOpt,
     ThreadsOpt,
+    VocabOpt,
     WidthOpt,
+    check_lr_scale,
     progress,
     resolve_config,
+    scale_lr,
 )
-from mupt.config import atomic_write_json, save_yaml, with_overrides
+from mupt.config import atomic_write_text, json_text, save_yaml, with_overrides
 from mupt.paths import check_output_dir, default_run_dir
 from mupt.report import key_values
 from mupt.threads import resolve_threads, set_threads
@@ -55,6 +58,7 @@ def train(
     scheme: SchemeOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     threads: ThreadsOpt = None,
@@ -68,11 +72,13 @@ def train(
     Examples: [bold]mupt train --width 64 --steps 300 --lr 3e-3[/];
     [bold]mupt train -c recipes/mup-ssm-4096.yaml --steps 20 --lr-scale 0.5[/]
     """
+    check_lr_scale(lr_scale)
     cfg = resolve_config(
-        config, lr_scale=lr_scale, width=width, layers=layers, d_state=d_state, discretization=discretization,
+        config, width=width, layers=layers, d_state=d_state, discretization=discretization,
         steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme,
-        base_width=base_width, data=data, seed=seed, backend=backend,
+        base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
+    cfg = scale_lr(cfg, lr_scale)
     if eval_every is not None:
         cfg = with_overrides(cfg, {"train.eval_every": eval_every}, where="--eval-every")
     n_threads = resolve_threads(threads)
@@ -103,11 +109,12 @@ def train(
             result = trainer.run(on_step=on_step, on_eval=lambda s, v: vals.append((s, v)))
     except KeyboardInterrupt:
         partial = {"status": "interrupted", "steps": len(losses), "train_loss": losses, "val_loss": vals}
-        atomic_write_json(dest / "metrics.json", partial)
+        atomic_write_text(dest / "metrics.json", json_text(partial, indent=1))
         err.print(f"interrupted after {len(losses)} steps; losses so far in {dest / 'metrics.json'}", highlight=False)
         raise typer.Exit(130) from None
     bpb = result.bits_per_byte(result.final_val_loss)
-    atomic_write_json(dest / "metrics.json", _metrics(result, bpb))  # before printing: a closed pipe loses nothing
+    # written before printing: a closed pipe (`| head`) loses nothing
+    atomic_write_text(dest / "metrics.json", json_text(_metrics(result, bpb), indent=1))
     out.print(key_values("Training summary", _summary_rows(result, bpb, dest)))
     if result.status == "diverged":
         raise fail(f"run diverged: {result.reason}; lower --lr (now {cfg.train.lr:g})")

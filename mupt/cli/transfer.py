@@ -24,6 +24,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     WidthOpt,
     resolve_config,
 )
@@ -91,6 +92,14 @@ def transfer(
     to_layers: Annotated[
         int | None, typer.Option("--to-layers", help="Target depth; refused unless equal to the proxy's.")
     ] = None,
+    to_data: Annotated[
+        str | None,
+        typer.Option(
+            "--to-data",
+            help="Data of the target run (default: the proxy's); must use the proxy's tokenizer (a dataset dir, "
+            ".bin/.npy, builtin).",
+        ),
+    ] = None,
     scheme: SchemeOpt = None,
     from_: Annotated[
         Path | None,
@@ -106,6 +115,7 @@ def transfer(
     optimizer: OptimOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     steps: StepsOpt = None,
@@ -144,7 +154,7 @@ def transfer(
     """
     proxy_flags = dict(
         width=width, layers=layers, d_state=d_state, discretization=discretization, optimizer=optimizer,
-        base_width=base_width, data=data, seed=seed, backend=backend,
+        base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     if to_width is None and not explain_rules:
         raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")
@@ -168,7 +178,7 @@ def transfer(
     assert to_width is not None
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
-        source_path=path,
+        source_path=path, to_data=to_data,
     )  # fmt: skip
     if dest is not None:
         save_recipe(dest, recipe)  # first: a closed pipe (`| head`) or a narrow terminal cannot lose it
@@ -253,6 +263,16 @@ def _summary(recipe: Recipe) -> None:
             f"parameter; warn below {FAR_FEWER:.0%})",
         ),
     ]
+    d = recipe.dataset
+    if d:
+        sha = d.get("tokenizer_sha256")
+        items.append(
+            (
+                "data (tokenizer, vocab, train tokens)",
+                f"{recipe.run.data.source}: {d.get('tokenizer')} ({sha[:12] if sha else 'no hash'}), "
+                f"vocab {d.get('vocab_size')}, {d.get('tokens') if d.get('tokens') is not None else '-'} tokens",
+            )
+        )
     out.print(key_values("Summary", items))
     for w in sm.warnings:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
