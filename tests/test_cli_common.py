@@ -50,6 +50,13 @@ def test_bad_numbers_and_data_are_refused_up_front(cli, tmp_path: Path) -> None:
     one_error_line(cli("train", *TINY, "--data", str(tmp_path / "blank"), "--run-dir", str(run)), "only empty")
     one_error_line(cli("train", *TINY, "--threads", "0", "--run-dir", str(run)), "--threads 0")
     one_error_line(cli("check", "transfer", "--workers", "0", "--run-dir", str(run)), "--workers 0")
+    coord = ["check", "coord", "--widths", "16,128", "--run-dir", str(run)]
+    one_error_line(cli(*coord, "--batch-size", "0"), "--batch-size", "(got 0)")
+    one_error_line(cli(*coord, "--d-state", "0"), "--d-state", "(got 0)")
+    one_error_line(cli(*coord, "--tolerance", "nan"), "--tolerance nan")
+    one_error_line(cli(*coord, "--lr", "inf"), "--lr")
+    one_error_line(cli("check", "transfer", "--max-drift", "nan", "--run-dir", str(run)), "--max-drift nan")
+    one_error_line(cli("check", "transfer", "--monotone-tol", "inf", "--run-dir", str(run)), "--monotone-tol inf")
     assert not run.exists() and not (tmp_path / "r.yaml").exists()
 
 

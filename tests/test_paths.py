@@ -90,6 +90,7 @@ def test_every_command_refuses_bad_output_paths_before_work(cli, tmp_path: Path,
         assert_refused(cli("check", "transfer", "--widths", "16,32", "--run-dir", str(path)), msg)
         assert_refused(cli("check", "all", "--run-dir", str(path)), msg)
         assert_refused(cli("scale", str(recipe), "--steps", "1", "--run-dir", str(path)), "--run-dir", msg)
+        assert_refused(cli("prepare", "builtin", "--out", str(path)), "--out", msg)
         # tune writes <runs-dir>/<study>/, transfer a file: both are inside the path given
         nested = "is a regular file" if what == "at a file" else msg
         assert_refused(cli("tune", *TINY, "--runs-dir", str(path)), "--runs-dir", nested)

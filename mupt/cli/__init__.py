@@ -12,8 +12,10 @@ import sys
 
 import click
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
+from mupt.config import format_validation_error
 from mupt.errors import MuptError
 
 app = typer.Typer(
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_BROKEN_PIPE)
     except MuptError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as e:  # a settings object built from a flag no command checked first: still one line
+        err.print(f"[bold red]error:[/] {format_validation_error(e, 'invalid value')}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, DataOpt, ThreadsOpt, VocabOpt, check_backend, progress
-from mupt.config import DEFAULT_OPTIMIZER, Discretization, OptimizerName, Scheme
+from mupt.cli.common import BackendOpt, DataOpt, ThreadsOpt, VocabOpt, check_backend, check_finite, progress
+from mupt.config import DEFAULT_OPTIMIZER, Discretization, OptimizerName, Scheme, format_validation_error
 from mupt.errors import ConfigError
 from mupt.paths import check_output_dir
 from mupt.threads import resolve_threads, set_threads
@@ -73,6 +73,27 @@ def steps_table(res: CoordResult, rows: list[Row]) -> Table:
         cells = [f"{s:+.2f}" if abs(s) <= tol else f"[red]{s:+.2f}[/]" for s in r.slopes_by_step]
         t.add_row(layer_label(r), quantity_label(r.quantity), *cells)
     return t
+
+
+#: CoordSettings -> run config fields, named by the flag that sets them (for one-line errors).
+_COORD_FLAGS = {
+    "d_state": "--d-state", "n_layers": "--layers", "batch_size": "--batch-size", "seq_len": "--seq-len",
+    "lr": "--lr", "steps": "--steps", "vocab_size": "--vocab-size",
+}  # fmt: skip
+
+
+def validate_run_configs(settings: CoordSettings) -> None:
+    """Build the run config of every width up front, so a bad value is one line naming its flag (exit 2)."""
+    from pydantic import ValidationError
+
+    for width in settings.widths:
+        try:
+            settings.run_config(width, 0)
+        except ValidationError as e:
+            msg = format_validation_error(e, f"width {width}")
+            for field, flag in _COORD_FLAGS.items():
+                msg = msg.replace(f": {field}:", f": {flag}:").replace(f".{field}:", f" {flag}:")
+            raise ConfigError(msg) from None
 
 
 @check_app.command("coord")
@@ -148,6 +169,8 @@ def coord(
         base_width=base_width, data=data or "builtin", vocab_size=vocab_size,
     )  # fmt: skip
     settings.validate()
+    check_finite(tolerance, "--tolerance", positive=True)
+    validate_run_configs(settings)
     n_threads = resolve_threads(threads)
     check_output_dir(out_dir, "--run-dir")
     set_threads(n_threads)

@@ -31,6 +31,7 @@ from mupt.cli.common import (
     ThreadsOpt,
     VocabOpt,
     check_backend,
+    check_finite,
     progress,
     resolve_config,
 )
@@ -221,6 +222,8 @@ def transfer(
         steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data,
         vocab_size=vocab_size, backend=backend,
     )  # fmt: skip
+    check_finite(max_drift, "--max-drift", positive=True)
+    check_finite(monotone_tol, "--monotone-tol")
     n_workers, n_threads = workers_threads(workers, threads)
     check_output_dir(out_dir, "--run-dir")
     passed = run_transfer(spec, out_dir, n_workers, n_threads, max_drift, monotone_tol)
@@ -313,6 +316,7 @@ def check_all(
         seq_len=PROXY_SEQ_LEN, optimizer=DEFAULT_OPTIMIZER, backend=backend,
     )  # fmt: skip
     settings = coord_settings(coord_widths, backend)
+    check_finite(max_drift, "--max-drift", positive=True)
     n_workers, n_threads = workers_threads(workers, threads)
     check_output_dir(out_dir, "--run-dir")
     set_threads(resolve_threads(threads))  # the coordinate part runs in this process

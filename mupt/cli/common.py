@@ -7,6 +7,7 @@ show them in ``--help``.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from types import TracebackType
@@ -153,6 +154,14 @@ def check_backend(backend: str | None) -> str:
     if value not in {b.value for b in Backend}:
         choices = ", ".join(b.value for b in Backend)
         raise ConfigError(f"--backend {value}: unknown scan backend; choose one of: {choices}")
+    return value
+
+
+def check_finite(value: float, flag: str, positive: bool = False) -> float:
+    """Refuse NaN/inf (and, with ``positive``, values <= 0) for a float flag: one line, exit 2."""
+    if not math.isfinite(value) or (positive and value <= 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise ConfigError(f"{flag} {value:g}: must be {need}")
     return value
 
 
