@@ -13,6 +13,8 @@ at the widths given; every measurement is the median over repeats of the time of
 after one warm-up step.  On a machine shared with other jobs the absolute numbers are noise; the
 ratios in one run are the result.
 
+Run it with ``OMP_NUM_THREADS`` unset (mupt's default honours it as the user's explicit choice).
+
     python benchmarks/threads.py                 # widths 64,256; 8 steps; 3 repeats
     python benchmarks/threads.py --quick         # width 64, 3 steps, 1 repeat (seconds)
 """

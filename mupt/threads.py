@@ -4,7 +4,8 @@ Torch's intra-op pool defaults to every core of the machine in every process; wi
 processes (``tune --workers``, ``check transfer --workers``) or a machine shared with other jobs,
 that oversubscribes the cores and small models run several times slower (issue 14 measured 12.4 s
 vs 2.56 s for eight steps at d_model 256 on a loaded 2-core machine).  The default here gives each
-of ``workers`` processes ``cores // workers`` threads (at least 1), so workers x threads <= cores.
+of ``workers`` processes ``cores // workers`` threads (at least 1), so workers x threads <= cores;
+``$OMP_NUM_THREADS``, when set, is taken as the user's explicit per-process choice.
 ``benchmarks/threads.py`` measures the effect.
 """
 
@@ -17,7 +18,10 @@ import torch
 from mupt.errors import ConfigError
 
 #: How the default is shown in ``--help``.
-THREADS_HELP = "Torch threads per worker process; the default never oversubscribes (workers x threads <= cores)."
+THREADS_HELP = (
+    "Torch threads per worker process; the default ($OMP_NUM_THREADS when set, else usable cores // workers) "
+    "never oversubscribes (workers x threads <= cores)."
+)
 
 
 def usable_cores() -> int:
@@ -33,9 +37,16 @@ def default_workers(limit: int = 8) -> int:
     return max(1, min(limit, usable_cores()))
 
 
+def env_threads() -> int | None:
+    """``$OMP_NUM_THREADS`` when it is set to a positive integer (the user's explicit per-process choice)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def default_threads(workers: int = 1) -> int:
-    """Threads per worker so that ``workers * threads <= usable_cores()`` (at least 1)."""
-    return max(1, usable_cores() // max(1, workers))
+    """Threads per worker process: ``$OMP_NUM_THREADS`` when set, else ``usable_cores() // workers``
+    (at least 1), so that ``workers * threads <= usable_cores()``."""
+    return env_threads() or max(1, usable_cores() // max(1, workers))
 
 
 def resolve_threads(threads: int | None, workers: int = 1, flag: str = "--threads") -> int:

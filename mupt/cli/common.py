@@ -135,7 +135,9 @@ BackendOpt = Annotated[
     str | None,
     typer.Option("--backend", help="Scan backend: auto, torch, reference, triton.", show_default="auto"),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help=THREADS_HELP, show_default="usable cores // workers")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help=THREADS_HELP, show_default="$OMP_NUM_THREADS or usable cores // workers")
+]
 RunDirOpt = Annotated[
     Path | None,
     typer.Option(
