@@ -17,7 +17,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from mupt.config import DataConfig, RunConfig
+from mupt.config import DataConfig, RunConfig, load_recipe
 from mupt.data import fit_vocab, load_data
 from mupt.data.dataset import open_dataset
 from mupt.errors import ConfigError, DataError
@@ -340,7 +340,7 @@ def test_tune_transfer_scale_on_a_dataset(
     data["launch"].update(run_dir=str(tmp_path / "ref-run"), log_every=1, ckpt_every=5)
     save_yaml(tmp_path / "ref.yaml", Recipe.model_validate(data))
     torch.set_num_threads(1)
-    launch.run(launch.load_recipe(tmp_path / "ref.yaml"))
+    launch.run(load_recipe(tmp_path / "ref.yaml"))
     reference = logged_losses(tmp_path / "ref-run")
     data["launch"]["run_dir"] = str(tmp_path / "two-run")
     save_yaml(tmp_path / "two.yaml", Recipe.model_validate(data))

@@ -17,7 +17,6 @@ from mupt.check.lr_transfer import (
     TransferReport,
     check_transfer,
     parse_lr_grid,
-    parse_widths,
     validate_spec,
 )
 from mupt.cli import check_app, err, out
@@ -42,6 +41,7 @@ from mupt.config import (
     OptimizerName,
     RunConfig,
     Scheme,
+    parse_widths,
     with_overrides,
 )
 from mupt.errors import ConfigError
@@ -94,7 +94,7 @@ def build_spec(
     seeds: int,
     **flags: Any,
 ) -> SweepSpec:
-    ws = parse_widths(widths)
+    ws = parse_widths(widths, at_least=2)
     grid = parse_lr_grid(lrs)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1")
@@ -245,10 +245,10 @@ CI_COORD_WIDTHS = (256, 512, 1024, 2048)
 
 def coord_settings(widths: str, backend: str | None) -> CoordSettings:
     """CI-sized coordinate-check settings (validated): ``widths`` against a 64-wide base."""
-    from mupt.cli.check_coord import parse_widths as parse_coord_widths
-
     settings = CoordSettings(
-        widths=parse_coord_widths(widths), base_width=CI_COORD_BASE, backend=check_backend(backend)
+        widths=tuple(parse_widths(widths, flag="--coord-widths")),
+        base_width=CI_COORD_BASE,
+        backend=check_backend(backend),
     )
     settings.validate()
     return settings

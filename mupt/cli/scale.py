@@ -13,6 +13,7 @@ import typer
 from mupt import launch
 from mupt.cli import app, err, fail, out
 from mupt.cli.common import ThreadsOpt, progress
+from mupt.config import load_recipe
 from mupt.data import compare_identity
 from mupt.paths import check_output_dir
 from mupt.report import key_values
@@ -62,7 +63,7 @@ def scale(
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
+        load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
         log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
     n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
