@@ -182,7 +182,8 @@ def transfer(
         out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
     else:
         flags = " and ".join(f for f, on in (("--explain", explain_rules), ("--compare", compare)) if on)
-        err.print(f"no recipe written ({flags} only print); drop {flags} or pass --out PATH to write one")
+        verb = "print" if explain_rules and compare else "prints"
+        err.print(f"no recipe written ({flags} only {verb}); drop {flags} or pass --out PATH to write one")
 
 
 def _show(recipe: Recipe, path: Path | None) -> None:
