@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,10 +170,15 @@ def trained(tmp_path: Path, cli) -> tuple[Path, Path]:
     return recipe, run_dir
 
 
+def message_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines (stderr is not a terminal here, so progress is plain lines)."""
+    return [x for x in stderr.splitlines() if x.strip() and not re.match(r"scale \d+/\d+ ", x)]
+
+
 def one_line_error(cli, *args: str) -> str:
     code, _, stderr = cli(*args)
     assert code == 2, stderr
-    lines = [x for x in stderr.splitlines() if x.strip()]
+    lines = message_lines(stderr)
     assert len(lines) == 1, stderr
     return " ".join(lines[0].split())
 
@@ -356,5 +362,5 @@ def test_ctrl_c_checkpoints_prints_one_line_and_exits_130(tmp_path: Path) -> Non
     assert summary["status"] == "terminated" and summary["signal"] == signal.SIGINT
     latest = launch.find_latest(run_dir)
     assert latest is not None and latest.name == f"step_{summary['steps']:06d}"
-    lines = [x for x in stderr.splitlines() if x.strip()]
+    lines = message_lines(stderr)
     assert len(lines) == 1 and "interrupted" in lines[0] and "rerun to resume" in lines[0], stderr
