@@ -692,7 +692,7 @@ def trial_rows(study: optuna.Study, k: int | None = None) -> list[dict[str, Any]
             }
         )
     rank = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2}
-    rows.sort(key=lambda r: (rank.get(r["state"], 3), r["value"] if r["value"] is not None else math.inf))
+    rows.sort(key=lambda r: (rank.get(str(r["state"]), 3), r["value"] if r["value"] is not None else math.inf))
     return rows[:k] if k else rows
 
 

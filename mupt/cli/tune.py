@@ -33,6 +33,8 @@ from mupt.report import fmt, key_values, table
 from mupt.tune import (
     SEARCHABLE,
     Progress,
+    PrunerName,
+    SamplerName,
     TuneSettings,
     count_states,
     default_study_name,
@@ -114,8 +116,12 @@ def tune(
     threads: Annotated[
         int, typer.Option("--threads", help="Torch threads per worker (1 is fastest for small proxies; add --workers).")
     ] = 1,
-    sampler: Annotated[str, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")] = "tpe",
-    pruner: Annotated[str, typer.Option("--pruner", help="asha (successive halving), median or none.")] = "asha",
+    sampler: Annotated[
+        SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
+    ] = SamplerName.TPE,
+    pruner: Annotated[
+        PrunerName, typer.Option("--pruner", help="asha (successive halving), median or none.")
+    ] = PrunerName.ASHA,
     search: Annotated[str, typer.Option("--search", help=f"Comma list to tune, from: {','.join(SEARCHABLE)}.")] = "lr",
     lr_range: Annotated[str | None, typer.Option("--lr-range", help="LOW,HIGH of the log-uniform LR range.")] = None,
     storage: Annotated[
