@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from mupt import launch
 from mupt.config import Recipe, load_recipe, load_yaml, save_yaml, to_dict
@@ -426,7 +427,7 @@ def edited_recipe(tmp_path: Path, edit: Any) -> Path:
 def test_dry_run_refuses_what_the_launch_refuses(tmp_path: Path, cli, what: str, edit: Any, expect: str) -> None:
     recipe = edited_recipe(tmp_path, edit)
     dry = one_line_error(cli, "scale", str(recipe), "--dry-run")
-    assert expect in dry and "mupt transfer" in dry or "finite" in dry, dry
+    assert expect in dry, dry
     assert one_line_error(cli, "scale", str(recipe)) == dry  # the real launch: the same line, nothing trained
     assert not (tmp_path / "edited-run").exists()
 
@@ -437,7 +438,10 @@ def test_scale_bad_inputs_are_one_line(tmp_path: Path, cli) -> None:
     assert "--nproc" in one_line_error(cli, "scale", str(recipe), "--nproc", "0", "--dry-run")
     assert "--lr-scale" in one_line_error(cli, "scale", str(recipe), "--lr-scale", "0")
     assert "--lr-scale" in one_line_error(cli, "scale", str(recipe), "--lr-scale", "nan")
-    fp16 = edited_recipe(tmp_path, lambda d: d["launch"].update(precision="fp16"))
+    data = to_dict(load_yaml(recipe, Recipe))
+    data["launch"]["precision"] = "fp16"
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text(yaml.safe_dump(data))
     msg = one_line_error(cli, "scale", str(fp16), "--dry-run")
     assert "launch.precision" in msg and "fp16" in msg  # refused at load, never a silent fp32 run
     assert "--precision" in one_line_error(cli, "scale", str(recipe), "--precision", "fp16")
