@@ -294,6 +294,21 @@ class Summary:
         return self.flops_per_token * self.train_tokens
 
 
+def train_flops_per_token(cfg: RunConfig, info: ShapeInfo | None = None) -> tuple[float, float]:
+    """Training FLOPs per token of ``cfg``'s model, and the selective scan's part of it.
+
+    ``6 x non-embedding parameters`` (each weight: one multiply-add forward, two backward; the
+    LM head counts, the embedding lookup does not) ``+ TRAIN_FLOP_FACTOR x SCAN_FWD_FLOPS x
+    n_layers x N_u x N_x`` (the scan, which has no parameters of that size).  Norms, the conv's
+    gating and the softmax are left out.  Used by the transfer summary and by ``mupt tune``'s
+    compute accounting (docs/tuning.md, "Compute, in FLOPs").
+    """
+    info = info if info is not None else shape_info(cfg)
+    m = cfg.model
+    scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
+    return 6.0 * (info.num_params - info.embedding_params) + scan, scan
+
+
 def summarize(recipe: Recipe) -> Summary:
     cfg = recipe.run
     info = shape_info(cfg)
@@ -301,8 +316,7 @@ def summarize(recipe: Recipe) -> Summary:
     proxy_info = shape_info(proxy)
     m = cfg.model
     mem = memory_estimate(cfg)
-    scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
-    flops = 6.0 * (info.num_params - info.embedding_params) + scan
+    flops, scan = train_flops_per_token(cfg, info)
     ratio = recipe.source.get("ratio", {})
     proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.train.seq_len
     return Summary(
@@ -604,6 +618,7 @@ __all__ = [
     "shape_info",
     "summarize",
     "target_config",
+    "train_flops_per_token",
     "transfer",
     "warnings",
 ]

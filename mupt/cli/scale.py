@@ -14,7 +14,7 @@ from mupt import launch
 from mupt.cli import app, err, fail, out
 from mupt.cli.common import progress
 from mupt.config import Precision, load_recipe
-from mupt.data import compare_identity
+from mupt.data import bits_per_byte, bytes_per_token, compare_identity
 from mupt.report import key_values
 from mupt.transfer import data_identity
 
@@ -116,7 +116,7 @@ def scale(
         raise fail(f"a worker exited with code {code} (its error is above); fix it and rerun to resume", code=code)
 
 
-def _print_summary(s: dict[str, Any]) -> None:
+def _print_summary(s: dict[str, Any], bpt: float | None) -> None:
     rows = [
         ("status", s["status"] + (f" ({s['reason']})" if s.get("reason") else "")),
         ("processes", s["world"]),
@@ -126,6 +126,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         ("throughput (tokens/s)", s["tokens_per_s"]),
         ("last train loss (nats)", s["last_loss"]),
         ("best val loss (nats)", s["best_val_loss"]),
+        ("best val bits/byte", bits_per_byte(s["best_val_loss"], bpt)),
         ("checkpoint", s["checkpoint"]),
         ("run dir", s["run_dir"]),
     ]
@@ -170,7 +171,7 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> N
                 state["bar"].update(state["task"], completed=rec["step"], info=info)
 
             result = launch.run(recipe, resume, on_log=on_log, on_start=on_start, reschedule=reschedule)
-        _print_summary(result.summary())
+        _print_summary(result.summary(), bytes_per_token(cfg.data))
     if result.status == "diverged":
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
         raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
