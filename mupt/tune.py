@@ -614,6 +614,11 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
     if rung > 0:
         return optuna.pruners.NopPruner()
     if settings.pruner is PrunerName.ASHA:
+        if settings.fidelity is Fidelity.WIDTH:
+            # one halving on steps, at about 1/reduction of the run: about 1/reduction of rung 0 then completes,
+            # enough for rung 1's round(trials / reduction) promotions (two halvings on steps would starve it)
+            first = max(every, cfg.train.steps // settings.reduction)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=settings.reduction)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
     if settings.pruner is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
@@ -1000,7 +1005,10 @@ class Progress:
 def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
     best = best_trial(ladder)
     c = count_states(ladder)
-    total = sum(r.size for r in ladder.rungs)
+    total = ladder.rungs[0].size  # a rung whose lower rung is closed holds at most that rung's COMPLETE trials
+    for i in range(1, len(ladder.rungs)):
+        size = ladder.rungs[i].size
+        total += min(size, len(_ranked(ladder.studies[i - 1]))) if _closed(ladder, i - 1) else size
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
         c["RUNNING"],

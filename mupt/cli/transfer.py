@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +56,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _source(
-    from_: Path | None, lr: float | None, runs_dir: Path, config: Path | None, proxy_flags: dict[str, object]
+    from_: Path | None, lr: float | None, runs_dir: Path, config: Path | None, proxy_flags: Mapping[str, object]
 ) -> tuple[BestParams | RunConfig, Path | None]:
     given = [("--" + k.replace("_", "-")) for k, v in proxy_flags.items() if v is not None]
     if config is not None:
