@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mupt import __version__
 from mupt.config import (
+    Arch,
     BestParams,
     OptimizerName,
     RunConfig,
@@ -99,22 +100,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def proxy_config() -> RunConfig:
-    """The built-in proxy (``recipes/proxy.yaml`` is this config written out).
+    """The built-in proxy: :class:`~mupt.config.RunConfig`'s defaults, defined once in :mod:`mupt.config`
+    (``PROXY_*``; ``recipes/proxy.yaml`` is this config written out).
 
-    Sized so that ``mupt tune --width 256`` with the default trial budget finishes on two CPU
+    Sized so that ``mupt tune`` (d_model 256) with the default trial budget finishes on two CPU
     cores in minutes: 2 layers, d_state 16, 64 steps of 8 x 64 tokens, eval every 16 steps.
     """
-    return RunConfig.model_validate(
-        {
-            "model": {"d_model": 256, "n_layers": 2, "d_state": 16},
-            "data": {"source": "builtin"},
-            "train": {
-                "steps": 64, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "optimizer": "adamw",
-                "eval_every": 16, "eval_batches": 2, "seed": 0,
-            },
-            "param": {"scheme": "mup-ssm"},
-        }
-    )  # fmt: skip
+    return RunConfig()
 
 
 class TuneSettings(BaseModel):
@@ -557,17 +549,28 @@ class Rung:
     study_name: str
 
 
-def rung_widths(proxy_width: int) -> list[int]:
-    """d_model of the rungs: proxy/8, /4, /2 and the proxy, rounded down to multiples of 16 (>= 16), deduplicated."""
-    widths = {max(16, (proxy_width // k) // 16 * 16) for k in (8, 4, 2)} | {proxy_width}
+def rung_widths(proxy_width: int, multiple: int = 16) -> list[int]:
+    """d_model of the rungs: proxy/8, /4, /2 and the proxy, rounded down to multiples of ``multiple``
+    (16, so that dt_rank = d_model/16 scales; mamba2 also needs whole heads), deduplicated."""
+    widths = {max(multiple, (proxy_width // k) // multiple * multiple) for k in (8, 4, 2)} | {proxy_width}
     return sorted(w for w in widths if w <= proxy_width)
+
+
+def width_multiple(cfg: RunConfig) -> int:
+    """The d_model step every rung keeps: 16, and for mamba2 whole heads in whole groups
+    (expand*d_model divisible by headdim*ngroups)."""
+    m = cfg.model
+    if m.arch is not Arch.MAMBA2:
+        return 16
+    unit = m.headdim * m.ngroups // math.gcd(m.expand, m.headdim * m.ngroups)
+    return math.lcm(16, unit)
 
 
 def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise."""
     if settings.fidelity is Fidelity.STEPS:
         return [Rung(0, cfg.model.d_model, settings.trials, settings.study)]
-    widths = rung_widths(cfg.model.d_model)
+    widths = rung_widths(cfg.model.d_model, width_multiple(cfg))
     eta = settings.reduction
     return [
         Rung(i, w, settings.trials if i == 0 else max(1, round(settings.trials / eta**i)),
