@@ -121,6 +121,11 @@ class TrainConfig(_Strict):
     diverge_loss: float | None = Field(
         None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
     )
+    init_from: str | None = Field(
+        None,
+        description="transformers or mamba_ssm checkpoint directory to start from (continued pre-training; "
+        "mupt.export.init_from)",
+    )
 
 
 class ParamConfig(_Strict):

@@ -58,14 +58,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
-    """Flags (``steps``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``, ``fsdp``)
-    override the recipe; ``None`` leaves a field alone."""
+    """Flags (``steps``, ``init_from``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``,
+    ``fsdp``) override the recipe; ``None`` leaves a field alone."""
     data = to_dict(recipe)
     for key, value in flags.items():
         if value is None:
             continue
-        if key == "steps":
-            data["run"]["train"]["steps"] = value
+        if key in ("steps", "init_from"):
+            data["run"]["train"][key] = str(value) if key == "init_from" else value
         elif key in LAUNCH_FLAGS:
             data["launch"][key] = str(value) if key == "run_dir" else value
         else:
@@ -89,6 +89,8 @@ def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
         "--log-every", str(lc.log_every), "--precision", lc.precision,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
+    if recipe.run.train.init_from is not None:
+        flags += ["--init-from", recipe.run.train.init_from]
     if resume is not None:
         flags.append("--resume" if resume else "--no-resume")
     return flags
@@ -243,12 +245,15 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be loadable into this run (the scan backend need not)."""
     model = to_dict(cfg.model)
     model.pop("scan_backend", None)
-    return {
+    fields = {
         "model": model,
         "param": to_dict(cfg.param),
         "optimizer": cfg.train.optimizer.value,
         "lr": cfg.train.lr,
     }
+    if cfg.train.init_from is not None:  # folded multipliers: another parametrization of the same weights
+        fields["init_from"] = cfg.train.init_from
+    return fields
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -299,7 +304,10 @@ def check_group_lrs(trainer: Trainer, recipe: Recipe, module: nn.Module) -> None
     cfg = trainer.cfg
     base = cfg.train.lr
     fresh = trainer.par.manifest.params
-    rec_params: dict[str, Any] = recipe.manifest.get("params", {}) if recipe.manifest else {}
+    # --init-from folds the forward multipliers into the LRs (mupt.export.init_from): the recipe's tables
+    # describe the from-scratch run, so the groups are checked against the fresh (folded) manifest alone.
+    tables = cfg.train.init_from is None
+    rec_params: dict[str, Any] = recipe.manifest.get("params", {}) if recipe.manifest and tables else {}
     factor = lr_factor(cfg.train)(trainer.step)
     seen: set[int] = set()
     for g in trainer.optimizer.param_groups:
@@ -314,7 +322,7 @@ def check_group_lrs(trainer: Trainer, recipe: Recipe, module: nn.Module) -> None
                     f"recipe manifest gives {name} lr_mult={mult:g} but the width rules give {entry.lr_mult:g}; "
                     "regenerate the recipe with mupt transfer"
                 )
-            role_lr = (recipe.per_role.get(entry.role) or {}).get("lr")
+            role_lr = (recipe.per_role.get(entry.role) or {}).get("lr") if tables else None
             if role_lr is not None and not _close(float(role_lr), base * mult):
                 raise ConfigError(
                     f"recipe per_role.{entry.role}.lr={role_lr:g} but base lr {base:g} x lr_mult {mult:g} = "

@@ -194,6 +194,9 @@ class MambaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         self.mult_output = 1.0
+        #: init std each parameter was last rescaled to by :func:`mupt.parametrization.apply` (empty: the
+        #: default init below), so a second ``apply`` rescales from there instead of compounding.
+        self.init_stds: dict[str, float] = {}
         self.reset_parameters()
 
     def forward(self, input_ids: Tensor, probe: dict[str, Tensor] | None = None) -> Tensor:
@@ -207,6 +210,7 @@ class MambaLM(nn.Module):
     def reset_parameters(self) -> None:
         """mamba_ssm's default init (uses the global torch RNG; seed before calling)."""
         cfg = self.cfg
+        self.init_stds.clear()
         nn.init.normal_(self.backbone.embedding.weight, std=0.02)
         if not cfg.tie_embeddings:
             _linear_default(self.lm_head.weight)
@@ -258,13 +262,16 @@ def _split_sizes(cfg: ModelConfig) -> list[int]:
 
 def to_mamba_ssm_state_dict(model: MambaLM) -> dict[str, Tensor]:
     """mupt state dict -> mamba_ssm names (fuses the x_proj row blocks)."""
+    return to_mamba_ssm_names(model.state_dict())
+
+
+def to_mamba_ssm_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A mupt-named state dict -> mamba_ssm names: ``x_proj.weight = cat([weight_dt, weight_B, weight_C])``."""
     out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key.endswith("x_proj.weight_dt"):
             stem = key[: -len("weight_dt")]
-            out[stem + "weight"] = torch.cat(
-                [value, model.state_dict()[stem + "weight_B"], model.state_dict()[stem + "weight_C"]], dim=0
-            )
+            out[stem + "weight"] = torch.cat([value, state[stem + "weight_B"], state[stem + "weight_C"]], dim=0)
         elif key.endswith(("x_proj.weight_B", "x_proj.weight_C")):
             continue
         else:

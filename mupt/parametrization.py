@@ -273,11 +273,12 @@ def apply(
 ) -> Parametrized:
     """Initialise ``model`` under ``param.scheme`` and return its optimizer groups + manifest.
 
-    ``reinit`` rescales the model's current (default) init to the rule's std; pass False when
-    loading trained weights.  Groups carry ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps``
-    (:data:`ADAM_EPS`, divided by r_u under the µP schemes; SGD ignores it); schedules must
-    multiply group LRs (LambdaLR does), never set them absolutely.  Decoupled weight decay:
-    PyTorch's AdamW decays by ``lr_group * wd_group`` per step, so ``wd_group = wd / lr_mult``
+    ``reinit`` rescales the model's current init (the default one, or the std a previous ``apply`` gave
+    it, kept in ``model.init_stds``) to the rule's std, so calling ``apply`` again is idempotent and a
+    second scheme starts from the right scale; pass False when loading trained weights.  Groups carry
+    ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps`` (:data:`ADAM_EPS`, divided by r_u under the µP
+    schemes; SGD ignores it); schedules must multiply group LRs (LambdaLR does), never set them absolutely.
+    Decoupled weight decay: PyTorch's AdamW decays by ``lr_group * wd_group`` per step, so ``wd_group = wd / lr_mult``
     keeps the per-step decay width-independent; roles in NO_WEIGHT_DECAY get none.
     """
     cfg = model.cfg
@@ -305,8 +306,9 @@ def apply(
             std: float | None = None
             if rule.init is not None:
                 std = _default_std(role, base_cfg) * _ratio(rule.init, r_u, r_x) * param.init_scale
-                if reinit:
-                    p.mul_(std / _default_std(role, cfg))
+                if reinit:  # from the std the weights have now: a second apply() does not compound
+                    p.mul_(std / model.init_stds.get(name, _default_std(role, cfg)))
+                    model.init_stds[name] = std
             lr_mult = _ratio(rule.lr, r_u, r_x)
             fwd[role] = _ratio(rule.fwd, r_u, r_x)
             wd = 0.0 if role in NO_WEIGHT_DECAY else weight_decay / lr_mult

@@ -53,10 +53,18 @@ class TrainResult:
 def build_model(
     cfg: RunConfig, device: str | torch.device = "cpu", reinit: bool = True
 ) -> tuple[MambaLM, Parametrized]:
-    """Model at the config's width, initialised under its scheme; same seed -> same weights."""
+    """Model at the config's width, initialised under its scheme; same seed -> same weights.
+
+    With ``cfg.train.init_from`` the weights come from that checkpoint instead (``reinit=False``: only
+    its forward-multiplier folding, for loading a mupt checkpoint of such a run).
+    """
     torch.manual_seed(cfg.train.seed)
     model = MambaLM(cfg.model)
     par = apply(model, cfg.param, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, reinit=reinit)
+    if cfg.train.init_from is not None:  # weights from a transformers/mamba_ssm checkpoint, multipliers folded
+        from mupt.export import init_from
+
+        par = init_from(model, par, cfg, load=reinit)
     return model.to(device), par
 
 

@@ -201,3 +201,28 @@ def test_reinit_false_keeps_trained_weights() -> None:
     apply(m, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D), "adamw", 1e-3, reinit=False)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert math.isclose(m.mult_output, 1.0)
+
+
+@pytest.mark.parametrize("scheme", [Scheme.MUP, Scheme.MUP_SSM, Scheme.SP])
+def test_apply_twice_keeps_the_stds_and_the_manifest(scheme: Scheme) -> None:
+    """A second apply() on the same model must not compound the init rescaling (it used to halve lm_head)."""
+    m = model(d_model=256)
+    param = ParamConfig(scheme=scheme, base_d_model=BASE_D)
+    first = apply(m, param, "adamw", 1e-3)
+    weights = {n: p.detach().clone() for n, p in m.named_parameters()}
+    second = apply(m, param, "adamw", 1e-3)
+    for name, p in m.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    assert second.manifest.to_dict() == first.manifest.to_dict()
+    head = m.lm_head.weight
+    assert float(head.std()) == pytest.approx(first.manifest.params["lm_head.weight"].init_std, rel=0.05)
+
+
+def test_apply_with_another_scheme_starts_from_the_default_init() -> None:
+    """apply(mup) then apply(sp) gives the sp stds, as apply(sp) on a fresh model does."""
+    a, b = model(seed=3, d_model=256), model(seed=3, d_model=256)
+    apply(a, ParamConfig(scheme=Scheme.MUP, base_d_model=BASE_D), "adamw", 1e-3)
+    apply(a, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D), "adamw", 1e-3)
+    apply(b, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D), "adamw", 1e-3)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=0, msg=name)

@@ -44,6 +44,14 @@ def scale(
         typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint (default when one exists)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from a transformers or mamba_ssm checkpoint directory (continued pre-training; the "
+            "recipe's model must have its shapes). Ignored when resuming from this run's own checkpoint.",
+        ),
+    ] = None,
 ) -> None:
     """Launch the large run from a recipe: DDP or FSDP2, bf16 on GPU, DCP checkpoints, exact resume.
 
@@ -51,7 +59,7 @@ def scale(
     """
     recipe = launch.apply_overrides(
         launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, ckpt_every=ckpt_every,
-        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
+        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp, init_from=init_from,
     )  # fmt: skip
     flags = launch.worker_flags(recipe, resume)
     if launch.is_worker():

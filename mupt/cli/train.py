@@ -28,7 +28,8 @@ from mupt.cli.common import (
     progress,
     resolve_config,
 )
-from mupt.config import atomic_write_text, save_yaml
+from mupt.config import atomic_write_text, save_yaml, with_overrides
+from mupt.export import WEIGHTS, save_weights
 from mupt.report import key_values
 from mupt.train import Trainer
 
@@ -51,7 +52,16 @@ def train(
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Run directory: writes config.yaml and metrics.json there.")
+        Path | None,
+        typer.Option("--out", help="Run directory: writes config.yaml, metrics.json and model.safetensors there."),
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from a transformers or mamba_ssm checkpoint directory (continued pre-training): weights "
+            "as stored, per-group LRs from the width rules; the model shape must match it.",
+        ),
     ] = None,
 ) -> None:
     """Train one Mamba LM on the builtin corpus (or --data) and report train/val loss.
@@ -63,13 +73,15 @@ def train(
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
         data=data, seed=seed, backend=backend,
     )  # fmt: skip
+    if init_from is not None:
+        cfg = with_overrides(cfg, {"train.init_from": str(init_from)}, where="--init-from")
     trainer = Trainer(cfg)
     if out_dir is not None:
         save_yaml(out_dir / "config.yaml", cfg)
     out.print(
         f"[bold]mupt train[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} d_state={cfg.model.d_state} "
         f"params={trainer.model.num_params():,} scheme={cfg.param.scheme.value} lr={cfg.train.lr:g} "
-        f"data={trainer.data.name}",
+        f"data={trainer.data.name}" + (f" init-from={cfg.train.init_from}" if cfg.train.init_from else ""),
         highlight=False,
     )
     with progress(transient=True) as bar:
@@ -101,5 +113,6 @@ def train(
             "final_val_bits_per_byte": bpb,
         }  # fmt: skip
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        save_weights(out_dir / WEIGHTS, trainer.model)
     if result.status == "diverged":
         raise fail(f"run diverged: {result.reason}; lower --lr (now {cfg.train.lr:g})")
