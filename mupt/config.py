@@ -8,6 +8,7 @@ Configs round-trip: ``load_yaml(save_yaml(cfg))`` equals ``cfg``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -45,6 +46,13 @@ class Schedule(StrEnum):
     LINEAR = "linear"
 
 
+class Arch(StrEnum):
+    """Mixer architecture of every block."""
+
+    MAMBA1 = "mamba1"  # selective scan, A per (channel, state), x_proj + dt_proj
+    MAMBA2 = "mamba2"  # SSD: scalar A per head, B/C per group from in_proj, gated RMSNorm
+
+
 class Scheme(StrEnum):
     """Width parametrizations: standard, heuristic µP (every Linear as hidden), µP-SSM."""
 
@@ -58,8 +66,15 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Mamba-1 LM shape. Widths: N_u = d_inner = expand * d_model; N_x = d_state."""
+    """Mamba LM shape. Widths: N_u = d_inner = expand * d_model; N_x = d_state.
 
+    ``arch`` picks the mixer: mamba1 (selective scan) or mamba2 (SSD, mamba_ssm's Mamba2 layout:
+    ``nheads = d_inner / headdim`` heads, ``ngroups`` B/C groups shared by ``nheads / ngroups``
+    heads, ``chunk_size`` steps per SSD chunk).  ``headdim``, ``ngroups`` and ``chunk_size`` only
+    apply to mamba2; ``dt_rank`` and ``discretization`` only to mamba1.
+    """
+
+    arch: Arch = Arch.MAMBA1
     d_model: int = Field(64, gt=0, description="residual width")
     n_layers: int = Field(2, gt=0)
     d_state: int = Field(16, gt=0, description="SSM state width N_x")
@@ -74,6 +89,9 @@ class ModelConfig(_Strict):
     dt_init_floor: float = Field(1e-4, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     scan_backend: str = Field("auto", description="auto | torch | reference | triton")
+    headdim: int = Field(64, gt=0, description="mamba2: channels per head; heads = d_inner / headdim")
+    ngroups: int = Field(1, gt=0, description="mamba2: B/C groups, each shared by nheads / ngroups heads")
+    chunk_size: int = Field(64, gt=0, description="mamba2: time steps per SSD chunk (a speed knob, not the math)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -83,6 +101,16 @@ class ModelConfig(_Strict):
             raise ValueError(f"dt_rank must be positive, got {self.dt_rank}")
         if self.dt_min >= self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must be below dt_max ({self.dt_max})")
+        if self.arch is Arch.MAMBA2:
+            if self.d_inner % self.headdim:
+                raise ValueError(
+                    f"mamba2 needs d_inner = expand*d_model = {self.d_inner} divisible by headdim={self.headdim}; "
+                    "change d_model or headdim"
+                )
+            if self.nheads % self.ngroups:
+                raise ValueError(
+                    f"mamba2 needs nheads = {self.nheads} divisible by ngroups={self.ngroups}; change ngroups"
+                )
         return self
 
     @property
@@ -90,14 +118,23 @@ class ModelConfig(_Strict):
         return self.expand * self.d_model
 
     @property
+    def nheads(self) -> int:
+        """mamba2: number of SSD heads, d_inner / headdim (grows with width at fixed headdim)."""
+        return self.d_inner // self.headdim
+
+    @property
     def dt_rank_value(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
 
 
 class DataConfig(_Strict):
-    """Where tokens come from: the builtin offline corpus, a text file/dir, or a synthetic task."""
+    """Where tokens come from: the builtin corpus, a prepared dataset, a token file, text, or a synthetic task."""
 
-    source: str = Field("builtin", description="builtin | recall | PATH to a .txt file or a directory of .txt files")
+    source: str = Field(
+        "builtin",
+        description="builtin | recall | DATASET_DIR (mupt prepare) | tokens.bin/.npy | a .txt file or dir",
+    )
+    vocab_size: int | None = Field(default=None, gt=1, description="vocabulary of a plain .bin/.npy token file")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
 
@@ -193,6 +230,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (also inside dicts, lists and tuples) replaced by ``None``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (RFC 8259) for the files mupt writes: non-finite numbers become ``null``.
+
+    Python's default writes bare ``NaN``/``Infinity``, which strict readers (``jq``, browsers,
+    most non-Python parsers) reject; a diverged run has such numbers.  ``allow_nan=False`` makes
+    any that slipped through an error instead of an unreadable file.
+    """
+    return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -246,6 +304,9 @@ class BestParams(_Strict):
     params: dict[str, float] = Field(description="tuned values, e.g. {'lr': 3e-3, 'output_mult': 2.0}")
     config: RunConfig = Field(description="the proxy run config with the tuned values applied")
     manifest: dict[str, Any] = Field(default_factory=dict, description="parametrization manifest of the proxy")
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="identity of the proxy's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )
     code_version: str = ""
     created: str = ""
 
@@ -275,3 +336,6 @@ class Recipe(_Strict):
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     manifest: dict[str, Any] = Field(default_factory=dict)
+    dataset: dict[str, Any] = Field(
+        default_factory=dict, description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )

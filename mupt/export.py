@@ -46,9 +46,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mupt.config import Discretization, ModelConfig, OptimizerName, RunConfig, load_yaml
+from mupt.config import Arch, Discretization, ModelConfig, OptimizerName, RunConfig, load_yaml
 from mupt.errors import CheckpointError, ConfigError
-from mupt.model import MambaLM, MambaMixer, from_mamba_ssm_state_dict, to_mamba_ssm_names, to_mamba_ssm_state_dict
+from mupt.model import (
+    Mamba2Mixer,
+    MambaLM,
+    MambaMixer,
+    from_mamba_ssm_state_dict,
+    to_mamba_ssm_names,
+    to_mamba_ssm_state_dict,
+)
 from mupt.parametrization import Parametrized
 
 #: Weights written by ``mupt train --out`` (mupt names, forward multipliers folded in).
@@ -85,14 +92,19 @@ def fold_factors(model: MambaLM) -> dict[str, float]:
     else:
         factors["lm_head.weight"] = out
     for i, layer in enumerate(model.backbone.layers):
-        m: MambaMixer = layer.mixer  # type: ignore[assignment]
         stem = f"backbone.layers.{i}.mixer."
-        factors[stem + "in_proj.weight"] = float(m.mult_in)
-        factors[stem + "dt_proj.weight"] = float(m.mult_dt_proj)  # not the bias: the scan adds it after
-        factors[stem + "out_proj.weight"] = float(m.mult_out)
-        factors[stem + "x_proj.weight_dt"] = float(m.x_proj.mult_dt)
-        factors[stem + "x_proj.weight_B"] = float(m.x_proj.mult_B)
-        factors[stem + "x_proj.weight_C"] = float(m.x_proj.mult_C)
+        mixer = layer.mixer
+        assert isinstance(mixer, (MambaMixer, Mamba2Mixer))
+        factors[stem + "out_proj.weight"] = float(mixer.mult_out)
+        if isinstance(mixer, Mamba2Mixer):  # in_proj row blocks z, x, B, C, dt (dt_bias is added after)
+            for block, mult in mixer.in_proj.mult.items():
+                factors[stem + "in_proj.weight_" + block] = float(mult)
+            continue
+        factors[stem + "in_proj.weight"] = float(mixer.mult_in)
+        factors[stem + "dt_proj.weight"] = float(mixer.mult_dt_proj)  # not the bias: the scan adds it after
+        factors[stem + "x_proj.weight_dt"] = float(mixer.x_proj.mult_dt)
+        factors[stem + "x_proj.weight_B"] = float(mixer.x_proj.mult_B)
+        factors[stem + "x_proj.weight_C"] = float(mixer.x_proj.mult_C)
     return factors
 
 
@@ -122,7 +134,12 @@ def folded_state_dict(model: MambaLM) -> dict[str, Tensor]:
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-    """Raise :class:`ConfigError` for a model the other libraries cannot compute exactly (ZOH-B)."""
+    """Raise :class:`ConfigError` for a model this module cannot write exactly (ZOH-B; Mamba-2)."""
+    if cfg.arch is Arch.MAMBA2:
+        raise ConfigError(
+            "arch mamba2: mupt export writes Mamba-1 checkpoints (MambaForCausalLM, MambaLMHeadModel) only; "
+            "export a mamba1 run"
+        )
     if cfg.discretization.value != "euler":
         raise ConfigError(
             "this model discretizes B by ZOH, but transformers and mamba_ssm compute Euler B (Δ·B) and no weight "
@@ -202,15 +219,15 @@ def model_config_from(config: dict[str, Any], where: str) -> tuple[ModelConfig, 
             if config.get("hidden_act", "silu") != "silu":
                 raise ConfigError(f"{where}: hidden_act={config['hidden_act']!r}; mupt's Mamba uses silu")
             d = int(config["hidden_size"])
-            cfg = ModelConfig(
+            cfg = ModelConfig.model_validate(dict(
                 d_model=d, n_layers=int(config["num_hidden_layers"]), d_state=int(config.get("state_size", 16)),
                 d_conv=int(config.get("conv_kernel", 4)), expand=int(config.get("expand", 2)),
                 dt_rank=_dt_rank(d, config.get("time_step_rank")), vocab_size=int(config["vocab_size"]),
                 discretization=Discretization.EULER, tie_embeddings=bool(config.get("tie_word_embeddings", True)),
                 dt_min=float(config.get("time_step_min", 1e-3)), dt_max=float(config.get("time_step_max", 0.1)),
                 dt_init_floor=float(config.get("time_step_floor", 1e-4)),
-                norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), scan_backend="auto",
-            )  # fmt: skip
+                norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
+            ))  # fmt: skip
             return cfg, ExportFormat.HF
         if "d_model" in config and "n_layer" in config:
             ssm = dict(config.get("ssm_cfg") or {})
@@ -223,16 +240,15 @@ def model_config_from(config: dict[str, Any], where: str) -> tuple[ModelConfig, 
             pad = int(config.get("pad_vocab_size_multiple", 1))
             if vocab % pad:
                 vocab += pad - vocab % pad
-            cfg = ModelConfig(
+            cfg = ModelConfig.model_validate(dict(
                 d_model=d, n_layers=int(config["n_layer"]), d_state=int(ssm.get("d_state", 16)),
                 d_conv=int(ssm.get("d_conv", 4)), expand=int(ssm.get("expand", 2)),
                 dt_rank=_dt_rank(d, ssm.get("dt_rank")), vocab_size=vocab, discretization=Discretization.EULER,
                 tie_embeddings=bool(config.get("tie_embeddings", True)), dt_min=float(ssm.get("dt_min", 1e-3)),
                 dt_max=float(ssm.get("dt_max", 0.1)), dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)),
-                norm_eps=1e-5, scan_backend="auto",
-            )  # fmt: skip
+            ))  # fmt: skip
             return cfg, ExportFormat.MAMBA_SSM
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
         raise CheckpointError(f"{where}: not a usable Mamba config ({type(err).__name__}: {err})") from None
     raise CheckpointError(f"{where}: neither a transformers Mamba config nor a mamba_ssm one; pass a Mamba checkpoint")
 
@@ -619,8 +635,8 @@ def check_compatible(ckpt: Pretrained, cfg: ModelConfig) -> None:
     where = f"--init-from {ckpt.path}"
     if ckpt.model_cfg.vocab_size != cfg.vocab_size:
         raise ConfigError(
-            f"{where}: vocab {ckpt.model_cfg.vocab_size} but the run's dataset has {cfg.vocab_size} tokens; train on "
-            "a dataset prepared with the checkpoint's tokenizer"
+            f"{where}: vocab {ckpt.model_cfg.vocab_size} but the run's vocab (the dataset's, padded to x8) "
+            f"is {cfg.vocab_size}; train on a dataset prepared with the checkpoint's tokenizer"
         )
     if cfg.discretization.value != "euler":
         raise ConfigError(

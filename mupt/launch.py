@@ -4,15 +4,18 @@
 :class:`mupt.train.Trainer` (so per-group LRs come from the width rules), wraps the model (DDP,
 or FSDP2 ``fully_shard`` per block then root), rebuilds the optimizer over the wrapped
 parameters, and checks that every group's LR still equals ``base lr * lr_mult`` from the
-manifest and the recipe's ``per_role`` table.  Each rank trains on its slice of the global
-batch; the data order is a pure function of (seed, step), so the data position is the step.
+manifest and the recipe's ``per_role`` table.  It then trains with :meth:`Trainer.run`, the
+one training loop of mupt, through hooks defined here: :class:`GroupAudit`,
+:class:`MetricsLog`, :class:`SignalStop` and :class:`Checkpointing`; this module has no loop of
+its own.  Each rank trains on its slice of the global batch; the data order is a pure function
+of (seed, step), so the data position is the step.
 
 Checkpoints (``<run_dir>/checkpoints/step_NNNNNN``) are written with
 ``torch.distributed.checkpoint`` (model + optimizer via ``get_state_dict``/``set_state_dict``,
 which handles DDP and FSDP2 alike) plus per-rank RNG/scheduler state and a ``meta.json``
 (step, fingerprint of the model/param config, file sizes).  They are written to ``.tmp`` and
-renamed, then ``latest`` is rewritten atomically.  SIGTERM sets a flag; the loop checkpoints
-and returns.  A corrupt checkpoint or one for another model raises :class:`CheckpointError`.
+renamed, then ``latest`` is rewritten atomically.  SIGTERM or SIGINT sets a flag; the loop
+checkpoints and returns.  A corrupt checkpoint or one for another model raises :class:`CheckpointError`.
 
 :func:`launch_distributed` hands N processes to PyTorch's elastic launcher
 (``torch.distributed.run``), exactly as ``torchrun`` would.  Nothing here prints.
@@ -38,9 +41,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mupt.config import OptimizerName, Recipe, RunConfig, atomic_write_text, load_yaml, save_yaml, to_dict
+from mupt.config import (
+    OptimizerName,
+    Recipe,
+    RunConfig,
+    atomic_write_text,
+    json_text,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from mupt.errors import CheckpointError, ConfigError
-from mupt.train import Trainer, build_optimizer, lr_factor
+from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -428,7 +440,7 @@ def save_checkpoint(trainer: Trainer, run_dir: Path, extra: dict[str, Any], rank
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+        atomic_write_text(tmp / META, json_text(meta, indent=1))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -521,6 +533,7 @@ class ScaleResult:
     world: int
     run_dir: str
     checkpoint: str | None = None
+    signal: int | None = None  # the signal that stopped the run (status "terminated")
     losses: list[tuple[int, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -542,34 +555,115 @@ class _Autocast(nn.Module):
             return self.inner(*args, **kwargs)
 
 
-class _Stop:
-    """SIGTERM sets a flag; the loop checkpoints and leaves at the next step boundary."""
+class SignalStop(Hook):
+    """SIGTERM and SIGINT (Ctrl-C) set a flag; the run checkpoints at the next step boundary and stops.
+
+    A context manager: the handlers are installed on entry (main thread only) and the previous
+    ones restored on exit.  :attr:`signal` holds the number of the first signal received.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.flag = False
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _Stop:
+    def __enter__(self) -> SignalStop:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.flag, self.signal = True, signum
+        if self.signal is None:
+            self.signal = signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    def should_stop(self, trainer: Trainer) -> str | None:
+        return None if self.signal is None else f"signal {self.signal}"
 
-def _dist_env() -> tuple[int, int, int]:
+
+class MetricsLog(Hook):
+    """Rank 0 appends one strict-JSON line per logged step to ``metrics.jsonl`` and calls ``on_log``.
+
+    A record has ``step``, ``loss`` (nats/token), ``lr`` (base), ``grad_norm``, ``tokens``
+    (seen since step 0), ``tokens_per_s`` (throughput since the previous record) and ``time``
+    (seconds since this process started training); ``val_loss`` is added at evaluations.  Records
+    are written every ``log_every`` steps, at the last step, at every evaluation and at a
+    divergence; non-finite numbers are written as ``null``.
+    """
+
+    def __init__(self, path: Path, log_every: int, on_log: LogCallback | None = None) -> None:
+        self.path, self.log_every, self.on_log = path, log_every, on_log
+        self._window = (0.0, 0)
+
+    def on_start(self, trainer: Trainer) -> None:
+        self._window = (0.0, trainer.step)
+
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
+        if trainer.rank != 0:
+            return
+        total = trainer.cfg.train.steps
+        record: dict[str, Any] | None = None
+        if info.step % self.log_every == 0 or info.step == total or info.diverged is not None:
+            t, s = self._window
+            tps = (info.step - s) * trainer.tokens_per_step / max(info.seconds - t, 1e-9)
+            self._window = (info.seconds, info.step)
+            record = {"step": info.step, "loss": info.loss, "lr": info.lr, "grad_norm": info.grad_norm,
+                      "tokens": info.tokens, "tokens_per_s": tps, "time": info.seconds}  # fmt: skip
+        if info.val_loss is not None:
+            record = record or {"step": info.step}
+            record["val_loss"] = info.val_loss
+        if record is None:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json_text(record) + "\n")
+        if self.on_log is not None:
+            self.on_log({**record, "total_steps": total})
+
+
+class Checkpointing(Hook):
+    """Saves a DCP checkpoint every ``every`` steps, at the last step and when the run stops.
+
+    Every rank must run it (saving is collective).  It keeps the best validation loss so far
+    (also across resumes, through ``meta.json``) and the path of the last checkpoint written.
+    """
+
+    def __init__(self, run_dir: Path, every: int, best_val: float | None, last: Path | None) -> None:
+        self.run_dir, self.every = run_dir, every
+        self.best_val, self.last = best_val, last
+
+    def on_eval(self, trainer: Trainer, step: int, val_loss: float) -> None:
+        if math.isfinite(val_loss) and (self.best_val is None or val_loss < self.best_val):
+            self.best_val = val_loss
+
+    def at_boundary(self, trainer: Trainer, stopping: bool) -> None:
+        step = trainer.step
+        if step % self.every == 0 or step == trainer.cfg.train.steps or stopping:
+            self.last = save_checkpoint(trainer, self.run_dir, {"best_val_loss": self.best_val}, trainer.rank)
+
+
+class GroupAudit(Hook):
+    """Before the first step: every optimizer group's LR, weight decay and eps as the width rules say."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+
+    def on_start(self, trainer: Trainer) -> None:
+        check_group_lrs(trainer, self.recipe, trainer.model)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from the environment torchrun sets; (0, 1, 0) outside it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the resumed step (written after the checkpoint, before a crash)."""
     if not path.is_file():
         return
@@ -594,7 +688,7 @@ def run(
     ``on_start`` (rank 0) gets the set-up once the model is wrapped and any checkpoint loaded;
     ``on_log`` (rank 0) gets every metrics record.
     """
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = dist_env()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -614,7 +708,8 @@ def run(
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         started_pg = True
     try:
-        return _run(recipe, resume, on_log, on_start, rank, world, device)
+        with SignalStop() as stop:  # installed before set-up: a signal then stops after the first step
+            return _run(recipe, resume, on_log, on_start, rank, world, device, stop)
     finally:
         if started_pg:
             dist.destroy_process_group()
@@ -648,7 +743,9 @@ def _run(
     rank: int,
     world: int,
     device: torch.device,
+    stop: SignalStop,
 ) -> ScaleResult:
+    """Set up one rank (wrap, regroup, resume) and train it with :meth:`Trainer.run` and the scale hooks."""
     cfg, lc, tc = recipe.run, recipe.launch, recipe.run.train
     run_dir = Path(lc.run_dir)
     trainer = Trainer(cfg, device=device, rank=rank, world=world)
@@ -680,9 +777,8 @@ def _run(
         factor = lr_factor(tc)(trainer.step)  # what LambdaLR computes; differs only if --steps changed
         for g in trainer.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
-        check_group_lrs(trainer, recipe, trainer.model)
         if rank == 0:
-            _truncate_metrics(metrics, trainer.step)
+            truncate_metrics(metrics, trainer.step)
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics.unlink(missing_ok=True)
@@ -702,80 +798,18 @@ def _run(
         })  # fmt: skip
 
     start_step = trainer.step
-    tokens_per_step = tc.batch_size * tc.seq_len
-    res = ScaleResult("ok", None, start_step, start_step, start_step * tokens_per_step, 0, 0.0, 0.0, best_val,
-                      None, None, world, str(run_dir))  # fmt: skip
-    fh = metrics.open("a", encoding="utf-8") if rank == 0 else None
-    last_ckpt: Path | None = latest
-    t0 = time.perf_counter()
-    window_t, window_step = t0, trainer.step
-
-    def reduce_mean(x: float) -> float:
-        if world == 1:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item()) / world
-
-    def any_rank(flag: bool) -> bool:
-        if world == 1:
-            return flag
-        t = torch.tensor([1 if flag else 0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def checkpoint() -> None:
-        nonlocal last_ckpt
-        last_ckpt = save_checkpoint(trainer, run_dir, {"best_val_loss": res.best_val_loss}, rank)
-
-    try:
-        with _Stop() as stop:
-            while trainer.step < tc.steps:
-                lr = trainer.current_lr()
-                loss = reduce_mean(trainer.train_step())
-                step = trainer.step
-                res.losses.append((step, loss))
-                res.last_loss = loss
-                reason = trainer.divergence(loss)
-                record: dict[str, Any] | None = None
-                if step % lc.log_every == 0 or step == tc.steps or reason is not None:
-                    now = time.perf_counter()
-                    tps = (step - window_step) * tokens_per_step / max(now - window_t, 1e-9)
-                    window_t, window_step = now, step
-                    record = {"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
-                              "tokens_per_s": tps, "time": now - t0}  # fmt: skip
-                if reason is None and (step % tc.eval_every == 0 or step == tc.steps):
-                    val = reduce_mean(trainer.evaluate())
-                    res.final_val_loss = val
-                    res.best_val_loss = val if res.best_val_loss is None else min(res.best_val_loss, val)
-                    record = record or {"step": step}
-                    record["val_loss"] = val
-                    if trainer.divergence(val) is not None:
-                        reason = "validation " + str(trainer.divergence(val))
-                if record is not None and rank == 0:
-                    assert fh is not None
-                    fh.write(json.dumps(record) + "\n")
-                    fh.flush()
-                    if on_log is not None:
-                        on_log({**record, "total_steps": tc.steps})
-                if reason is not None:
-                    res.status, res.reason = "diverged", reason
-                    break
-                stopping = any_rank(stop.flag)
-                if step % lc.ckpt_every == 0 or step == tc.steps or stopping:
-                    checkpoint()
-                if stopping:
-                    res.status, res.reason = "terminated", f"signal {stop.signal or 'on another rank'} at step {step}"
-                    break
-    finally:
-        if fh is not None:
-            fh.close()
-    res.steps = trainer.step
-    res.seconds = time.perf_counter() - t0
-    res.tokens_this_run = (trainer.step - start_step) * tokens_per_step
-    res.tokens_seen = trainer.step * tokens_per_step
-    res.tokens_per_s = res.tokens_this_run / res.seconds if res.seconds > 0 else 0.0
-    res.checkpoint = str(last_ckpt) if last_ckpt is not None else None
+    ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
+    hooks = [GroupAudit(recipe), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    out = trainer.run(hooks=hooks)
+    status = {"stopped": "terminated"}.get(out.status, out.status)
+    res = ScaleResult(
+        status, out.reason, start_step, out.steps, out.steps * trainer.tokens_per_step, out.tokens, out.seconds,
+        out.tokens / out.seconds if out.seconds > 0 else 0.0, ckpt.best_val, out.final_val_loss,
+        out.train_loss[-1] if out.train_loss else None, world, str(run_dir),
+        str(ckpt.last) if ckpt.last is not None else None,
+        stop.signal if out.status == "stopped" else None,
+        [(start_step + i + 1, loss) for i, loss in enumerate(out.train_loss)],
+    )  # fmt: skip
     if rank == 0:
-        atomic_write_text(run_dir / "summary.json", json.dumps(res.summary(), indent=1))
+        atomic_write_text(run_dir / "summary.json", json_text(res.summary(), indent=1))
     return res

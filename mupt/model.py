@@ -21,6 +21,22 @@ separate LRs.  ``x_proj.weight`` (mamba_ssm) == cat([weight_dt, weight_B, weight
 :func:`to_mamba_ssm_state_dict` and :meth:`MambaLM.load_mamba_ssm_state_dict` apply that
 mapping (and accept the transformers spelling ``backbone.embeddings``).
 
+With ``arch: mamba2`` each mixer is mamba_ssm's ``Mamba2`` (SSD; Dao & Gu 2024), same names::
+
+    backbone.layers.{i}.mixer.in_proj.weight        (2*d_inner + 2*ngroups*d_state + nheads, d_model)
+                                                    rows: z, x, B, C, dt
+    backbone.layers.{i}.mixer.conv1d.weight/.bias   (conv_dim, 1, d_conv) / (conv_dim,)
+                                                    conv_dim = d_inner + 2*ngroups*d_state: x, B, C
+    backbone.layers.{i}.mixer.dt_bias               (nheads,)
+    backbone.layers.{i}.mixer.A_log                 (nheads,)     A_h = -exp(A_log_h), one per head
+    backbone.layers.{i}.mixer.D                     (nheads,)
+    backbone.layers.{i}.mixer.norm.weight           (d_inner,)    gated RMSNorm, ngroups norm groups
+    backbone.layers.{i}.mixer.out_proj.weight       (d_model, d_inner)
+
+where nheads = d_inner / headdim.  Here ``in_proj`` keeps its five row blocks as five parameters
+(``in_proj.weight_z``, ``weight_x``, ``weight_B``, ``weight_C``, ``weight_dt``) for the same
+reason as ``x_proj``; ``in_proj.weight`` (mamba_ssm) == their concatenation in that order.
+
 Forward multipliers (µP) are plain Python floats on the modules, set by
 :mod:`mupt.parametrization`; nothing is attached to tensors.
 """
@@ -35,9 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mupt.config import ModelConfig
+from mupt.config import Arch, ModelConfig
 from mupt.errors import CheckpointError
-from mupt.scan import selective_scan
+from mupt.scan import selective_scan, ssd_scan
 
 
 class Role(StrEnum):
@@ -57,6 +73,14 @@ class Role(StrEnum):
     D = "D"
     OUT_PROJ = "out_proj"
     LM_HEAD = "lm_head"
+    # mamba2 only
+    IN_PROJ_Z = "in_proj_z"
+    IN_PROJ_X = "in_proj_x"
+    IN_PROJ_B = "in_proj_B"
+    IN_PROJ_C = "in_proj_C"
+    IN_PROJ_DT = "in_proj_dt"
+    A_LOG_HEAD = "A_log_head"
+    GATED_NORM = "gated_norm"
 
 
 _SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
@@ -78,9 +102,41 @@ _SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
 )
 
 
-def role_of(name: str) -> Role:
-    """The role of a parameter by its (mupt) name; KeyError for an unknown name."""
-    for suffix, role in _SUFFIX_ROLES:
+_SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
+    ("backbone.embedding.weight", Role.EMBEDDING),
+    ("lm_head.weight", Role.LM_HEAD),
+    ("mixer.norm.weight", Role.GATED_NORM),
+    ("norm.weight", Role.NORM),
+    ("norm_f.weight", Role.NORM),
+    ("mixer.in_proj.weight_z", Role.IN_PROJ_Z),
+    ("mixer.in_proj.weight_x", Role.IN_PROJ_X),
+    ("mixer.in_proj.weight_B", Role.IN_PROJ_B),
+    ("mixer.in_proj.weight_C", Role.IN_PROJ_C),
+    ("mixer.in_proj.weight_dt", Role.IN_PROJ_DT),
+    ("mixer.conv1d.weight", Role.CONV_WEIGHT),
+    ("mixer.conv1d.bias", Role.CONV_BIAS),
+    ("mixer.dt_bias", Role.DT_BIAS),
+    ("mixer.A_log", Role.A_LOG_HEAD),
+    ("mixer.D", Role.D),
+    ("mixer.out_proj.weight", Role.OUT_PROJ),
+)
+
+
+#: The roles each architecture's parameters have (every Role belongs to at least one).
+ARCH_ROLES: dict[Arch, frozenset[Role]] = {
+    Arch.MAMBA1: frozenset(r for _, r in _SUFFIX_ROLES),
+    Arch.MAMBA2: frozenset(r for _, r in _SUFFIX_ROLES_MAMBA2),
+}
+
+
+def role_of(name: str, arch: Arch | str = Arch.MAMBA1) -> Role:
+    """The role of a parameter by its (mupt) name in an ``arch`` model; KeyError for an unknown name.
+
+    The first matching suffix wins (mamba2's ``mixer.norm.weight``, the gated norm, precedes the
+    block's pre-norm ``norm.weight``).
+    """
+    table = _SUFFIX_ROLES_MAMBA2 if Arch(arch) is Arch.MAMBA2 else _SUFFIX_ROLES
+    for suffix, role in table:
         if name == suffix or name.endswith("." + suffix):
             return role
     raise KeyError(f"parameter {name!r} has no width-rule role")
@@ -153,13 +209,133 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2)) * self.mult_out
 
 
+class InProj2(nn.Module):
+    """mamba_ssm Mamba2's fused ``in_proj`` as five row blocks (z, x, B, C, dt), each its own parameter.
+
+    u (batch, length, d_model) -> z, x (.., d_inner); B, C (.., ngroups*d_state); dt (.., nheads).
+    """
+
+    BLOCKS = ("z", "x", "B", "C", "dt")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        gn = cfg.ngroups * cfg.d_state
+        rows = {"z": cfg.d_inner, "x": cfg.d_inner, "B": gn, "C": gn, "dt": cfg.nheads}
+        for block, n in rows.items():
+            self.register_parameter("weight_" + block, nn.Parameter(torch.empty(n, cfg.d_model)))
+        self.mult = dict.fromkeys(self.BLOCKS, 1.0)
+
+    def weights(self) -> list[Tensor]:
+        return [getattr(self, "weight_" + b) for b in self.BLOCKS]
+
+    def forward(self, u: Tensor) -> list[Tensor]:
+        out = []
+        for block, w in zip(self.BLOCKS, self.weights(), strict=True):
+            y = F.linear(u, w)
+            out.append(y if self.mult[block] == 1.0 else y * self.mult[block])
+        return out
+
+
+class GatedRMSNorm(nn.Module):
+    """mamba_ssm's ``RMSNormGated`` with ``norm_before_gate=False``: RMSNorm(y * silu(z)) * weight,
+    normalised separately over each of ``ngroups`` contiguous channel groups of d_inner / ngroups."""
+
+    def __init__(self, d_inner: int, ngroups: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_inner))
+        self.group_size = d_inner // ngroups
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        """y, z (batch, length, d_inner) -> (batch, length, d_inner)."""
+        h = y.float() * F.silu(z.float())
+        g = h.view(*h.shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.view_as(h).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer (mamba_ssm's ``Mamba2`` layout, SSD scan; Dao & Gu 2024, section 7).
+
+    u -> in_proj -> [z, x, B, C, dt]; depthwise causal conv1d + SiLU over the x, B, C channels;
+    dt = softplus(dt + dt_bias) per head; y = SSD(x, dt, A = -exp(A_log), B, C) + D * x;
+    out_proj(GatedRMSNorm(y, z)).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        h, gn = cfg.nheads, cfg.ngroups * cfg.d_state
+        self.conv_dim = cfg.d_inner + 2 * gn
+        self.in_proj = InProj2(cfg)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, padding=cfg.d_conv - 1, bias=True
+        )
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.empty(h))
+        self.norm = GatedRMSNorm(cfg.d_inner, cfg.ngroups, cfg.norm_eps)
+        self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False)
+        self.mult_out = 1.0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm Mamba2's init: Linear/Conv1d defaults, A ~ U[1, 16], log-uniform dt, D = 1,
+        out_proj / sqrt(n_layers) (prenorm-residual rescale)."""
+        cfg = self.cfg
+        for w in self.in_proj.weights():
+            _linear_default(w)
+        self.conv1d.reset_parameters()
+        self.dt_bias.copy_(init_dt_bias(cfg, cfg.nheads))
+        self.A_log.copy_(torch.log(torch.empty(cfg.nheads).uniform_(1.0, 16.0)))
+        nn.init.ones_(self.D)
+        nn.init.ones_(self.norm.weight)
+        _linear_default(self.out_proj.weight)
+        self.out_proj.weight.div_(math.sqrt(cfg.n_layers))
+
+    def forward(self, hidden: Tensor, probe: dict[str, Tensor] | None = None) -> Tensor:
+        """hidden: (batch, length, d_model) -> (batch, length, d_model).
+
+        With ``probe``, records the SSD's last state ``x`` as (batch, d_inner, d_state) and its pure
+        output ``y`` (before the D skip and the gated norm) as (batch, d_inner, length).
+        """
+        cfg = self.cfg
+        b, length, _ = hidden.shape
+        gn = cfg.ngroups * cfg.d_state
+        z, x, B, C, dt = self.in_proj(hidden)
+        xBC = torch.cat([x, B, C], dim=-1).transpose(1, 2)
+        xBC = F.silu(self.conv1d(xBC)[..., :length]).transpose(1, 2)
+        x, B, C = torch.split(xBC, [cfg.d_inner, gn, gn], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        xh = x.reshape(b, length, cfg.nheads, cfg.headdim)
+        y, state = ssd_scan(
+            xh,
+            dt,
+            A,
+            B.reshape(b, length, cfg.ngroups, cfg.d_state),
+            C.reshape(b, length, cfg.ngroups, cfg.d_state),
+            chunk_size=cfg.chunk_size,
+            backend=cfg.scan_backend,
+        )
+        if probe is not None:
+            probe[f"layers.{self.layer_idx}.x"] = state.detach().reshape(b, cfg.d_inner, cfg.d_state)
+            probe[f"layers.{self.layer_idx}.y"] = y.detach().reshape(b, length, cfg.d_inner).transpose(1, 2)
+        y = y + xh * self.D.to(y.dtype)[:, None]
+        y = self.norm(y.reshape(b, length, cfg.d_inner), z)
+        return self.out_proj(y) * self.mult_out
+
+
 class Block(nn.Module):
     """Pre-norm residual block: h + mixer(norm(h))."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = MambaMixer(cfg, layer_idx)
+        self.mixer: MambaMixer | Mamba2Mixer = (
+            Mamba2Mixer(cfg, layer_idx) if cfg.arch is Arch.MAMBA2 else MambaMixer(cfg, layer_idx)
+        )
 
     def forward(self, hidden: Tensor, probe: dict[str, Tensor] | None = None) -> Tensor:
         out = self.mixer(self.norm(hidden), probe)
@@ -217,6 +393,9 @@ class MambaLM(nn.Module):
         for norm in self._norms():
             nn.init.ones_(norm.weight)
         for layer in self.backbone.layers:
+            if isinstance(layer.mixer, Mamba2Mixer):
+                layer.mixer.reset_parameters()
+                continue
             m: MambaMixer = layer.mixer  # type: ignore[assignment]
             _linear_default(m.in_proj.weight)
             m.conv1d.reset_parameters()
@@ -230,7 +409,7 @@ class MambaLM(nn.Module):
             m.out_proj.weight.div_(math.sqrt(cfg.n_layers))  # mamba_ssm's prenorm-residual rescale
 
     def _norms(self) -> list[nn.RMSNorm]:
-        return [layer.norm for layer in self.backbone.layers] + [self.backbone.norm_f]  # type: ignore[misc]
+        return [layer.norm for layer in self.backbone.layers] + [self.backbone.norm_f]  # type: ignore[misc,return-value]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -260,16 +439,27 @@ def _split_sizes(cfg: ModelConfig) -> list[int]:
     return [cfg.dt_rank_value, cfg.d_state, cfg.d_state]
 
 
+def _in_proj2_sizes(cfg: ModelConfig) -> list[int]:
+    gn = cfg.ngroups * cfg.d_state
+    return [cfg.d_inner, cfg.d_inner, gn, gn, cfg.nheads]
+
+
 def to_mamba_ssm_state_dict(model: MambaLM) -> dict[str, Tensor]:
-    """mupt state dict -> mamba_ssm names (fuses the x_proj row blocks)."""
+    """mupt state dict -> mamba_ssm names (fuses the x_proj, or mamba2's in_proj, row blocks)."""
     return to_mamba_ssm_names(model.state_dict())
 
 
 def to_mamba_ssm_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A mupt-named state dict -> mamba_ssm names: ``x_proj.weight = cat([weight_dt, weight_B, weight_C])``."""
+    """A mupt-named state dict -> mamba_ssm names: ``x_proj.weight = cat([weight_dt, weight_B, weight_C])``
+    (mamba2: ``in_proj.weight = cat`` of its row blocks)."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        if key.endswith("x_proj.weight_dt"):
+        if key.endswith("in_proj.weight_z"):
+            stem = key[: -len("weight_z")]
+            out[stem + "weight"] = torch.cat([state[stem + "weight_" + b] for b in InProj2.BLOCKS], dim=0)
+        elif ".in_proj.weight_" in key:
+            continue
+        elif key.endswith("x_proj.weight_dt"):
             stem = key[: -len("weight_dt")]
             out[stem + "weight"] = torch.cat([value, state[stem + "weight_B"], state[stem + "weight_C"]], dim=0)
         elif key.endswith(("x_proj.weight_B", "x_proj.weight_C")):
@@ -284,7 +474,17 @@ def from_mamba_ssm_state_dict(state: Mapping[str, Tensor], cfg: ModelConfig) -> 
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         key = key.replace("backbone.embeddings.", "backbone.embedding.")
-        if key.endswith("x_proj.weight"):
+        if cfg.arch is Arch.MAMBA2 and key.endswith("mixer.in_proj.weight"):
+            stem = key[: -len("weight")]
+            sizes = _in_proj2_sizes(cfg)
+            if value.shape[0] != sum(sizes):
+                raise CheckpointError(
+                    f"{key} has {value.shape[0]} rows but 2*d_inner + 2*ngroups*d_state + nheads = {sum(sizes)}; "
+                    "use the checkpoint's own model config"
+                )
+            for block, part in zip(InProj2.BLOCKS, torch.split(value, sizes, dim=0), strict=True):
+                out[stem + "weight_" + block] = part
+        elif key.endswith("x_proj.weight"):
             stem = key[: -len("weight")]
             if value.shape[0] != sum(_split_sizes(cfg)):
                 raise CheckpointError(

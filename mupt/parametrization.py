@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mupt.config import (
+    Arch,
     Discretization,
     ModelConfig,
     OptimizerName,
@@ -241,9 +242,10 @@ def _fan(p: torch.Tensor) -> tuple[int, int]:
 def named_roles(model: nn.Module) -> dict[str, Role]:
     """Every parameter's role; raises if any parameter has none (nothing silently defaults)."""
     out: dict[str, Role] = {}
+    arch = model.cfg.arch if isinstance(model, MambaLM) else Arch.MAMBA1
     for name, _ in model.named_parameters():
         try:
-            out[name] = role_of(name)
+            out[name] = role_of(name, arch)
         except KeyError as err:
             raise ConfigError(str(err)) from None
     return out

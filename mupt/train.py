@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mupt.config import OptimizerName, RunConfig, Schedule, TrainConfig
-from mupt.data import IGNORE_INDEX, TokenSource, load_data
+from mupt.data import IGNORE_INDEX, TokenSource, load_data, vocab_mismatch
+from mupt.data.dataset import padded_vocab
+from mupt.errors import ConfigError
 from mupt.model import MambaLM
 from mupt.parametrization import Parametrized, apply
 
 
 @dataclass
 class TrainResult:
-    status: str  # "ok" | "diverged"
+    """Outcome of :meth:`Trainer.run`: losses in nats/token, ``steps`` the step counter at the end."""
+
+    status: str  # "ok" | "diverged" | "stopped" (a hook asked)
     reason: str | None
     steps: int
     train_loss: list[float] = field(default_factory=list)
@@ -104,8 +109,95 @@ StepCallback = Callable[[int, float], None]
 EvalCallback = Callable[[int, float], None]
 
 
+@dataclass
+class StepInfo:
+    """What one optimizer step produced, handed to :meth:`Hook.on_step`.
+
+    ``loss`` is the training loss of the step's batch in nats/token (the mean over ranks in a
+    distributed run); ``lr`` the global (base) LR the step used (each group's LR is ``lr *
+    lr_mult``); ``grad_norm`` the L2 norm of all gradients before clipping (over the whole
+    model, also under DDP/FSDP); ``tokens`` the tokens seen since step 0 (global batch x
+    seq_len x steps); ``val_loss`` the validation loss (nats/token) when this step evaluated,
+    else ``None``; ``diverged`` the reason when the step diverged (the run ends after the hooks
+    saw it), else ``None``; ``seconds`` the wall time since :meth:`Trainer.run` started.
+    """
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+    val_loss: float | None = None
+    diverged: str | None = None
+
+
+class Hook:
+    """Extension point of :meth:`Trainer.run`; subclass and override what you need.
+
+    Call order per step (every rank calls every hook; rank-0-only work checks ``trainer.rank``):
+
+    1. the optimizer step;
+    2. if an evaluation is due (``eval_every``, the last step) and the step did not diverge:
+       :meth:`on_eval` with the validation loss (may raise, e.g. ``optuna.TrialPruned``; the
+       exception leaves :meth:`Trainer.run`);
+    3. :meth:`on_step` with a :class:`StepInfo` (``val_loss`` set when step 2 ran);
+    4. if the step or its evaluation diverged, the run ends here (status ``"diverged"``);
+    5. :meth:`should_stop` on every hook; the answers are OR-ed over hooks and ranks, so every
+       rank takes the same branch;
+    6. :meth:`at_boundary` with ``stopping``: the point to checkpoint (every rank, same step);
+    7. if stopping, the run ends (status ``"stopped"``, the reason from step 5).
+
+    :meth:`on_start` runs once before the first step (after any resume set ``trainer.step``),
+    :meth:`on_end` once with the :class:`TrainResult`, also after a divergence or a stop (not
+    when a hook raised).
+    """
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the first step of this run (``trainer.step`` may be > 0 after a resume)."""
+
+    def on_eval(self, trainer: Trainer, step: int, val_loss: float) -> None:
+        """After an evaluation at ``step`` (val loss in nats/token, mean over ranks)."""
+
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
+        """After every optimizer step (and its evaluation, when one was due)."""
+
+    def should_stop(self, trainer: Trainer) -> str | None:
+        """A reason to stop after this step (e.g. a signal), or ``None`` to go on."""
+        return None
+
+    def at_boundary(self, trainer: Trainer, stopping: bool) -> None:
+        """After every completed step that did not diverge: checkpoint here (all ranks call it)."""
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """Once, after the loop ended normally, by divergence or by a stop."""
+
+
+class _Callbacks(Hook):
+    """The plain ``on_step(step, loss)`` / ``on_eval(step, val)`` callbacks as a hook."""
+
+    def __init__(self, on_step: StepCallback | None, on_eval: EvalCallback | None) -> None:
+        self.step_cb, self.eval_cb = on_step, on_eval
+
+    def on_eval(self, trainer: Trainer, step: int, val_loss: float) -> None:
+        if self.eval_cb is not None and trainer.divergence(val_loss) is None:
+            self.eval_cb(step, val_loss)
+
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
+        if self.step_cb is not None:
+            self.step_cb(info.step, info.loss)
+
+
 class Trainer:
-    """Owns model, optimizer, scheduler, data and the step counter of one run."""
+    """Owns model, optimizer, scheduler, data and the step counter of one run: THE training loop.
+
+    ``train``, ``tune``, ``check`` and ``scale`` all train through :meth:`run`; what differs
+    between them (checkpoints, metrics files, signals, pruning, progress bars) lives in
+    :class:`Hook` objects.  ``scale`` may replace :attr:`module` (DDP/FSDP2/autocast wrapper),
+    :attr:`optimizer` and :attr:`scheduler` before calling :meth:`run`.  In a distributed run
+    (``world > 1`` with ``torch.distributed`` initialised) each rank trains on its slice of the
+    global batch, and losses, validation losses and stop requests are reduced over ranks.
+    """
 
     def __init__(
         self,
@@ -119,6 +211,8 @@ class Trainer:
         self.device = torch.device(device)
         self.rank, self.world = rank, world
         self.data = data if data is not None else load_data(cfg.data)
+        if cfg.model.vocab_size != padded_vocab(self.data.vocab_size):
+            raise ConfigError(vocab_mismatch(cfg.model.vocab_size, self.data.vocab_size, f"data {self.data.name}"))
         self.model, self.par = build_model(cfg, self.device)
         self.module: nn.Module = self.model  # callers may wrap (DDP/FSDP) and assign here
         self.optimizer = build_optimizer(self.par.param_groups, cfg.train)
@@ -127,6 +221,12 @@ class Trainer:
         self.val_set = self.data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
         self.step = 0
         self.bound = diverge_bound(cfg)
+        self.last_grad_norm = math.nan
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all ranks: global batch x seq_len."""
+        return self.cfg.train.batch_size * self.cfg.train.seq_len
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         tc = self.cfg.train
@@ -134,14 +234,22 @@ class Trainer:
         return x.to(self.device), y.to(self.device)
 
     def train_step(self) -> float:
-        """One optimizer step on the batch for ``self.step``; returns the loss (nats)."""
+        """One optimizer step on the batch for ``self.step``; returns this rank's loss (nats/token).
+
+        Sets :attr:`last_grad_norm` (L2 norm of all gradients before clipping).
+        """
         self.module.train()
         x, y = self.batch(self.step)
         loss = lm_loss(self.module(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for p in self.module.parameters() if p.grad is not None]
         if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor holding the global norm
+        self.last_grad_norm = float(full() if full is not None else norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -149,6 +257,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss (nats/token) over the fixed validation batches on this rank."""
         self.module.eval()
         losses = [float(lm_loss(self.module(x.to(self.device)), y.to(self.device))) for x, y in self.val_set]
         return sum(losses) / len(losses)
@@ -165,36 +274,79 @@ class Trainer:
             return f"loss {loss:.3g} exceeds the divergence bound {self.bound:.3g} at step {self.step}"
         return None
 
-    def run(self, on_step: StepCallback | None = None, on_eval: EvalCallback | None = None) -> TrainResult:
-        """Train to ``train.steps``, evaluating every ``eval_every`` steps and at the end.
+    def _distributed(self) -> bool:
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
 
-        ``on_eval`` may raise (e.g. ``optuna.TrialPruned``) to stop early; the exception
-        propagates to the caller.
+    def reduce_mean(self, x: float) -> float:
+        """Mean of ``x`` over ranks (``x`` itself in a one-process run)."""
+        if not self._distributed():
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if not self._distributed():
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def run(
+        self,
+        on_step: StepCallback | None = None,
+        on_eval: EvalCallback | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> TrainResult:
+        """Train from ``self.step`` to ``train.steps``, evaluating every ``eval_every`` steps and at the end.
+
+        ``on_step(step, loss)`` and ``on_eval(step, val_loss)`` are shorthands for a
+        :class:`Hook` (``on_eval`` is not called for a diverged evaluation); ``hooks`` run in
+        order, after them.  A hook's exception (e.g. ``optuna.TrialPruned`` from ``on_eval``)
+        propagates to the caller.  Divergence is not an exception: the result has
+        ``status="diverged"`` and the reason; a hook's stop request gives ``status="stopped"``.
         """
         tc = self.cfg.train
+        all_hooks: list[Hook] = [_Callbacks(on_step, on_eval), *hooks]
         res = TrainResult("ok", None, self.step, bytes_per_token=self.data.bytes_per_token)
         start = time.perf_counter()
+        for h in all_hooks:
+            h.on_start(self)
         while self.step < tc.steps:
-            loss = self.train_step()
+            lr = self.current_lr()
+            loss = self.reduce_mean(self.train_step())
+            step = self.step
             res.train_loss.append(loss)
-            res.tokens += tc.batch_size * tc.seq_len
+            res.tokens += self.tokens_per_step
             reason = self.divergence(loss)
-            if on_step is not None:
-                on_step(self.step, loss)
+            val: float | None = None
+            if reason is None and (step % tc.eval_every == 0 or step == tc.steps):
+                val = self.reduce_mean(self.evaluate())
+                res.val_loss.append((step, val))
+                bad = self.divergence(val)
+                reason = None if bad is None else "validation " + bad
+                for h in all_hooks:
+                    h.on_eval(self, step, val)
+            info = StepInfo(step, loss, lr, self.last_grad_norm, step * self.tokens_per_step,
+                            time.perf_counter() - start, val, reason)  # fmt: skip
+            for h in all_hooks:
+                h.on_step(self, info)
             if reason is not None:
                 res.status, res.reason = "diverged", reason
                 break
-            if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                val = self.evaluate()
-                res.val_loss.append((self.step, val))
-                reason = self.divergence(val)
-                if reason is not None:
-                    res.status, res.reason = "diverged", "validation " + reason
-                    break
-                if on_eval is not None:
-                    on_eval(self.step, val)
+            asked = [r for h in all_hooks if (r := h.should_stop(self)) is not None]
+            stopping = self.any_rank(bool(asked))
+            for h in all_hooks:
+                h.at_boundary(self, stopping)
+            if stopping:
+                res.status = "stopped"
+                res.reason = f"{asked[0] if asked else 'stop requested on another rank'} at step {step}"
+                break
         res.steps = self.step
         res.seconds = time.perf_counter() - start
+        for h in all_hooks:
+            h.on_end(self, res)
         return res
 
 

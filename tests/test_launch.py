@@ -320,3 +320,38 @@ def test_diverging_run_exits_2_with_one_line_and_keeps_checkpoints(tmp_path: Pat
     latest = launch.find_latest(run_dir)  # the last good checkpoint is kept; none of the diverged state
     assert latest is not None and int(latest.name.split("_")[1]) < summary["steps"]
     assert f"last good checkpoint {latest}" in msg
+
+
+def test_scale_and_train_give_identical_losses(tmp_path: Path, cli) -> None:
+    """One training loop: `mupt scale RECIPE` and `mupt train -c <the recipe's run>` agree bit for bit."""
+    torch.set_num_threads(1)
+    recipe, run_dir = make_recipe(tmp_path, "same", steps=12, ckpt_every=6)
+    code, _, stderr = cli("scale", str(recipe))
+    assert code == 0, stderr
+    run_yaml = tmp_path / "run.yaml"
+    save_yaml(run_yaml, load_yaml(recipe, Recipe).run)
+    code, _, stderr = cli("train", "-c", str(run_yaml), "--out", str(tmp_path / "train"))
+    assert code == 0, stderr
+    trained = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == trained["train_loss"]
+    assert [[r["step"], r["val_loss"]] for r in rows if "val_loss" in r] == trained["val_loss"]
+    assert len(trained["train_loss"]) == 12 and trained["train_loss"][-1] < trained["train_loss"][0] - 0.5
+
+
+def test_ctrl_c_checkpoints_prints_one_line_and_exits_130(tmp_path: Path) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "intr", steps=2000, ckpt_every=1000)
+    proc = subprocess.Popen(scale_cmd(recipe), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(proc, run_dir / "metrics.jsonl", 5)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "terminated" and summary["signal"] == signal.SIGINT
+    latest = launch.find_latest(run_dir)
+    assert latest is not None and latest.name == f"step_{summary['steps']:06d}"
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "rerun to resume" in lines[0], stderr

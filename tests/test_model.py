@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mupt.config import ModelConfig
+from mupt.config import Arch, ModelConfig
 from mupt.errors import CheckpointError
 from mupt.model import MambaLM, from_mamba_ssm_state_dict, to_mamba_ssm_state_dict
 
@@ -11,10 +11,11 @@ CONFIGS = [
     ModelConfig(d_model=32, n_layers=2, d_state=8, discretization="zoh"),
     ModelConfig(d_model=32, n_layers=1, d_state=4, discretization="euler", tie_embeddings=True),
     ModelConfig(d_model=48, n_layers=3, d_state=16, dt_rank=5, expand=3, d_conv=3),
+    ModelConfig(arch="mamba2", d_model=32, n_layers=2, d_state=8, headdim=16, ngroups=2, chunk_size=8),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["zoh", "euler-tied", "odd-shape"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["zoh", "euler-tied", "odd-shape", "mamba2"])
 def test_forward_backward_all_params_get_finite_grads(cfg: ModelConfig) -> None:
     torch.manual_seed(0)
     model = MambaLM(cfg)
@@ -137,3 +138,86 @@ def test_probe_records_every_layer() -> None:
         assert probe[f"layers.{i}.y"].shape == (2, cfg.d_inner, 10)
         assert probe[f"layers.{i}.out"].shape == (2, 10, 32)
     assert "logits" in probe
+
+
+MAMBA2 = ModelConfig(arch="mamba2", d_model=32, n_layers=2, d_state=8, headdim=8, ngroups=2, chunk_size=16)
+
+
+def test_mamba2_logits_match_transformers_mamba2() -> None:
+    """ngroups=2 (each B/C group shared by 4 heads), length 37 not a multiple of chunk_size 16."""
+    transformers = pytest.importorskip("transformers")
+    cfg = MAMBA2
+    torch.manual_seed(0)
+    ours = MambaLM(cfg).eval()
+    hf_cfg = transformers.Mamba2Config(
+        vocab_size=256, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+        num_heads=cfg.nheads, head_dim=8, n_groups=2, chunk_size=16, use_bias=False, use_conv_bias=True,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    hf = transformers.Mamba2ForCausalLM(hf_cfg).eval()
+    sd = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in to_mamba_ssm_state_dict(ours).items()}
+    assert sd["backbone.layers.0.mixer.in_proj.weight"].shape == (2 * 64 + 2 * 2 * 8 + 8, 32)
+    assert sd["backbone.layers.0.mixer.conv1d.weight"].shape == (64 + 2 * 2 * 8, 1, 4)
+    hf.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, 256, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+    again = MambaLM(cfg).eval()
+    again.load_mamba_ssm_state_dict(hf.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), rtol=0, atol=0)
+    # the reference SSD backend gives the same logits
+    ref = MambaLM(cfg.model_copy(update={"scan_backend": "reference"})).eval()
+    ref.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids), ours(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_mamba2_init_follows_mamba_ssm() -> None:
+    torch.manual_seed(0)
+    m = MambaLM(ModelConfig(arch="mamba2", d_model=256, n_layers=1, headdim=16)).backbone.layers[0].mixer
+    A = -torch.exp(m.A_log)
+    assert A.shape == (32,) and A.min() >= -16 and A.max() <= -1
+    dt = torch.nn.functional.softplus(m.dt_bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    assert torch.equal(m.D, torch.ones(32)) and torch.equal(m.norm.weight, torch.ones(512))
+
+
+def test_mamba2_shape_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="divisible by headdim=48"):
+        ModelConfig(arch="mamba2", d_model=64, headdim=48)
+    with pytest.raises(ValueError, match="divisible by ngroups=3"):
+        ModelConfig(arch="mamba2", d_model=64, headdim=32, ngroups=3)
+    small = to_mamba_ssm_state_dict(MambaLM(MAMBA2))
+    with pytest.raises(CheckpointError, match="in_proj.weight"):
+        MambaLM(MAMBA2.model_copy(update={"d_state": 16})).load_mamba_ssm_state_dict(small)
+
+
+def test_mamba2_probe_records_state_and_ssd_output() -> None:
+    model = MambaLM(MAMBA2)
+    ids = torch.randint(0, 256, (2, 10))
+    probe: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, probe), model(ids), rtol=1e-5, atol=1e-5)
+    for i in range(2):
+        assert probe[f"layers.{i}.x"].shape == (2, 64, 8)
+        assert probe[f"layers.{i}.y"].shape == (2, 64, 10)
+
+
+def test_mamba2_every_parameter_has_its_own_role() -> None:
+    from mupt.model import ARCH_ROLES, Role, role_of
+
+    assert ARCH_ROLES[Arch.MAMBA1] | ARCH_ROLES[Arch.MAMBA2] == set(Role)
+    model = MambaLM(MAMBA2)
+    roles = {name: role_of(name, "mamba2") for name, _ in model.named_parameters()}
+    assert roles["backbone.layers.1.mixer.in_proj.weight_B"] is Role.IN_PROJ_B
+    assert roles["backbone.layers.1.mixer.A_log"] is Role.A_LOG_HEAD
+    assert roles["backbone.layers.1.mixer.norm.weight"] is Role.GATED_NORM
+    assert roles["backbone.layers.1.norm.weight"] is Role.NORM
+    assert set(roles.values()) == {
+        Role.EMBEDDING, Role.LM_HEAD, Role.NORM, Role.GATED_NORM, Role.IN_PROJ_Z, Role.IN_PROJ_X, Role.IN_PROJ_B,
+        Role.IN_PROJ_C, Role.IN_PROJ_DT, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG_HEAD, Role.D,
+        Role.OUT_PROJ,
+    }  # fmt: skip
+    with pytest.raises(KeyError, match="x_proj"):
+        role_of("backbone.layers.0.mixer.x_proj.weight_B", "mamba2")

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
 from mupt.config import RunConfig, with_overrides
-from mupt.train import Trainer, lr_factor, train
+from mupt.train import Hook, StepInfo, Trainer, TrainResult, lm_loss, lr_factor, train
 
 
 def tiny(**overrides: object) -> RunConfig:
@@ -61,3 +62,75 @@ def test_sgd_and_recall_task_train() -> None:
     res = train(tiny(**{"train.optimizer": "sgd", "train.lr": 0.3, "data.source": "recall", "train.seq_len": 40}))
     assert res.status == "ok" and all(math.isfinite(x) for x in res.train_loss)
     assert res.bytes_per_token is None and res.bits_per_byte(res.final_val_loss) is None
+
+
+class Recorder(Hook):
+    """Logs every hook call; asks to stop after ``stop_at`` steps when given."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.infos: list[StepInfo] = []
+        self.stop_at = stop_at
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.calls.append(("start", trainer.step))
+
+    def on_eval(self, trainer: Trainer, step: int, val_loss: float) -> None:
+        self.calls.append(("eval", step))
+
+    def on_step(self, trainer: Trainer, info: StepInfo) -> None:
+        self.calls.append(("step", info.step, info.val_loss is not None))
+        self.infos.append(info)
+
+    def should_stop(self, trainer: Trainer) -> str | None:
+        return "budget" if self.stop_at is not None and trainer.step >= self.stop_at else None
+
+    def at_boundary(self, trainer: Trainer, stopping: bool) -> None:
+        self.calls.append(("boundary", trainer.step, stopping))
+
+    def on_end(self, trainer: Trainer, result: TrainResult) -> None:
+        self.calls.append(("end", result.status, result.steps))
+
+
+def test_hooks_see_each_step_in_the_documented_order() -> None:
+    cfg = tiny(**{"train.steps": 4, "train.eval_every": 2})
+    rec = Recorder()
+    res = Trainer(cfg).run(hooks=[rec])
+    assert rec.calls == [
+        ("start", 0),
+        ("step", 1, False), ("boundary", 1, False),
+        ("eval", 2), ("step", 2, True), ("boundary", 2, False),
+        ("step", 3, False), ("boundary", 3, False),
+        ("eval", 4), ("step", 4, True), ("boundary", 4, False),
+        ("end", "ok", 4),
+    ]  # fmt: skip
+    assert [i.loss for i in rec.infos] == res.train_loss
+    assert [(i.step, i.val_loss) for i in rec.infos if i.val_loss is not None] == res.val_loss
+    assert [i.tokens for i in rec.infos] == [s * 8 * 64 for s in range(1, 5)]
+    assert all(i.lr == cfg.train.lr and i.diverged is None for i in rec.infos)
+
+
+def test_step_info_grad_norm_matches_a_hand_computed_norm() -> None:
+    cfg = tiny(**{"train.steps": 1})
+    rec = Recorder()
+    Trainer(cfg).run(hooks=[rec])
+    ref = Trainer(cfg)  # same seed: same weights and batch; the norm by hand, before the optimizer step
+    x, y = ref.batch(0)
+    lm_loss(ref.model(x), y).backward()
+    by_hand = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ref.model.parameters()))
+    assert rec.infos[0].grad_norm == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_should_stop_ends_the_run_after_a_checkpoint_point() -> None:
+    rec = Recorder(stop_at=3)
+    res = Trainer(tiny(**{"train.steps": 10})).run(hooks=[rec])
+    assert (res.status, res.steps, res.reason) == ("stopped", 3, "budget at step 3")
+    assert rec.calls[-2:] == [("boundary", 3, True), ("end", "stopped", 3)]
+
+
+def test_divergence_reaches_on_step_and_skips_the_boundary() -> None:
+    rec = Recorder()
+    res = Trainer(tiny(**{"train.lr": 30.0, "train.steps": 40})).run(hooks=[rec])
+    assert res.status == "diverged"
+    assert rec.infos[-1].diverged == res.reason and rec.infos[-1].step == res.steps
+    assert ("boundary", res.steps, False) not in rec.calls and rec.calls[-1] == ("end", "diverged", res.steps)

@@ -32,6 +32,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     progress,
     resolve_config,
 )
@@ -170,6 +171,7 @@ def transfer(
     seq_len: SeqOpt = 64,
     optimizer: OptimOpt = OptimizerName.ADAM,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = 0,
     threads: ThreadsOpt = None,
@@ -188,7 +190,8 @@ def transfer(
     """
     spec = build_spec(
         config, widths, lrs, scheme, vs, seeds, layers=layers, d_state=d_state, discretization=discretization,
-        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data, backend=backend,
+        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data,
+        vocab_size=vocab_size, backend=backend,
     )  # fmt: skip
     passed = run_transfer(spec, out_dir, workers or _default_workers(), threads, max_drift, monotone_tol)
     if not passed:

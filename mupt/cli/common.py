@@ -28,7 +28,15 @@ OptimOpt = Annotated[OptimizerName | None, typer.Option("--optimizer", help="ada
 SchemeOpt = Annotated[Scheme | None, typer.Option("--scheme", help="Width rules: sp, mup (heuristic) or mup-ssm.")]
 BaseOpt = Annotated[int | None, typer.Option("--base-width", help="Base d_model the width rules are relative to.")]
 DataOpt = Annotated[
-    str | None, typer.Option("--data", help="builtin (offline stdlib docs), recall (synthetic), or a .txt file/dir.")
+    str | None,
+    typer.Option(
+        "--data",
+        help="builtin (offline stdlib docs), recall (synthetic), a dataset dir (mupt prepare), a .bin/.npy token "
+        "file (with --vocab-size), or a .txt file/dir.",
+    ),
+]
+VocabOpt = Annotated[
+    int | None, typer.Option("--vocab-size", help="Vocabulary of a --data .bin/.npy token file (ids < it).")
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed for init and data order.")]
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="Scan backend: auto, torch, reference, triton.")]
@@ -36,7 +44,10 @@ BackendOpt = Annotated[str | None, typer.Option("--backend", help="Scan backend:
 
 def resolve_config(config: Path | None, **flags: Any) -> RunConfig:
     """Load ``config`` (or the defaults) and apply the flags that were given."""
+    from mupt.data import fit_vocab
+
     cfg = load_yaml(config) if config is not None else RunConfig()
+    explicit_vocab = config is not None and "vocab_size" in cfg.model.model_fields_set
     mapping = {
         "width": "model.d_model",
         "layers": "model.n_layers",
@@ -52,6 +63,7 @@ def resolve_config(config: Path | None, **flags: Any) -> RunConfig:
         "scheme": "param.scheme",
         "base_width": "param.base_d_model",
         "data": "data.source",
+        "vocab_size": "data.vocab_size",
     }
     overrides = {mapping[k]: v for k, v in flags.items() if k in mapping}
     unknown = set(flags) - set(mapping)
@@ -59,12 +71,13 @@ def resolve_config(config: Path | None, **flags: Any) -> RunConfig:
         raise KeyError(f"resolve_config: unknown flags {sorted(unknown)}")
     flag_names = {v: "--" + k.replace("_", "-") for k, v in mapping.items()}
     try:
-        return with_overrides(cfg, overrides, where="flags")
+        cfg = with_overrides(cfg, overrides, where="flags")
     except Exception as e:  # re-raise naming the flag rather than the dotted key
         msg = str(e)
         for dotted, flag in flag_names.items():
             msg = msg.replace(dotted, flag)
         raise type(e)(msg) from None
+    return fit_vocab(cfg, explicit_vocab, where=str(config))
 
 
 def progress(transient: bool = False) -> Progress:

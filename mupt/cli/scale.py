@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,7 +106,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
-    rank = launch._dist_env()[0]
+    rank = launch.dist_env()[0]
     cfg = recipe.run
     if rank != 0:
         result = launch.run(recipe, resume)
@@ -141,4 +142,8 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
         raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
     if result.status == "terminated" and rank == 0:
-        err.print(f"terminated by {result.reason}; checkpoint {result.checkpoint} written; rerun to resume")
+        interrupted = result.signal == signal.SIGINT
+        what = "interrupted (Ctrl-C)" if interrupted else "terminated by"
+        err.print(f"{what} {result.reason}; checkpoint {result.checkpoint} written; rerun to resume", highlight=False)
+        if interrupted:
+            raise typer.Exit(130)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -24,11 +23,12 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     WidthOpt,
     progress,
     resolve_config,
 )
-from mupt.config import atomic_write_text, save_yaml, with_overrides
+from mupt.config import atomic_write_text, json_text, save_yaml, with_overrides
 from mupt.export import WEIGHTS, save_weights
 from mupt.report import key_values
 from mupt.train import Trainer
@@ -49,6 +49,7 @@ def train(
     scheme: SchemeOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     out_dir: Annotated[
@@ -71,7 +72,7 @@ def train(
     cfg = resolve_config(
         config, width=width, layers=layers, d_state=d_state, discretization=discretization, steps=steps, lr=lr,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
-        data=data, seed=seed, backend=backend,
+        data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     if init_from is not None:
         cfg = with_overrides(cfg, {"train.init_from": str(init_from)}, where="--init-from")
@@ -112,7 +113,7 @@ def train(
             "seconds": result.seconds, "train_loss": result.train_loss, "val_loss": result.val_loss,
             "final_val_bits_per_byte": bpb,
         }  # fmt: skip
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(out_dir / "metrics.json", json_text(metrics, indent=1))
         save_weights(out_dir / WEIGHTS, trainer.model)
     if result.status == "diverged":
         raise fail(f"run diverged: {result.reason}; lower --lr (now {cfg.train.lr:g})")

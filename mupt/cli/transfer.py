@@ -23,6 +23,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     WidthOpt,
     resolve_config,
 )
@@ -103,6 +104,7 @@ def transfer(
     optimizer: OptimOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     steps: StepsOpt = None,
@@ -128,7 +130,7 @@ def transfer(
     """
     proxy_flags = dict(
         width=width, layers=layers, d_state=d_state, discretization=discretization, optimizer=optimizer,
-        base_width=base_width, data=data, seed=seed, backend=backend,
+        base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     if to_width is None and not explain_rules:
         raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")

@@ -23,6 +23,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    VocabOpt,
     WidthOpt,
     progress,
 )
@@ -51,6 +52,7 @@ from mupt.tune import (
 def _proxy(config: Path | None, **flags: object) -> RunConfig:
     """The proxy config: --config (or the built-in proxy) with the shared flags applied."""
     from mupt.cli.common import resolve_config
+    from mupt.data import fit_vocab
 
     if config is None:
         # resolve_config starts from RunConfig(): let it validate the flags (errors name the flag),
@@ -61,7 +63,7 @@ def _proxy(config: Path | None, **flags: object) -> RunConfig:
             if v is not None:
                 section, key = _FLAG_FIELDS[k].split(".")
                 overrides[_FLAG_FIELDS[k]] = getattr(getattr(mapped, section), key)
-        return with_overrides(proxy_config(), overrides, where="flags")
+        return fit_vocab(with_overrides(proxy_config(), overrides, where="flags"))
     return resolve_config(config, **flags)
 
 
@@ -70,6 +72,7 @@ _FLAG_FIELDS = {
     "discretization": "model.discretization", "backend": "model.scan_backend", "steps": "train.steps",
     "batch_size": "train.batch_size", "seq_len": "train.seq_len", "optimizer": "train.optimizer",
     "seed": "train.seed", "scheme": "param.scheme", "base_width": "param.base_d_model", "data": "data.source",
+    "vocab_size": "data.vocab_size",
 }  # fmt: skip
 
 
@@ -97,6 +100,7 @@ def tune(
     scheme: SchemeOpt = None,
     base_width: BaseOpt = None,
     data: DataOpt = None,
+    vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
     eval_every: Annotated[
@@ -134,7 +138,7 @@ def tune(
     cfg = _proxy(
         config, width=width, layers=layers, d_state=d_state, discretization=discretization, steps=steps,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
-        data=data, seed=seed, backend=backend,
+        data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     if eval_every is not None:
         cfg = with_overrides(cfg, {"train.eval_every": eval_every}, where="--eval-every")

@@ -6,6 +6,11 @@
 * ``torch``: fast pure-PyTorch CPU/GPU path (custom autograd.Function, recompute in backward).
 * ``triton``: Triton kernels for CUDA (also runs under ``TRITON_INTERPRET=1`` for tests).
 * ``auto``: triton on CUDA tensors when Triton is importable, else torch.
+
+``ssd_scan`` is Mamba-2's entry point (the SSD, scalar A per head).  Backends: ``reference``
+(:mod:`mupt.scan.ssd_reference`, sequential, the oracle) and ``torch``
+(:mod:`mupt.scan.ssd_torch`, chunked); ``auto`` and ``triton`` use the chunked torch SSD
+(no Triton SSD kernels yet).
 """
 
 from __future__ import annotations
@@ -90,4 +95,46 @@ def selective_scan(
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, disc.value)
 
 
-__all__ = ["Backend", "Discretization", "resolve_backend", "selective_scan", "triton_available"]
+def _check_ssd_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    if x.dim() != 4:
+        raise ScanError(f"x must be (batch, length, nheads, headdim); got {tuple(x.shape)}")
+    batch, length, nheads, _ = x.shape
+    if tuple(dt.shape) != (batch, length, nheads):
+        raise ScanError(f"dt must be (batch, length, nheads)=({batch}, {length}, {nheads}); got {tuple(dt.shape)}")
+    if tuple(A.shape) != (nheads,):
+        raise ScanError(f"A must be (nheads={nheads},); got {tuple(A.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (batch, length) or B.shape != C.shape or nheads % B.shape[2]:
+        raise ScanError(
+            f"B and C must be (batch, length, ngroups, d_state) with nheads={nheads} divisible by ngroups; "
+            f"got {tuple(B.shape)}, {tuple(C.shape)}"
+        )
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = 64,
+    backend: str | Backend = Backend.AUTO,
+) -> tuple[Tensor, Tensor]:
+    """Mamba-2's SSD; returns ``(y, last_state)``.
+
+    x (batch, length, nheads, headdim), dt (batch, length, nheads) > 0 (softplus applied),
+    A (nheads,) < 0, B and C (batch, length, ngroups, d_state) -> y (batch, length, nheads, headdim),
+    last_state (batch, nheads, headdim, d_state) fp32, with
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t`` (Dao & Gu 2024, section 3).
+    Raises :class:`ScanError` on bad shapes or an unknown backend.
+    """
+    _check_ssd_shapes(x, dt, A, B, C)
+    if resolve_backend(backend, x.device) is Backend.REFERENCE:
+        from mupt.scan.ssd_reference import ssd_reference
+
+        return ssd_reference(x, dt, A, B, C)
+    from mupt.scan.ssd_torch import ssd_chunked
+
+    return ssd_chunked(x, dt, A, B, C, chunk_size)
+
+
+__all__ = ["Backend", "Discretization", "resolve_backend", "selective_scan", "ssd_scan", "triton_available"]

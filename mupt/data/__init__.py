@@ -1,7 +1,10 @@
-"""Corpora and batching: the builtin offline corpus, local text, and a synthetic recall task.
+"""Corpora and batching: the builtin offline corpus, local text, tokenized datasets, a synthetic task.
 
 * ``builtin``: byte-level (vocab 256) English text from CPython's own ``pydoc_data.topics``
   (the standard library's documentation topics, ~465K characters); no download.
+* a directory holding ``meta.json``: a tokenized dataset written by ``mupt prepare``
+  (:mod:`mupt.data.prepare`), memory-mapped (:mod:`mupt.data.dataset`).
+* a ``.bin`` / ``.npy`` token file (nanoGPT style) with ``vocab_size`` given.
 * a path: a UTF-8 ``.txt`` file, or a directory searched recursively for ``*.txt``.
 * ``recall``: associative recall (key/value pairs, then queries; loss only on the answers).
 
@@ -12,18 +15,19 @@ seen, and every width in a sweep trains on the same tokens.  Validation windows 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from mupt.config import DataConfig
-from mupt.errors import DataError
+from mupt.config import DataConfig, RunConfig
+from mupt.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
-_VAL_SEED = 0x5EED
+VAL_SEED = 0x5EED
 
 
 class TokenSource(Protocol):
@@ -38,7 +42,8 @@ class TokenSource(Protocol):
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]: ...
 
 
-def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """The generator that draws the windows of ``step``: a pure function of (seed, step, salt)."""
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
     return g
@@ -52,10 +57,24 @@ class TextCorpus:
 
     def __init__(self, data: bytes, name: str, val_fraction: float = 0.1) -> None:
         self.name = name
+        self.sha256 = hashlib.sha256(data).hexdigest()
         tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         n_val = int(len(tokens) * val_fraction)
         self.train = tokens[: len(tokens) - n_val]
         self.val = tokens[len(tokens) - n_val :]
+
+    def identity(self) -> dict[str, Any]:
+        """Bytes tokenizer, vocab 256, train token count, sha256 of the text (see :func:`identity_of`)."""
+        from mupt.data.dataset import BYTES_TOKENIZER_SHA256
+
+        return {
+            "name": Path(self.name).name,
+            "tokenizer": "bytes",
+            "tokenizer_sha256": BYTES_TOKENIZER_SHA256,
+            "vocab_size": 256,
+            "tokens": len(self.train),
+            "corpus_sha256": self.sha256,
+        }
 
     def _check(self, split: Tensor, seq_len: int, which: str) -> None:
         if len(split) < seq_len + 2:
@@ -75,13 +94,13 @@ class TextCorpus:
     ) -> tuple[Tensor, Tensor]:
         """The rank's slice of the global batch for ``step`` (global batch = batch_size)."""
         self._check(self.train, seq_len, "train")
-        g = _step_generator(seed, step)
+        g = step_generator(seed, step)
         starts = torch.randint(0, len(self.train) - seq_len - 1, (batch_size,), generator=g)
         return self._windows(self.train, starts[rank::world], seq_len)
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
         self._check(self.val, seq_len, "validation")
-        g = _step_generator(_VAL_SEED, 0)
+        g = step_generator(VAL_SEED, 0)
         starts = torch.randint(0, len(self.val) - seq_len - 1, (n, batch_size), generator=g)
         return [self._windows(self.val, s, seq_len) for s in starts]
 
@@ -100,6 +119,11 @@ class RecallTask:
         if pairs > 128:
             raise DataError(f"recall_pairs={pairs} exceeds the 128 distinct keys; use at most 128")
         self.pairs = pairs
+
+    def identity(self) -> dict[str, Any]:
+        """A synthetic task: no tokenizer file, no corpus hash."""
+        return {"name": f"recall-{self.pairs}", "tokenizer": "recall", "tokenizer_sha256": None,
+                "vocab_size": 256, "tokens": None, "corpus_sha256": None}  # fmt: skip
 
     def _make(self, g: torch.Generator, batch_size: int, seq_len: int) -> tuple[Tensor, Tensor]:
         p = self.pairs
@@ -121,11 +145,11 @@ class RecallTask:
     def train_batch(
         self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
     ) -> tuple[Tensor, Tensor]:
-        x, y = self._make(_step_generator(seed, step, salt=1), batch_size, seq_len)
+        x, y = self._make(step_generator(seed, step, salt=1), batch_size, seq_len)
         return x[rank::world], y[rank::world]
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
-        g = _step_generator(_VAL_SEED, 0, salt=1)
+        g = step_generator(VAL_SEED, 0, salt=1)
         return [self._make(g, batch_size, seq_len) for _ in range(n)]
 
 
@@ -154,9 +178,108 @@ def _read_text_path(path: Path) -> bytes:
 
 
 def load_data(cfg: DataConfig) -> TokenSource:
+    """The token source ``cfg.source`` names (see the module docstring); raises DataError."""
     if cfg.source == "builtin":
         return TextCorpus(builtin_text(), "builtin", cfg.val_fraction)
     if cfg.source == "recall":
         return RecallTask(cfg.recall_pairs)
+    from mupt.data import dataset
+
     path = Path(cfg.source)
+    if path.suffix in (".bin", ".npy"):
+        return dataset.open_token_file(path, cfg.vocab_size, cfg.val_fraction)
+    if path.is_dir() and ((path / dataset.META).exists() or _looks_like_dataset(path)):
+        return dataset.open_dataset(path)
     return TextCorpus(_read_text_path(path), str(path), cfg.val_fraction)
+
+
+def _looks_like_dataset(path: Path) -> bool:
+    """A directory of shards or an unfinished prepare (so a missing meta.json is an error, not 'no .txt')."""
+    from mupt.data.prepare import PLAN
+
+    return (path / PLAN).exists() or any(path.glob("*.bin"))
+
+
+def data_vocab(cfg: DataConfig) -> int:
+    """The vocabulary size of ``cfg``'s tokens without reading them (meta.json or ``vocab_size``)."""
+    from mupt.data import dataset
+
+    if cfg.source in ("builtin", "recall"):
+        return 256
+    path = Path(cfg.source)
+    if path.suffix in (".bin", ".npy"):
+        if cfg.vocab_size is None:
+            raise DataError(f"--data {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
+        return cfg.vocab_size
+    if path.is_dir() and ((path / dataset.META).exists() or _looks_like_dataset(path)):
+        return int(dataset.read_meta(path)["vocab_size"])
+    return 256
+
+
+def fit_vocab(cfg: RunConfig, explicit: bool = False, where: str = "config") -> RunConfig:
+    """``cfg`` with model.vocab_size set from its data: the data's vocab rounded up to a multiple of 8.
+
+    When ``explicit`` (the config file or recipe states model.vocab_size) a different value is a
+    ConfigError naming both numbers.  Rule: mamba_ssm's pad_vocab_size_multiple = 8.
+    """
+    from mupt.data.dataset import padded_vocab
+
+    vocab = data_vocab(cfg.data)
+    want = padded_vocab(vocab)
+    if cfg.model.vocab_size == want:
+        return cfg
+    if explicit:
+        raise ConfigError(vocab_mismatch(cfg.model.vocab_size, vocab, where))
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": want})})
+
+
+def vocab_mismatch(model_vocab: int, data_vocab: int, where: str) -> str:
+    """The one-line message for a model vocab that disagrees with the data's."""
+    from mupt.data.dataset import padded_vocab
+
+    return (
+        f"{where}: model.vocab_size {model_vocab} disagrees with the data's vocabulary {data_vocab} "
+        f"(padded to a multiple of 8: {padded_vocab(data_vocab)}); remove model.vocab_size or set it to "
+        f"{padded_vocab(data_vocab)}"
+    )
+
+
+def identity_of(source: TokenSource) -> dict[str, Any]:
+    """What best.yaml and recipes record about a token source.
+
+    Keys: ``name``, ``tokenizer`` (name), ``tokenizer_sha256``, ``vocab_size``, ``tokens`` (train
+    split), ``corpus_sha256`` (None where unknown).
+    """
+    ident = getattr(source, "identity", None)
+    if callable(ident):
+        return dict(ident())
+    return {"name": source.name, "tokenizer": None, "tokenizer_sha256": None, "vocab_size": source.vocab_size,
+            "tokens": None, "corpus_sha256": None}  # fmt: skip
+
+
+def compare_identity(proxy: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    """Refuse a target whose tokenizer differs from the proxy's; warn when the corpus differs.
+
+    Returns the warnings (one line each); raises DataError naming both tokenizers.  Empty
+    identities (records written before datasets existed) compare as unknown: no error.
+    """
+    if not proxy or not target:
+        return []
+
+    def tok(d: dict[str, Any]) -> str:
+        sha = d.get("tokenizer_sha256")
+        return f"{d.get('tokenizer')} (sha256 {sha[:12] if sha else '?'}, vocab {d.get('vocab_size')})"
+
+    same_sha = proxy.get("tokenizer_sha256") == target.get("tokenizer_sha256")
+    known = proxy.get("tokenizer_sha256") is not None and target.get("tokenizer_sha256") is not None
+    if (known and not same_sha) or proxy.get("vocab_size") != target.get("vocab_size"):
+        raise DataError(
+            f"target data {target.get('name')} uses tokenizer {tok(target)} but the proxy trained with "
+            f"{tok(proxy)}; prepare the target with the proxy's tokenizer (mupt prepare --tokenizer PATH)"
+        )
+    if proxy.get("corpus_sha256") != target.get("corpus_sha256"):
+        return [
+            f"the proxy trained on {proxy.get('name')} but the target trains on {target.get('name')} "
+            "(a different corpus): the transferred optimum assumes similar data"
+        ]
+    return []

@@ -1,0 +1,272 @@
+"""Token datasets on disk, read through numpy memory maps.
+
+Two layouts are read:
+
+* a **prepared dataset** directory written by ``mupt prepare`` (:mod:`mupt.data.prepare`):
+  ``meta.json`` plus flat little-endian token shards ``train-00000.bin``, ``val-00000.bin``, ...
+  (``uint16`` when the vocabulary fits in 65536 ids, else ``uint32``), and the tokenizer's
+  ``tokenizer.json``;
+* a **plain token file** (nanoGPT style): a ``.bin`` of ``uint16`` ids (``uint32`` when
+  ``--vocab-size`` exceeds 65536) or a 1-D integer ``.npy``, with the vocabulary given by
+  ``--vocab-size``.  ``train.bin`` next to a ``val.bin`` uses that file as the validation split;
+  otherwise the tail ``val_fraction`` of the tokens is.
+
+Memory does not depend on corpus size: the shards are memory-mapped and a batch touches only its
+own windows.  Window starts are drawn exactly as for the in-memory corpora
+(:func:`mupt.data.step_generator`), so batches are a pure function of (seed, step, rank) and a
+resumed run sees the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mupt.errors import DataError
+
+FORMAT = "mupt-dataset"
+FORMAT_VERSION = 1
+META = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+PAD_VOCAB_MULTIPLE = 8  # mamba_ssm's MambaConfig.pad_vocab_size_multiple
+BYTES_TOKENIZER_SHA256 = hashlib.sha256(b"mupt bytes tokenizer: id = UTF-8 byte, EOS = 0").hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype[Any]:
+    """``uint16`` when every id < ``vocab_size`` fits (vocab <= 65536), else ``uint32``."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def padded_vocab(vocab_size: int, multiple: int = PAD_VOCAB_MULTIPLE) -> int:
+    """The model's vocab_size for a tokenizer of ``vocab_size`` ids: rounded up to a multiple of 8.
+
+    Same rule as mamba_ssm's ``pad_vocab_size_multiple`` (mamba_ssm/models/mixer_seq_simple.py).
+    """
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+class TokenArray:
+    """A read-only concatenation of 1-D token arrays (memory maps), addressed by global offset."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, start: int, n: int) -> np.ndarray:
+        """Tokens ``[start, start + n)`` as int64 (a copy), possibly spanning several parts."""
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        while filled < n:
+            part = self.parts[i]
+            lo = start + filled - int(self.starts[i])
+            take = min(n - filled, len(part) - lo)
+            out[filled : filled + take] = part[lo : lo + take]
+            filled += take
+            i += 1
+        return out
+
+
+class MemmapTokens:
+    """A :class:`~mupt.data.TokenSource` over memory-mapped train/validation token arrays."""
+
+    def __init__(
+        self,
+        train: TokenArray,
+        val: TokenArray,
+        vocab_size: int,
+        name: str,
+        bytes_per_token: float | None,
+        identity: dict[str, Any],
+    ) -> None:
+        self.train, self.val = train, val
+        self.vocab_size = vocab_size
+        self.name = name
+        self.bytes_per_token = bytes_per_token
+        self._identity = identity
+
+    def identity(self) -> dict[str, Any]:
+        """Tokenizer name and sha256, vocab, train token count and corpus sha256 (see :func:`identity_of`)."""
+        return dict(self._identity)
+
+    def _check(self, split: TokenArray, seq_len: int, which: str) -> None:
+        if len(split) < seq_len + 2:
+            raise DataError(
+                f"{self.name}: the {which} split has {len(split)} tokens, fewer than seq_len+2={seq_len + 2}; "
+                "use more data or a shorter --seq-len"
+            )
+
+    @staticmethod
+    def _windows(split: TokenArray, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+        chunk = torch.from_numpy(np.stack([split.window(int(s), seq_len + 1) for s in starts.tolist()]))
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
+    ) -> tuple[Tensor, Tensor]:
+        """The rank's slice of the global batch for ``step``: int64 ``(batch_size // world, seq_len)`` x and y."""
+        from mupt.data import step_generator
+
+        self._check(self.train, seq_len, "train")
+        g = step_generator(seed, step)
+        starts = torch.randint(0, len(self.train) - seq_len - 1, (batch_size,), generator=g)
+        return self._windows(self.train, starts[rank::world], seq_len)
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+        """``n`` fixed validation batches (same windows in every run)."""
+        from mupt.data import VAL_SEED, step_generator
+
+        self._check(self.val, seq_len, "validation")
+        g = step_generator(VAL_SEED, 0)
+        starts = torch.randint(0, len(self.val) - seq_len - 1, (n, batch_size), generator=g)
+        return [self._windows(self.val, s, seq_len) for s in starts]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a prepared dataset; DataError when missing, corrupt or of another format."""
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise DataError(
+            f"{path}: no {META}, so not a finished mupt dataset; create it with `mupt prepare SOURCES --out {path}` "
+            "(rerun the same command to finish an interrupted one)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{meta_path}: not valid JSON; rerun mupt prepare into a new directory") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{meta_path}: not a {FORMAT} meta.json; rerun mupt prepare into a new directory")
+    if meta.get("version") != FORMAT_VERSION:
+        raise DataError(
+            f"{meta_path}: dataset format version {meta.get('version')}, this mupt reads {FORMAT_VERSION}; "
+            "re-prepare the dataset with this mupt"
+        )
+    return meta
+
+
+def corpus_sha256(sources: list[dict[str, Any]]) -> str:
+    """One hash for a corpus: sha256 of the sources' (split, sha256) pairs in order."""
+    text = json.dumps([[s.get("split"), s.get("sha256")] for s in sources])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def meta_identity(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    """Dataset identity recorded in best.yaml and recipes (see :func:`identity_of`)."""
+    tok = meta["tokenizer"]
+    return {
+        "name": name,
+        "tokenizer": tok["name"],
+        "tokenizer_sha256": tok["sha256"],
+        "vocab_size": int(meta["vocab_size"]),
+        "tokens": int(meta["splits"]["train"]["tokens"]),
+        "corpus_sha256": corpus_sha256(meta["sources"]),
+    }
+
+
+def open_dataset(path: str | Path) -> MemmapTokens:
+    """Open a prepared dataset directory; checks every shard's size against meta.json.
+
+    Raises DataError for a missing/corrupt meta.json and for a missing or truncated shard.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    splits: dict[str, TokenArray] = {}
+    for split in ("train", "val"):
+        parts = []
+        for shard in meta["splits"][split]["shards"]:
+            f = path / shard["file"]
+            want = int(shard["tokens"]) * dtype.itemsize
+            size = f.stat().st_size if f.is_file() else None
+            if size != want:
+                got = "missing" if size is None else f"{size} bytes"
+                raise DataError(
+                    f"{f}: shard is {got}, meta.json says {want} bytes (truncated or replaced); "
+                    f"rerun mupt prepare into a new directory"
+                )
+            parts.append(np.memmap(f, dtype=dtype, mode="r") if want else np.empty(0, dtype))
+        splits[split] = TokenArray(parts)
+    val = meta["splits"]["val"]
+    bpt = val["bytes"] / val["tokens"] if val.get("tokens") and val.get("bytes") else None
+    return MemmapTokens(
+        splits["train"], splits["val"], int(meta["vocab_size"]), str(path), bpt, meta_identity(meta, path.name)
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _map_token_file(path: Path, vocab_size: int) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"--data {path}: no such file; pass a .bin or .npy token file")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"--data {path}: not a readable .npy file ({e}); save it with numpy.save") from None
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise DataError(f"--data {path}: expected a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+    else:
+        dtype = token_dtype(vocab_size)
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise DataError(
+                f"--data {path}: {size} bytes is not a whole number of {dtype.name} tokens; the file is truncated"
+            )
+        arr = np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype)
+    for lo in range(0, len(arr), 1 << 24):  # bounded memory: 16M tokens at a time
+        block = arr[lo : lo + (1 << 24)]
+        top, low = int(block.max()), int(block.min())
+        if top >= vocab_size or low < 0:
+            bad = top if top >= vocab_size else low
+            at = lo + int(np.argmax(block == bad))
+            raise DataError(
+                f"--data {path}: token id {bad} at position {at} is outside --vocab-size {vocab_size}; "
+                "pass the tokenizer's vocabulary size"
+            )
+    return arr
+
+
+def open_token_file(path: str | Path, vocab_size: int | None, val_fraction: float) -> MemmapTokens:
+    """Open a nanoGPT-style ``.bin`` (uint16, or uint32 above 65536 ids) or ``.npy`` token file.
+
+    ``train.bin`` with a sibling ``val.bin`` uses it for validation; otherwise the last
+    ``val_fraction`` of the tokens is the validation split.  Every id is checked against
+    ``vocab_size`` (a streaming pass in 16M-token blocks).  Raises DataError.
+    """
+    path = Path(path)
+    if vocab_size is None:
+        raise DataError(f"--data {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
+    arr = _map_token_file(path, vocab_size)
+    sibling = path.with_name("val" + path.suffix)
+    if path.stem == "train" and sibling.is_file():
+        train, val = arr, _map_token_file(sibling, vocab_size)
+        digest = _file_sha256(path) + _file_sha256(sibling)
+    else:
+        n_val = int(len(arr) * val_fraction)
+        train, val = arr[: len(arr) - n_val], arr[len(arr) - n_val :]
+        digest = _file_sha256(path)
+    identity = {
+        "name": path.name,
+        "tokenizer": None,
+        "tokenizer_sha256": None,
+        "vocab_size": vocab_size,
+        "tokens": len(train),
+        "corpus_sha256": hashlib.sha256(digest.encode()).hexdigest(),
+    }
+    return MemmapTokens(TokenArray([train]), TokenArray([val]), vocab_size, str(path), None, identity)

@@ -1,0 +1,246 @@
+"""mupt prepare and prepared datasets: real files (txt, jsonl, jsonl.gz, parquet), a BPE trained by tokenizers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from mupt.config import DataConfig, RunConfig
+from mupt.data import fit_vocab, load_data
+from mupt.data.dataset import open_dataset
+from mupt.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def topics() -> list[str]:
+    from pydoc_data.topics import topics as t
+
+    return [t[k] for k in sorted(t)]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Builtin topics spread over .txt files, a .jsonl, a .jsonl.gz and a .parquet; their texts in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("src")
+    docs = topics()
+    txt, jl, jgz, pqt = docs[:6], docs[6:40], docs[40:60], docs[60:]
+    (root / "txt").mkdir()
+    for i, d in enumerate(txt):  # sorted by name = this order
+        (root / "txt" / f"doc{i}.txt").write_text(d, encoding="utf-8")
+    (root / "a.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(jl)))
+    with gzip.open(root / "b.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"text": d}) + "\n" for d in jgz)
+    pq.write_table(pa.table({"text": pqt, "n": list(range(len(pqt)))}), root / "c.parquet", row_group_size=7)
+    return root, txt + jl + jgz + pqt
+
+
+def cli_prepare(cli, *args: str) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    return cli("prepare", *args)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def bpe_dataset(sources: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mupt.data.prepare import PrepareSettings, prepare
+
+    root, _ = sources
+    out = tmp_path_factory.mktemp("ds") / "bpe"
+    srcs = [str(root / "txt"), str(root / "a.jsonl"), str(root / "b.jsonl.gz"), str(root / "c.parquet")]
+    prepare(PrepareSettings(sources=srcs, out=out, train_vocab=2048, val_fraction=0.1))
+    return out
+
+
+def split_docs(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    ends = np.flatnonzero(tokens == eos)
+    assert len(ends) and ends[-1] == len(tokens) - 1, "every document ends with EOS"
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tokens[s:e].tolist() for s, e in zip(starts, ends, strict=True)]
+
+
+def test_text_jsonl_parquet_with_trained_bpe_round_trip(bpe_dataset: Path, sources: tuple[Path, list[str]]) -> None:
+    _, docs = sources
+    meta = json.loads((bpe_dataset / "meta.json").read_text())
+    assert meta["vocab_size"] == 2048 and meta["dtype"] == "uint16"
+    tok = Tokenizer.from_file(str(bpe_dataset / "tokenizer.json"))  # the tokenizers library reads it back
+    assert tok.get_vocab_size() == 2048 and tok.token_to_id("<|endoftext|>") == meta["eos_id"]
+    # independent split reference: every 10th document (i = 9, 19, ...) is validation
+    want = {
+        "train": [d for i, d in enumerate(docs) if i % 10 != 9],
+        "val": [d for i, d in enumerate(docs) if i % 10 == 9],
+    }
+    for split in ("train", "val"):
+        s = meta["splits"][split]
+        shards = [bpe_dataset / sh["file"] for sh in s["shards"]]
+        tokens = np.concatenate([np.fromfile(f, dtype="<u2") for f in shards])
+        assert all(f.stat().st_size % 2 == 0 for f in shards)
+        got = [tok.decode(ids, skip_special_tokens=False) for ids in split_docs(tokens, meta["eos_id"])]
+        assert got == want[split]  # exact text back, in source order
+        assert s["documents"] == len(want[split]) and s["tokens"] == len(tokens)
+        assert s["bytes"] == sum(len(d.encode("utf-8")) for d in want[split])
+        assert int(tokens.max()) < 2048
+    assert [Path(x["path"]).suffix for x in meta["sources"]][-3:] == [".jsonl", ".gz", ".parquet"]
+    for x in meta["sources"]:
+        assert x["bytes"] == Path(x["path"]).stat().st_size and len(x["sha256"]) == 64
+
+
+def test_dataset_batches_are_memmapped_deterministic_and_rank_sliced(bpe_dataset: Path) -> None:
+    data = load_data(DataConfig(source=str(bpe_dataset)))
+    assert data.vocab_size == 2048 and data.bytes_per_token is not None and 2 < data.bytes_per_token < 6
+    x1, y1 = data.train_batch(step=5, batch_size=8, seq_len=32, seed=3)
+    x2, _ = data.train_batch(step=5, batch_size=8, seq_len=32, seed=3)
+    assert x1.dtype == torch.int64 and torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(x1, data.train_batch(step=6, batch_size=8, seq_len=32, seed=3)[0])
+    parts = [data.train_batch(5, 8, 32, 3, rank=r, world=2)[0] for r in range(2)]
+    assert torch.equal(torch.stack(parts, 1).reshape(8, 32), x1)
+    # a window equals the raw shard bytes at its start (independent read with np.fromfile)
+    flat = np.fromfile(bpe_dataset / "train-00000.bin", dtype="<u2")
+    row = x1[0].numpy()
+    hits = [i for i in np.flatnonzero(flat == row[0]) if np.array_equal(flat[i : i + 32], row)]
+    assert hits
+    cfg = fit_vocab(RunConfig(data=DataConfig(source=str(bpe_dataset))))
+    assert cfg.model.vocab_size == 2048
+
+
+def test_windows_span_shards(sources: tuple[Path, list[str]], tmp_path: Path) -> None:
+    from mupt.data.prepare import PrepareSettings, prepare
+
+    root, _ = sources
+    res = prepare(PrepareSettings(sources=[str(root / "a.jsonl")], out=tmp_path / "d", shard_bytes=20_000))
+    shards = res.meta["splits"]["train"]["shards"]
+    assert len(shards) > 3 and res.meta["vocab_size"] == 256
+    flat = np.concatenate([np.fromfile(tmp_path / "d" / s["file"], dtype="<u2") for s in shards])
+    data = open_dataset(tmp_path / "d")
+    first = int(shards[0]["tokens"])
+    assert np.array_equal(data.train.window(first - 5, 10), flat[first - 5 : first + 5])
+
+
+def test_trained_vocab_pads_to_multiple_of_8_and_config_mismatch_is_an_error(
+    sources: tuple[Path, list[str]], tmp_path: Path, cli
+) -> None:  # type: ignore[no-untyped-def]
+    root, _ = sources
+    code, out, err = cli("prepare", str(root / "a.jsonl"), "--train-tokenizer", "300", "--out", str(tmp_path / "d"))
+    assert code == 0, err
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["vocab_size"] == 300 and "dataset ready" in out
+    cfg = fit_vocab(RunConfig(data=DataConfig(source=str(tmp_path / "d"))))
+    assert cfg.model.vocab_size == 304 == math.ceil(300 / 8) * 8
+    (tmp_path / "c.yaml").write_text("model: {vocab_size: 256}\n")
+    code, _, err = cli("train", "--config", str(tmp_path / "c.yaml"), "--data", str(tmp_path / "d"), "--steps", "1")
+    assert code == 2 and "256" in err and "304" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="256.*300"):
+        from mupt.train import Trainer
+
+        Trainer(RunConfig(data=DataConfig(source=str(tmp_path / "d"))))
+
+
+def test_kill_9_then_rerun_is_byte_identical(
+    sources: tuple[Path, list[str]], bpe_dataset: Path, tmp_path: Path
+) -> None:
+    root, docs = sources
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as fh:
+        for rep in range(4):
+            fh.writelines(json.dumps({"text": f"{rep} {d}"}) + "\n" for d in docs)
+    args = [str(big), "--tokenizer", str(bpe_dataset / "tokenizer.json"), "--shard-mb", "0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mupt", "prepare"]
+    ref = subprocess.run([*cmd, *args, "--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, *args, "--workers", "2", "--out", str(killed)], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.glob("train-*.bin"))) < 3 and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "meta.json").exists(), "the prepare finished before the kill; the test proved nothing"
+    done = len(list(killed.glob("train-*.bin")))
+    rerun = subprocess.run([*cmd, *args, "--out", str(killed)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"reused {done}" in rerun.stdout.replace("\n", " ")
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert names == sorted(p.name for p in killed.iterdir())  # no temp or plan file left behind
+    for n in names:
+        assert (tmp_path / "ref" / n).read_bytes() == (killed / n).read_bytes(), n
+
+
+def test_token_files_bin_and_npy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, 5000).astype(np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    ids[:800].tofile(tmp_path / "val.bin")
+    data = load_data(DataConfig(source=str(tmp_path / "train.bin"), vocab_size=1000))
+    assert len(data.train) == 5000 and len(data.val) == 800  # type: ignore[attr-defined]
+    assert (
+        fit_vocab(RunConfig(data=DataConfig(source=str(tmp_path / "train.bin"), vocab_size=1000))).model.vocab_size
+        == 1000
+    )
+    np.save(tmp_path / "t.npy", ids.astype(np.int32))
+    npy = load_data(DataConfig(source=str(tmp_path / "t.npy"), vocab_size=1000, val_fraction=0.2))
+    assert len(npy.val) == 1000  # type: ignore[attr-defined]
+    x, _ = npy.train_batch(0, 2, 16, 0)
+    assert x.max() < 1000
+    with pytest.raises(DataError, match="needs --vocab-size"):
+        load_data(DataConfig(source=str(tmp_path / "train.bin")))
+    bad = ids.copy()
+    bad[1234] = 1000
+    bad.tofile(tmp_path / "bad.bin")
+    with pytest.raises(DataError, match="token id 1000 at position 1234"):
+        load_data(DataConfig(source=str(tmp_path / "bad.bin"), vocab_size=1000))
+
+
+def one_line(result: tuple[int, str, str], *needles: str) -> None:
+    code, _, err = result
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_inputs_one_line_exit_2_nothing_left(
+    sources: tuple[Path, list[str]], bpe_dataset: Path, tmp_path: Path, cli
+) -> None:  # type: ignore[no-untyped-def]
+    root, _ = sources
+    out = tmp_path / "out"
+    one_line(cli("prepare", "--out", str(out)), "no sources")
+    (tmp_path / "empty.txt").write_text("")
+    one_line(cli("prepare", str(tmp_path / "empty.txt"), "--out", str(out)), "empty file")
+    lines = tmp_path / "l.jsonl"
+    lines.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    one_line(cli("prepare", str(lines), "--out", str(out)), "l.jsonl line 2", "text")
+    lines.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": broken\n')
+    one_line(cli("prepare", str(lines), "--out", str(out)), "l.jsonl line 3", "invalid JSON")
+    one_line(cli("prepare", str(root / "c.parquet"), "--text-field", "body", "--out", str(out)), "no column 'body'")
+    (tmp_path / "tok.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    one_line(cli("prepare", str(lines), "--tokenizer", str(tmp_path / "tok.json"), "--out", str(out)), "tokenizer.json")
+    assert not out.exists()  # no half-written output after any of them
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.md").write_text("mine")
+    one_line(cli("prepare", str(root / "a.jsonl"), "--out", str(tmp_path / "stuff")), "not empty")
+    assert [p.name for p in (tmp_path / "stuff").iterdir()] == ["notes.md"]
+    # datasets that cannot be read
+    ds = tmp_path / "ds"
+    assert cli("prepare", str(root / "a.jsonl"), "--out", str(ds))[0] == 0
+    train = ds / "train-00000.bin"
+    raw = train.read_bytes()
+    train.write_bytes(raw[:-2])
+    one_line(cli("train", "--data", str(ds), "--steps", "1"), "train-00000.bin", "truncated")
+    train.write_bytes(raw)
+    (ds / "meta.json").unlink()
+    one_line(cli("train", "--data", str(ds), "--steps", "1"), "no meta.json")
