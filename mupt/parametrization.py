@@ -115,6 +115,17 @@ for _family in ("adam", "sgd"):
         RULES[(Scheme.MUP, _family, _disc)] = _mup(_family)
         RULES[(Scheme.MUP_SSM, _family, _disc)] = _mup_ssm(_family)
 
+#: Tied embeddings: the LM head reads out through the embedding's tensor (a shared readout).  The shared
+#: tensor keeps the EMBEDDING role's init and LR (Θ(1) entries; Adam LR 1, SGD LR r_u); the readout gets the
+#: forward multiplier below, 1/r_u under µP, as microsoft/mup's MuSharedReadout divides its input by the
+#: width multiplier (docs/width_rules.md, "Tied embeddings: a shared readout").  ``init`` and ``lr`` are
+#: unused (the tensor follows the embedding's rule).
+TIED_READOUT: dict[Scheme, Rule] = {
+    Scheme.SP: Rule(init=None, lr=ZERO, fwd=ZERO),
+    Scheme.MUP: Rule(init=None, lr=ZERO, fwd=_INV_U),
+    Scheme.MUP_SSM: Rule(init=None, lr=ZERO, fwd=_INV_U),
+}
+
 NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
 
 #: Adam's epsilon at the base width (PyTorch's default).  Under µP every gradient except the readout's
@@ -287,8 +298,6 @@ def apply(
     scheme = Scheme(param.scheme)
     rules = rules_for(scheme, optimizer, model.cfg.discretization)  # validates the names first
     opt = OptimizerName(optimizer)
-    if cfg.tie_embeddings and scheme is not Scheme.SP:
-        raise ConfigError(f"tie_embeddings=true cannot be used with scheme {scheme.value}; untie them or use sp")
     base = BaseShape.of(cfg, param)
     for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
         check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
@@ -322,7 +331,9 @@ def apply(
             )
             g["params"].append(p)
             g["names"].append(name)
-    fwd[Role.LM_HEAD] = fwd.get(Role.LM_HEAD, 1.0) * param.output_mult  # absent when tied to the embedding
+    if cfg.tie_embeddings:  # lm_head is the embedding's tensor: a shared readout with its own multiplier
+        fwd[Role.LM_HEAD] = _ratio(TIED_READOUT[scheme].fwd, r_u, r_x)
+    fwd[Role.LM_HEAD] *= param.output_mult
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)
     for entry in manifest.params.values():

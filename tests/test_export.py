@@ -57,10 +57,10 @@ def trained_model(run: Path, cfg: RunConfig) -> MambaLM:
     return t.model
 
 
-# tied: the readout shares the embedding; sp here (the tied µP rule has its own tests below)
+# tied: the readout shares the embedding and carries the shared-readout multiplier 1/r_u (folded into norm_f)
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_export_hf_from_pretrained_gives_the_same_logits(tmp_path: Path, cli, tie: bool) -> None:
-    cfg = run_config(tie, "sp" if tie else "mup-ssm", output_mult=3.0, embedding_mult=1.7)
+    cfg = run_config(tie, "mup-ssm", output_mult=3.0, embedding_mult=1.7)
     run = train_dir(tmp_path, cli, cfg)
     ref = logits(trained_model(run, cfg))
     assert ref.abs().max() > 1.0  # trained, non-trivial logits
@@ -312,3 +312,25 @@ def test_corrupt_dcp_checkpoint_is_refused(tmp_path: Path, euler_recipe: Path, c
     assert code == 2 and "corrupt" in one_line(err)
     with pytest.raises(ConfigError):
         export_run(tmp_path / "r", tmp_path / "r", "hf")  # non-empty out before anything is read
+
+
+def test_export_copies_the_datasets_tokenizer(tmp_path: Path, cli) -> None:
+    from pydoc_data.topics import topics
+
+    from mupt.data.prepare import PrepareSettings, prepare
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:60]))
+    prepare(PrepareSettings(sources=[str(src)], out=tmp_path / "ds", train_vocab=300, val_fraction=0.1))
+    code, _, err = cli("train", "--data", str(tmp_path / "ds"), "--width", "32", "--d-state", "8",
+                       "--discretization", "euler", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                       "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "ds" / "tokenizer.json").read_bytes()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    ids = tok("def f(x): return x")["input_ids"]
+    hf = transformers.MambaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.vocab_size == 304  # 300 ids padded to a multiple of 8
+    assert max(ids) < 300 and hf(torch.tensor([ids])).logits.shape == (1, len(ids), 304)

@@ -226,3 +226,25 @@ def test_apply_with_another_scheme_starts_from_the_default_init() -> None:
     apply(b, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D), "adamw", 1e-3)
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("scheme", [Scheme.MUP, Scheme.MUP_SSM])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_tied_embeddings_are_a_shared_readout(scheme: Scheme, optimizer: str) -> None:
+    """Tied under µP: the shared tensor keeps the embedding's init and LR; the readout multiplier is
+    output_mult / r_u (docs/width_rules.md, microsoft/mup's MuSharedReadout)."""
+    m = model(d_model=256, tie_embeddings=True)
+    par = apply(m, ParamConfig(scheme=scheme, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
+    r_u = 256 / BASE_D
+    entry = par.manifest.params["backbone.embedding.weight"]
+    assert "lm_head.weight" not in par.manifest.params and m.lm_head.weight is m.backbone.embedding.weight
+    assert entry.init_std == pytest.approx(0.02)  # Θ(1): the embedding's rule, not the readout's 1/N_u
+    assert entry.lr_mult == pytest.approx(1.0 if optimizer == "adamw" else r_u)
+    assert float(m.backbone.embedding.weight.std()) == pytest.approx(0.02, rel=0.05)
+    assert m.mult_output == pytest.approx(3.0 / r_u)
+    untied = model(d_model=256)
+    apply(untied, ParamConfig(scheme=scheme, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
+    assert untied.mult_output == pytest.approx(3.0)  # untied readouts scale their init and LR instead
+    sp = model(d_model=256, tie_embeddings=True)
+    apply(sp, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
+    assert sp.mult_output == pytest.approx(3.0)

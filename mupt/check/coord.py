@@ -76,6 +76,8 @@ class CoordSettings:
     backend: str = "auto"
     #: d_model of the base shape (the proxy the LR was tuned at); None = the smallest width.
     base_width: int | None = None
+    #: LM head tied to the embedding (a shared readout, docs/width_rules.md)
+    tie_embeddings: bool = False
 
     @property
     def base(self) -> int:
@@ -119,6 +121,7 @@ class CoordSettings:
                 n_layers=self.n_layers,
                 d_state=self.d_state(width),
                 discretization=self.discretization,
+                tie_embeddings=self.tie_embeddings,
                 scan_backend=resolve_scan_backend(self.backend),
             ),
             data=DataConfig(source="builtin"),
@@ -427,6 +430,7 @@ def _describe(result: CoordResult) -> str:
     return (
         f"{s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, base {base}, "
         f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}"
+        + (", tied embeddings" if s.get("tie_embeddings") else "")
     )
 
 

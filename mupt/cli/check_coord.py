@@ -115,6 +115,9 @@ def coord(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
+    tie_embeddings: Annotated[
+        bool, typer.Option("--tie-embeddings/--untie-embeddings", help="LM head shares the embedding's tensor.")
+    ] = False,
     out_dir: Annotated[
         Path, typer.Option("--out", help="Writes coord.json, coord.png and coord_steps.png (slope per step) here.")
     ] = Path("runs/check-coord"),
@@ -132,13 +135,13 @@ def coord(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
-        base_width=base_width,
+        base_width=base_width, tie_embeddings=tie_embeddings,
     )  # fmt: skip
     settings.validate()
     err.print(
         f"[bold]mupt check coord[/] scheme={scheme.value} optimizer={optimizer.value} disc={discretization.value} "
         f"widths={list(settings.widths)} base={settings.base} N_x={'scaled from ' if scale_state else ''}{d_state} "
-        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}",
+        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}" + (" tied embeddings" if tie_embeddings else ""),
         highlight=False,
     )
     # Diverging schemes (sp at large width) drive exp(dt*A) into denormal floats, which slow CPU math
