@@ -42,16 +42,17 @@ import torch.distributed as dist
 from torch import nn
 
 from mupt.config import (
-    OptimizerName,
     Recipe,
     RunConfig,
     atomic_write_text,
+    first_difference,
     json_text,
-    load_yaml,
     save_yaml,
     to_dict,
 )
 from mupt.errors import CheckpointError, ConfigError
+from mupt.memory import MemoryEstimate, memory_estimate
+from mupt.report import format_bytes
 from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
 
 CKPT_DIR = "checkpoints"
@@ -65,19 +66,19 @@ LogCallback = Callable[[dict[str, Any]], None]
 # --- recipe + plan ---------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    return load_yaml(path, Recipe)
-
-
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
-    """Flags (``steps``, ``init_from``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``,
-    ``fsdp``) override the recipe; ``None`` leaves a field alone."""
+    """Flags (``steps``, ``data``, ``init_from``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``,
+    ``compile``, ``fsdp``) override the recipe; ``None`` leaves a field alone."""
     data = to_dict(recipe)
     for key, value in flags.items():
         if value is None:
             continue
-        if key in ("steps", "init_from"):
-            data["run"]["train"][key] = str(value) if key == "init_from" else value
+        if key == "steps":
+            data["run"]["train"]["steps"] = value
+        elif key == "init_from":
+            data["run"]["train"]["init_from"] = str(value)
+        elif key == "data":
+            data["run"]["data"]["source"] = str(value)
         elif key in LAUNCH_FLAGS:
             data["launch"][key] = str(value) if key == "run_dir" else value
         else:
@@ -97,7 +98,8 @@ def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
     """CLI flags that make a worker see exactly the resolved recipe (after overrides)."""
     lc = recipe.launch
     flags = [
-        "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--ckpt-every", str(lc.ckpt_every),
+        "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
+        "--ckpt-every", str(lc.ckpt_every),
         "--log-every", str(lc.log_every), "--precision", lc.precision,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
@@ -131,6 +133,28 @@ def is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def stop_with_launcher(sig: int = signal.SIGTERM) -> bool:
+    """Linux: have the kernel send ``sig`` to this worker when its parent (the torchrun agent) dies.
+
+    torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL (OOM killer,
+    ``kill -9``, a lost job step) would leave the workers training on, orphaned, still writing
+    checkpoints into the run directory that the rerun resumes from.  With SIGTERM they checkpoint at
+    the next step boundary and stop, as after a forwarded SIGTERM.  Returns whether it was set
+    (``prctl(PR_SET_PDEATHSIG)``, see prctl(2)); elsewhere it does nothing.
+    """
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(1, int(sig), 0, 0, 0)) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
 def launch_distributed(argv: list[str]) -> int:
     """Run ``torch.distributed.run`` with ``argv`` (as torchrun would); returns the exit code.
 
@@ -154,10 +178,11 @@ def launch_distributed(argv: list[str]) -> int:
 
 @dataclass
 class Plan:
+    """What ``mupt scale --dry-run`` prints: the resolved run, its launch command and memory per rank."""
+
     d_model: int
     n_layers: int
     d_state: int
-    params: int
     world: int
     fsdp: bool
     device: str
@@ -166,12 +191,17 @@ class Plan:
     seq_len: int
     steps: int
     tokens: int
-    memory: dict[str, float]  # GiB per rank
+    memory: MemoryEstimate  # bytes per rank (mupt.memory)
     command: str
     scan_backend: str
 
+    @property
+    def params(self) -> int:
+        return self.memory.params
+
     def rows(self) -> list[tuple[str, Any]]:
         m = self.memory
+        act = "fp32" if self.precision == "fp32" else "fp32 count, an upper bound under bf16"
         return [
             ("model", f"d_model={self.d_model} layers={self.n_layers} d_state={self.d_state}"),
             ("parameters", f"{self.params:,}"),
@@ -180,67 +210,28 @@ class Plan:
             ("scan backend", self.scan_backend),
             ("global batch x seq", f"{self.global_batch} x {self.seq_len}"),
             ("steps / tokens", f"{self.steps:,} / {self.tokens:,}"),
-            ("weights fp32 (per rank)", human_bytes(m["weights"])),
-            ("grads fp32 (per rank)", human_bytes(m["grads"])),
-            ("optimizer states (per rank)", human_bytes(m["optimizer"])),
-            ("activations (per rank, rough)", human_bytes(m["activations"])),
-            ("total (per rank)", human_bytes(m["total"])),
+            ("weights fp32 (per rank)", format_bytes(m.weights)),
+            ("grads fp32 (per rank)", format_bytes(m.grads)),
+            ("optimizer states (per rank)", format_bytes(m.optimizer)),
+            (f"activations (per rank, {act})", format_bytes(m.activations)),
+            ("total (per rank)", format_bytes(m.total)),
             ("launch command", self.command),
         ]
 
 
-def human_bytes(gib: float) -> str:
-    for unit, scale in (("GiB", 1.0), ("MiB", 1024.0), ("KiB", 1024.0**2)):
-        if gib * scale >= 1 or unit == "KiB":
-            return f"{gib * scale:.2f} {unit}"
-    return ""
-
-
-def count_params(cfg: RunConfig) -> int:
-    from mupt.model import MambaLM
-
-    with torch.device("meta"):
-        model = MambaLM(cfg.model)
-    return sum(p.numel() for p in model.parameters())
-
-
-def memory_estimate(cfg: RunConfig, params: int, world: int, fsdp: bool, bf16: bool) -> dict[str, float]:
-    """GiB per rank: fp32 weights + grads + optimizer states (sharded under FSDP) + activations.
-
-    Activations: per layer the tensors autograd keeps (norm in/out, xz, conv out, delta, B, C, y,
-    gate) for the rank's micro-batch, plus fp32 logits; the torch/Triton scans recompute states.
-    """
-    gib = 1024**3
-    shard = world if fsdp else 1
-    m = cfg.model
-    opt_states = 1 if cfg.train.optimizer is OptimizerName.SGD else 2
-    weights = 4 * params / shard
-    grads = 4 * params / shard
-    optim = 4 * opt_states * params / shard
-    local_batch = max(1, cfg.train.batch_size // world)
-    tokens = local_batch * cfg.train.seq_len
-    act_bytes = 2 if bf16 else 4
-    per_token_layer = 2 * m.d_model + 2 * m.d_inner + 3 * m.d_inner + 2 * m.d_state + m.dt_rank_value + m.d_inner
-    acts = tokens * (m.n_layers * per_token_layer * act_bytes + 2 * 4 * m.vocab_size + 4 * m.d_model)
-    total = weights + grads + optim + acts
-    return {k: v / gib for k, v in (("weights", weights), ("grads", grads), ("optimizer", optim),
-                                      ("activations", acts), ("total", total))}  # fmt: skip
-
-
 def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
+    """The dry-run plan for ``recipe`` on ``world`` ranks (the recipe is assumed validated)."""
     cfg = recipe.run
     cuda = torch.cuda.is_available()
     precision = resolve_precision(recipe.launch.precision, cuda)
-    params = count_params(cfg)
     from mupt.scan import resolve_backend
 
     backend = resolve_backend(cfg.model.scan_backend, torch.device("cuda" if cuda else "cpu")).value
     tc = cfg.train
     return Plan(
-        cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, params, world, recipe.launch.fsdp,
+        cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, world, recipe.launch.fsdp,
         "cuda" if cuda else "cpu", precision, tc.batch_size, tc.seq_len, tc.steps,
-        tc.steps * tc.batch_size * tc.seq_len,
-        memory_estimate(cfg, params, world, recipe.launch.fsdp, precision == "bf16"), command, backend,
+        tc.steps * tc.batch_size * tc.seq_len, memory_estimate(cfg, world, recipe.launch.fsdp), command, backend,
     )  # fmt: skip
 
 
@@ -270,16 +261,6 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
 
 def fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(fingerprint_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix.rstrip('.')} {a!r} in the checkpoint vs {b!r} in the recipe"
 
 
 # --- per-group learning rates --------------------------------------------------------------------
@@ -474,7 +455,8 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
                 "to an older one, or pass a new --run-dir"
             )
     if meta.get("fingerprint") != fingerprint(cfg):
-        diff = _first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg)) or "fingerprint"
+        d = first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
+        diff = f"{d[0]} {d[1]!r} in the checkpoint vs {d[2]!r} in the recipe" if d else "fingerprint"
         raise CheckpointError(
             f"checkpoint {path} was written for another model ({diff}); use the recipe it was made with or "
             "a new --run-dir"
@@ -689,6 +671,8 @@ def run(
     ``on_log`` (rank 0) gets every metrics record.
     """
     rank, world, local_rank = dist_env()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_launcher()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:

@@ -15,7 +15,10 @@ race is closed as FAIL with reason "over budget"), so the study never overshoots
 
 Resume: the same study name continues the study.  Each trial records its owner (host, pid,
 process start time); trials left RUNNING by a dead local process are marked FAIL on the next
-start (journal storage); RDB storage relies on heartbeats.  Nothing here prints.
+start (journal storage).  On an RDB storage every running trial beats every ``heartbeat_interval``
+seconds; a trial silent for twice that (its worker was killed, its machine lost) is marked FAIL by
+the next worker to look and queued again with the same parameters (at most twice), and the other
+workers wait for it rather than stopping short of the budget.  Nothing here prints.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import socket
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -37,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mupt import __version__
-from mupt.config import BestParams, OptimizerName, RunConfig, load_yaml, save_yaml, to_dict
+from mupt.config import BestParams, OptimizerName, RunConfig, first_difference, load_best, save_yaml, to_dict
 from mupt.errors import ConfigError, MuptError, StorageError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -134,7 +138,7 @@ class TuneSettings:
         if self.threads <= 0:
             raise ConfigError(f"--threads {self.threads}: must be at least 1")
         if self.heartbeat_interval <= 0:
-            raise ConfigError(f"heartbeat_interval {self.heartbeat_interval}: must be positive seconds")
+            raise ConfigError(f"--heartbeat {self.heartbeat_interval}: must be a positive number of seconds")
 
     @property
     def run_dir(self) -> Path:
@@ -242,6 +246,17 @@ def code_version() -> str:
 # --- storage ----------------------------------------------------------------------------------
 
 
+def sqlalchemy_url(url: str) -> str:
+    """``url`` with a PostgreSQL driver SQLAlchemy can import: a bare ``postgresql://`` means psycopg 3 to
+    SQLAlchemy >= 2.1; when only psycopg2 (``pip install psycopg2-binary``) is installed, name it."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
 def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
     """Journal file storage (default) or an RDB URL; one-line StorageError when unusable."""
     if settings.is_rdb:
@@ -250,13 +265,24 @@ def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
             parent = Path(url[len("sqlite:///") :]).expanduser().parent
             if not parent.is_dir():
                 raise StorageError(f"--storage {url}: directory {parent} does not exist; create it or fix the path")
+        import inspect
+        import warnings
+
+        # Optuna >= 4.9 renamed the retry callback and its argument (the old names warn)
+        new_name = "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+        retry_cls = getattr(
+            optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback
+        )
+        callback = "heartbeat_stale_trial_callback" if new_name else "failed_trial_callback"
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=settings.heartbeat_interval,
-                grace_period=2 * settings.heartbeat_interval,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2),
-            )
+            with warnings.catch_warnings():  # heartbeats and retries are "experimental" in every Optuna so far
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    sqlalchemy_url(url),
+                    heartbeat_interval=settings.heartbeat_interval,
+                    grace_period=2 * settings.heartbeat_interval,
+                    **{callback: retry_cls(max_retry=2)},  # type: ignore[arg-type]
+                )
         except ImportError as e:
             raise StorageError(f"--storage {url}: database driver missing ({e}); install it (e.g. psycopg2)") from None
         except Exception as e:  # sqlalchemy errors: bad URL, unreachable server, unwritable file
@@ -333,6 +359,18 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
+def fail_stale_rdb_trials(study: optuna.Study) -> list[int]:
+    """RDB storage: fail the RUNNING trials whose heartbeat is older than the grace period and queue
+    their retries (Optuna's ``fail_stale_trials`` + ``RetryFailedTrialCallback``); returns their numbers."""
+    import warnings
+
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before)
+
+
 # --- study ------------------------------------------------------------------------------------
 
 
@@ -404,7 +442,8 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> tuple[optuna.Study,
     if "proxy_config" in old:
         for key in ("proxy_config", "search_space"):
             if old[key] != attrs[key]:
-                what = _first_difference(old[key], attrs[key])
+                d = first_difference(old[key], attrs[key])
+                what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
                 raise ConfigError(
                     f"study {settings.study!r} was created with a different {key.replace('_', ' ')} ({what}); "
                     f"rerun with the same flags, or pass --study NEW_NAME"
@@ -419,14 +458,6 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> tuple[optuna.Study,
         for i in coarse_to_fine(len(grid))[: settings.trials]:
             study.enqueue_trial({"lr": grid[i]}, user_attrs={"grid_index": i})
     return study, stale
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
@@ -451,6 +482,23 @@ def _over_budget(study: optuna.Study, number: int, cap: int) -> bool:
     return done + ahead >= cap
 
 
+class _DuplicateRetry(Exception):
+    """Raised inside a retry that another worker queued too (Optuna's SQLite storage can fail a stale
+    trial in two workers at once, and each queues a retry); only the lowest-numbered twin runs."""
+
+
+def _earlier_twin(study: optuna.Study, number: int) -> int | None:
+    """The number of an earlier, not failed retry of the same failed trial as trial ``number``, if any."""
+    trials = study.get_trials(deepcopy=False)
+    history = trials[number].system_attrs.get("retry_history") if number < len(trials) else None
+    if not history:
+        return None
+    for t in trials[:number]:
+        if t.state is not TrialState.FAIL and t.system_attrs.get("retry_history") == history:
+            return t.number
+    return None
+
+
 def _suggest(trial: optuna.Trial, space: dict[str, tuple[float, float]]) -> dict[str, float]:
     return {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in space.items()}
 
@@ -469,6 +517,10 @@ def make_objective(settings: TuneSettings, cfg: RunConfig, data: Any = None) -> 
         if _over_budget(trial.study, trial.number, settings.trials):
             trial.set_user_attr("reason", "over budget: other workers already filled the trial budget")
             raise _OverBudget
+        twin = _earlier_twin(trial.study, trial.number)
+        if twin is not None:
+            trial.set_user_attr("reason", f"duplicate retry: trial {twin} already retries the same failed trial")
+            raise _DuplicateRetry
         params = _suggest(trial, space)
         trainer = Trainer(apply_params(cfg, params), data=tokens)
 
@@ -500,14 +552,27 @@ def run_worker(settings: TuneSettings, cfg: RunConfig, index: int = 0, on_trial:
     """Run trials against the shared study until the TOTAL budget is reached; returns how many ran."""
     storage = open_storage(settings)
     seed_base = settings.seed + 7919 * index
+    if settings.workers > 1 or settings.is_rdb:
+        # other invocations (other machines) run workers with the same index and flags: without a per-process
+        # salt two of them that see the same trial count would draw the same point.  One local worker stays
+        # reproducible by --seed.
+        seed_base += zlib.crc32(worker_id().encode()) % 1_000_003
     study = _load(settings, cfg, seed_base, storage)
     objective = make_objective(settings, cfg)
     ran = 0
     while True:
-        if not settings.is_rdb:
+        if settings.is_rdb:
+            fail_stale_rdb_trials(study)
+        else:
             fail_dead_trials(study)
         states = count_states(study)
-        if states["COMPLETE"] + states["PRUNED"] + states["RUNNING"] >= settings.trials:
+        finished = states["COMPLETE"] + states["PRUNED"]
+        if finished + states["RUNNING"] >= settings.trials:
+            if settings.is_rdb and finished < settings.trials:
+                # a running trial may belong to a dead worker: its heartbeat stops, the next check fails
+                # it and queues a retry that this worker then runs, so the budget is still met
+                time.sleep(min(1.0, settings.heartbeat_interval / 2))
+                continue
             break
         if settings.sampler is SamplerName.GRID and states["WAITING"] == 0:
             break  # grid exhausted
@@ -521,7 +586,7 @@ def run_worker(settings: TuneSettings, cfg: RunConfig, index: int = 0, on_trial:
             if on_trial is not None and not over:
                 on_trial(s, t)
 
-        study.optimize(objective, n_trials=1, catch=(_OverBudget,), callbacks=[note])
+        study.optimize(objective, n_trials=1, catch=(_OverBudget, _DuplicateRetry), callbacks=[note])
         if over:
             break
         ran += 1
@@ -632,7 +697,8 @@ def trial_rows(study: optuna.Study, k: int | None = None) -> list[dict[str, Any]
 
 
 def best_params(study: optuna.Study, cfg: RunConfig) -> BestParams:
-    """The best COMPLETE trial as a :class:`BestParams`; raises when no trial completed."""
+    """The best COMPLETE trial as a :class:`BestParams` (with its data's identity); raises when no trial completed."""
+    from mupt.data import identity_of, load_data
     from mupt.train import build_model
 
     best = best_trial(study)
@@ -653,6 +719,7 @@ def best_params(study: optuna.Study, cfg: RunConfig) -> BestParams:
         params={k: float(v) for k, v in best.params.items()},
         config=tuned,
         manifest=par.manifest.to_dict(),
+        dataset=identity_of(load_data(cfg.data)),
         code_version=str(study.user_attrs.get("code_version", code_version())),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -663,14 +730,6 @@ def write_best(study: optuna.Study, cfg: RunConfig, run_dir: Path) -> tuple[Best
     path = run_dir / "best.yaml"
     save_yaml(path, bp, header=f"mupt tune: best of study {study.study_name} (trial {bp.trial}); read by mupt transfer")
     return bp, path
-
-
-def load_best(path: str | Path) -> BestParams:
-    """Read a ``best.yaml``; one-line StorageError/ConfigError when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise StorageError(f"{path}: no such best-params file; run `mupt tune` first or pass the right path")
-    return load_yaml(path, BestParams)
 
 
 def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
@@ -752,6 +811,7 @@ __all__ = [
     "code_version",
     "default_study_name",
     "fail_dead_trials",
+    "fail_stale_rdb_trials",
     "load_best",
     "load_existing",
     "lr_grid",
@@ -761,6 +821,7 @@ __all__ = [
     "run_study",
     "run_worker",
     "search_space",
+    "sqlalchemy_url",
     "trial_rows",
     "trial_steps",
     "write_best",

@@ -44,7 +44,8 @@ from mupt.config import (
     TrainConfig,
     atomic_write_text,
 )
-from mupt.data import TokenSource, load_data
+from mupt.data import TokenSource, data_vocab, load_data
+from mupt.data.dataset import padded_vocab
 from mupt.errors import ConfigError
 from mupt.train import Trainer
 
@@ -78,6 +79,12 @@ class CoordSettings:
     base_width: int | None = None
     #: LM head tied to the embedding (a shared readout, docs/width_rules.md)
     tie_embeddings: bool = False
+    #: token source (``DataConfig.source``: builtin, a prepared dataset, a .bin/.npy with ``vocab_size``)
+    data: str = "builtin"
+    vocab_size: int | None = None
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(source=self.data, vocab_size=self.vocab_size)
 
     @property
     def base(self) -> int:
@@ -123,8 +130,9 @@ class CoordSettings:
                 discretization=self.discretization,
                 tie_embeddings=self.tie_embeddings,
                 scan_backend=resolve_scan_backend(self.backend),
+                vocab_size=padded_vocab(data_vocab(self.data_config())),
             ),
-            data=DataConfig(source="builtin"),
+            data=self.data_config(),
             train=TrainConfig(
                 steps=self.steps,
                 batch_size=self.batch_size,
@@ -319,7 +327,7 @@ def coord_check(
     )
     settings.validate()
     start = time.perf_counter()
-    data = load_data(DataConfig(source="builtin"))
+    data = load_data(settings.data_config())
     per: dict[str, list[list[list[float]]]] = {}  # key -> per step -> per width -> per seed
     for wi, width in enumerate(settings.widths):
         for seed in range(settings.seeds):

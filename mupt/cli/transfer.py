@@ -29,7 +29,7 @@ from mupt.cli.common import (
 )
 from mupt.config import BestParams, Recipe, RunConfig, Scheme
 from mupt.errors import ConfigError, StorageError
-from mupt.report import key_values, table
+from mupt.report import format_bytes, key_values, table
 from mupt.transfer import (
     FAR_FEWER,
     SCAN_FWD_FLOPS,
@@ -45,14 +45,6 @@ from mupt.transfer import (
     summarize,
 )
 from mupt.transfer import transfer as do_transfer
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.3g} TiB"  # pragma: no cover
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -88,6 +80,14 @@ def transfer(
     ] = None,
     to_layers: Annotated[
         int | None, typer.Option("--to-layers", help="Target depth; refused unless equal to the proxy's.")
+    ] = None,
+    to_data: Annotated[
+        str | None,
+        typer.Option(
+            "--to-data",
+            help="Data of the target run (default: the proxy's); must use the proxy's tokenizer (a dataset dir, "
+            ".bin/.npy, builtin).",
+        ),
     ] = None,
     scheme: SchemeOpt = None,
     from_: Annotated[
@@ -148,7 +148,7 @@ def transfer(
     assert to_width is not None
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
-        source_path=path,
+        source_path=path, to_data=to_data,
     )  # fmt: skip
     _show(recipe, path)
     if compare:
@@ -195,9 +195,9 @@ def _show(recipe: Recipe, path: Path | None) -> None:
     items: list[tuple[str, object]] = [
         ("parameters (target / proxy)", f"{sm.params:,} / {sm.proxy_params:,}"),
         ("transfer ratio (N_u, N_x)", f"{sm.width_ratio:g}x, {sm.state_ratio:g}x (verified up to {VERIFIED_RATIO:g}x)"),
-        ("weights (fp32)", _bytes(sm.weight_bytes)),
-        ("weights + grads + optimizer states (fp32)", _bytes(sm.state_bytes)),
-        ("activations per token (fp32; scan states recomputed)", _bytes(sm.activation_bytes_per_token)),
+        ("weights (fp32)", format_bytes(sm.weight_bytes)),
+        ("weights + grads + optimizer states (fp32)", format_bytes(sm.state_bytes)),
+        ("activations per token (fp32, saved for backward)", format_bytes(sm.activation_bytes_per_token)),
         ("training FLOPs per token (6·non-embedding params + scan)", f"{sm.flops_per_token:.4g}"),
         (
             "  of which the scan",
@@ -211,6 +211,16 @@ def _show(recipe: Recipe, path: Path | None) -> None:
             f"parameter; warn below {FAR_FEWER:.0%})",
         ),
     ]
+    d = recipe.dataset
+    if d:
+        sha = d.get("tokenizer_sha256")
+        items.append(
+            (
+                "data (tokenizer, vocab, train tokens)",
+                f"{recipe.run.data.source}: {d.get('tokenizer')} ({sha[:12] if sha else 'no hash'}), "
+                f"vocab {d.get('vocab_size')}, {d.get('tokens') if d.get('tokens') is not None else '-'} tokens",
+            )
+        )
     out.print(key_values("Summary", items))
     for w in sm.warnings:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

@@ -28,6 +28,7 @@ from mupt.cli.common import (
     progress,
 )
 from mupt.config import RunConfig, with_overrides
+from mupt.data import bits_per_byte, bytes_per_token
 from mupt.errors import ConfigError
 from mupt.report import fmt, key_values, table
 from mupt.tune import (
@@ -125,6 +126,14 @@ def tune(
             help="RDB URL (sqlite:///x.db, postgresql://...) or a journal file; default runs/<study>/journal.log.",
         ),
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat",
+            help="RDB storages: seconds between a running trial's heartbeats; a trial silent for twice this "
+            "(its worker died) is failed and retried with the same parameters.",
+        ),
+    ] = 30,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs/<study>/ goes.")] = Path("runs"),
     report: Annotated[
         bool, typer.Option("--report", help="Run no trials: show the study's table, write its plots, print best.yaml.")
@@ -145,7 +154,7 @@ def tune(
     settings = TuneSettings(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
-        runs_dir=str(runs_dir), threads=threads,
+        runs_dir=str(runs_dir), threads=threads, heartbeat_interval=heartbeat,
     )  # fmt: skip
     if report:
         _report(settings, cfg, top)
@@ -188,6 +197,7 @@ def tune(
                 ),
                 ("best trial", bp.trial),
                 ("best val loss (nats)", bp.value),
+                ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
                 ("best lr", bp.params["lr"]),
                 *([("best multipliers", extra)] if extra else []),
                 ("compute (trial-steps)", trial_steps(st)),
