@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mupt.config import Arch, Discretization, ModelConfig, OptimizerName, RunConfig, load_yaml
+from mupt.config import Arch, Discretization, ModelConfig, OptimizerName, RunConfig, load_recipe, load_yaml
 from mupt.errors import CheckpointError, ConfigError
 from mupt.model import (
     Mamba2Mixer,
@@ -328,7 +328,7 @@ def _load_dcp(ckpt: Path, recipe_path: Path) -> LoadedRun:
 
     if not recipe_path.is_file():
         raise CheckpointError(f"{ckpt}: no {recipe_path} next to it; export needs the run's recipe.yaml")
-    recipe = launch.load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path)
     meta = launch.read_meta(ckpt, recipe.run)  # complete files, same model as the recipe
     model = _build(recipe.run)
     state = {"model": get_model_state_dict(model)}

@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from mupt import launch
-from mupt.config import ModelConfig, ParamConfig, Recipe, RunConfig, TrainConfig, load_yaml, save_yaml, to_dict
+from mupt.config import (
+    ModelConfig,
+    ParamConfig,
+    Recipe,
+    RunConfig,
+    TrainConfig,
+    load_recipe,
+    load_yaml,
+    save_yaml,
+    to_dict,
+)
 from mupt.errors import CheckpointError, ConfigError
 from mupt.export import export_run, load_pretrained, read_pretrained, save_weights
 from mupt.model import MambaLM
@@ -128,7 +138,7 @@ def test_two_rank_fsdp2_checkpoint_exports_the_one_process_model(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step_000006"
     assert (ckpt / "__1_0.distcp").is_file()  # written by two ranks
-    recipe = launch.apply_overrides(launch.load_recipe(euler_recipe), run_dir=tmp_path / "single")
+    recipe = launch.apply_overrides(load_recipe(euler_recipe), run_dir=tmp_path / "single")
     torch.set_num_threads(1)
     single = launch.run(recipe)
     assert single.steps == 6
@@ -252,7 +262,7 @@ def test_init_from_cli_train_and_scale(tmp_path: Path, cli, euler_recipe: Path) 
                        "--run-dir", str(tmp_path / "s"))  # fmt: skip
     assert code == 0, err
     first = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
-    rec = launch.load_recipe(euler_recipe)
+    rec = load_recipe(euler_recipe)
     t = Trainer(rec.run)
     x, y = t.batch(0)
     with torch.no_grad():
@@ -303,7 +313,7 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path: Path, cli) -> None:
 
 
 def test_corrupt_dcp_checkpoint_is_refused(tmp_path: Path, euler_recipe: Path, cli) -> None:
-    recipe = launch.apply_overrides(launch.load_recipe(euler_recipe), run_dir=tmp_path / "r", steps=3)
+    recipe = launch.apply_overrides(load_recipe(euler_recipe), run_dir=tmp_path / "r", steps=3)
     torch.set_num_threads(1)
     launch.run(recipe)
     shard = tmp_path / "r" / "checkpoints" / "step_000003" / "__0_0.distcp"
