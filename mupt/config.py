@@ -309,6 +309,30 @@ class BestParams(_Strict):
     )
     code_version: str = ""
     created: str = ""
+    fidelity: str = Field("steps", description="the study's fidelity schedule: width (rungs over d_model) or steps")
+    finalists: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="trials measured at the proxy width, best first, each with the fidelities it passed through",
+    )
+
+
+class Precision(StrEnum):
+    """Numerics of ``mupt scale``: parameters, gradients and optimizer state are always fp32.
+
+    ``bf16`` runs the forward (and so the backward) under ``torch.autocast`` in bfloat16; fp16 is
+    not offered (it needs loss scaling, which mupt does not implement).  ``auto`` is bf16 on CUDA
+    and fp32 elsewhere.
+    """
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+    def resolve(self, cuda: bool) -> Precision:
+        """``auto`` -> bf16 on CUDA, fp32 elsewhere; the others as they are."""
+        if self is Precision.AUTO:
+            return Precision.BF16 if cuda else Precision.FP32
+        return self
 
 
 class LaunchConfig(_Strict):
@@ -317,7 +341,7 @@ class LaunchConfig(_Strict):
     run_dir: str = Field("runs/scale", description="checkpoints, metrics.jsonl and summary go here")
     ckpt_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
-    precision: str = Field("auto", description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
+    precision: Precision = Field(Precision.AUTO, description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     fsdp: bool = False
 
