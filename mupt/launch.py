@@ -70,14 +70,14 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
-    """Flags (``steps``, ``data``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``,
-    ``fsdp``) override the recipe; ``None`` leaves a field alone."""
+    """Flags (``steps``, ``grad_accum``, ``data``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``,
+    ``compile``, ``fsdp``) override the recipe; ``None`` leaves a field alone."""
     data = to_dict(recipe)
     for key, value in flags.items():
         if value is None:
             continue
-        if key == "steps":
-            data["run"]["train"]["steps"] = value
+        if key in ("steps", "grad_accum"):
+            data["run"]["train"][key] = value
         elif key == "data":
             data["run"]["data"]["source"] = str(value)
         elif key in LAUNCH_FLAGS:
@@ -100,7 +100,7 @@ def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
     lc = recipe.launch
     flags = [
         "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
-        "--ckpt-every", str(lc.ckpt_every),
+        "--ckpt-every", str(lc.ckpt_every), "--grad-accum", str(recipe.run.train.grad_accum),
         "--log-every", str(lc.log_every), "--precision", lc.precision,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
@@ -240,7 +240,7 @@ def memory_estimate(cfg: RunConfig, params: int, world: int, fsdp: bool, bf16: b
     weights = 4 * params / shard
     grads = 4 * params / shard
     optim = 4 * opt_states * params / shard
-    local_batch = max(1, cfg.train.batch_size // world)
+    local_batch = max(1, cfg.train.batch_size // world // cfg.train.grad_accum)  # one micro-batch
     tokens = local_batch * cfg.train.seq_len
     act_bytes = 2 if bf16 else 4
     per_token_layer = 2 * m.d_model + 2 * m.d_inner + 3 * m.d_inner + 2 * m.d_state + m.dt_rank_value + m.d_inner
@@ -713,10 +713,11 @@ def run(
     if cuda:
         torch.cuda.set_device(device)
     cfg = recipe.run
-    if cfg.train.batch_size % world:
+    parts = world * cfg.train.grad_accum
+    if cfg.train.batch_size % parts:
         raise ConfigError(
-            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes; "
-            f"use a batch size that is a multiple of {world}"
+            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes x grad_accum "
+            f"{cfg.train.grad_accum}; use a batch size that is a multiple of {parts}"
         )
     started_pg = False
     if (world > 1 or recipe.launch.fsdp) and not dist.is_initialized():

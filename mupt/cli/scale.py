@@ -26,6 +26,14 @@ def scale(
         typer.Option("--run-dir", help="Checkpoints, metrics.jsonl, summary.json (recipe: launch.run_dir)."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Override run.train.steps.")] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum",
+            help="Micro-batches per optimizer step (run.train.grad_accum): the global batch stays the recipe's, "
+            "each rank holds 1/N of its slice at a time; losses equal the unaccumulated run's.",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -59,8 +67,8 @@ def scale(
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
-        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
+        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
+        ckpt_every=ckpt_every, log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
         for w in compare_identity(recipe.dataset, data_identity(recipe.run.data, strict=True)):
