@@ -324,6 +324,7 @@ class LaunchConfig(_Strict):
     precision: str = Field("auto", description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     fsdp: bool = False
+    log: str = Field("jsonl", description="metrics sinks: jsonl (always) and optionally tensorboard, comma-separated")
 
 
 class Recipe(_Strict):

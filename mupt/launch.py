@@ -52,6 +52,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.errors import CheckpointError, ConfigError
+from mupt.sinks import TensorBoardLog, parse_sinks
 from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
 
 CKPT_DIR = "checkpoints"
@@ -87,12 +88,13 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
     from mupt.config import from_dict
 
     out = from_dict(Recipe, data, where="flags")
+    parse_sinks(out.launch.log)
     if out.launch.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision {out.launch.precision!r} is not one of auto, fp32, bf16")
     return out
 
 
-LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp")
+LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp", "log")
 
 
 def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
@@ -101,7 +103,7 @@ def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
     flags = [
         "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
         "--ckpt-every", str(lc.ckpt_every), "--grad-accum", str(recipe.run.train.grad_accum),
-        "--log-every", str(lc.log_every), "--precision", lc.precision,
+        "--log-every", str(lc.log_every), "--log", lc.log, "--precision", lc.precision,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
     if resume is not None:
@@ -819,7 +821,9 @@ def _run(
 
     start_step = trainer.step
     ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
-    hooks = [GroupAudit(recipe), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    hooks: list[Hook] = [GroupAudit(recipe), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    if "tensorboard" in parse_sinks(lc.log):
+        hooks.insert(2, TensorBoardLog(run_dir, lc.log_every))
     out = trainer.run(hooks=hooks)
     status = {"stopped": "terminated"}.get(out.status, out.status)
     res = ScaleResult(

@@ -42,6 +42,14 @@ def scale(
     ] = None,
     ckpt_every: Annotated[int | None, typer.Option("--ckpt-every", help="Checkpoint every N steps.")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Log metrics every N steps.")] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            help="Metrics sinks: jsonl (metrics.jsonl, always) and tensorboard (event files in RUN_DIR/tensorboard: "
+            "loss, per-group LR, grad norm, tokens/s, val loss). Recipe: launch.log [jsonl].",
+        ),
+    ] = None,
     precision: Annotated[
         str | None, typer.Option("--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")
     ] = None,
@@ -68,7 +76,7 @@ def scale(
     """
     recipe = launch.apply_overrides(
         launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
-        ckpt_every=ckpt_every, log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
+        ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
         for w in compare_identity(recipe.dataset, data_identity(recipe.run.data, strict=True)):
