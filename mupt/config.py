@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mupt.errors import ConfigError
+from mupt.errors import ConfigError, StorageError
 
 
 class Discretization(StrEnum):
@@ -344,3 +344,58 @@ class Recipe(_Strict):
     dataset: dict[str, Any] = Field(
         default_factory=dict, description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens"
     )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML (written by ``mupt transfer``), validated completely.
+
+    Raises :class:`ConfigError` (one line) when the file is missing, not YAML, invalid, or is a
+    ``best.yaml`` from ``mupt tune`` (which needs ``mupt transfer`` first).
+    """
+    data = read_yaml(path)
+    if isinstance(data, dict) and "run" not in data and {"study", "params", "config"} <= set(data):
+        raise ConfigError(
+            f"{path} is a best.yaml from mupt tune, not a recipe; run `mupt transfer --from {path} --to-width N` "
+            "first and pass the recipe it writes"
+        )
+    return from_dict(Recipe, data, where=str(path))
+
+
+def load_best(path: str | Path) -> BestParams:
+    """Read a ``best.yaml`` written by ``mupt tune``.
+
+    Raises :class:`~mupt.errors.StorageError` when the file is missing and :class:`ConfigError`
+    when it is corrupt or invalid (one line each).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"{path}: no such best-params file; run `mupt tune` first or pass the right path")
+    return load_yaml(path, BestParams)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key (sorted order) where two nested dicts differ, with both values; ``None`` if equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else (prefix.rstrip(".") or "<root>", a, b)
+
+
+def parse_widths(text: str, at_least: int = 1, flag: str = "--widths") -> list[int]:
+    """``"256,64,128"`` -> ``[64, 128, 256]`` (sorted, distinct, positive).
+
+    Raises :class:`ConfigError` naming ``flag`` when an item is not an integer, not positive, or
+    fewer than ``at_least`` distinct widths are given.
+    """
+    try:
+        widths = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated integers, e.g. 64,128,256,512") from None
+    if any(w <= 0 for w in widths):
+        raise ConfigError(f"{flag} {text!r}: widths must be positive")
+    if len(widths) < at_least:
+        raise ConfigError(f"{flag} {text!r}: give at least {at_least} distinct widths (e.g. 64,128,256,512)")
+    return widths

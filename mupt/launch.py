@@ -42,16 +42,17 @@ import torch.distributed as dist
 from torch import nn
 
 from mupt.config import (
-    OptimizerName,
     Recipe,
     RunConfig,
     atomic_write_text,
+    first_difference,
     json_text,
-    load_yaml,
     save_yaml,
     to_dict,
 )
 from mupt.errors import CheckpointError, ConfigError
+from mupt.memory import MemoryEstimate, memory_estimate
+from mupt.report import format_bytes
 from mupt.sinks import TensorBoardLog, parse_sinks
 from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
 
@@ -64,10 +65,6 @@ LogCallback = Callable[[dict[str, Any]], None]
 
 
 # --- recipe + plan ---------------------------------------------------------------------------
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    return load_yaml(path, Recipe)
 
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
@@ -179,10 +176,11 @@ def launch_distributed(argv: list[str]) -> int:
 
 @dataclass
 class Plan:
+    """What ``mupt scale --dry-run`` prints: the resolved run, its launch command and memory per rank."""
+
     d_model: int
     n_layers: int
     d_state: int
-    params: int
     world: int
     fsdp: bool
     device: str
@@ -191,12 +189,17 @@ class Plan:
     seq_len: int
     steps: int
     tokens: int
-    memory: dict[str, float]  # GiB per rank
+    memory: MemoryEstimate  # bytes per rank (mupt.memory)
     command: str
     scan_backend: str
 
+    @property
+    def params(self) -> int:
+        return self.memory.params
+
     def rows(self) -> list[tuple[str, Any]]:
         m = self.memory
+        act = "fp32" if self.precision == "fp32" else "fp32 count, an upper bound under bf16"
         return [
             ("model", f"d_model={self.d_model} layers={self.n_layers} d_state={self.d_state}"),
             ("parameters", f"{self.params:,}"),
@@ -205,67 +208,28 @@ class Plan:
             ("scan backend", self.scan_backend),
             ("global batch x seq", f"{self.global_batch} x {self.seq_len}"),
             ("steps / tokens", f"{self.steps:,} / {self.tokens:,}"),
-            ("weights fp32 (per rank)", human_bytes(m["weights"])),
-            ("grads fp32 (per rank)", human_bytes(m["grads"])),
-            ("optimizer states (per rank)", human_bytes(m["optimizer"])),
-            ("activations (per rank, rough)", human_bytes(m["activations"])),
-            ("total (per rank)", human_bytes(m["total"])),
+            ("weights fp32 (per rank)", format_bytes(m.weights)),
+            ("grads fp32 (per rank)", format_bytes(m.grads)),
+            ("optimizer states (per rank)", format_bytes(m.optimizer)),
+            (f"activations (per rank, {act})", format_bytes(m.activations)),
+            ("total (per rank)", format_bytes(m.total)),
             ("launch command", self.command),
         ]
 
 
-def human_bytes(gib: float) -> str:
-    for unit, scale in (("GiB", 1.0), ("MiB", 1024.0), ("KiB", 1024.0**2)):
-        if gib * scale >= 1 or unit == "KiB":
-            return f"{gib * scale:.2f} {unit}"
-    return ""
-
-
-def count_params(cfg: RunConfig) -> int:
-    from mupt.model import MambaLM
-
-    with torch.device("meta"):
-        model = MambaLM(cfg.model)
-    return sum(p.numel() for p in model.parameters())
-
-
-def memory_estimate(cfg: RunConfig, params: int, world: int, fsdp: bool, bf16: bool) -> dict[str, float]:
-    """GiB per rank: fp32 weights + grads + optimizer states (sharded under FSDP) + activations.
-
-    Activations: per layer the tensors autograd keeps (norm in/out, xz, conv out, delta, B, C, y,
-    gate) for the rank's micro-batch, plus fp32 logits; the torch/Triton scans recompute states.
-    """
-    gib = 1024**3
-    shard = world if fsdp else 1
-    m = cfg.model
-    opt_states = 1 if cfg.train.optimizer is OptimizerName.SGD else 2
-    weights = 4 * params / shard
-    grads = 4 * params / shard
-    optim = 4 * opt_states * params / shard
-    local_batch = max(1, cfg.train.batch_size // world // cfg.train.grad_accum)  # one micro-batch
-    tokens = local_batch * cfg.train.seq_len
-    act_bytes = 2 if bf16 else 4
-    per_token_layer = 2 * m.d_model + 2 * m.d_inner + 3 * m.d_inner + 2 * m.d_state + m.dt_rank_value + m.d_inner
-    acts = tokens * (m.n_layers * per_token_layer * act_bytes + 2 * 4 * m.vocab_size + 4 * m.d_model)
-    total = weights + grads + optim + acts
-    return {k: v / gib for k, v in (("weights", weights), ("grads", grads), ("optimizer", optim),
-                                      ("activations", acts), ("total", total))}  # fmt: skip
-
-
 def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
+    """The dry-run plan for ``recipe`` on ``world`` ranks (the recipe is assumed validated)."""
     cfg = recipe.run
     cuda = torch.cuda.is_available()
     precision = resolve_precision(recipe.launch.precision, cuda)
-    params = count_params(cfg)
     from mupt.scan import resolve_backend
 
     backend = resolve_backend(cfg.model.scan_backend, torch.device("cuda" if cuda else "cpu")).value
     tc = cfg.train
     return Plan(
-        cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, params, world, recipe.launch.fsdp,
+        cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, world, recipe.launch.fsdp,
         "cuda" if cuda else "cpu", precision, tc.batch_size, tc.seq_len, tc.steps,
-        tc.steps * tc.batch_size * tc.seq_len,
-        memory_estimate(cfg, params, world, recipe.launch.fsdp, precision == "bf16"), command, backend,
+        tc.steps * tc.batch_size * tc.seq_len, memory_estimate(cfg, world, recipe.launch.fsdp), command, backend,
     )  # fmt: skip
 
 
@@ -292,16 +256,6 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
 
 def fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(fingerprint_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix.rstrip('.')} {a!r} in the checkpoint vs {b!r} in the recipe"
 
 
 # --- per-group learning rates --------------------------------------------------------------------
@@ -493,7 +447,8 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
                 "to an older one, or pass a new --run-dir"
             )
     if meta.get("fingerprint") != fingerprint(cfg):
-        diff = _first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg)) or "fingerprint"
+        d = first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
+        diff = f"{d[0]} {d[1]!r} in the checkpoint vs {d[2]!r} in the recipe" if d else "fingerprint"
         raise CheckpointError(
             f"checkpoint {path} was written for another model ({diff}); use the recipe it was made with or "
             "a new --run-dir"

@@ -24,6 +24,15 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: binary units (B, KiB, MiB, GiB, TiB), three significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], justify_numbers: bool = True) -> Table:
     """A Rich table with right-aligned numeric columns."""
     t = Table(title=title, title_justify="left", header_style="bold")

@@ -23,8 +23,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mupt import parametrization
 from mupt.config import (
     BestParams,
@@ -35,13 +33,15 @@ from mupt.config import (
     RunConfig,
     Scheme,
     from_dict,
-    load_yaml,
+    load_best,
+    load_recipe,
     save_yaml,
     to_dict,
 )
 from mupt.data import compare_identity
 from mupt.errors import ConfigError, DataError, StorageError
-from mupt.model import MambaLM, Role
+from mupt.memory import memory_estimate, meta_model
+from mupt.model import Role
 from mupt.parametrization import BaseShape, Exp, Manifest, Rule, apply, rules_for
 
 #: Width (or state) ratios up to this were verified by the coordinate / LR-transfer checks; beyond it we warn.
@@ -84,15 +84,9 @@ class ShapeInfo:
     embedding_params: int
 
 
-def meta_model(cfg: RunConfig) -> MambaLM:
-    """The model at ``cfg``'s shape on the meta device: shapes only, no memory, no init cost."""
-    with torch.device("meta"):
-        return MambaLM(cfg.model)
-
-
 def shape_info(cfg: RunConfig) -> ShapeInfo:
     """Per-role init std / LR / multiplier / weight decay at ``cfg``'s shape, by running ``apply``."""
-    model = meta_model(cfg)
+    model = meta_model(cfg.model)
     par = apply(model, cfg.param, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, reinit=True)
     roles: dict[str, RoleValues] = {}
     numel = {name: p.numel() for name, p in model.named_parameters()}
@@ -122,13 +116,6 @@ def latest_best(runs_dir: str | Path = "runs") -> Path:
             f"no {Path(runs_dir) / '*' / 'best.yaml'} found; run `mupt tune` first, or pass --from PATH or --lr X"
         )
     return found[-1]
-
-
-def load_best(path: str | Path) -> BestParams:
-    """A ``best.yaml`` (one-line StorageError when missing, ConfigError when corrupt or invalid)."""
-    from mupt.tune import load_best as _load
-
-    return _load(path)
 
 
 # --- the transfer -------------------------------------------------------------------------------
@@ -303,7 +290,7 @@ class Summary:
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int
-    activation_bytes_per_token: int
+    activation_bytes_per_token: float  # saved for backward, fp32 (mupt.memory)
     flops_per_token: float
     scan_flops_per_token: float
     train_tokens: int
@@ -320,28 +307,13 @@ class Summary:
         return self.flops_per_token * self.train_tokens
 
 
-def activation_floats_per_token(cfg: RunConfig) -> int:
-    """Saved activations per token for the backward pass, in floats (a model, stated in the docs of the CLI).
-
-    Per layer: norm input/output (2 d_model), in_proj output x and z (2 d_inner), conv output and its
-    SiLU (2 d_inner), x_proj outputs (dt_rank + 2 d_state), dt (d_inner), scan output and gated output
-    (2 d_inner); the scan recomputes its d_inner x d_state states in the backward pass (torch/Triton
-    backends), so they are not stored.  Plus the final norm (d_model) and the logits with their
-    softmax (2 vocab).
-    """
-    m = cfg.model
-    per_layer = 2 * m.d_model + 7 * m.d_inner + m.dt_rank_value + 2 * m.d_state
-    return m.n_layers * per_layer + m.d_model + 2 * m.vocab_size
-
-
 def summarize(recipe: Recipe) -> Summary:
     cfg = recipe.run
     info = shape_info(cfg)
     proxy = from_dict(RunConfig, recipe.source.get("proxy_config"), where="recipe source.proxy_config")
     proxy_info = shape_info(proxy)
     m = cfg.model
-    opt = OptimizerName(cfg.train.optimizer)
-    states = 2 if opt is not OptimizerName.SGD else (1 if cfg.train.momentum > 0 else 0)
+    mem = memory_estimate(cfg)
     scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
     flops = 6.0 * (info.num_params - info.embedding_params) + scan
     ratio = recipe.source.get("ratio", {})
@@ -351,10 +323,10 @@ def summarize(recipe: Recipe) -> Summary:
         proxy_params=proxy_info.num_params,
         width_ratio=float(ratio.get("width", m.d_model / (cfg.param.base_d_model or m.d_model))),
         state_ratio=float(ratio.get("state", m.d_state / (cfg.param.base_d_state or m.d_state))),
-        weight_bytes=4 * info.num_params,
-        grad_bytes=4 * info.num_params,
-        optimizer_bytes=4 * states * info.num_params,
-        activation_bytes_per_token=4 * activation_floats_per_token(cfg),
+        weight_bytes=mem.weights,
+        grad_bytes=mem.grads,
+        optimizer_bytes=mem.optimizer,
+        activation_bytes_per_token=mem.activation_bytes_per_token,
         flops_per_token=flops,
         scan_flops_per_token=scan,
         train_tokens=cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len,
@@ -434,10 +406,6 @@ def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     path = Path(path)
     save_yaml(path, recipe, header=recipe_header(recipe))
     return path
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    return load_yaml(path, Recipe)
 
 
 def default_recipe_path(recipe: Recipe, directory: str | Path = "recipes") -> Path:
@@ -635,7 +603,6 @@ __all__ = [
     "RoleValues",
     "RuleExplanation",
     "Summary",
-    "activation_floats_per_token",
     "apply_locations",
     "check_ratios",
     "default_recipe_path",

@@ -41,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from mupt import __version__
-from mupt.config import BestParams, OptimizerName, RunConfig, load_yaml, save_yaml, to_dict
+from mupt.config import BestParams, OptimizerName, RunConfig, first_difference, load_best, save_yaml, to_dict
 from mupt.errors import ConfigError, MuptError, StorageError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -442,7 +442,8 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> tuple[optuna.Study,
     if "proxy_config" in old:
         for key in ("proxy_config", "search_space"):
             if old[key] != attrs[key]:
-                what = _first_difference(old[key], attrs[key])
+                d = first_difference(old[key], attrs[key])
+                what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
                 raise ConfigError(
                     f"study {settings.study!r} was created with a different {key.replace('_', ' ')} ({what}); "
                     f"rerun with the same flags, or pass --study NEW_NAME"
@@ -457,14 +458,6 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> tuple[optuna.Study,
         for i in coarse_to_fine(len(grid))[: settings.trials]:
             study.enqueue_trial({"lr": grid[i]}, user_attrs={"grid_index": i})
     return study, stale
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
@@ -737,14 +730,6 @@ def write_best(study: optuna.Study, cfg: RunConfig, run_dir: Path) -> tuple[Best
     path = run_dir / "best.yaml"
     save_yaml(path, bp, header=f"mupt tune: best of study {study.study_name} (trial {bp.trial}); read by mupt transfer")
     return bp, path
-
-
-def load_best(path: str | Path) -> BestParams:
-    """Read a ``best.yaml``; one-line StorageError/ConfigError when missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise StorageError(f"{path}: no such best-params file; run `mupt tune` first or pass the right path")
-    return load_yaml(path, BestParams)
 
 
 def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:

@@ -13,10 +13,9 @@ from mupt.check.lr_transfer import (
     analyze,
     check_transfer,
     parse_lr_grid,
-    parse_widths,
     refine_optimum,
 )
-from mupt.config import OptimizerName, RunConfig, Scheme, with_overrides
+from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
 TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference"]
@@ -54,10 +53,10 @@ def test_parse_lr_grid_rejects(bad: str) -> None:
 
 
 def test_parse_widths() -> None:
-    assert parse_widths("256,64,128") == [64, 128, 256]
+    assert parse_widths("256,64,128", at_least=2) == [64, 128, 256]
     for bad in ("64", "64,64", "a,b", "0,64"):
         with pytest.raises(ConfigError, match="--widths"):
-            parse_widths(bad)
+            parse_widths(bad, at_least=2)
 
 
 # --- verdict logic on synthetic tables -------------------------------------------------------

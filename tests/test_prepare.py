@@ -17,8 +17,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from mupt.config import DataConfig, RunConfig
-from mupt.data import fit_vocab, load_data
+from mupt.config import DataConfig, RunConfig, load_recipe
+from mupt.data import bytes_per_token, fit_vocab, load_data
 from mupt.data.dataset import open_dataset
 from mupt.errors import ConfigError, DataError
 
@@ -114,6 +114,8 @@ def test_dataset_batches_are_memmapped_deterministic_and_rank_sliced(bpe_dataset
     assert hits
     cfg = fit_vocab(RunConfig(data=DataConfig(source=str(bpe_dataset))))
     assert cfg.model.vocab_size == 2048
+    val = json.loads((bpe_dataset / "meta.json").read_text())["splits"]["val"]
+    assert bytes_per_token(cfg.data) == data.bytes_per_token == val["bytes"] / val["tokens"]
 
 
 def test_windows_span_shards(sources: tuple[Path, list[str]], tmp_path: Path) -> None:
@@ -275,6 +277,16 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def test_check_coord_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = cli(
+        "check", "coord", "--data", str(bpe_dataset), "--widths", "16,128", "--seeds", "1", "--steps", "1",
+        "--layers", "1", "--out", str(tmp_path / "c"),
+    )  # fmt: skip
+    assert code in (0, 1), err  # a verdict, not a usage error
+    report = json.loads((tmp_path / "c" / "coord.json").read_text())
+    assert str(bpe_dataset) in json.dumps(report)
+
+
 def test_rank_slices_are_disjoint_and_cover_the_global_batch(bpe_dataset: Path) -> None:
     data = open_dataset(bpe_dataset)
     g = torch.Generator().manual_seed(0)
@@ -297,12 +309,13 @@ def test_tune_transfer_scale_on_a_dataset(
 
     ds = str(bpe_dataset)
     runs = tmp_path / "runs"
-    code, _, err = cli(
+    code, out, err = cli(
         "tune", "--data", ds, "--width", "16", "--layers", "1", "--d-state", "4", "--steps", "4", "--batch-size", "4",
         "--seq-len", "32", "--eval-every", "4", "--sampler", "grid", "--lr-range", "0.001,0.004", "--pruner", "none",
         "--trials", "2", "--study", "ds", "--runs-dir", str(runs),
     )  # fmt: skip
     assert code == 0, err
+    assert "best val bits/byte" in out
     best = load_yaml(runs / "ds" / "best.yaml", BestParams)
     meta = json.loads((bpe_dataset / "meta.json").read_text())
     tok_sha = hashlib.sha256((bpe_dataset / "tokenizer.json").read_bytes()).hexdigest()
@@ -333,6 +346,12 @@ def test_tune_transfer_scale_on_a_dataset(
     assert code == 0 and "different corpus" in err, err
     code, _, err = cli("scale", str(recipe_path), "--data", str(tmp_path / "bytes"), "--steps", "1")
     assert code == 2 and len(err.strip().splitlines()) == 1 and tok_sha[:12] in err, err
+    unrecorded = to_dict(recipe)
+    unrecorded["dataset"] = {}  # a recipe without a dataset record: the model's vocab still has to match
+    unrecorded["launch"]["run_dir"] = str(tmp_path / "never")
+    save_yaml(tmp_path / "unrecorded.yaml", Recipe.model_validate(unrecorded))
+    code, _, err = cli("scale", str(tmp_path / "unrecorded.yaml"), "--data", str(tmp_path / "bytes"), "--steps", "1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "2048" in err and "256" in err, err
 
     # scale: a 1-process reference, then 2 gloo processes killed with SIGKILL and rerun
     data = to_dict(recipe)
@@ -340,7 +359,7 @@ def test_tune_transfer_scale_on_a_dataset(
     data["launch"].update(run_dir=str(tmp_path / "ref-run"), log_every=1, ckpt_every=5)
     save_yaml(tmp_path / "ref.yaml", Recipe.model_validate(data))
     torch.set_num_threads(1)
-    launch.run(launch.load_recipe(tmp_path / "ref.yaml"))
+    launch.run(load_recipe(tmp_path / "ref.yaml"))
     reference = logged_losses(tmp_path / "ref-run")
     data["launch"]["run_dir"] = str(tmp_path / "two-run")
     save_yaml(tmp_path / "two.yaml", Recipe.model_validate(data))

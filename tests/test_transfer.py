@@ -13,11 +13,11 @@ import torch
 
 from mupt.config import BestParams, Recipe, RunConfig, Scheme, load_yaml, save_yaml, with_overrides
 from mupt.errors import ConfigError
+from mupt.memory import memory_estimate
 from mupt.model import Role, role_of
 from mupt.parametrization import rules_for
 from mupt.train import Trainer, build_model
 from mupt.transfer import (
-    activation_floats_per_token,
     apply_locations,
     check_ratios,
     explain,
@@ -194,7 +194,7 @@ def test_summary_memory_flops_and_warnings() -> None:
     emb = m.vocab_size * m.d_model
     assert s.weight_bytes == 4 * s.params and s.optimizer_bytes == 8 * s.params and s.state_bytes == 16 * s.params
     assert s.flops_per_token == 6 * (s.params - emb) + 27 * m.n_layers * m.d_inner * m.d_state
-    assert s.activation_bytes_per_token == 4 * activation_floats_per_token(r.run)
+    assert s.activation_bytes_per_token == memory_estimate(r.run).activation_bytes_per_token  # the one model
     assert any("128x is outside" in w for w in s.warnings)
     # 400 x 8 x 64 = 204,800 proxy tokens >= 10% of 20 tokens x 98,240 proxy params; 40 steps are not
     assert s.proxy_params == 98_240 and not any("tokens/parameter" in w for w in s.warnings)

@@ -87,20 +87,6 @@ def parse_lr_grid(text: str) -> list[float]:
     return [2.0**e for e in exps]
 
 
-def parse_widths(text: str) -> list[int]:
-    try:
-        widths = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise ConfigError(f"--widths {text!r}: expected a comma list of integers such as 64,128,256,512") from None
-    if any(w <= 0 for w in widths):
-        raise ConfigError(f"--widths {text!r}: widths must be positive")
-    if len(widths) < 2:
-        raise ConfigError(
-            f"--widths {text!r}: give at least 2 distinct widths (e.g. 64,128,256,512) to measure transfer"
-        )
-    return widths
-
-
 # --- points and the cache -----------------------------------------------------------------
 
 

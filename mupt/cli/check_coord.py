@@ -13,18 +13,7 @@ from rich.table import Table
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
 from mupt.cli.common import BackendOpt, DataOpt, VocabOpt, progress
-from mupt.config import Discretization, OptimizerName, Scheme
-from mupt.errors import ConfigError
-
-
-def parse_widths(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        raise ConfigError(f"--widths {text!r}: give comma-separated integers, e.g. 64,128,256,512,1024") from None
-    if any(w <= 0 for w in widths):
-        raise ConfigError(f"--widths {text!r}: widths must be positive")
-    return widths
+from mupt.config import Discretization, OptimizerName, Scheme, parse_widths
 
 
 def result_table(res: CoordResult) -> Table:
@@ -131,7 +120,7 @@ def coord(
     transfers to).
     """
     settings = CoordSettings(
-        scheme=scheme, optimizer=optimizer, discretization=discretization, widths=parse_widths(widths),
+        scheme=scheme, optimizer=optimizer, discretization=discretization, widths=tuple(parse_widths(widths)),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
         base_width=base_width, data=data or "builtin", vocab_size=vocab_size,

@@ -17,7 +17,6 @@ from mupt.check.lr_transfer import (
     TransferReport,
     check_transfer,
     parse_lr_grid,
-    parse_widths,
     validate_spec,
 )
 from mupt.cli import check_app, err, out
@@ -36,7 +35,7 @@ from mupt.cli.common import (
     progress,
     resolve_config,
 )
-from mupt.config import OptimizerName, RunConfig, Scheme, with_overrides
+from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
 WidthsOpt = Annotated[str, typer.Option("--widths", help="Comma list of d_model widths; the smallest is the base.")]
@@ -64,7 +63,7 @@ def build_spec(
     seeds: int,
     **flags: Any,
 ) -> SweepSpec:
-    ws = parse_widths(widths)
+    ws = parse_widths(widths, at_least=2)
     grid = parse_lr_grid(lrs)
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1")

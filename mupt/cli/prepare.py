@@ -32,7 +32,8 @@ def prepare_cmd(
     tokenizer: Annotated[
         str | None,
         typer.Option(
-            "--tokenizer", help="bytes (vocab 256), or a tokenizers tokenizer.json / a directory holding one."
+            "--tokenizer",
+            help="bytes (vocab 256; the default), or a tokenizers tokenizer.json / a directory holding one.",
         ),
     ] = None,
     train_tokenizer: Annotated[

@@ -13,7 +13,8 @@ import typer
 from mupt import launch
 from mupt.cli import app, err, fail, out
 from mupt.cli.common import progress
-from mupt.data import compare_identity
+from mupt.config import load_recipe
+from mupt.data import bits_per_byte, bytes_per_token, compare_identity
 from mupt.report import key_values
 from mupt.transfer import data_identity
 
@@ -75,7 +76,7 @@ def scale(
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        launch.load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
+        load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
         ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
     )  # fmt: skip
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
@@ -108,7 +109,7 @@ def scale(
         raise fail(f"a worker exited with code {code} (its error is above); fix it and rerun to resume", code=code)
 
 
-def _print_summary(s: dict[str, Any]) -> None:
+def _print_summary(s: dict[str, Any], bpt: float | None) -> None:
     rows = [
         ("status", s["status"] + (f" ({s['reason']})" if s.get("reason") else "")),
         ("processes", s["world"]),
@@ -118,6 +119,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         ("throughput (tokens/s)", s["tokens_per_s"]),
         ("last train loss (nats)", s["last_loss"]),
         ("best val loss (nats)", s["best_val_loss"]),
+        ("best val bits/byte", bits_per_byte(s["best_val_loss"], bpt)),
         ("checkpoint", s["checkpoint"]),
         ("run dir", s["run_dir"]),
     ]
@@ -156,7 +158,7 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
                 state["bar"].update(state["task"], completed=rec["step"], info=info)
 
             result = launch.run(recipe, resume, on_log=on_log, on_start=on_start)
-        _print_summary(result.summary())
+        _print_summary(result.summary(), bytes_per_token(cfg.data))
     if result.status == "diverged":
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
         raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")

@@ -29,7 +29,7 @@ from mupt.cli.common import (
 )
 from mupt.config import BestParams, Recipe, RunConfig, Schedule, Scheme
 from mupt.errors import ConfigError, StorageError
-from mupt.report import key_values, table
+from mupt.report import format_bytes, key_values, table
 from mupt.transfer import (
     FAR_FEWER,
     SCAN_FWD_FLOPS,
@@ -45,14 +45,6 @@ from mupt.transfer import (
     summarize,
 )
 from mupt.transfer import transfer as do_transfer
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.3g} TiB"  # pragma: no cover
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -225,9 +217,9 @@ def _show(recipe: Recipe, path: Path | None) -> None:
     items: list[tuple[str, object]] = [
         ("parameters (target / proxy)", f"{sm.params:,} / {sm.proxy_params:,}"),
         ("transfer ratio (N_u, N_x)", f"{sm.width_ratio:g}x, {sm.state_ratio:g}x (verified up to {VERIFIED_RATIO:g}x)"),
-        ("weights (fp32)", _bytes(sm.weight_bytes)),
-        ("weights + grads + optimizer states (fp32)", _bytes(sm.state_bytes)),
-        ("activations per token (fp32; scan states recomputed)", _bytes(sm.activation_bytes_per_token)),
+        ("weights (fp32)", format_bytes(sm.weight_bytes)),
+        ("weights + grads + optimizer states (fp32)", format_bytes(sm.state_bytes)),
+        ("activations per token (fp32, saved for backward)", format_bytes(sm.activation_bytes_per_token)),
         ("training FLOPs per token (6·non-embedding params + scan)", f"{sm.flops_per_token:.4g}"),
         (
             "  of which the scan",

@@ -28,6 +28,7 @@ from mupt.cli.common import (
     progress,
 )
 from mupt.config import RunConfig, with_overrides
+from mupt.data import bits_per_byte, bytes_per_token
 from mupt.errors import ConfigError
 from mupt.report import fmt, key_values, table
 from mupt.tune import (
@@ -196,6 +197,7 @@ def tune(
                 ),
                 ("best trial", bp.trial),
                 ("best val loss (nats)", bp.value),
+                ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
                 ("best lr", bp.params["lr"]),
                 *([("best multipliers", extra)] if extra else []),
                 ("compute (trial-steps)", trial_steps(st)),

@@ -216,6 +216,31 @@ def data_vocab(cfg: DataConfig) -> int:
     return 256
 
 
+def bytes_per_token(cfg: DataConfig) -> float | None:
+    """UTF-8 bytes per token of ``cfg``'s validation split without reading tokens; None when unknown.
+
+    Bits per byte = (nats/token) / ln 2 / bytes_per_token.
+    """
+    from mupt.data import dataset
+
+    if cfg.source == "recall":
+        return None
+    path = Path(cfg.source)
+    if cfg.source == "builtin" or (path.suffix not in (".bin", ".npy") and not (path / dataset.META).exists()):
+        return 1.0  # bytes as tokens
+    if path.suffix in (".bin", ".npy"):
+        return None
+    val = dataset.read_meta(path)["splits"]["val"]
+    return val["bytes"] / val["tokens"] if val.get("tokens") and val.get("bytes") else None
+
+
+def bits_per_byte(nats: float | None, bytes_per_token: float | None) -> float | None:
+    """(nats/token) -> bits/byte; None when either is unknown."""
+    if nats is None or bytes_per_token is None:
+        return None
+    return nats / math.log(2) / bytes_per_token
+
+
 def fit_vocab(cfg: RunConfig, explicit: bool = False, where: str = "config") -> RunConfig:
     """``cfg`` with model.vocab_size set from its data: the data's vocab rounded up to a multiple of 8.
 

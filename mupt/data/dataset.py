@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,50 @@ def padded_vocab(vocab_size: int, multiple: int = PAD_VOCAB_MULTIPLE) -> int:
     return math.ceil(vocab_size / multiple) * multiple
 
 
-class TokenArray:
-    """A read-only concatenation of 1-D token arrays (memory maps), addressed by global offset."""
+def map_tokens(path: Path, dtype: np.dtype[Any], offset: int = 0) -> tuple[np.ndarray, mmap.mmap | None]:
+    """A read-only memory map of ``path`` viewed as ``dtype`` (from byte ``offset``), and the map itself."""
+    if path.stat().st_size <= offset:
+        return np.empty(0, dtype), None
+    with path.open("rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)  # windows are random: no read-ahead of pages nobody asked for
+    count = (len(mm) - offset) // dtype.itemsize
+    return np.frombuffer(mm, dtype=dtype, count=count, offset=offset), mm
 
-    def __init__(self, parts: list[np.ndarray]) -> None:
-        self.parts = [p for p in parts if len(p)]
+
+class TokenArray:
+    """A read-only concatenation of 1-D token arrays (memory maps), addressed by global offset.
+
+    ``maps`` (one per part, or None) are the memory maps behind the parts, used by
+    :meth:`prefetch` to ask the kernel for pages ahead of use (``madvise(MADV_WILLNEED)``).
+    """
+
+    def __init__(self, parts: list[np.ndarray], maps: list[tuple[mmap.mmap, int] | None] | None = None) -> None:
+        keep = [i for i, p in enumerate(parts) if len(p)]
+        self.parts = [parts[i] for i in keep]
+        self.maps = [maps[i] for i in keep] if maps is not None else [None] * len(self.parts)
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def prefetch(self, start: int, n: int) -> None:
+        """Start reading the pages of tokens ``[start, start + n)`` in the background (no effect on values)."""
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        end = start + n
+        while i < len(self.parts) and int(self.starts[i]) < end:
+            entry = self.maps[i]
+            if entry is not None:
+                mm, offset = entry
+                item = self.parts[i].itemsize
+                lo = offset + max(0, start - int(self.starts[i])) * item
+                hi = offset + min(len(self.parts[i]), end - int(self.starts[i])) * item
+                page = lo - lo % mmap.PAGESIZE
+                mm.madvise(mmap.MADV_WILLNEED, page, hi - page)
+            i += 1
 
     def window(self, start: int, n: int) -> np.ndarray:
         """Tokens ``[start, start + n)`` as int64 (a copy), possibly spanning several parts."""
@@ -118,9 +154,13 @@ class MemmapTokens:
         from mupt.data import step_generator
 
         self._check(self.train, seq_len, "train")
-        g = step_generator(seed, step)
-        starts = torch.randint(0, len(self.train) - seq_len - 1, (batch_size,), generator=g)
-        return self._windows(self.train, starts[rank::world], seq_len)
+        high = len(self.train) - seq_len - 1
+        starts = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step))
+        batch = self._windows(self.train, starts[rank::world], seq_len)
+        upcoming = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step + 1))
+        for s in upcoming[rank::world].tolist():  # the kernel reads the next step's pages while this one trains
+            self.train.prefetch(int(s), seq_len + 1)
+        return batch
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
         """``n`` fixed validation batches (same windows in every run)."""
@@ -183,7 +223,8 @@ def open_dataset(path: str | Path) -> MemmapTokens:
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     splits: dict[str, TokenArray] = {}
     for split in ("train", "val"):
-        parts = []
+        parts: list[np.ndarray] = []
+        maps: list[tuple[mmap.mmap, int] | None] = []
         for shard in meta["splits"][split]["shards"]:
             f = path / shard["file"]
             want = int(shard["tokens"]) * dtype.itemsize
@@ -194,8 +235,10 @@ def open_dataset(path: str | Path) -> MemmapTokens:
                     f"{f}: shard is {got}, meta.json says {want} bytes (truncated or replaced); "
                     f"rerun mupt prepare into a new directory"
                 )
-            parts.append(np.memmap(f, dtype=dtype, mode="r") if want else np.empty(0, dtype))
-        splits[split] = TokenArray(parts)
+            arr, mm = map_tokens(f, dtype)
+            parts.append(arr)
+            maps.append((mm, 0) if mm is not None else None)
+        splits[split] = TokenArray(parts, maps)
     val = meta["splits"]["val"]
     bpt = val["bytes"] / val["tokens"] if val.get("tokens") and val.get("bytes") else None
     return MemmapTokens(
@@ -211,9 +254,10 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _map_token_file(path: Path, vocab_size: int) -> np.ndarray:
+def _map_token_file(path: Path, vocab_size: int) -> tuple[np.ndarray, mmap.mmap | None]:
     if not path.is_file():
         raise DataError(f"--data {path}: no such file; pass a .bin or .npy token file")
+    mm = None
     if path.suffix == ".npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -228,7 +272,7 @@ def _map_token_file(path: Path, vocab_size: int) -> np.ndarray:
             raise DataError(
                 f"--data {path}: {size} bytes is not a whole number of {dtype.name} tokens; the file is truncated"
             )
-        arr = np.memmap(path, dtype=dtype, mode="r") if size else np.empty(0, dtype)
+        arr, mm = map_tokens(path, dtype)
     for lo in range(0, len(arr), 1 << 24):  # bounded memory: 16M tokens at a time
         block = arr[lo : lo + (1 << 24)]
         top, low = int(block.max()), int(block.min())
@@ -239,7 +283,7 @@ def _map_token_file(path: Path, vocab_size: int) -> np.ndarray:
                 f"--data {path}: token id {bad} at position {at} is outside --vocab-size {vocab_size}; "
                 "pass the tokenizer's vocabulary size"
             )
-    return arr
+    return arr, mm
 
 
 def open_token_file(path: str | Path, vocab_size: int | None, val_fraction: float) -> MemmapTokens:
@@ -252,14 +296,18 @@ def open_token_file(path: str | Path, vocab_size: int | None, val_fraction: floa
     path = Path(path)
     if vocab_size is None:
         raise DataError(f"--data {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
-    arr = _map_token_file(path, vocab_size)
+    arr, mm = _map_token_file(path, vocab_size)
     sibling = path.with_name("val" + path.suffix)
+    train_map = (mm, 0) if mm is not None else None
     if path.stem == "train" and sibling.is_file():
-        train, val = arr, _map_token_file(sibling, vocab_size)
+        train = arr
+        val, val_mm = _map_token_file(sibling, vocab_size)
+        val_map = (val_mm, 0) if val_mm is not None else None
         digest = _file_sha256(path) + _file_sha256(sibling)
     else:
         n_val = int(len(arr) * val_fraction)
         train, val = arr[: len(arr) - n_val], arr[len(arr) - n_val :]
+        val_map = (mm, (len(arr) - n_val) * arr.itemsize) if mm is not None else None
         digest = _file_sha256(path)
     identity = {
         "name": path.name,
@@ -269,4 +317,6 @@ def open_token_file(path: str | Path, vocab_size: int | None, val_fraction: floa
         "tokens": len(train),
         "corpus_sha256": hashlib.sha256(digest.encode()).hexdigest(),
     }
-    return MemmapTokens(TokenArray([train]), TokenArray([val]), vocab_size, str(path), None, identity)
+    return MemmapTokens(
+        TokenArray([train], [train_map]), TokenArray([val], [val_map]), vocab_size, str(path), None, identity
+    )
