@@ -100,7 +100,7 @@ def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
     flags = [
         "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
         "--ckpt-every", str(lc.ckpt_every), "--grad-accum", str(recipe.run.train.grad_accum),
-        "--log-every", str(lc.log_every), "--log", lc.log, "--precision", lc.precision,
+        "--log-every", str(lc.log_every), "--log-sinks", lc.log, "--precision", lc.precision,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
     if resume is not None:

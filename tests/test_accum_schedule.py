@@ -11,7 +11,7 @@ import torch
 from test_launch import losses, make_recipe, run_scale
 
 from mupt import launch
-from mupt.config import Recipe, RunConfig, Schedule, TrainConfig, load_yaml
+from mupt.config import Recipe, RunConfig, Schedule, TrainConfig, load_recipe, load_yaml
 from mupt.errors import ConfigError
 from mupt.train import Trainer, lr_factor
 
@@ -48,7 +48,7 @@ def test_scale_ddp_with_grad_accum_matches_one_process(tmp_path: Path) -> None:
         pytest.skip("this torch build has no gloo backend")
     torch.set_num_threads(1)
     ref_recipe, ref_dir = make_recipe(tmp_path, "one", steps=12)
-    launch.run(launch.load_recipe(ref_recipe))
+    launch.run(load_recipe(ref_recipe))
     recipe, run_dir = make_recipe(tmp_path, "accum", steps=12)
     proc = run_scale(recipe, "--nproc", "2", "--grad-accum", "2", timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,7 +92,7 @@ def test_transfer_carries_the_schedule_into_the_recipe_and_scale_follows_it(tmp_
     data["run"]["model"]["scan_backend"] = "torch"
     data["launch"].update(run_dir=str(tmp_path / "run"), log_every=1, ckpt_every=100)
     rec_path.write_text(json.dumps(data))
-    launch.run(launch.load_recipe(rec_path))
+    launch.run(load_recipe(rec_path))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
     # warmup 4 steps, stable, then the last 25% (5 steps) linearly down

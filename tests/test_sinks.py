@@ -10,6 +10,7 @@ import torch
 from test_launch import make_recipe
 
 from mupt import launch
+from mupt.config import load_recipe
 from mupt.errors import ConfigError
 from mupt.sinks import parse_sinks
 
@@ -26,7 +27,7 @@ def test_tensorboard_events_match_metrics_jsonl_and_survive_a_resume(tmp_path: P
     pytest.importorskip("tensorboard")  # a dev dependency; the sink itself raises a one-line error without it
     torch.set_num_threads(1)
     recipe_path, run_dir = make_recipe(tmp_path, "tb", steps=6, ckpt_every=3, log="jsonl,tensorboard")
-    recipe = launch.load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path)
     launch.run(recipe)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     tb = scalars(run_dir / "tensorboard")

@@ -47,6 +47,7 @@ def scale(
         str | None,
         typer.Option(
             "--log",
+            "--log-sinks",  # the spelling workers get: torchrun's parser reads a bare --log as its --log-dir
             help="Metrics sinks: jsonl (metrics.jsonl, always) and tensorboard (event files in RUN_DIR/tensorboard: "
             "loss, per-group LR, grad norm, tokens/s, val loss). Recipe: launch.log [jsonl].",
         ),
