@@ -50,14 +50,13 @@ from functools import lru_cache
 import torch
 
 from mupt.config import ModelConfig, OptimizerName, RunConfig, TrainConfig, to_dict
+from mupt.model import MambaLM
 
 GIB = 1024**3
 
 
-def meta_model(model_cfg: ModelConfig) -> torch.nn.Module:
+def meta_model(model_cfg: ModelConfig) -> MambaLM:
     """The model at ``model_cfg``'s shape on the meta device: shapes only, no memory, no init cost."""
-    from mupt.model import MambaLM
-
     with torch.device("meta"):
         return MambaLM(model_cfg)
 

@@ -67,6 +67,9 @@ def build_model(
 
 
 def build_optimizer(groups: list[dict[str, Any]], tc: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over ``groups`` (each with its own lr, weight_decay, eps), copied: torch writes
+    into the group dicts it is given, and the width rules' groups stay the reference for audits."""
+    groups = [dict(g) for g in groups]
     if tc.optimizer is OptimizerName.SGD:
         return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
     cls = torch.optim.AdamW if tc.optimizer is OptimizerName.ADAMW else torch.optim.Adam

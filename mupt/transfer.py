@@ -362,6 +362,12 @@ def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: Shap
     cfg = recipe.run
     ratio = recipe.source["ratio"]
     for what, r in (("width (N_u)", ratio["width"]), ("state (N_x)", ratio["state"])):
+        if r < 1:
+            out.append(
+                f"the target's {what} is SMALLER than the proxy's ({r:g}x): µP transfers a small proxy's optimum "
+                "up in width; going down extrapolates the rules where nothing was verified; tune at the target "
+                "width directly, or transfer from a narrower proxy"
+            )
         if r > VERIFIED_RATIO or r < 1 / VERIFIED_RATIO:
             out.append(
                 f"{what} transfer ratio {r:g}x is outside what the coordinate/LR-transfer checks verified "
@@ -428,8 +434,10 @@ def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     return path
 
 
-def default_recipe_path(recipe: Recipe, directory: str | Path = "recipes") -> Path:
-    return Path(directory) / f"{Scheme(recipe.run.param.scheme).value}-{recipe.run.model.d_model}.yaml"
+def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path = "recipes") -> Path:
+    """``recipes/<scheme>-<d_model>.yaml`` for a recipe (or its target run config)."""
+    run = recipe.run if isinstance(recipe, Recipe) else recipe
+    return Path(directory) / f"{Scheme(run.param.scheme).value}-{run.model.d_model}.yaml"
 
 
 # --- explain --------------------------------------------------------------------------------------

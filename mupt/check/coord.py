@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from mupt.config import (
+    DEFAULT_OPTIMIZER,
     DataConfig,
     Discretization,
     ModelConfig,
@@ -63,7 +64,7 @@ class CoordSettings:
     """What one coordinate check measures."""
 
     scheme: Scheme = Scheme.MUP_SSM
-    optimizer: OptimizerName = OptimizerName.ADAM
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER  # adam == adamw here (weight decay 0)
     discretization: Discretization = Discretization.ZOH
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     n_layers: int = 3
@@ -369,12 +370,12 @@ def coord_check(
     layers = [str(i) for i in range(settings.n_layers)]
     for layer, quantities in [(la, LAYER_QUANTITIES) for la in layers] + [(HEAD, HEAD_QUANTITIES)]:
         for q in quantities:
-            by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
-            slopes = [log2_slope(settings.widths, means) for means in by_step]
+            means_by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
+            slopes = [log2_slope(settings.widths, means) for means in means_by_step]
             seeds, slope = per[f"{layer}.{q}"][-1], slopes[-1]
             flat = math.isfinite(slope) and abs(slope) <= settings.tolerance
             se = slope_stderr(settings.widths, seeds)
-            result.rows.append(Row(layer, q, by_step[-1], seeds, slope, flat, se, by_step, slopes))
+            result.rows.append(Row(layer, q, means_by_step[-1], seeds, slope, flat, se, means_by_step, slopes))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -460,7 +461,7 @@ def _describe(result: CoordResult) -> str:
     )
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     path = Path(path)
