@@ -48,7 +48,7 @@ def test_tensorboard_events_match_metrics_jsonl_and_survive_a_resume(tmp_path: P
     assert sorted(tb["val/loss"]) == [r["step"] for r in rows if "val_loss" in r]
 
     # a longer rerun resumes from step 6: the curve continues, nothing duplicated
-    launch.run(launch.apply_overrides(recipe, steps=9))
+    launch.run(launch.apply_overrides(recipe, steps=9), reschedule=True)
     tb = scalars(run_dir / "tensorboard")
     assert sorted(tb["train/loss"]) == list(range(1, 10))
 
