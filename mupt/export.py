@@ -1,7 +1,7 @@
 """To and from the checkpoints other libraries load: transformers' ``MambaForCausalLM`` and mamba_ssm's
 ``MambaLMHeadModel`` directories, with every forward multiplier folded into the weights.
 
-Export (:func:`export_run`): a mupt run (``mupt train --out`` directory, ``mupt scale`` run directory,
+Export (:func:`export_run`): a mupt run (``mupt train`` run directory, ``mupt scale`` run directory,
 or one DCP checkpoint of it, sharded by any number of processes) -> a directory that the other library
 loads with no mupt code:
 
@@ -58,7 +58,7 @@ from mupt.model import (
 )
 from mupt.parametrization import Parametrized
 
-#: Weights written by ``mupt train --out`` (mupt names, forward multipliers folded in).
+#: Weights written by ``mupt train`` (mupt names, forward multipliers folded in).
 WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
 MAMBA_SSM_WEIGHTS = "pytorch_model.bin"
@@ -275,7 +275,7 @@ def _build(cfg: RunConfig) -> MambaLM:
 
 
 def load_run(path: str | Path) -> LoadedRun:
-    """Load a ``mupt train --out`` directory, a ``mupt scale`` run directory (its latest checkpoint) or one
+    """Load a ``mupt train`` run directory, a ``mupt scale`` run directory (its latest checkpoint) or one
     DCP checkpoint directory (``<run>/checkpoints/step_NNNNNN``, written by any number of processes).
 
     DCP checkpoints are read without a process group (``torch.distributed.checkpoint.load`` with
@@ -286,7 +286,7 @@ def load_run(path: str | Path) -> LoadedRun:
 
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such run or checkpoint directory; pass a mupt train --out or scale run dir")
+        raise CheckpointError(f"{path}: no such run or checkpoint directory; pass a mupt train or scale run dir")
     if (path / launch.META).is_file():
         return _load_dcp(path, path.parent.parent / "recipe.yaml")
     if (path / "recipe.yaml").is_file():
@@ -297,7 +297,7 @@ def load_run(path: str | Path) -> LoadedRun:
     if (path / "config.yaml").is_file():
         weights = path / WEIGHTS
         if not weights.is_file():
-            raise CheckpointError(f"{path}: no {WEIGHTS}; it is written by mupt train --out at the end of the run")
+            raise CheckpointError(f"{path}: no {WEIGHTS}; it is written by mupt train at the end of the run")
         cfg = load_yaml(path / "config.yaml", RunConfig)
         model = MambaLM(cfg.model).eval()  # forward multipliers 1: the saved weights carry them
         from safetensors import SafetensorError

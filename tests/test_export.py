@@ -55,7 +55,7 @@ def train_dir(tmp_path: Path, cli, cfg: RunConfig, name: str = "run") -> Path:
     """``mupt train --config`` for a few steps; returns its --out directory."""
     save_yaml(tmp_path / f"{name}.yaml", cfg)
     out = tmp_path / name
-    code, _, err = cli("train", "--config", str(tmp_path / f"{name}.yaml"), "--out", str(out))
+    code, _, err = cli("train", "--config", str(tmp_path / f"{name}.yaml"), "--run-dir", str(out))
     assert code == 0, err
     return out
 
@@ -251,7 +251,7 @@ def test_init_from_cli_train_and_scale(tmp_path: Path, cli, euler_recipe: Path) 
     hf.save_pretrained(tmp_path / "hf")
     code, text, err = cli("train", "--width", "32", "--d-state", "8", "--discretization", "euler", "--steps", "2",
                           "--batch-size", "2", "--seq-len", "16", "--init-from", str(tmp_path / "hf"),
-                          "--out", str(tmp_path / "t"))  # fmt: skip
+                          "--run-dir", str(tmp_path / "t"))  # fmt: skip
     assert code == 0, err
     assert load_yaml(tmp_path / "t" / "config.yaml", RunConfig).train.init_from == str(tmp_path / "hf")
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
@@ -294,7 +294,7 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path: Path, cli) -> None:
     assert code == 2 and "corrupt" in one_line(err)
     # --init-from: missing, shapes, vocab
     base = ["train", "--d-state", "8", "--discretization", "euler", "--steps", "1", "--batch-size", "2",
-            "--seq-len", "16"]  # fmt: skip
+            "--seq-len", "16", "--run-dir", str(tmp_path / "bad")]  # fmt: skip
     code, _, err = cli(*base, "--width", "32", "--init-from", str(tmp_path / "nope"))
     assert code == 2 and "config.json" in one_line(err)
     hf_model(d=32).save_pretrained(tmp_path / "hf32")
@@ -304,7 +304,8 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path: Path, cli) -> None:
     hf_model(vocab=300, d=32).save_pretrained(tmp_path / "hf300")
     code, _, err = cli(*base, "--width", "32", "--init-from", str(tmp_path / "hf300"))
     assert code == 2 and "vocab 300" in one_line(err) and "256" in err
-    code, _, err = cli(*base[:3], "--steps", "1", "--width", "32", "--init-from", str(tmp_path / "hf32"))
+    code, _, err = cli(*base[:3], "--steps", "1", "--width", "32", "--init-from", str(tmp_path / "hf32"),
+                       "--run-dir", str(tmp_path / "bad2"))  # fmt: skip
     assert code == 2 and "ZOH" in one_line(err)
     # a corrupt transformers checkpoint
     st = tmp_path / "hf32" / "model.safetensors"
@@ -335,7 +336,7 @@ def test_export_copies_the_datasets_tokenizer(tmp_path: Path, cli) -> None:
     prepare(PrepareSettings(sources=[str(src)], out=tmp_path / "ds", train_vocab=300, val_fraction=0.1))
     code, _, err = cli("train", "--data", str(tmp_path / "ds"), "--width", "32", "--d-state", "8",
                        "--discretization", "euler", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-                       "--out", str(tmp_path / "run"))  # fmt: skip
+                       "--run-dir", str(tmp_path / "run"))  # fmt: skip
     assert code == 0, err
     code, _, err = cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
     assert code == 0, err

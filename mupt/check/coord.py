@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from mupt.config import (
+    DEFAULT_OPTIMIZER,
     DataConfig,
     Discretization,
     ModelConfig,
@@ -63,7 +64,7 @@ class CoordSettings:
     """What one coordinate check measures."""
 
     scheme: Scheme = Scheme.MUP_SSM
-    optimizer: OptimizerName = OptimizerName.ADAM
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER  # adam == adamw here (weight decay 0)
     discretization: Discretization = Discretization.ZOH
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     n_layers: int = 3

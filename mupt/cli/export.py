@@ -18,7 +18,7 @@ def export(
         Path,
         typer.Argument(
             metavar="RUN_DIR_OR_CHECKPOINT",
-            help="A mupt train --out directory, a mupt scale run directory (its latest checkpoint) or one "
+            help="A mupt train run directory, a mupt scale run directory (its latest checkpoint) or one "
             "checkpoint directory (runs/x/checkpoints/step_000100), from any number of processes.",
         ),
     ],

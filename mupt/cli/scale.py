@@ -12,10 +12,12 @@ import typer
 
 from mupt import launch
 from mupt.cli import app, err, fail, out
-from mupt.cli.common import progress
+from mupt.cli.common import ThreadsOpt, progress
 from mupt.config import Precision, load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
+from mupt.paths import check_output_dir
 from mupt.report import key_values
+from mupt.threads import resolve_threads, set_threads
 from mupt.transfer import data_identity
 
 
@@ -27,6 +29,14 @@ def scale(
         typer.Option("--run-dir", help="Checkpoints, metrics.jsonl, summary.json (recipe: launch.run_dir)."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Override run.train.steps.")] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum",
+            help="Micro-batches per optimizer step (run.train.grad_accum): the global batch stays the recipe's, "
+            "each rank holds 1/N of its slice at a time; losses equal the unaccumulated run's.",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -35,6 +45,15 @@ def scale(
     ] = None,
     ckpt_every: Annotated[int | None, typer.Option("--ckpt-every", help="Checkpoint every N steps.")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Log metrics every N steps.")] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            "--log-sinks",  # the spelling workers get: torchrun's parser reads a bare --log as its --log-dir
+            help="Metrics sinks: jsonl (metrics.jsonl, always) and tensorboard (event files in RUN_DIR/tensorboard: "
+            "loss, per-group LR, grad norm, tokens/s, val loss). Recipe: launch.log [jsonl].",
+        ),
+    ] = None,
     precision: Annotated[
         Precision | None,
         typer.Option("--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 [recipe: auto]."),
@@ -72,6 +91,7 @@ def scale(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate the recipe completely, print the resolved plan and exit.")
     ] = False,
+    threads: ThreadsOpt = None,
     init_from: Annotated[
         Path | None,
         typer.Option(
@@ -86,15 +106,18 @@ def scale(
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
-        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp, lr_scale=lr_scale,
-        init_from=init_from,
+        load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
+        ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
+        lr_scale=lr_scale, init_from=init_from,
     )  # fmt: skip
+    n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
+    check_output_dir(Path(recipe.launch.run_dir), "--run-dir")
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
         for w in compare_identity(recipe.dataset, data_identity(recipe.run.data, strict=True)):
             err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    flags = launch.worker_flags(recipe, resume, lr_scale, reschedule)
+    flags = [*launch.worker_flags(recipe, resume, lr_scale, reschedule), "--threads", str(n_threads)]
     if launch.is_worker():
+        set_threads(n_threads)
         _run_here(recipe, resume, reschedule)
         return
     distributed = nproc > 1 or nnodes > 1 or recipe.launch.fsdp
@@ -109,6 +132,7 @@ def scale(
         out.print(key_values("mupt scale plan (dry run)", plan.rows()))
         return
     if not distributed:
+        set_threads(n_threads)
         _run_here(recipe, resume, reschedule)
         return
     err.print(f"[bold]mupt scale[/] launching {nproc * nnodes} processes: {command}", highlight=False)
@@ -166,7 +190,8 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> N
                     f"scan={info['scan_backend']} lr={cfg.train.lr:g} run_dir={recipe.launch.run_dir}{resumed}",
                     highlight=False,
                 )
-                bar = stack.enter_context(progress(transient=True))  # the summary table replaces it
+                bar = progress(transient=True)  # the summary table replaces it
+                stack.enter_context(bar)
                 state["bar"] = bar
                 state["task"] = bar.add_task("scale", total=cfg.train.steps, completed=info["start_step"], info="")
 
