@@ -95,6 +95,8 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
             data["run"]["train"][key] = value
         elif key == "data":
             data["run"]["data"]["source"] = str(value)
+        elif key == "init_from":
+            data["run"]["train"]["init_from"] = str(value)
         elif key in LAUNCH_FLAGS:
             data["launch"][key] = str(value) if key == "run_dir" else value
         else:
@@ -120,6 +122,8 @@ def worker_flags(
         "--log-every", str(lc.log_every), "--log-sinks", lc.log, "--precision", lc.precision.value,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
+    if recipe.run.train.init_from is not None:
+        flags += ["--init-from", recipe.run.train.init_from]
     if resume is not None:
         flags.append("--resume" if resume else "--no-resume")
     if lr_scale is not None:
@@ -261,12 +265,15 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be loadable into this run (the scan backend need not)."""
     model = to_dict(cfg.model)
     model.pop("scan_backend", None)
-    return {
+    fields = {
         "model": model,
         "param": to_dict(cfg.param),
         "optimizer": cfg.train.optimizer.value,
         "lr": cfg.train.lr,
     }
+    if cfg.train.init_from is not None:  # folded multipliers: another parametrization of the same weights
+        fields["init_from"] = cfg.train.init_from
+    return fields
 
 
 def fingerprint(cfg: RunConfig) -> str:
