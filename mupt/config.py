@@ -41,9 +41,12 @@ class OptimizerName(StrEnum):
 
 
 class Schedule(StrEnum):
+    """LR multiplier after warmup (see :func:`mupt.train.lr_factor` and docs/schedules.md)."""
+
     CONSTANT = "constant"
-    COSINE = "cosine"
-    LINEAR = "linear"
+    COSINE = "cosine"  # half cosine from 1 to 0 over the steps after warmup
+    LINEAR = "linear"  # straight line from 1 to 0 over the steps after warmup
+    WSD = "wsd"  # warmup-stable-decay: 1 until the last decay_fraction of the steps, then linear to 0
 
 
 class Arch(StrEnum):
@@ -182,12 +185,23 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = Field(0, ge=0)
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd schedule: fraction of all steps spent in the final linear decay"
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch (same losses)"
+    )
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables")
     eval_every: int = Field(PROXY_EVAL_EVERY, gt=0)
     eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0)
     seed: int = 0
     diverge_loss: float | None = Field(
         None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
+    )
+    init_from: str | None = Field(
+        None,
+        description="transformers or mamba_ssm checkpoint directory to start from (continued pre-training; "
+        "mupt.export.init_from)",
     )
 
 
@@ -382,6 +396,7 @@ class LaunchConfig(_Strict):
     precision: Precision = Field(Precision.AUTO, description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     fsdp: bool = False
+    log: str = Field("jsonl", description="metrics sinks: jsonl (always) and optionally tensorboard, comma-separated")
 
 
 class Recipe(_Strict):

@@ -57,6 +57,7 @@ from mupt.config import (
 from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
+from mupt.sinks import TensorBoardLog, parse_sinks
 from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
 
 CKPT_DIR = "checkpoints"
@@ -71,13 +72,13 @@ LogCallback = Callable[[dict[str, Any]], None]
 
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
-    """Flags (``steps``, ``data``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``,
-    ``fsdp``, ``lr_scale``) override the recipe; ``None`` leaves a field alone.
+    """Flags (``steps``, ``grad_accum``, ``data``, ``init_from``, ``run_dir``, ``ckpt_every``, ``log_every``, ``log``,
+    ``precision``, ``compile``, ``fsdp``, ``lr_scale``) override the recipe; ``None`` leaves a field alone.
 
     ``lr_scale`` multiplies the transferred global LR and every ``per_role`` LR (to try multiples
     of the transferred LR; the LR multipliers stay the rules'); it must be finite and positive,
     else :class:`ConfigError`.  A run dir resumed with another scale is refused (the LR is part
-    of the checkpoint's fingerprint).
+    of the checkpoint's fingerprint).  An unknown ``log`` sink raises :class:`ConfigError`.
     """
     data = to_dict(recipe)
     for key, value in flags.items():
@@ -90,10 +91,12 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
             for row in data["per_role"].values():
                 if row.get("lr") is not None:
                     row["lr"] *= value
-        elif key == "steps":
-            data["run"]["train"]["steps"] = value
+        elif key in ("steps", "grad_accum"):
+            data["run"]["train"][key] = value
         elif key == "data":
             data["run"]["data"]["source"] = str(value)
+        elif key == "init_from":
+            data["run"]["train"]["init_from"] = str(value)
         elif key in LAUNCH_FLAGS:
             data["launch"][key] = str(value) if key == "run_dir" else value
         else:
@@ -101,10 +104,11 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
     from mupt.config import from_dict
 
     out = from_dict(Recipe, data, where="flags")
+    parse_sinks(out.launch.log)
     return out
 
 
-LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp")
+LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp", "log")
 
 
 def worker_flags(
@@ -114,10 +118,12 @@ def worker_flags(
     lc = recipe.launch
     flags = [
         "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
-        "--ckpt-every", str(lc.ckpt_every),
-        "--log-every", str(lc.log_every), "--precision", lc.precision.value,
+        "--ckpt-every", str(lc.ckpt_every), "--grad-accum", str(recipe.run.train.grad_accum),
+        "--log-every", str(lc.log_every), "--log-sinks", lc.log, "--precision", lc.precision.value,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
+    if recipe.run.train.init_from is not None:
+        flags += ["--init-from", recipe.run.train.init_from]
     if resume is not None:
         flags.append("--resume" if resume else "--no-resume")
     if lr_scale is not None:
@@ -259,12 +265,15 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be loadable into this run (the scan backend need not)."""
     model = to_dict(cfg.model)
     model.pop("scan_backend", None)
-    return {
+    fields = {
         "model": model,
         "param": to_dict(cfg.param),
         "optimizer": cfg.train.optimizer.value,
         "lr": cfg.train.lr,
     }
+    if cfg.train.init_from is not None:  # folded multipliers: another parametrization of the same weights
+        fields["init_from"] = cfg.train.init_from
+    return fields
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -821,10 +830,11 @@ def run(
     if cuda:
         torch.cuda.set_device(device)
     cfg = recipe.run
-    if cfg.train.batch_size % world:
+    parts = world * cfg.train.grad_accum
+    if cfg.train.batch_size % parts:
         raise ConfigError(
-            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes; "
-            f"use a batch size that is a multiple of {world}"
+            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes x grad_accum "
+            f"{cfg.train.grad_accum}; use a batch size that is a multiple of {parts}"
         )
     started_pg = False
     if (world > 1 or recipe.launch.fsdp) and not dist.is_initialized():
@@ -928,7 +938,9 @@ def _run(
 
     start_step = trainer.step
     ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
-    hooks = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    hooks: list[Hook] = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    if "tensorboard" in parse_sinks(lc.log):
+        hooks.insert(2, TensorBoardLog(run_dir, lc.log_every))
     out = trainer.run(hooks=hooks)
     status = {"stopped": "terminated"}.get(out.status, out.status)
     res = ScaleResult(

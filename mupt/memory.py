@@ -141,7 +141,8 @@ class MemoryEstimate:
 
 
 def memory_estimate(cfg: RunConfig, world: int = 1, fsdp: bool = False) -> MemoryEstimate:
-    """Memory per rank for ``cfg`` on ``world`` ranks (global batch split over the ranks).
+    """Memory per rank for ``cfg`` on ``world`` ranks (global batch split over the ranks, then into
+    ``train.grad_accum`` micro-batches: activations are those of one micro-batch).
 
     Raises nothing; ``world`` below 1 is treated as 1 (the CLI refuses it earlier).
     """
@@ -150,7 +151,7 @@ def memory_estimate(cfg: RunConfig, world: int = 1, fsdp: bool = False) -> Memor
     shard = world if fsdp else 1
     per = -(-params // shard)  # ceil: FSDP2 pads the last shard
     tc = cfg.train
-    local_batch = max(1, tc.batch_size // world)
+    local_batch = max(1, tc.batch_size // world // tc.grad_accum)  # one micro-batch
     return MemoryEstimate(
         params=params,
         weights=4 * per,

@@ -83,6 +83,8 @@ class CoordSettings:
     arch: Arch = Arch.MAMBA1
     headdim: int = 64  # mamba2 only
     ngroups: int = 1  # mamba2 only
+    #: LM head tied to the embedding (a shared readout, docs/width_rules.md)
+    tie_embeddings: bool = False
     #: token source (``DataConfig.source``: builtin, a prepared dataset, a .bin/.npy with ``vocab_size``)
     data: str = "builtin"
     vocab_size: int | None = None
@@ -142,6 +144,7 @@ class CoordSettings:
                 arch=self.arch,
                 headdim=self.headdim,
                 ngroups=self.ngroups,
+                tie_embeddings=self.tie_embeddings,
                 scan_backend=resolve_scan_backend(self.backend),
                 vocab_size=padded_vocab(data_vocab(self.data_config())),
             ),
@@ -473,6 +476,7 @@ def _describe(result: CoordResult) -> str:
     return (
         f"{s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, base {base}, "
         f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}"
+        + (", tied embeddings" if s.get("tie_embeddings") else "")
     )
 
 

@@ -61,6 +61,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 # Command modules register themselves on ``app`` / ``check_app`` when imported.
 from mupt.cli import check_coord as _check_coord  # noqa: E402,F401
 from mupt.cli import check_transfer as _check_transfer  # noqa: E402,F401
+from mupt.cli import export as _export  # noqa: E402,F401
 from mupt.cli import prepare as _prepare  # noqa: E402,F401
 from mupt.cli import scale as _scale  # noqa: E402,F401
 from mupt.cli import train as _train  # noqa: E402,F401

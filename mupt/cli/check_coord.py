@@ -142,6 +142,9 @@ def coord(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
     threads: ThreadsOpt = None,
+    tie_embeddings: Annotated[
+        bool, typer.Option("--tie-embeddings/--untie-embeddings", help="LM head shares the embedding's tensor.")
+    ] = False,
     data: DataOpt = None,
     vocab_size: VocabOpt = None,
     out_dir: Annotated[
@@ -167,7 +170,7 @@ def coord(
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
         tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=check_backend(backend),
         base_width=base_width, arch=arch, headdim=headdim, ngroups=ngroups, data=data or "builtin",
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, tie_embeddings=tie_embeddings,
     )  # fmt: skip
     settings.validate()
     check_finite(tolerance, "--tolerance", positive=True)

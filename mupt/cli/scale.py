@@ -29,6 +29,14 @@ def scale(
         typer.Option("--run-dir", help="Checkpoints, metrics.jsonl, summary.json (recipe: launch.run_dir)."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Override run.train.steps.")] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum",
+            help="Micro-batches per optimizer step (run.train.grad_accum): the global batch stays the recipe's, "
+            "each rank holds 1/N of its slice at a time; losses equal the unaccumulated run's.",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -37,6 +45,15 @@ def scale(
     ] = None,
     ckpt_every: Annotated[int | None, typer.Option("--ckpt-every", help="Checkpoint every N steps.")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Log metrics every N steps.")] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            "--log-sinks",  # the spelling workers get: torchrun's parser reads a bare --log as its --log-dir
+            help="Metrics sinks: jsonl (metrics.jsonl, always) and tensorboard (event files in RUN_DIR/tensorboard: "
+            "loss, per-group LR, grad norm, tokens/s, val loss). Recipe: launch.log [jsonl].",
+        ),
+    ] = None,
     precision: Annotated[
         Precision | None,
         typer.Option("--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 [recipe: auto]."),
@@ -75,14 +92,23 @@ def scale(
         bool, typer.Option("--dry-run", help="Validate the recipe completely, print the resolved plan and exit.")
     ] = False,
     threads: ThreadsOpt = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from a transformers or mamba_ssm checkpoint directory (continued pre-training; the "
+            "recipe's model must have its shapes). Ignored when resuming from this run's own checkpoint.",
+        ),
+    ] = None,
 ) -> None:
     """Launch the large run from a recipe: DDP or FSDP2, bf16 on GPU, DCP checkpoints, exact resume.
 
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
-        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp, lr_scale=lr_scale,
+        load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
+        ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
+        lr_scale=lr_scale, init_from=init_from,
     )  # fmt: skip
     n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
     check_output_dir(Path(recipe.launch.run_dir), "--run-dir")

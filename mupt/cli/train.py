@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -38,6 +38,7 @@ from mupt.cli.common import (
     scale_lr,
 )
 from mupt.config import atomic_write_text, json_text, save_yaml, with_overrides
+from mupt.export import WEIGHTS, save_weights
 from mupt.paths import check_output_dir, default_run_dir
 from mupt.report import key_values
 from mupt.threads import resolve_threads, set_threads
@@ -69,6 +70,14 @@ def train(
     ngroups: NgroupsOpt = None,
     threads: ThreadsOpt = None,
     run_dir: RunDirOpt = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from a transformers or mamba_ssm checkpoint directory (continued pre-training): weights "
+            "as stored, per-group LRs from the width rules; the model shape must match it.",
+        ),
+    ] = None,
 ) -> None:
     """Train one Mamba LM on the builtin corpus (or --data) and report train/val loss.
 
@@ -86,6 +95,8 @@ def train(
         base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     cfg = scale_lr(cfg, lr_scale)
+    if init_from is not None:
+        cfg = with_overrides(cfg, {"train.init_from": str(init_from)}, where="--init-from")
     if eval_every is not None:
         cfg = with_overrides(cfg, {"train.eval_every": eval_every}, where="--eval-every")
     n_threads = resolve_threads(threads)
@@ -123,6 +134,7 @@ def train(
     bpb = result.bits_per_byte(result.final_val_loss)
     # written before printing: a closed pipe (`| head`) loses nothing
     atomic_write_text(dest / "metrics.json", json_text(_metrics(result, bpb), indent=1))
+    save_weights(dest / WEIGHTS, trainer.model)  # multipliers folded in, for mupt export
     out.print(key_values("Training summary", _summary_rows(result, bpb, dest)))
     if result.status == "diverged":
         raise fail(f"run diverged: {result.reason}; lower --lr (now {cfg.train.lr:g})")

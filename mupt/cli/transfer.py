@@ -32,7 +32,7 @@ from mupt.cli.common import (
     WidthOpt,
     resolve_config,
 )
-from mupt.config import Arch, BestParams, Recipe, RunConfig, Scheme
+from mupt.config import Arch, BestParams, Recipe, RunConfig, Schedule, Scheme
 from mupt.errors import ConfigError, StorageError
 from mupt.paths import check_output_file
 from mupt.report import format_bytes, key_values, table
@@ -120,6 +120,25 @@ def transfer(
     steps: StepsOpt = None,
     batch_size: BatchOpt = None,
     seq_len: SeqOpt = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule",
+            help="Target LR schedule after warmup: constant, cosine, linear or wsd (warmup-stable-decay); "
+            "default: the proxy's. See docs/schedules.md.",
+        ),
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option("--warmup", help="Target warmup steps (linear from 0); default: the proxy's.")
+    ] = None,
+    decay_fraction: Annotated[
+        float | None,
+        typer.Option("--decay-fraction", help="wsd: fraction of the target's steps in the final linear decay [0.2]."),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option("--grad-accum", help="Micro-batches per optimizer step in the target run (same global batch)."),
+    ] = None,
     out_path: Annotated[
         Path | None,
         typer.Option(
@@ -178,9 +197,12 @@ def transfer(
         if to_width is None:
             return
     assert to_width is not None
+    if schedule is not None and schedule not in {x.value for x in Schedule}:
+        raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(x.value for x in Schedule)}")
+    sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
-        source_path=path, to_data=to_data,
+        source_path=path, to_data=to_data, schedule=sched,
     )  # fmt: skip
     if dest is not None:
         save_recipe(dest, recipe)  # first: a closed pipe (`| head`) or a narrow terminal cannot lose it
