@@ -287,6 +287,16 @@ def test_check_coord_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> Non
     assert str(bpe_dataset) in json.dumps(report)
 
 
+def test_check_transfer_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = cli(
+        "check", "transfer", "--data", str(bpe_dataset), "--widths", "16,32,128", "--lrs", "2^-8,2^-6,2^-4",
+        "--seeds", "1", "--steps", "2", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--workers", "1",
+        "--out", str(tmp_path / "t"),
+    )  # fmt: skip
+    assert code in (0, 1), err  # a verdict, not a usage error
+    assert str(bpe_dataset) in (tmp_path / "t" / "transfer.json").read_text()
+
+
 def test_rank_slices_are_disjoint_and_cover_the_global_batch(bpe_dataset: Path) -> None:
     data = open_dataset(bpe_dataset)
     g = torch.Generator().manual_seed(0)
