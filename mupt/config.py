@@ -304,6 +304,11 @@ class BestParams(_Strict):
     )
     code_version: str = ""
     created: str = ""
+    fidelity: str = Field("steps", description="the study's fidelity schedule: width (rungs over d_model) or steps")
+    finalists: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="trials measured at the proxy width, best first, each with the fidelities it passed through",
+    )
 
 
 class LaunchConfig(_Strict):

@@ -284,15 +284,16 @@ class Mamba2Mixer(nn.Module):
         """mamba_ssm Mamba2's init: Linear/Conv1d defaults, A ~ U[1, 16], log-uniform dt, D = 1,
         out_proj / sqrt(n_layers) (prenorm-residual rescale)."""
         cfg = self.cfg
-        for w in self.in_proj.weights():
-            _linear_default(w)
-        self.conv1d.reset_parameters()
+        for block, w in zip(self.in_proj.BLOCKS, self.in_proj.weights(), strict=True):
+            init_default(w, _IN_PROJ2_ROLES[block], cfg)
+        init_default(self.conv1d.weight, Role.CONV_WEIGHT, cfg)
+        assert self.conv1d.bias is not None
+        init_default(self.conv1d.bias, Role.CONV_BIAS, cfg)
         self.dt_bias.copy_(init_dt_bias(cfg, cfg.nheads))
         self.A_log.copy_(torch.log(torch.empty(cfg.nheads).uniform_(1.0, 16.0)))
         nn.init.ones_(self.D)
         nn.init.ones_(self.norm.weight)
-        _linear_default(self.out_proj.weight)
-        self.out_proj.weight.div_(math.sqrt(cfg.n_layers))
+        init_default(self.out_proj.weight, Role.OUT_PROJ, cfg)  # includes the / sqrt(n_layers) rescale
 
     def forward(self, hidden: Tensor, probe: dict[str, Tensor] | None = None) -> Tensor:
         """hidden: (batch, length, d_model) -> (batch, length, d_model).
@@ -381,11 +382,15 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """mamba_ssm's default init (uses the global torch RNG; seed before calling)."""
+        """mamba_ssm's default init (uses the global torch RNG; seed before calling).
+
+        Every rescalable role is drawn with the std :func:`default_init_std` gives (uniform, as
+        nn.Linear / nn.Conv1d, or normal for the embedding); structured roles as mamba_ssm.
+        """
         cfg = self.cfg
-        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        init_default(self.backbone.embedding.weight, Role.EMBEDDING, cfg)
         if not cfg.tie_embeddings:
-            _linear_default(self.lm_head.weight)
+            init_default(self.lm_head.weight, Role.LM_HEAD, cfg)
         for norm in self._norms():
             nn.init.ones_(norm.weight)
         for layer in self.backbone.layers:
@@ -393,16 +398,18 @@ class MambaLM(nn.Module):
                 layer.mixer.reset_parameters()
                 continue
             m: MambaMixer = layer.mixer  # type: ignore[assignment]
-            _linear_default(m.in_proj.weight)
-            m.conv1d.reset_parameters()
-            for w in (m.x_proj.weight_dt, m.x_proj.weight_B, m.x_proj.weight_C):
-                _linear_default(w)
-            nn.init.uniform_(m.dt_proj.weight, -(cfg.dt_rank_value**-0.5), cfg.dt_rank_value**-0.5)
+            init_default(m.in_proj.weight, Role.IN_PROJ, cfg)
+            init_default(m.conv1d.weight, Role.CONV_WEIGHT, cfg)
+            assert m.conv1d.bias is not None
+            init_default(m.conv1d.bias, Role.CONV_BIAS, cfg)
+            for w, role in ((m.x_proj.weight_dt, Role.X_PROJ_DT), (m.x_proj.weight_B, Role.X_PROJ_B),
+                            (m.x_proj.weight_C, Role.X_PROJ_C)):  # fmt: skip
+                init_default(w, role, cfg)
+            init_default(m.dt_proj.weight, Role.DT_PROJ, cfg)
             m.dt_proj.bias.copy_(init_dt_bias(cfg, m.dt_proj.bias.shape[0]))
             m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand_as(m.A_log))
             nn.init.ones_(m.D)
-            _linear_default(m.out_proj.weight)
-            m.out_proj.weight.div_(math.sqrt(cfg.n_layers))  # mamba_ssm's prenorm-residual rescale
+            init_default(m.out_proj.weight, Role.OUT_PROJ, cfg)
 
     def _norms(self) -> list[nn.RMSNorm]:
         return [layer.norm for layer in self.backbone.layers] + [self.backbone.norm_f]  # type: ignore[misc,return-value]
@@ -426,9 +433,53 @@ def init_dt_bias(cfg: ModelConfig, d_inner: int) -> Tensor:
     return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
 
 
-def _linear_default(w: Tensor) -> None:
-    """nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+_IN_PROJ2_ROLES = {"z": Role.IN_PROJ_Z, "x": Role.IN_PROJ_X, "B": Role.IN_PROJ_B, "C": Role.IN_PROJ_C,
+                   "dt": Role.IN_PROJ_DT}  # fmt: skip
+
+
+def init_default(w: Tensor, role: Role, cfg: ModelConfig) -> None:
+    """Draw ``w`` in place from the role's default init: N(0, std^2) for the embedding, otherwise
+    U(-b, b) with b = sqrt(3) std (nn.Linear / nn.Conv1d's distribution), std from :func:`default_init_std`.
+
+    Raises ValueError for a structured role (it has its own init)."""
+    std = default_init_std(role, cfg)
+    if std is None:
+        raise ValueError(f"role {role.value} has a structured init, not a default std")
+    if role is Role.EMBEDDING:
+        nn.init.normal_(w, std=std)
+    else:
+        bound = math.sqrt(3.0) * std  # U(-b, b) has std b/sqrt(3)
+        nn.init.uniform_(w, -bound, bound)
+
+
+def default_init_std(role: Role, cfg: ModelConfig) -> float | None:
+    """Std of the default (mamba_ssm) init of a role's entries at shape ``cfg``; None for structured inits.
+
+    The one home of the default init: :meth:`MambaLM.reset_parameters` draws with it and
+    :func:`mupt.parametrization.apply` rescales relative to it.  Matrices and the depthwise conv use
+    nn.Linear / nn.Conv1d's U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in); out_proj is
+    further divided by sqrt(n_layers) (mamba_ssm's pre-norm residual rescale); the embedding is
+    N(0, 0.02^2).  Norm weights (ones), dt_bias, A_log and D (and Mamba-2's gated norm and per-head
+    A_log) are structured: None.
+    """
+    fan_in = {
+        Role.IN_PROJ: cfg.d_model,
+        Role.LM_HEAD: cfg.d_model,
+        Role.X_PROJ_DT: cfg.d_inner,
+        Role.X_PROJ_B: cfg.d_inner,
+        Role.X_PROJ_C: cfg.d_inner,
+        Role.OUT_PROJ: cfg.d_inner,
+        Role.DT_PROJ: cfg.dt_rank_value,
+        Role.CONV_WEIGHT: cfg.d_conv,
+        Role.CONV_BIAS: cfg.d_conv,
+        **{r: cfg.d_model for r in _IN_PROJ2_ROLES.values()},  # mamba2's in_proj row blocks
+    }
+    if role is Role.EMBEDDING:
+        return 0.02
+    if role not in fan_in:
+        return None
+    std = 1.0 / math.sqrt(3.0 * fan_in[role])
+    return std / math.sqrt(cfg.n_layers) if role is Role.OUT_PROJ else std
 
 
 def _split_sizes(cfg: ModelConfig) -> list[int]:

@@ -6,21 +6,32 @@ A rule gives, per parameter role, three exponent pairs ``(a_u, a_x)``: the quant
 ``r_x = N_x / N_x_base`` (N_x = d_state), relative to its value at the base shape:
 
 * ``init``: the init std.  At the base shape every role keeps the model's default (mamba_ssm)
-  init, so the rules at base width reproduce the unscaled model bit for bit.  ``None`` marks a
-  structured init (A_log, dt_bias, D, norms) that is never rescaled.
+  init (:func:`mupt.model.default_init_std`), so the rules at base width reproduce the unscaled
+  model bit for bit.  ``None`` marks a structured init (A_log, dt_bias, D, norms) that is never
+  rescaled.
 * ``lr``: the learning-rate multiplier on the global LR.
 * ``fwd``: a forward multiplier on the role's output.
 
-Tables exist for every scheme (sp, mup, mup-ssm) x optimizer family (adam, sgd) x
-B-discretization (zoh, euler).  See docs/width_rules.md for the derivation and the measured
-coordinate-check slopes that back them.
+Each rule also carries ``why`` (one sentence) and ``ref`` (an anchor of docs/width_rules.md where
+it is derived).  :data:`RULE_TABLE` is the one home of every rule: ``rules_for``, ``apply``,
+``mupt transfer --explain`` and the generated table in docs/width_rules.md all read it (a test
+fails when the docs and the data disagree; regenerate with
+``python -m mupt.parametrization docs/width_rules.md``).
+
+Adding a role (e.g. a new block's parameter): add it to :class:`mupt.model.Role` and
+``mupt.model.default_init_std``, then add :class:`RuleRow` entries to :data:`RULE_TABLE` so that
+every (scheme, optimizer family, discretization) has exactly one rule for it (checked when this
+module is imported), write its derivation under an ``<a id="rule-...">`` anchor in
+docs/width_rules.md and regenerate the docs table.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
+import sys
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -39,97 +50,289 @@ from mupt.config import (
     write_yaml,
 )
 from mupt.errors import ConfigError
-from mupt.model import MambaLM, MambaMixer, Role, role_of
+from mupt.model import ARCH_ROLES, MambaLM, MambaMixer, Role, default_init_std, role_of
 
 Exp = tuple[float, float]  # exponents of (r_u, r_x)
 ZERO: Exp = (0.0, 0.0)
 
+#: Where every ``Rule.ref`` anchor lives (relative to the repository root).
+DOCS = "docs/width_rules.md"
+
 
 @dataclass(frozen=True)
 class Rule:
-    init: Exp | None  # None: structured init, never rescaled
+    """One role's width rule: exponents of (r_u, r_x) for init std, LR multiplier and forward multiplier.
+
+    ``init`` None means a structured init that is never rescaled.  ``why`` says in one sentence why
+    the exponents are what they are; ``ref`` is the anchor (``<a id=...>``) in docs/width_rules.md
+    where the rule is derived.
+    """
+
+    init: Exp | None
     lr: Exp
     fwd: Exp = ZERO
+    why: str = ""
+    ref: str = ""
+
+    @property
+    def doc_link(self) -> str:
+        """``docs/width_rules.md#<ref>``: where the rule is derived."""
+        return f"{DOCS}#{self.ref}"
 
 
-# --- the tables -------------------------------------------------------------------------
-# Shorthand for the exponent pairs used below.
+ALL_FAMILIES: tuple[str, ...] = ("adam", "sgd")
+ALL_DISCS: tuple[Discretization, ...] = tuple(Discretization)
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    """One row of :data:`RULE_TABLE`: ``rule`` holds for ``roles`` under every listed scheme,
+    optimizer family ('adam' covers Adam and AdamW, 'sgd') and B discretization."""
+
+    schemes: tuple[Scheme, ...]
+    roles: tuple[Role, ...]
+    rule: Rule
+    families: tuple[str, ...] = ALL_FAMILIES
+    discs: tuple[Discretization, ...] = ALL_DISCS
+
+
+# --- the table --------------------------------------------------------------------------
 _FANIN: Exp = (-0.5, 0.0)  # std ~ 1/sqrt(fan_in) with fan_in ~ N_u
 _INV_U: Exp = (-1.0, 0.0)
 _U: Exp = (1.0, 0.0)
+_SP, _MUP, _SSM = (Scheme.SP,), (Scheme.MUP,), (Scheme.MUP_SSM,)
+_BOTH_MUP = (Scheme.MUP, Scheme.MUP_SSM)
+_ADAM, _SGD = ("adam",), ("sgd",)
+_SGD_VEC = "; SGD: vector-like LR ∝ N_u (its gradient shrinks as 1/N_u)"
 
-_VECTOR_LIKE = (Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D)
-_STRUCTURED = (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG)
-_MATRICES = (Role.IN_PROJ, Role.X_PROJ_DT, Role.X_PROJ_B, Role.X_PROJ_C, Role.DT_PROJ, Role.OUT_PROJ, Role.LM_HEAD)
+_HIDDEN_WHY: dict[Role, str] = {
+    Role.IN_PROJ: "hidden matrix: fan-in init keeps W·u Θ(1); Adam moves all fan-in entries coherently: LR ∝ 1/fan_in",
+    Role.X_PROJ_DT: "dt rows read all N_u channels into dt_rank ∝ d_model outputs: a hidden matrix",
+    Role.DT_PROJ: "hidden matrix with fan-in dt_rank ∝ d_model",
+    Role.OUT_PROJ: "hidden matrix (fan-in N_u), init also / sqrt(n_layers) for the pre-norm residual",
+}
+_VECTOR_WHY: dict[Role, str] = {
+    Role.NORM: "per-coordinate gain (vector-like): no sum over width, Θ(1)",
+    Role.CONV_WEIGHT: "depthwise per-channel filter: fan-in is d_conv, fixed with width (vector-like)",
+    Role.CONV_BIAS: "per-channel bias (vector-like): Θ(1)",
+    Role.DT_BIAS: "structured init (softplus^-1 of a log-uniform dt); per-channel vector, Θ(1) LR",
+    Role.D: "per-channel skip (vector-like): Θ(1)",
+}
+_EMBEDDING_WHY = "input layer: a lookup whose rows are Θ(1) at any width, so no init or Adam-LR scaling"
+_A_LOG_SSM_WHY = (
+    "structured init A_n = -(n+1); each entry drives only its own x_n, so it is vector-like, "
+    "not a hidden matrix (a 1/N_u LR would freeze it at width)"
+)
+_A_LOG_MUP_WHY = (
+    "heuristic µP treats this 2-D tensor as a hidden matrix: LR ∝ 1/N_u (Adam), so its updates vanish "
+    "with width (the pitfall µP-SSM fixes)"
+)
+_B_WHY = (
+    "each B_n feeds only its own state x_n (gain 1/(n+1)), so |B| must grow like sqrt(N_x) to keep RMS(x) Θ(1): "
+    "var ∝ N_x/N_u; no sum over n, so Adam LR ∝ sqrt(N_x)/N_u (SGD N_x/N_u); Euler-B as ZOH (corrections 1, 3)"
+)
+_C_WHY = (
+    "readout over the state: y = Σ_n C_n x_n sums N_x coherent terms, so var ∝ 1/(N_x N_u) and "
+    "LR ∝ 1/(N_u N_x) (correction 2)"
+)
+
+RULE_TABLE: tuple[RuleRow, ...] = (
+    # --- SP: PyTorch/mamba_ssm defaults at every width, one global LR
+    RuleRow(_SP, (Role.IN_PROJ, Role.X_PROJ_DT, Role.X_PROJ_B, Role.X_PROJ_C, Role.DT_PROJ, Role.OUT_PROJ,
+                  Role.LM_HEAD),
+            Rule(_FANIN, ZERO, why="SP: fan-in init (std 1/sqrt(fan_in)) as PyTorch/mamba_ssm, one global LR",
+                 ref="rule-sp")),
+    RuleRow(_SP, (Role.EMBEDDING,), Rule(ZERO, ZERO, why="SP: Θ(1) init, the global LR", ref="rule-sp")),
+    RuleRow(_SP, (Role.CONV_WEIGHT, Role.CONV_BIAS),
+            Rule(ZERO, ZERO, why="SP: PyTorch default init (fan-in d_conv, fixed with width), the global LR",
+                 ref="rule-sp")),
+    RuleRow(_SP, (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG),
+            Rule(None, ZERO, why="SP: structured (mamba_ssm) init, the global LR", ref="rule-sp")),
+    # --- µP (heuristic) and µP-SSM: hidden matrices, readout, input and vector-like roles
+    *(RuleRow(_BOTH_MUP, (role,), Rule(_FANIN, _INV_U, why=why, ref="rule-hidden"), families=_ADAM)
+      for role, why in _HIDDEN_WHY.items()),
+    *(RuleRow(_BOTH_MUP, (role,), Rule(_FANIN, ZERO, why=why + "; SGD: LR Θ(1)", ref="rule-hidden"), families=_SGD)
+      for role, why in _HIDDEN_WHY.items()),
+    RuleRow(_BOTH_MUP, (Role.LM_HEAD,),
+            Rule(_INV_U, _INV_U, why="readout: logits sum d_model coherent features, so init std ∝ 1/fan_in and "
+                 "LR ∝ 1/fan_in keep logits and their updates Θ(1)", ref="rule-readout")),
+    RuleRow(_BOTH_MUP, (Role.EMBEDDING,), Rule(ZERO, ZERO, why=_EMBEDDING_WHY, ref="rule-embedding"),
+            families=_ADAM),
+    RuleRow(_BOTH_MUP, (Role.EMBEDDING,), Rule(ZERO, _U, why=_EMBEDDING_WHY + _SGD_VEC, ref="rule-embedding"),
+            families=_SGD),
+    *(RuleRow(_BOTH_MUP, (role,), Rule(None if role in (Role.NORM, Role.DT_BIAS, Role.D) else ZERO, lr, why=why,
+                                        ref="rule-vector-like"), families=fam)
+      for role, why0 in _VECTOR_WHY.items()
+      for fam, lr, why in ((_ADAM, ZERO, why0), (_SGD, _U, why0 + _SGD_VEC))),
+    # --- µP (heuristic): every 2-D weight is a hidden matrix, A_log and the B/C rows included
+    RuleRow(_MUP, (Role.X_PROJ_B, Role.X_PROJ_C),
+            Rule(_FANIN, _INV_U, why="heuristic µP: a plain hidden matrix (no N_x dependence; the state gain and "
+                 "the sum over the state are ignored)", ref="rule-heuristic"), families=_ADAM),
+    RuleRow(_MUP, (Role.X_PROJ_B, Role.X_PROJ_C),
+            Rule(_FANIN, ZERO, why="heuristic µP: a plain hidden matrix (no N_x dependence; the state gain and "
+                 "the sum over the state are ignored)", ref="rule-heuristic"), families=_SGD),
+    RuleRow(_MUP, (Role.A_LOG,), Rule(None, _INV_U, why=_A_LOG_MUP_WHY, ref="rule-heuristic"), families=_ADAM),
+    RuleRow(_MUP, (Role.A_LOG,), Rule(None, ZERO, why="heuristic µP treats this 2-D tensor as a hidden matrix: "
+                                      "SGD LR Θ(1) where a vector-like role needs N_u", ref="rule-heuristic"),
+            families=_SGD),
+    # --- µP-SSM: A_log vector-like; B and C rows with their own N_u/N_x rules (ZOH and Euler alike)
+    RuleRow(_SSM, (Role.A_LOG,), Rule(None, ZERO, why=_A_LOG_SSM_WHY, ref="rule-vector-like"), families=_ADAM),
+    RuleRow(_SSM, (Role.A_LOG,), Rule(None, _U, why=_A_LOG_SSM_WHY + _SGD_VEC, ref="rule-vector-like"),
+            families=_SGD),
+    RuleRow(_SSM, (Role.X_PROJ_B,), Rule((-0.5, 0.5), (-1.0, 0.5), why=_B_WHY, ref="rule-b-rows"), families=_ADAM),
+    RuleRow(_SSM, (Role.X_PROJ_B,), Rule((-0.5, 0.5), (-1.0, 1.0), why=_B_WHY, ref="rule-b-rows"), families=_SGD),
+    RuleRow(_SSM, (Role.X_PROJ_C,), Rule((-0.5, -0.5), (-1.0, -1.0), why=_C_WHY, ref="rule-c-rows")),
+)  # fmt: skip
 
 
-def _sp() -> dict[Role, Rule]:
-    """Standard parametrization: fan-in init everywhere, one global LR."""
-    rules = {r: Rule(init=_FANIN, lr=ZERO) for r in _MATRICES}
-    rules[Role.EMBEDDING] = Rule(init=ZERO, lr=ZERO)
-    for r in (Role.CONV_WEIGHT, Role.CONV_BIAS):
-        rules[r] = Rule(init=ZERO, lr=ZERO)
-    for r in _STRUCTURED:
-        rules[r] = Rule(init=None, lr=ZERO)
-    return rules
+def _build(table: tuple[RuleRow, ...]) -> dict[tuple[Scheme, str, Discretization], dict[Role, Rule]]:
+    """Index the table: every (scheme, family, disc) must give exactly one rule to every Mamba-1 role and
+    to every role that has a rule anywhere (an architecture's roles are added all at once)."""
+    out: dict[tuple[Scheme, str, Discretization], dict[Role, Rule]] = {
+        (s, f, d): {} for s in Scheme for f in ALL_FAMILIES for d in ALL_DISCS
+    }
+    for row in table:
+        for key in ((s, f, d) for s in row.schemes for f in row.families for d in row.discs):
+            for role in row.roles:
+                if role in out[key]:
+                    raise AssertionError(f"RULE_TABLE gives {role.value} two rules under {key}")
+                out[key][role] = row.rule
+    covered = {role for rules in out.values() for role in rules}
+    for key, rules in out.items():
+        missing = [r.value for r in Role if r in covered | ARCH_ROLES[Arch.MAMBA1] and r not in rules]
+        if missing:
+            raise AssertionError(f"RULE_TABLE has no rule for {missing} under {key}")
+        if any(not r.why or not r.ref for r in rules.values()):
+            raise AssertionError(f"RULE_TABLE: every rule needs a why and a ref ({key})")
+    return out
 
 
-def _mup(family: str) -> dict[Role, Rule]:
-    """Heuristic µP as generic libraries apply it: every 2-D weight inside the network is a
-    hidden matrix (A_log included), the embedding is the input layer, lm_head the readout."""
-    hidden_lr = _INV_U if family == "adam" else ZERO
-    vec_lr = ZERO if family == "adam" else _U
-    rules = {r: Rule(init=_FANIN, lr=hidden_lr) for r in _MATRICES}
-    rules[Role.A_LOG] = Rule(init=None, lr=hidden_lr)  # the pitfall: A_log treated as hidden
-    rules[Role.LM_HEAD] = Rule(init=_INV_U, lr=_INV_U)
-    rules[Role.EMBEDDING] = Rule(init=ZERO, lr=vec_lr)
-    for r in _VECTOR_LIKE:
-        rules[r] = Rule(init=None if r in _STRUCTURED else ZERO, lr=vec_lr)
-    return rules
+#: (scheme, optimizer family, discretization) -> role -> rule, indexed from :data:`RULE_TABLE`.
+RULES: dict[tuple[Scheme, str, Discretization], dict[Role, Rule]] = _build(RULE_TABLE)
 
-
-def _mup_ssm(family: str) -> dict[Role, Rule]:
-    """µP-SSM (DESIGN.md section 4): B and C rows get their own N_u/N_x rules, A_log and the
-    vector-like SSM parameters are not hidden matrices."""
-    adam = family == "adam"
-    rules = _mup(family)
-    rules[Role.A_LOG] = Rule(init=None, lr=ZERO if adam else _U)
-    # dt rows and dt_proj keep _mup's hidden-matrix rules.
-    # B and C rows, the same for ZOH and Euler B (docs/width_rules.md): var(W_B) ~ N_x/N_u,
-    # var(W_C) ~ 1/(N_x N_u).
-    # * C's Adam LR CORRECTED from 1/(N_u sqrt N_x) to 1/(N_u N_x) ("Correction 2"): y sums N_x coherent
-    #   updates C_n x_n, so C is a readout over the state; measured layer-0 y slope +0.28 -> +0.03 (N_x scaled).
-    # * Euler B rows CORRECTED to the ZOH rows ("Correction 1" for Adam, "Correction 3" for SGD).  DESIGN.md's
-    #   var(W_B) ~ 1/N_u made x and Δx shrink under N_x scaling (Adam -0.66..-0.79; SGD -0.18..-0.39): the
-    #   state's steady-state gain is 1/|A_n| = 1/(n+1) for Euler too (dt*B summed over ~1/(dt|A_n|) steps),
-    #   so B needs the same sqrt(N_x) boost.
-    rules[Role.X_PROJ_B] = Rule(init=(-0.5, 0.5), lr=(-1.0, 0.5) if adam else (-1.0, 1.0))
-    rules[Role.X_PROJ_C] = Rule(init=(-0.5, -0.5), lr=(-1.0, -1.0))
-    return rules
-
-
-RULES: dict[tuple[Scheme, str, Discretization], dict[Role, Rule]] = {}
-for _family in ("adam", "sgd"):
-    for _disc in Discretization:
-        RULES[(Scheme.SP, _family, _disc)] = _sp()
-        RULES[(Scheme.MUP, _family, _disc)] = _mup(_family)
-        RULES[(Scheme.MUP_SSM, _family, _disc)] = _mup_ssm(_family)
-
+#: Roles that get no weight decay (vector-like and structured roles, and the input embedding).
 NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
 
 #: Adam's epsilon at the base width (PyTorch's default).  Under µP every gradient except the readout's
 #: shrinks like 1/N_u, so a fixed epsilon damps the smallest ones at large width (measured at d_model
 #: 4096: first-step |g|/(|g|+1e-8) is 0.34 for A_log and 0.30 for dt_proj, vs ~1 at d_model 64).  The
-#: µP schemes scale it with the gradients, eps = ADAM_EPS / r_u (docs/width_rules.md, "Adam epsilon").
+#: µP schemes scale it with the gradients, eps = ADAM_EPS / r_u (docs/width_rules.md#rule-adam-eps).
 ADAM_EPS = 1e-8
 
 
 def rules_for(scheme: Scheme | str, optimizer: OptimizerName | str, disc: Discretization | str) -> dict[Role, Rule]:
+    """Role -> rule for a scheme, optimizer and B discretization (raises ConfigError on unknown names)."""
     try:
         key = (Scheme(scheme), OptimizerName(optimizer).family, Discretization(disc))
     except ValueError as err:
         raise ConfigError(f"{err}; schemes: sp, mup, mup-ssm; optimizers: adamw, adam, sgd") from None
     return RULES[key]
+
+
+def weight_decay_exp(
+    rule: Rule, role: Role, scheme: Scheme | str, optimizer: OptimizerName | str, disc: Discretization | str
+) -> Exp | None:
+    """Exponents of (r_u, r_x) of the optimizer group's weight decay for a role (None: no weight decay).
+
+    docs/width_rules.md#rule-weight-decay.  SP keeps the given value.  AdamW (decoupled) and SGD decay
+    by ``lr_group * wd_group`` per step, so ``wd / lr_mult`` (exponent ``-lr``) keeps the per-step decay
+    width-independent.  Plain Adam adds ``wd_group * p`` to the gradient before Adam's normalisation, so
+    it must keep ``wd_group * |p| / |g|`` width-independent: the parameter's scale is its init std and
+    its gradient's scale is the ratio of its Adam and SGD LR rules (both give Θ(1) updates), so the
+    exponent is ``lr_adam - lr_sgd - init``.
+    """
+    if role in NO_WEIGHT_DECAY:
+        return None
+    scheme, opt = Scheme(scheme), OptimizerName(optimizer)
+    if scheme is Scheme.SP:
+        return ZERO
+    if opt is not OptimizerName.ADAM:
+        return (-rule.lr[0], -rule.lr[1])
+    adam, sgd = rules_for(scheme, "adam", disc)[role], rules_for(scheme, "sgd", disc)[role]
+    if adam.init is None:
+        raise AssertionError(f"role {role.value} has a structured init but weight decay; add it to NO_WEIGHT_DECAY")
+    return (adam.lr[0] - sgd.lr[0] - adam.init[0], adam.lr[1] - sgd.lr[1] - adam.init[1])
+
+
+def format_exp(exp: Exp | None, u: str = "N_u", x: str = "N_x") -> str:
+    """``(-0.5, 0.5)`` -> ``N_u^-1/2 N_x^1/2``; ``(0, 0)`` -> ``1``; ``None`` -> ``structured``."""
+    if exp is None:
+        return "structured"
+    parts = []
+    for name, a in ((u, exp[0]), (x, exp[1])):
+        if a == 0:
+            continue
+        f = Fraction(a).limit_denominator(8)
+        parts.append(name if f == 1 else f"{name}^{f}")
+    return " ".join(parts) or "1"
+
+
+# --- the docs table, generated from the data ---------------------------------------------
+
+_BEGIN = "<!-- BEGIN GENERATED width-rules table: python -m mupt.parametrization docs/width_rules.md -->"
+_END = "<!-- END GENERATED width-rules table -->"
+_SCHEME_TITLE = {
+    Scheme.MUP_SSM: "µP-SSM (`mup-ssm`)",
+    Scheme.MUP: "µP-heuristic (`mup`): every 2-D weight is a µP hidden matrix",
+    Scheme.SP: "Standard (`sp`)",
+}
+
+
+def rules_markdown() -> str:
+    """The rules tables of docs/width_rules.md, generated from :data:`RULE_TABLE` (one table per scheme)."""
+    lines: list[str] = [
+        "Exponents of r_u = N_u/N_u,base and r_x = N_x/N_x,base; 'structured' = structured init, never rescaled.",
+        "Weight decay is the optimizer group's value relative to the given one (—: none).",
+        "",
+    ]
+    for scheme in (Scheme.MUP_SSM, Scheme.MUP, Scheme.SP):
+        by_disc = any(
+            len({(RULES[(scheme, "adam", d)][role], RULES[(scheme, "sgd", d)][role]) for d in ALL_DISCS}) > 1
+            for role in RULES[(scheme, "adam", ALL_DISCS[0])]
+        )
+        head = ["role", *(["B"] if by_disc else []), "init std", "Adam LR", "SGD LR", "fwd",
+                "wd AdamW", "wd Adam (L2)", "wd SGD", "why", "derivation"]  # fmt: skip
+        lines += [f"#### {_SCHEME_TITLE[scheme]}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for role in Role:
+            if role not in RULES[(scheme, "adam", ALL_DISCS[0])]:
+                continue
+            per_disc = {d: (RULES[(scheme, "adam", d)][role], RULES[(scheme, "sgd", d)][role]) for d in ALL_DISCS}
+            for disc, (adam, sgd) in per_disc.items():
+                if not by_disc and disc is not ALL_DISCS[0]:
+                    continue
+                wd = [weight_decay_exp(rule, role, scheme, opt, disc)
+                      for rule, opt in ((adam, "adamw"), (adam, "adam"), (sgd, "sgd"))]  # fmt: skip
+                if sgd.why.startswith(adam.why):
+                    why = sgd.why
+                else:
+                    why = f"Adam: {adam.why}; SGD: {sgd.why}"
+                cells = [
+                    f"`{role.value}`",
+                    *([disc.value] if by_disc else []),
+                    *(format_exp(e, "r_u", "r_x") for e in (adam.init, adam.lr, sgd.lr, adam.fwd)),
+                    *("—" if e is None else format_exp(e, "r_u", "r_x") for e in wd),
+                    why.replace("|", "\\|"),
+                    ", ".join(f"[{r}](#{r})" for r in sorted({adam.ref, sgd.ref})),
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def sync_rules_docs(path: str | Path = DOCS, write: bool = True) -> bool:
+    """Put :func:`rules_markdown` between the generated-table markers of ``path``; True when it changed.
+
+    Raises ConfigError when the markers are missing.  ``write=False`` only reports whether it would change.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(_BEGIN) + r"\n.*?" + re.escape(_END), re.DOTALL)
+    if not pattern.search(text):
+        raise ConfigError(f"{path}: no generated width-rules table markers; add {_BEGIN} ... {_END}")
+    new = pattern.sub(lambda _: f"{_BEGIN}\n{rules_markdown()}{_END}", text)
+    if new != text and write:
+        atomic_write_text(path, new)
+    return new != text
 
 
 # --- shapes -----------------------------------------------------------------------------
@@ -143,25 +346,6 @@ class BaseShape:
     @classmethod
     def of(cls, model_cfg: ModelConfig, param: ParamConfig) -> BaseShape:
         return cls(param.base_d_model or model_cfg.d_model, param.base_d_state or model_cfg.d_state)
-
-
-def _default_std(role: Role, cfg: ModelConfig) -> float:
-    """Std of the model's default init for a role at shape ``cfg`` (see MambaLM.reset_parameters)."""
-    fan_in = {
-        Role.IN_PROJ: cfg.d_model,
-        Role.LM_HEAD: cfg.d_model,
-        Role.X_PROJ_DT: cfg.d_inner,
-        Role.X_PROJ_B: cfg.d_inner,
-        Role.X_PROJ_C: cfg.d_inner,
-        Role.OUT_PROJ: cfg.d_inner,
-        Role.DT_PROJ: cfg.dt_rank_value,
-        Role.CONV_WEIGHT: cfg.d_conv,
-        Role.CONV_BIAS: cfg.d_conv,
-    }
-    if role is Role.EMBEDDING:
-        return 0.02
-    std = 1.0 / math.sqrt(3.0 * fan_in[role])
-    return std / math.sqrt(cfg.n_layers) if role is Role.OUT_PROJ else std
 
 
 def _ratio(exp: Exp, r_u: float, r_x: float) -> float:
@@ -278,9 +462,12 @@ def apply(
     ``reinit`` rescales the model's current (default) init to the rule's std; pass False when
     loading trained weights.  Groups carry ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps``
     (:data:`ADAM_EPS`, divided by r_u under the µP schemes; SGD ignores it); schedules must
-    multiply group LRs (LambdaLR does), never set them absolutely.  Decoupled weight decay:
-    PyTorch's AdamW decays by ``lr_group * wd_group`` per step, so ``wd_group = wd / lr_mult``
-    keeps the per-step decay width-independent; roles in NO_WEIGHT_DECAY get none.
+    multiply group LRs (LambdaLR does), never set them absolutely.  Weight decay per group follows
+    :func:`weight_decay_exp`: ``wd / lr_mult`` for AdamW (decoupled) and SGD, a different power for
+    plain Adam (L2 added to the gradient); roles in NO_WEIGHT_DECAY get none.  Init stds are the
+    base shape's default (:func:`mupt.model.default_init_std`) times the rule's ratio times
+    ``param.init_scale``.  Raises ConfigError for unknown names, tied embeddings under µP, or a
+    d_model whose auto dt_rank would not scale.
     """
     cfg = model.cfg
     scheme = Scheme(param.scheme)
@@ -294,6 +481,12 @@ def apply(
     base_cfg = cfg.model_copy(update={"d_model": base.d_model, "d_state": base.d_state})
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
     roles = named_roles(model)
+    unruled = sorted({r.value for r in roles.values() if r not in rules})
+    if unruled:
+        raise ConfigError(
+            f"arch {cfg.arch.value}: no width rules yet for roles {', '.join(unruled)}; use arch mamba1 "
+            f"(see {DOCS}, section 6, for adding rules)"
+        )
     manifest = Manifest(
         scheme.value, opt.value, cfg.discretization.value, base.d_model, base.d_state, cfg.d_model, cfg.d_state
     )
@@ -306,12 +499,16 @@ def apply(
             rule = rules[role]
             std: float | None = None
             if rule.init is not None:
-                std = _default_std(role, base_cfg) * _ratio(rule.init, r_u, r_x) * param.init_scale
+                base_std, own_std = default_init_std(role, base_cfg), default_init_std(role, cfg)
+                if base_std is None or own_std is None:
+                    raise AssertionError(f"role {role.value} has a structured default init but an init rule")
+                std = base_std * _ratio(rule.init, r_u, r_x) * param.init_scale
                 if reinit:
-                    p.mul_(std / _default_std(role, cfg))
+                    p.mul_(std / own_std)
             lr_mult = _ratio(rule.lr, r_u, r_x)
             fwd[role] = _ratio(rule.fwd, r_u, r_x)
-            wd = 0.0 if role in NO_WEIGHT_DECAY else weight_decay / lr_mult
+            wd_exp = weight_decay_exp(rule, role, scheme, opt, cfg.discretization)
+            wd = 0.0 if wd_exp is None else weight_decay * _ratio(wd_exp, r_u, r_x)
             fan_in, fan_out = _fan(p)
             manifest.params[name] = Entry(role.value, list(p.shape), fan_in, fan_out, std, lr_mult, 0.0, wd)
             g = groups.setdefault(
@@ -340,3 +537,7 @@ def set_forward_multipliers(model: MambaLM, fwd: dict[Role, float]) -> None:
         m.x_proj.mult_dt = fwd.get(Role.X_PROJ_DT, 1.0)
         m.x_proj.mult_B = fwd.get(Role.X_PROJ_B, 1.0)
         m.x_proj.mult_C = fwd.get(Role.X_PROJ_C, 1.0)
+
+
+if __name__ == "__main__":  # regenerate the docs table: python -m mupt.parametrization docs/width_rules.md
+    sync_rules_docs(sys.argv[1] if len(sys.argv) > 1 else DOCS)

@@ -15,11 +15,8 @@ Nothing here prints; :mod:`mupt.cli.transfer` renders the tables.
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import math
-import sys
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +39,16 @@ from mupt.data import compare_identity
 from mupt.errors import ConfigError, DataError, StorageError
 from mupt.memory import memory_estimate, meta_model
 from mupt.model import Role
-from mupt.parametrization import BaseShape, Exp, Manifest, Rule, apply, rules_for
+from mupt.parametrization import (
+    DOCS,
+    BaseShape,
+    Exp,
+    Manifest,
+    apply,
+    format_exp,
+    rules_for,
+    weight_decay_exp,
+)
 
 #: Width (or state) ratios up to this were verified by the coordinate / LR-transfer checks; beyond it we warn.
 VERIFIED_RATIO = 64.0
@@ -294,6 +300,21 @@ class Summary:
         return self.flops_per_token * self.train_tokens
 
 
+def train_flops_per_token(cfg: RunConfig, info: ShapeInfo | None = None) -> tuple[float, float]:
+    """Training FLOPs per token of ``cfg``'s model, and the selective scan's part of it.
+
+    ``6 x non-embedding parameters`` (each weight: one multiply-add forward, two backward; the
+    LM head counts, the embedding lookup does not) ``+ TRAIN_FLOP_FACTOR x SCAN_FWD_FLOPS x
+    n_layers x N_u x N_x`` (the scan, which has no parameters of that size).  Norms, the conv's
+    gating and the softmax are left out.  Used by the transfer summary and by ``mupt tune``'s
+    compute accounting (docs/tuning.md, "Compute, in FLOPs").
+    """
+    info = info if info is not None else shape_info(cfg)
+    m = cfg.model
+    scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
+    return 6.0 * (info.num_params - info.embedding_params) + scan, scan
+
+
 def summarize(recipe: Recipe) -> Summary:
     cfg = recipe.run
     info = shape_info(cfg)
@@ -301,8 +322,7 @@ def summarize(recipe: Recipe) -> Summary:
     proxy_info = shape_info(proxy)
     m = cfg.model
     mem = memory_estimate(cfg)
-    scan = TRAIN_FLOP_FACTOR * SCAN_FWD_FLOPS * m.n_layers * m.d_inner * m.d_state
-    flops = 6.0 * (info.num_params - info.embedding_params) + scan
+    flops, scan = train_flops_per_token(cfg, info)
     ratio = recipe.source.get("ratio", {})
     proxy_tokens = proxy.train.steps * proxy.train.batch_size * proxy.train.seq_len
     return Summary(
@@ -402,165 +422,54 @@ def default_recipe_path(recipe: Recipe, directory: str | Path = "recipes") -> Pa
 # --- explain --------------------------------------------------------------------------------------
 
 
-def format_exp(exp: Exp | None) -> str:
-    """``(-0.5, 0.5)`` -> ``N_u^-1/2 N_x^1/2``; ``(0, 0)`` -> ``1``; ``None`` -> ``structured``."""
-    if exp is None:
-        return "structured"
-    parts = []
-    for name, a in (("N_u", exp[0]), ("N_x", exp[1])):
-        if a == 0:
-            continue
-        f = Fraction(a).limit_denominator(8)
-        parts.append(name if f == 1 else f"{name}^{f}")
-    return " ".join(parts) or "1"
-
-
-_WHY_MUP_SSM: dict[Role, str] = {
-    Role.EMBEDDING: "input layer: a lookup whose rows are Θ(1) at any width, so no init or Adam-LR scaling",
-    Role.NORM: "per-coordinate gain (vector-like): no sum over width, Θ(1)",
-    Role.IN_PROJ: "hidden matrix: fan-in init keeps W·u Θ(1); Adam moves all fan-in entries coherently: LR ∝ 1/fan_in",
-    Role.CONV_WEIGHT: "depthwise per-channel filter: fan-in is d_conv, fixed with width (vector-like)",
-    Role.CONV_BIAS: "per-channel bias (vector-like): Θ(1)",
-    Role.X_PROJ_DT: "dt rows read all N_u channels into dt_rank ∝ d_model outputs: a hidden matrix",
-    Role.X_PROJ_B: "each B_n feeds only its own state x_n (gain 1/(n+1)), so |B| must grow like sqrt(N_x) "
-    "to keep RMS(x) Θ(1): var ∝ N_x/N_u, Adam LR ∝ sqrt(N_x)/N_u",
-    Role.X_PROJ_C: "readout over the state: y = Σ_n C_n x_n sums N_x coherent terms, so var ∝ 1/(N_x N_u) and "
-    "Adam LR ∝ 1/(N_u N_x) (docs/width_rules.md, Correction 2)",
-    Role.DT_PROJ: "hidden matrix with fan-in dt_rank ∝ d_model",
-    Role.DT_BIAS: "structured init (softplus^-1 of a log-uniform dt); per-channel vector, Θ(1) LR",
-    Role.A_LOG: "structured init A_n = -(n+1); each entry drives only its own x_n, so it is vector-like, "
-    "not a hidden matrix (a 1/N_u LR would freeze it at width)",
-    Role.D: "per-channel skip (vector-like): Θ(1)",
-    Role.OUT_PROJ: "hidden matrix (fan-in N_u), init also / sqrt(n_layers) for the pre-norm residual",
-    Role.LM_HEAD: "readout: logits sum d_model coherent features, so init std ∝ 1/fan_in and LR ∝ 1/fan_in "
-    "keep logits and their updates Θ(1)",
-}
-_WHY_MUP: dict[Role, str] = {
-    Role.X_PROJ_B: "heuristic µP: a plain hidden matrix (no N_x dependence; the state gain is ignored)",
-    Role.X_PROJ_C: "heuristic µP: a plain hidden matrix (no N_x dependence; the sum over the state is ignored)",
-    Role.A_LOG: "heuristic µP treats this 2-D tensor as a hidden matrix: LR ∝ 1/N_u, so its updates vanish "
-    "with width (the pitfall µP-SSM fixes)",
-}
-_WHY_SP: dict[Role, str] = {
-    Role.EMBEDDING: "SP: Θ(1) init, the global LR",
-    Role.CONV_WEIGHT: "SP: PyTorch default init (fan-in d_conv), the global LR",
-    Role.CONV_BIAS: "SP: PyTorch default init, the global LR",
-}
-
-
-def why(role: Role, scheme: Scheme, optimizer: OptimizerName | str) -> str:
-    scheme = Scheme(scheme)
-    sgd = OptimizerName(optimizer).family == "sgd"
-    if scheme is Scheme.SP:
-        if role in _WHY_SP:
-            return _WHY_SP[role]
-        if role in (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG):
-            return "SP: structured (mamba_ssm) init, the global LR"
-        return "SP: fan-in init (std 1/sqrt(fan_in)) as PyTorch/mamba_ssm, one global LR for everything"
-    text = (_WHY_MUP if scheme is Scheme.MUP and role in _WHY_MUP else _WHY_MUP_SSM)[role]
-    if sgd and role in (Role.EMBEDDING, Role.NORM, Role.CONV_WEIGHT, Role.CONV_BIAS, Role.DT_BIAS, Role.D, Role.A_LOG):
-        text += "; SGD: vector-like LR ∝ N_u (gradients shrink as 1/N_u)"
-    return text
-
-
-def _relpath(file: str) -> str:
-    root = Path(parametrization.__file__).resolve().parent.parent
-    try:
-        return str(Path(file).resolve().relative_to(root))
-    except ValueError:
-        return file
-
-
-def rule_locations(scheme: Scheme | str, optimizer: OptimizerName | str, disc: str) -> dict[Role, str]:
-    """``role -> "mupt/parametrization.py:LINE"``: the line that set the role's rule in the scheme's table.
-
-    Found by introspection: the table builder is re-run under a line tracer that watches its
-    ``rules`` dict and attributes each new ``Rule`` object to the line that put it there (nested
-    builders, e.g. ``_mup_ssm`` calling ``_mup``, keep the innermost line).  Falls back to the
-    line of ``rules_for`` if the builders change shape.
-    """
-    scheme = Scheme(scheme)
-    family = OptimizerName(optimizer).family
-    builders = {
-        Scheme.SP: lambda: parametrization._sp(),
-        Scheme.MUP: lambda: parametrization._mup(family),
-        Scheme.MUP_SSM: lambda: parametrization._mup_ssm(family),
-    }
-    fallback_line = inspect.getsourcelines(parametrization.rules_for)[1]
-    fallback = f"{_relpath(parametrization.__file__)}:{fallback_line}"
-    file = parametrization._sp.__code__.co_filename
-    seen: dict[int, int] = {}
-    alive: list[Rule] = []
-    frames: dict[Any, tuple[int | None, dict[Role, Rule]]] = {}
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event in ("line", "return"):
-            prev, snap = frames.get(frame, (None, {}))
-            rules = frame.f_locals.get("rules")
-            if isinstance(rules, dict):
-                for role, rule in rules.items():
-                    if snap.get(role) is not rule and id(rule) not in seen and prev is not None:
-                        seen[id(rule)] = prev
-                        alive.append(rule)
-                snap = dict(rules)
-            frames[frame] = (frame.f_lineno, snap)
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename == file else None
-
-    old = sys.gettrace()
-    sys.settrace(tracer)
-    try:
-        built = builders[scheme]()
-    finally:
-        sys.settrace(old)
-    expected = rules_for(scheme, optimizer, disc)
-    where = _relpath(file)
-    out: dict[Role, str] = {}
-    for role, rule in expected.items():
-        got = built.get(role)
-        line = seen.get(id(got)) if got == rule else None
-        out[role] = f"{where}:{line}" if line else fallback
-    return out
-
-
-def apply_locations() -> dict[str, str]:
-    """Where ``apply`` turns a rule into numbers: init std, LR multiplier, forward multiplier, weight decay."""
-    lines, start = inspect.getsourcelines(parametrization.apply)
-    where = _relpath(inspect.getsourcefile(parametrization.apply) or parametrization.__file__)
-    marks = {
-        "init": "std = _default_std",
-        "lr": "lr_mult = _ratio",
-        "fwd": "fwd[role] = _ratio",
-        "weight_decay": "wd = ",
-    }
-    out = {}
-    for key, needle in marks.items():
-        idx = next((i for i, text in enumerate(lines) if needle in text), 0)
-        out[key] = f"{where}:{start + idx}"
-    return out
-
-
 @dataclass(frozen=True)
 class RuleExplanation:
+    """One role's rule as text: exponents of N_u, N_x for init std, LR, forward multiplier and weight
+    decay (relative to the given value; "none" when the role gets none), the reason, and ``ref``, the
+    anchor of docs/width_rules.md where it is derived (``docs/width_rules.md#<ref>``)."""
+
     role: str
     init: str
     lr: str
     fwd: str
+    weight_decay: str
     why: str
-    where: str
+    ref: str
 
 
 def explain(scheme: Scheme | str, optimizer: OptimizerName | str, disc: str) -> list[RuleExplanation]:
-    """Per role: the exponents of N_u and N_x for init std, LR and forward multiplier, why, and where."""
+    """Per role, from the rule data (:data:`mupt.parametrization.RULE_TABLE`): exponents, why, and derivation."""
     rules = rules_for(scheme, optimizer, disc)
-    where = rule_locations(scheme, optimizer, disc)
-    return [
-        RuleExplanation(r.value, format_exp(rules[r].init), format_exp(rules[r].lr), format_exp(rules[r].fwd),
-                        why(r, Scheme(scheme), optimizer), where[r])
-        for r in Role if r in rules
-    ]  # fmt: skip
+    out = []
+    for role in Role:
+        if role not in rules:
+            continue
+        r = rules[role]
+        wd = weight_decay_exp(r, role, scheme, optimizer, disc)
+        out.append(
+            RuleExplanation(role.value, format_exp(r.init), format_exp(r.lr), format_exp(r.fwd),
+                            "none" if wd is None else format_exp(wd), r.why, r.ref)
+        )  # fmt: skip
+    return out
+
+
+def explain_notes(scheme: Scheme | str, optimizer: OptimizerName | str) -> list[str]:
+    """The rules ``apply`` adds on top of the per-role table (weight decay, Adam epsilon, multipliers)."""
+    scheme, opt = Scheme(scheme), OptimizerName(optimizer)
+    if scheme is Scheme.SP:
+        wd = "the given weight decay in every decayed group"
+    elif opt is OptimizerName.ADAM:
+        wd = "plain Adam adds L2 to the gradient: wd x r^(lr_adam - lr_sgd - init) keeps wd·|p|/|g| width-independent"
+    else:
+        wd = f"{opt.value} decays by lr_group x wd_group per step: wd / lr_mult"
+    notes = [f"weight decay: {wd} ({DOCS}#rule-weight-decay)"]
+    if opt.family == "adam":
+        eps = "1e-8 at every width" if scheme is Scheme.SP else "1e-8 / r_u (follows the gradients)"
+        notes.append(f"Adam epsilon: {eps} ({DOCS}#rule-adam-eps)")
+    notes.append(
+        f"tunable output_mult / embedding_mult scale the lm_head / embedding outputs ({DOCS}#rule-multipliers)"
+    )
+    return notes
 
 
 def expected_ratio(exp: Exp | None, r_u: float, r_x: float) -> float | None:
@@ -590,20 +499,20 @@ __all__ = [
     "RoleValues",
     "RuleExplanation",
     "Summary",
-    "apply_locations",
     "check_ratios",
     "default_recipe_path",
     "explain",
+    "explain_notes",
     "format_exp",
     "latest_best",
     "load_best",
     "load_recipe",
     "recipe_header",
-    "rule_locations",
     "save_recipe",
     "shape_info",
     "summarize",
     "target_config",
+    "train_flops_per_token",
     "transfer",
     "warnings",
 ]

@@ -23,34 +23,56 @@ workers wait for it rather than stopping short of the budget.  Nothing here prin
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import math
 import multiprocessing as mp
 import os
+import signal
 import socket
 import subprocess
 import time
+import warnings
 import zlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mupt import __version__
-from mupt.config import BestParams, OptimizerName, RunConfig, first_difference, load_best, save_yaml, to_dict
+from mupt.config import (
+    BestParams,
+    OptimizerName,
+    RunConfig,
+    first_difference,
+    load_best,
+    save_yaml,
+    to_dict,
+    with_overrides,
+)
 from mupt.errors import ConfigError, MuptError, StorageError
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Optuna logs a traceback for every failed trial (Ctrl-C, a lost budget race); mupt reports trials itself.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 class SamplerName(StrEnum):
     TPE = "tpe"
     GP = "gp"
     GRID = "grid"
+
+
+class Fidelity(StrEnum):
+    """What a cheap trial saves on: ``width`` (rungs at narrower d_model, then steps) or ``steps`` only."""
+
+    WIDTH = "width"
+    STEPS = "steps"
 
 
 class PrunerName(StrEnum):
@@ -67,7 +89,7 @@ SEARCHABLE: dict[str, str] = {
     "init_scale": "param.init_scale",
 }
 #: Default log-uniform ranges.  The LR range depends on the optimizer family.
-LR_RANGE: dict[str, tuple[float, float]] = {"adam": (1e-5, 1.0), "sgd": (1e-4, 1e1)}
+LR_RANGE: dict[str, tuple[float, float]] = {"adam": (1e-4, 1e-1), "sgd": (1e-4, 1e1)}
 MULT_RANGE: dict[str, tuple[float, float]] = {
     "output_mult": (1 / 16, 16.0),
     "embedding_mult": (1 / 16, 16.0),
@@ -95,27 +117,54 @@ def proxy_config() -> RunConfig:
     )  # fmt: skip
 
 
-@dataclass
-class TuneSettings:
-    """How to search (everything about the proxy run itself lives in the RunConfig)."""
+class TuneSettings(BaseModel):
+    """How to search (everything about the proxy run itself lives in the RunConfig).
+
+    Raises :class:`~mupt.errors.ConfigError` (one line naming the flag) for a bad value.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     study: str
-    trials: int = 16
+    trials: int = Field(default=16, description="configurations sampled (rung 0), over all workers")
     workers: int = 1
     sampler: SamplerName = SamplerName.TPE
     pruner: PrunerName = PrunerName.ASHA
     search: tuple[str, ...] = ("lr",)
     lr_range: tuple[float, float] | None = None
     seed: int = 0
-    storage: str | None = None  # None: journal under runs_dir/study; "dialect://...": RDB; else a journal file path
+    storage: str | None = Field(
+        default=None, description="None: journal under runs_dir/study; 'dialect://...': RDB; else a journal path"
+    )
     runs_dir: str = "runs"
-    heartbeat_interval: int = 30  # RDB only
-    threads: int = 1  # torch intra-op threads per worker; small proxies are fastest single-threaded
+    heartbeat_interval: int = Field(default=30, description="RDB only: seconds between heartbeats")
+    threads: int = Field(default=1, description="torch threads per worker; small proxies are fastest on one")
+    fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
+    reduction: int = Field(default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best")
 
-    def __post_init__(self) -> None:
-        self.sampler = _enum(SamplerName, self.sampler, "--sampler")
-        self.pruner = _enum(PrunerName, self.pruner, "--pruner")
-        self.search = tuple(s.strip() for s in self.search if s.strip())
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler(cls, v: Any) -> Any:
+        return _enum(SamplerName, v, "--sampler")
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner(cls, v: Any) -> Any:
+        return _enum(PrunerName, v, "--pruner")
+
+    @field_validator("fidelity", mode="before")
+    @classmethod
+    def _fidelity(cls, v: Any) -> Any:
+        return _enum(Fidelity, v, "--fidelity")
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _search(cls, v: Any) -> Any:
+        items = v.split(",") if isinstance(v, str) else v
+        return tuple(str(x).strip() for x in items if str(x).strip())
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneSettings:
         if not self.study or any(c in self.study for c in "/\\") or self.study.startswith("."):
             raise ConfigError(f"--study {self.study!r}: use a plain name without slashes, e.g. proxy-w256")
         if self.trials <= 0:
@@ -134,11 +183,14 @@ class TuneSettings:
         if self.lr_range is not None:
             lo, hi = self.lr_range
             if not (0 < lo < hi) or not math.isfinite(hi):
-                raise ConfigError(f"--lr-range {lo:g},{hi:g}: need 0 < LOW < HIGH, e.g. 1e-5,1")
+                raise ConfigError(f"--lr-range {lo:g},{hi:g}: need 0 < LOW < HIGH, e.g. 1e-4,0.1")
         if self.threads <= 0:
             raise ConfigError(f"--threads {self.threads}: must be at least 1")
         if self.heartbeat_interval <= 0:
             raise ConfigError(f"--heartbeat {self.heartbeat_interval}: must be a positive number of seconds")
+        if self.reduction < 2:
+            raise ConfigError(f"--reduction {self.reduction}: must be at least 2 (each rung keeps 1/reduction)")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -155,17 +207,12 @@ class TuneSettings:
         return Path(self.storage)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["sampler"], d["pruner"], d["search"] = self.sampler.value, self.pruner.value, list(self.search)
-        d["lr_range"] = list(self.lr_range) if self.lr_range else None
-        return d
+        """JSON-safe dict (enums as their values); :meth:`from_dict` reads it back."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TuneSettings:
-        d = dict(d)
-        d["search"] = tuple(d["search"])
-        d["lr_range"] = tuple(d["lr_range"]) if d.get("lr_range") else None
-        return cls(**d)
+        return cls.model_validate(d)
 
 
 def _enum(cls: type[StrEnum], value: Any, flag: str) -> Any:
@@ -246,6 +293,14 @@ def code_version() -> str:
 # --- storage ----------------------------------------------------------------------------------
 
 
+#: The driver each SQLAlchemy dialect needs when its default one is missing.
+DB_DRIVERS = {
+    "postgresql": "pip install psycopg2-binary",
+    "mysql": "pip install pymysql and write the URL as mysql+pymysql://...",
+    "sqlite": "sqlite3 ships with Python; reinstall Python with sqlite support",
+}
+
+
 def sqlalchemy_url(url: str) -> str:
     """``url`` with a PostgreSQL driver SQLAlchemy can import: a bare ``postgresql://`` means psycopg 3 to
     SQLAlchemy >= 2.1; when only psycopg2 (``pip install psycopg2-binary``) is installed, name it."""
@@ -258,17 +313,21 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
-    """Journal file storage (default) or an RDB URL; one-line StorageError when unusable."""
+    """Journal file storage (default) or an RDB URL; one-line StorageError when unusable.
+
+    A journal whose last record was cut mid-line by a crash is repaired first (see
+    :func:`repair_journal`); every complete trial is kept.
+    """
     if settings.is_rdb:
         url = settings.storage or ""
+        dialect = url.split("://", 1)[0].split("+", 1)[0]
         if url.startswith("sqlite:///"):
             parent = Path(url[len("sqlite:///") :]).expanduser().parent
             if not parent.is_dir():
                 raise StorageError(f"--storage {url}: directory {parent} does not exist; create it or fix the path")
         import inspect
-        import warnings
 
-        # Optuna >= 4.9 renamed the retry callback and its argument (the old names warn)
+        # Optuna >= 4.9 renamed the retry callback and its argument (the old names warn, and go in Optuna 6)
         new_name = "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
         retry_cls = getattr(
             optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback
@@ -284,7 +343,8 @@ def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
                     **{callback: retry_cls(max_retry=2)},  # type: ignore[arg-type]
                 )
         except ImportError as e:
-            raise StorageError(f"--storage {url}: database driver missing ({e}); install it (e.g. psycopg2)") from None
+            fix = DB_DRIVERS.get(dialect, f"install the SQLAlchemy driver for {dialect}")
+            raise StorageError(f"--storage {url}: database driver missing ({e}); {fix}") from None
         except Exception as e:  # sqlalchemy errors: bad URL, unreachable server, unwritable file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise StorageError(f"--storage {url}: cannot open the database ({first}); check the URL") from None
@@ -302,11 +362,119 @@ def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
         raise StorageError(f"--storage {path}: not readable/writable; check permissions or choose another path")
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
+    repair_journal(path)
     try:
         backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
         return optuna.storages.JournalStorage(backend)
-    except Exception as e:  # a corrupt journal fails on replay
-        raise StorageError(f"--storage {path}: not an Optuna journal ({type(e).__name__}); move it away") from None
+    except Exception as e:  # a record in the middle does not parse: not ours to cut
+        raise StorageError(
+            f"--storage {path}: a record before the last one is not Optuna journal JSON ({type(e).__name__}); "
+            "the file is left as it is: pass --storage NEW_FILE or --runs-dir NEW_DIR to start elsewhere"
+        ) from None
+
+
+@dataclass
+class JournalRepair:
+    """What :func:`repair_journal` cut: bytes of the partial last record and where they were saved."""
+
+    path: Path
+    dropped_bytes: int
+    saved_to: Path
+
+
+def repair_journal(path: Path) -> JournalRepair | None:
+    """Drop a partial last record of an Optuna journal file (a crash mid-write); None when intact.
+
+    Optuna appends one JSON record per line under its lock and fsyncs; a process killed inside
+    that write can leave the last line without its newline (or not valid JSON), and the next
+    append would glue a new record onto it.  Under the same lock we cut the file back to the end
+    of its last complete record; the cut bytes are kept in ``<journal>.partial-<UTC time>``.  Records before
+    the last one are never touched.  Safe while other workers append (they hold the same lock).
+    """
+    import json
+
+    from optuna.storages.journal import JournalFileOpenLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    lock = JournalFileOpenLock(str(path))
+    lock.acquire()
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        end = len(data)
+        if data.endswith(b"\n"):
+            start = data.rfind(b"\n", 0, end - 1) + 1
+            try:
+                json.loads(data[start:end])
+                return None
+            except ValueError:
+                keep = start
+        else:
+            keep = data.rfind(b"\n") + 1
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        saved = path.with_name(f"{path.name}.partial-{stamp}")
+        atomic_write_bytes(saved, data[keep:])
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return JournalRepair(path, end - keep, saved)
+    finally:
+        lock.release()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` via temp file + fsync + rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def study_lock(settings: TuneSettings, storage: optuna.storages.BaseStorage) -> Iterator[None]:
+    """One lock over the study's storage for read-decide-write steps (grid enqueue, promotions).
+
+    Journal files and SQLite: an exclusive ``fcntl`` lock on ``<file>.mupt-lock`` (local
+    processes); PostgreSQL: a session advisory lock; MySQL: ``GET_LOCK``.  Other RDBs get no
+    lock (the rung quotas and duplicate checks in the trials still hold, at the cost of a
+    wasted enqueue).
+    """
+    import fcntl
+
+    if not settings.is_rdb or (settings.storage or "").startswith("sqlite:///"):
+        target = settings.journal_path if not settings.is_rdb else Path((settings.storage or "")[len("sqlite:///") :])
+        with open(target.with_name(target.name + ".mupt-lock"), "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return
+    engine = getattr(storage, "engine", None)
+    dialect = engine.dialect.name if engine is not None else ""
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha1(f"mupt:{settings.study}".encode()).digest()[:7], "big")
+    with engine.connect() as conn:  # type: ignore[union-attr]
+        if dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        else:
+            conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"mupt-{key}"})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"mupt-{key}"})
 
 
 # --- worker identity, stale trials -------------------------------------------------------------
@@ -362,13 +530,75 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
 def fail_stale_rdb_trials(study: optuna.Study) -> list[int]:
     """RDB storage: fail the RUNNING trials whose heartbeat is older than the grace period and queue
     their retries (Optuna's ``fail_stale_trials`` + ``RetryFailedTrialCallback``); returns their numbers."""
-    import warnings
-
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before)
+
+
+# --- rungs: the fidelity schedule -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One fidelity level: every trial in it trains the proxy at ``d_model`` for the proxy's steps.
+
+    ``size`` is the number of trials the rung holds: rung 0 samples ``--trials`` configurations,
+    rung r takes the best ``round(trials / reduction**r)`` (at least 1) of rung r-1 by rank
+    (default reduction 3: 16 trials give rungs of 16, 5, 2 and 1).
+    Each rung is its own Optuna study in the one storage (rung 0 keeps the study's name), so the
+    sampler only ever compares results at one fidelity.
+    """
+
+    index: int
+    d_model: int
+    size: int
+    study_name: str
+
+
+def rung_widths(proxy_width: int) -> list[int]:
+    """d_model of the rungs: proxy/8, /4, /2 and the proxy, rounded down to multiples of 16 (>= 16), deduplicated."""
+    widths = {max(16, (proxy_width // k) // 16 * 16) for k in (8, 4, 2)} | {proxy_width}
+    return sorted(w for w in widths if w <= proxy_width)
+
+
+def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
+    """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise."""
+    if settings.fidelity is Fidelity.STEPS:
+        return [Rung(0, cfg.model.d_model, settings.trials, settings.study)]
+    widths = rung_widths(cfg.model.d_model)
+    eta = settings.reduction
+    return [
+        Rung(i, w, settings.trials if i == 0 else max(1, round(settings.trials / eta**i)),
+             settings.study if i == 0 else f"{settings.study}.rung{i}")
+        for i, w in enumerate(widths)
+    ]  # fmt: skip
+
+
+def rung_config(cfg: RunConfig, rung: Rung) -> RunConfig:
+    """The proxy at the rung's width, under the proxy's base shape (same width rules at every rung)."""
+    if rung.d_model == cfg.model.d_model:
+        return cfg
+    base = cfg.param.base_d_model or cfg.model.d_model
+    return with_overrides(cfg, {"model.d_model": rung.d_model, "param.base_d_model": base}, where="rung")
+
+
+def flops_per_trial_step(cfg: RunConfig) -> float:
+    """Training FLOPs of one optimizer step: FLOPs/token(width) x tokens/step (batch_size x seq_len).
+
+    FLOPs/token is :func:`mupt.transfer.train_flops_per_token` (6 x non-embedding parameters +
+    the scan); a trial's compute is its trial-steps times this.  Validation passes are not counted.
+    """
+    from mupt.transfer import train_flops_per_token
+
+    return train_flops_per_token(cfg)[0] * cfg.train.batch_size * cfg.train.seq_len
+
+
+def grid_flops(settings: TuneSettings, cfg: RunConfig) -> float:
+    """FLOPs of the dense log2 LR grid over the search range, every point trained to the end at the proxy width."""
+    lo, hi = search_space(settings, cfg)["lr"]
+    return len(lr_grid(lo, hi)) * cfg.train.steps * flops_per_trial_step(cfg)
 
 
 # --- study ------------------------------------------------------------------------------------
@@ -387,29 +617,40 @@ def make_sampler(settings: TuneSettings, seed: int) -> optuna.samplers.BaseSampl
     return optuna.samplers.RandomSampler(seed=seed)  # grid: every trial is an enqueued grid point
 
 
-def make_pruner(settings: TuneSettings, cfg: RunConfig) -> optuna.pruners.BasePruner:
+def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna.pruners.BasePruner:
+    """The step pruner inside rung 0; promoted rungs train every finalist to the end (no pruning)."""
     every = cfg.train.eval_every
+    if rung > 0:
+        return optuna.pruners.NopPruner()
     if settings.pruner is PrunerName.ASHA:
+        if settings.fidelity is Fidelity.WIDTH:
+            # one halving on steps, at about 1/reduction of the run: about 1/reduction of rung 0 then completes,
+            # enough for rung 1's round(trials / reduction) promotions (two halvings on steps would starve it)
+            first = max(every, cfg.train.steps // settings.reduction)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=settings.reduction)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
     if settings.pruner is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
     return optuna.pruners.NopPruner()
 
 
-def _load(settings: TuneSettings, cfg: RunConfig, seed: int, storage: Any = None) -> optuna.Study:
-    return optuna.load_study(
-        study_name=settings.study,
-        storage=storage or open_storage(settings),
-        sampler=make_sampler(settings, seed),
-        pruner=make_pruner(settings, cfg),
-    )
+def _load_rung(settings: TuneSettings, cfg: RunConfig, rung: Rung, seed: int, storage: Any) -> optuna.Study:
+    sampler = make_sampler(settings, seed) if rung.index == 0 else optuna.samplers.RandomSampler(seed=seed)
+    return optuna.create_study(
+        study_name=rung.study_name, storage=storage, sampler=sampler,
+        pruner=make_pruner(settings, cfg, rung.index), direction="minimize", load_if_exists=True,
+    )  # fmt: skip
 
 
 def study_attrs(settings: TuneSettings, cfg: RunConfig) -> dict[str, Any]:
-    """What makes the study reproducible; stored as study user_attrs."""
+    """What makes the study reproducible; stored as the (rung-0) study's user_attrs."""
+    rungs = rungs_for(settings, cfg)
     return {
         "proxy_config": to_dict(cfg),
         "search_space": {k: list(v) for k, v in search_space(settings, cfg).items()},
+        "fidelity": settings.fidelity.value,
+        "rungs": [[r.d_model, r.size] for r in rungs] if settings.fidelity is Fidelity.WIDTH else None,
+        "flops_formula": "trial-steps x (6 x non-embedding params + 27 x n_layers x N_u x N_x) x batch_size x seq_len",
         "seed": settings.seed,
         "data_source": cfg.data.source,
         "code_version": code_version(),
@@ -417,62 +658,117 @@ def study_attrs(settings: TuneSettings, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def prepare_study(settings: TuneSettings, cfg: RunConfig) -> tuple[optuna.Study, list[int]]:
-    """Create or resume the study, record/check its attrs, fail dead workers' trials, enqueue the grid.
+@dataclass
+class Ladder:
+    """The studies of one tuning run: one Optuna study per rung, all in one storage."""
 
-    Returns the study and the numbers of stale trials it marked FAIL.
-    """
-    validate_proxy(cfg)
-    storage = open_storage(settings)
+    settings: TuneSettings
+    cfg: RunConfig
+    rungs: list[Rung]
+    studies: list[optuna.Study]
+    storage: Any
+
+    @property
+    def study(self) -> optuna.Study:
+        """Rung 0's study (the one named ``settings.study``; it holds the study's attrs)."""
+        return self.studies[0]
+
+    @property
+    def top(self) -> optuna.Study:
+        """The proxy-width rung's study: the answer comes from here."""
+        return self.studies[-1]
+
+    def trials(self) -> list[tuple[Rung, FrozenTrial]]:
+        return [(r, t) for r, s in zip(self.rungs, self.studies, strict=True) for t in s.get_trials(deepcopy=False)]
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_study` found: the ladder, stale trials it failed, a journal repair."""
+
+    ladder: Ladder
+    stale: list[int]
+    repaired: JournalRepair | None
+
+    @property
+    def study(self) -> optuna.Study:
+        return self.ladder.study
+
+
+def open_ladder(settings: TuneSettings, cfg: RunConfig, seed: int | None = None, storage: Any = None) -> Ladder:
+    """Load (creating when missing) every rung's study of the run."""
+    storage = storage or open_storage(settings)
+    rungs = rungs_for(settings, cfg)
+    seed = settings.seed if seed is None else seed
     try:
-        study = optuna.create_study(
-            study_name=settings.study,
-            storage=storage,
-            sampler=make_sampler(settings, settings.seed),
-            pruner=make_pruner(settings, cfg),
-            direction="minimize",
-            load_if_exists=True,
-        )
+        studies = [_load_rung(settings, cfg, r, seed + 104729 * r.index, storage) for r in rungs]
     except MuptError:
         raise
     except Exception as e:
         raise StorageError(f"storage for study {settings.study!r}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    attrs = study_attrs(settings, cfg)
-    old = study.user_attrs
-    if "proxy_config" in old:
-        for key in ("proxy_config", "search_space"):
-            if old[key] != attrs[key]:
-                d = first_difference(old[key], attrs[key])
-                what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
-                raise ConfigError(
-                    f"study {settings.study!r} was created with a different {key.replace('_', ' ')} ({what}); "
-                    f"rerun with the same flags, or pass --study NEW_NAME"
-                )
-    else:
-        for k, v in attrs.items():
-            study.set_user_attr(k, v)
-    stale = [] if settings.is_rdb else fail_dead_trials(study)
-    if settings.sampler is SamplerName.GRID and not study.get_trials(deepcopy=False):
-        lo, hi = search_space(settings, cfg)["lr"]
-        grid = lr_grid(lo, hi)
-        for i in coarse_to_fine(len(grid))[: settings.trials]:
-            study.enqueue_trial({"lr": grid[i]}, user_attrs={"grid_index": i})
-    return study, stale
+    return Ladder(settings, cfg, rungs, studies, storage)
 
 
-def count_states(study: optuna.Study) -> dict[str, int]:
+def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
+    """Create or resume the study, record/check its attrs, fail dead workers' trials, enqueue the grid.
+
+    The empty-study check and the grid's ``enqueue_trial`` calls run under :func:`study_lock`,
+    so workers starting together enqueue the grid once.
+    """
+    validate_proxy(cfg)
+    repaired = repair_journal(settings.journal_path) if not settings.is_rdb else None
+    storage = open_storage(settings)
+    with study_lock(settings, storage):
+        ladder = open_ladder(settings, cfg, storage=storage)
+        study = ladder.study
+        attrs = study_attrs(settings, cfg)
+        old = study.user_attrs
+        if "proxy_config" in old:
+            before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
+            for key in ("proxy_config", "search_space", "fidelity", "rungs"):
+                if before[key] != attrs[key]:
+                    d = first_difference(before[key], attrs[key])
+                    what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
+                    flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials)"}.get(
+                        key, key.replace("_", " ")
+                    )
+                    raise ConfigError(
+                        f"study {settings.study!r} was created with a different {flag} ({what}); "
+                        f"rerun with the same flags, or pass --study NEW_NAME"
+                    )
+        else:
+            for k, v in attrs.items():
+                study.set_user_attr(k, v)
+        stale = [] if settings.is_rdb else [n for s in ladder.studies for n in fail_dead_trials(s)]
+        if settings.sampler is SamplerName.GRID and not study.get_trials(deepcopy=False):
+            lo, hi = search_space(settings, cfg)["lr"]
+            grid = lr_grid(lo, hi)
+            for i in coarse_to_fine(len(grid))[: settings.trials]:
+                study.enqueue_trial({"lr": grid[i]}, user_attrs={"grid_index": i})
+    return Prepared(ladder, stale, repaired)
+
+
+def count_states(study: optuna.Study | Ladder) -> dict[str, int]:
+    """Trials per state (over every rung for a ladder)."""
     counts = {s.name: 0 for s in TrialState}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] += 1
+    studies = study.studies if isinstance(study, Ladder) else [study]
+    for st in studies:
+        for t in st.get_trials(deepcopy=False):
+            counts[t.state.name] += 1
     return counts
 
 
-def n_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+def n_finished(study: optuna.Study | Ladder) -> int:
+    c = count_states(study)
+    return c["COMPLETE"] + c["PRUNED"]
 
 
 class _OverBudget(Exception):
     """Raised inside a trial that lost the race for the last slot of the budget."""
+
+
+class _NoWork(Exception):
+    """Raised inside a promoted-rung trial that found nothing to run (another worker took it)."""
 
 
 def _over_budget(study: optuna.Study, number: int, cap: int) -> bool:
@@ -503,37 +799,65 @@ def _suggest(trial: optuna.Trial, space: dict[str, tuple[float, float]]) -> dict
     return {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in space.items()}
 
 
-def make_objective(settings: TuneSettings, cfg: RunConfig, data: Any = None) -> Callable[[optuna.Trial], float]:
-    """The trial function: train the proxy with the sampled values, report val losses, prune."""
+def make_objective(
+    settings: TuneSettings, cfg: RunConfig, rung: Rung | None = None, data: Any = None
+) -> Callable[[optuna.Trial], float]:
+    """The trial function of one rung: train the proxy at the rung's width with the trial's values.
+
+    Reports validation losses (nats/token) for the step pruner, and records per trial: rung,
+    d_model, steps, FLOPs (trial-steps x FLOPs/step, :func:`flops_per_trial_step`), the worker and
+    a reason when it did not complete.
+    """
     from mupt.data import load_data
     from mupt.train import Trainer
 
+    rung = rung or Rung(0, cfg.model.d_model, settings.trials, settings.study)
     space = search_space(settings, cfg)
+    rcfg = rung_config(cfg, rung)
+    per_step = flops_per_trial_step(rcfg)
     tokens = data if data is not None else load_data(cfg.data)
-    final_step = cfg.train.steps
+    final_step = rcfg.train.steps
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_id())
-        if _over_budget(trial.study, trial.number, settings.trials):
+        if rung.index == 0 and _over_budget(trial.study, trial.number, rung.size):
             trial.set_user_attr("reason", "over budget: other workers already filled the trial budget")
             raise _OverBudget
         twin = _earlier_twin(trial.study, trial.number)
         if twin is not None:
             trial.set_user_attr("reason", f"duplicate retry: trial {twin} already retries the same failed trial")
             raise _DuplicateRetry
+        if rung.index > 0:
+            source = trial.user_attrs.get("promoted_from")
+            twins = [
+                t for t in trial.study.get_trials(deepcopy=False)
+                if t.number < trial.number and t.state is not TrialState.FAIL
+                and source is not None and t.user_attrs.get("promoted_from") == source
+            ]  # fmt: skip
+            if source is None or twins:
+                trial.set_user_attr("reason", "no promotion left to run (another worker took it)")
+                raise _NoWork
+        for k, v in (("rung", rung.index), ("d_model", rung.d_model), ("flops_per_step", per_step)):
+            trial.set_user_attr(k, v)
         params = _suggest(trial, space)
-        trainer = Trainer(apply_params(cfg, params), data=tokens)
+        trainer = Trainer(apply_params(rcfg, params), data=tokens)
 
         def on_eval(step: int, val: float) -> None:
             trial.report(val, step)
             if step < final_step and trial.should_prune():
                 trial.set_user_attr("steps", step)
+                trial.set_user_attr("flops", step * per_step)
                 trial.set_user_attr("status", "pruned")
                 trial.set_user_attr("reason", f"pruned by {settings.pruner.value} at step {step} (val {val:.4f})")
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
-        result = trainer.run(on_eval=on_eval)
+        try:
+            result = trainer.run(on_eval=on_eval)
+        except KeyboardInterrupt:
+            trial.set_user_attr("reason", f"interrupted (Ctrl-C) at step {trainer.step}")
+            raise
         trial.set_user_attr("steps", result.steps)
+        trial.set_user_attr("flops", result.steps * per_step)
         trial.set_user_attr("seconds", round(result.seconds, 3))
         if result.status == "diverged" or result.final_val_loss is None:
             trial.set_user_attr("status", "diverged")
@@ -548,8 +872,73 @@ def make_objective(settings: TuneSettings, cfg: RunConfig, data: Any = None) -> 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
-def run_worker(settings: TuneSettings, cfg: RunConfig, index: int = 0, on_trial: TrialCallback | None = None) -> int:
-    """Run trials against the shared study until the TOTAL budget is reached; returns how many ran."""
+def _ranked(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials of a rung, best first (ties by trial number)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(done, key=lambda t: (t.value, t.number))  # type: ignore[arg-type,return-value]
+
+
+def _closed(ladder: Ladder, i: int) -> bool:
+    """Rung i holds every trial it will ever hold, all finished."""
+    st = ladder.studies[i]
+    trials = st.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return False
+    finished = [t for t in trials if t.state in FINISHED]
+    if i == 0:
+        if ladder.settings.sampler is SamplerName.GRID:
+            return len(finished) >= ladder.rungs[0].size or not _has_grid_left(st)
+        return len(finished) >= ladder.rungs[0].size
+    return _closed(ladder, i - 1) and _next_promotion(ladder, i) is None
+
+
+def _has_grid_left(study: optuna.Study) -> bool:
+    return any(t.state is TrialState.WAITING for t in study.get_trials(deepcopy=False))
+
+
+def _next_promotion(ladder: Ladder, i: int) -> FrozenTrial | None:
+    """The best rung-(i-1) trial among the top ``rungs[i].size`` that rung i has not taken yet (rank order)."""
+    chosen = _ranked(ladder.studies[i - 1])[: ladder.rungs[i].size]
+    taken = {
+        t.user_attrs.get("promoted_from")
+        for t in ladder.studies[i].get_trials(deepcopy=False)
+        if t.state is not TrialState.FAIL
+    }
+    return next((t for t in chosen if t.number not in taken), None)
+
+
+def _pick(ladder: Ladder) -> int | None | str:
+    """Under the lock: the rung to run a trial in next (a promotion is enqueued first), "wait" or None (done)."""
+    for i in range(len(ladder.rungs) - 1, 0, -1):
+        st = ladder.studies[i]
+        if any(t.state is TrialState.WAITING for t in st.get_trials(deepcopy=False)):
+            return i  # a promotion enqueued by a worker that died before running it
+        if _closed(ladder, i - 1):
+            src = _next_promotion(ladder, i)
+            if src is not None:
+                st.enqueue_trial(
+                    dict(src.params), user_attrs={"promoted_from": src.number, "promoted_value": src.value}
+                )
+                return i
+    st0 = ladder.studies[0]
+    states = [t.state for t in st0.get_trials(deepcopy=False)]
+    busy = sum(s in (*FINISHED, TrialState.RUNNING) for s in states)
+    if busy < ladder.rungs[0].size and (
+        ladder.settings.sampler is not SamplerName.GRID or TrialState.WAITING in states
+    ):
+        return 0
+    running = any(t.state is TrialState.RUNNING for _, t in ladder.trials())
+    return "wait" if running else None
+
+
+def run_worker(
+    settings: TuneSettings, cfg: RunConfig, index: int = 0, on_trial: TrialCallback | None = None, poll: float = 0.5
+) -> int:
+    """Run trials against the shared study until every rung is full; returns how many this worker ran.
+
+    Each step takes the study lock, fails dead workers' trials, promotes (rung i takes the next of
+    rung i-1's best once rung i-1 is closed) and picks the work; the training runs unlocked.
+    """
     storage = open_storage(settings)
     seed_base = settings.seed + 7919 * index
     if settings.workers > 1 or settings.is_rdb:
@@ -557,85 +946,110 @@ def run_worker(settings: TuneSettings, cfg: RunConfig, index: int = 0, on_trial:
         # salt two of them that see the same trial count would draw the same point.  One local worker stays
         # reproducible by --seed.
         seed_base += zlib.crc32(worker_id().encode()) % 1_000_003
-    study = _load(settings, cfg, seed_base, storage)
-    objective = make_objective(settings, cfg)
+    ladder = open_ladder(settings, cfg, seed_base, storage)
+    from mupt.data import load_data
+
+    tokens = load_data(cfg.data)
+    objectives = [make_objective(settings, cfg, r, tokens) for r in ladder.rungs]
     ran = 0
     while True:
-        if settings.is_rdb:
-            fail_stale_rdb_trials(study)
-        else:
-            fail_dead_trials(study)
-        states = count_states(study)
-        finished = states["COMPLETE"] + states["PRUNED"]
-        if finished + states["RUNNING"] >= settings.trials:
-            if settings.is_rdb and finished < settings.trials:
-                # a running trial may belong to a dead worker: its heartbeat stops, the next check fails
-                # it and queues a retry that this worker then runs, so the budget is still met
-                time.sleep(min(1.0, settings.heartbeat_interval / 2))
-                continue
+        with study_lock(settings, storage):
+            for st in ladder.studies:
+                # RDB: a stale trial is failed and retried with the same parameters (and, when promoted, the
+                # same promoted_from); a RUNNING trial of a dead worker makes _pick wait for that to happen
+                fail_stale_rdb_trials(st) if settings.is_rdb else fail_dead_trials(st)
+            pick = _pick(ladder)
+        if pick is None:
             break
-        if settings.sampler is SamplerName.GRID and states["WAITING"] == 0:
-            break  # grid exhausted
-        # reseed from the history so a resumed study does not replay the same random start-up points
-        study.sampler = make_sampler(settings, seed_base + sum(states.values()))
-        over = False
+        if pick == "wait":
+            time.sleep(poll)
+            continue
+        assert isinstance(pick, int)
+        study = ladder.studies[pick]
+        if pick == 0:
+            # reseed from the history so a resumed study does not replay the same random start-up points
+            study.sampler = make_sampler(settings, seed_base + len(study.get_trials(deepcopy=False)))
+        skipped = False
 
         def note(s: optuna.Study, t: FrozenTrial) -> None:
-            nonlocal over
-            over = over or t.state is TrialState.FAIL and str(t.user_attrs.get("reason", "")).startswith("over budget")
-            if on_trial is not None and not over:
+            nonlocal skipped
+            reason = str(t.user_attrs.get("reason", ""))
+            skipped = t.state is TrialState.FAIL and reason.startswith(
+                ("over budget", "no promotion", "duplicate retry")
+            )
+            if on_trial is not None and not skipped:
                 on_trial(s, t)
 
-        study.optimize(objective, n_trials=1, catch=(_OverBudget, _DuplicateRetry), callbacks=[note])
-        if over:
+        study.optimize(objectives[pick], n_trials=1, catch=(_OverBudget, _NoWork, _DuplicateRetry), callbacks=[note])
+        if skipped and pick == 0:
             break
-        ran += 1
+        ran += 0 if skipped else 1
     return ran
 
 
 def _worker_entry(settings_d: dict[str, Any], cfg_d: dict[str, Any], index: int, threads: int) -> None:
+    import sys
+
     import torch
 
     torch.set_num_threads(threads)
-    run_worker(TuneSettings.from_dict(settings_d), RunConfig.model_validate(cfg_d), index)
+    try:
+        run_worker(TuneSettings.from_dict(settings_d), RunConfig.model_validate(cfg_d), index)
+    except KeyboardInterrupt:  # the parent saw Ctrl-C too; the trial was closed as FAIL by Optuna
+        sys.exit(130)
 
 
 @dataclass
 class Progress:
+    """Where a run stands: finished trials (all rungs) of the planned total, best so far at the proxy width."""
+
     done: int
     total: int
     best_value: float | None
     best_params: dict[str, float] = field(default_factory=dict)
     last: FrozenTrial | None = None
+    running: int = 0
 
 
-def progress_of(study: optuna.Study, total: int, last: FrozenTrial | None = None) -> Progress:
-    best = best_trial(study)
-    return Progress(n_finished(study), total, best.value if best else None, dict(best.params) if best else {}, last)
+def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
+    best = best_trial(ladder)
+    c = count_states(ladder)
+    total = ladder.rungs[0].size  # a rung whose lower rung is closed holds at most that rung's COMPLETE trials
+    for i in range(1, len(ladder.rungs)):
+        size = ladder.rungs[i].size
+        total += min(size, len(_ranked(ladder.studies[i - 1]))) if _closed(ladder, i - 1) else size
+    return Progress(
+        c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
+        c["RUNNING"],
+    )  # fmt: skip
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: t.value) if complete else None  # type: ignore[arg-type,return-value]
+def best_trial(study: optuna.Study | Ladder) -> FrozenTrial | None:
+    """The best COMPLETE trial at the proxy width (the top rung of a ladder)."""
+    st = study.top if isinstance(study, Ladder) else study
+    ranked = _ranked(st)
+    return ranked[0] if ranked else None
 
 
 def run_study(
     settings: TuneSettings, cfg: RunConfig, on_progress: Callable[[Progress], None] | None = None, poll: float = 0.5
-) -> optuna.Study:
+) -> Ladder:
     """Prepare the study and run ``settings.workers`` workers (in this process when 1, else spawned processes).
 
     Each worker uses ``settings.threads`` torch threads (set globally in this process when workers == 1).
+    KeyboardInterrupt (Ctrl-C) propagates after the running trials are closed as FAIL; every finished
+    trial stays in the storage and a rerun resumes.
     """
     import torch
 
-    study, _ = prepare_study(settings, cfg)
+    ladder = prepare_study(settings, cfg).ladder
     if settings.workers == 1:
         torch.set_num_threads(settings.threads)
-        cb = None if on_progress is None else (lambda s, t: on_progress(progress_of(s, settings.trials, t)))
+        cb = None if on_progress is None else (lambda s, t: on_progress(progress_of(ladder, t)))
         if on_progress is not None:
-            on_progress(progress_of(study, settings.trials))
-        run_worker(settings, cfg, 0, cb)
-        return study
+            on_progress(progress_of(ladder))
+        run_worker(settings, cfg, 0, cb, poll)
+        return ladder
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(target=_worker_entry, args=(settings.to_dict(), to_dict(cfg), i, settings.threads), daemon=False)
@@ -646,140 +1060,364 @@ def run_study(
     try:
         while any(p.is_alive() for p in procs):
             if on_progress is not None:
-                on_progress(progress_of(study, settings.trials))
+                on_progress(progress_of(ladder))
             time.sleep(poll)
+    except KeyboardInterrupt:
+        for p in procs:  # let each worker close its running trial, then stop it
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
+        for p in procs:
+            p.join(timeout=30)
+        raise
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
             p.join()
     if on_progress is not None:
-        on_progress(progress_of(study, settings.trials))
+        on_progress(progress_of(ladder))
     bad = [p.exitcode for p in procs if p.exitcode]
     if bad:
         raise StorageError(f"{len(bad)} of {len(procs)} worker processes failed (exit codes {bad}); rerun to resume")
-    return study
+    return ladder
 
 
-def load_existing(settings: TuneSettings, cfg: RunConfig) -> optuna.Study:
+def load_existing(settings: TuneSettings, cfg: RunConfig) -> Ladder:
     """Load a study that must already exist (for reports)."""
     storage = open_storage(settings)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if settings.study not in names:
-        have = ", ".join(names) or "none"
+        have = ", ".join(n for n in names if ".rung" not in n) or "none"
         raise StorageError(f"no study named {settings.study!r} in the storage (studies: {have}); run mupt tune first")
-    return _load(settings, cfg, settings.seed, storage)
+    return open_ladder(settings, cfg, storage=storage)
 
 
 # --- results ------------------------------------------------------------------------------------
 
 
-def trial_rows(study: optuna.Study, k: int | None = None) -> list[dict[str, Any]]:
-    """Finished trials, best first (COMPLETE by value, then PRUNED by last reported value, then FAIL)."""
+def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
+    """Finished trials, best first: the top rung's, then lower rungs' (COMPLETE by value, PRUNED, FAIL).
+
+    Trials a worker closed without running (over budget, promotion taken) are left out.
+    """
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state is TrialState.WAITING or t.state is TrialState.RUNNING:
+    for rung, t in ladder.trials():
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
             continue
-        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        reason = t.user_attrs.get("reason")
+        if t.state is TrialState.FAIL and str(reason).startswith(("over budget", "no promotion", "duplicate retry")):
+            continue
+        last_step = max(t.intermediate_values) if t.intermediate_values else None
         rows.append(
             {
+                "rung": rung.index,
+                "d_model": rung.d_model,
                 "number": t.number,
                 "state": t.state.name,
+                "status": t.user_attrs.get("status", "failed" if t.state is TrialState.FAIL else None),
                 **{name: t.params.get(name) for name in SEARCHABLE if name in t.params or name == "lr"},
-                "value": t.value if t.state is TrialState.COMPLETE else last,
-                "steps": t.user_attrs.get("steps"),
-                "reason": t.user_attrs.get("reason"),
+                "value": t.value if t.state is TrialState.COMPLETE else (
+                    t.intermediate_values[last_step] if last_step is not None else None),
+                "steps": t.user_attrs.get("steps", last_step),
+                "flops": t.user_attrs.get("flops"),
+                "reason": reason,
             }
-        )
+        )  # fmt: skip
     rank = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2}
-    rows.sort(key=lambda r: (rank.get(r["state"], 3), r["value"] if r["value"] is not None else math.inf))
+
+    def order(r: dict[str, Any]) -> tuple[int, int, float]:
+        return (-int(r["rung"]), rank.get(str(r["state"]), 3), r["value"] if r["value"] is not None else math.inf)
+
+    rows.sort(key=order)
     return rows[:k] if k else rows
 
 
-def best_params(study: optuna.Study, cfg: RunConfig) -> BestParams:
-    """The best COMPLETE trial as a :class:`BestParams` (with its data's identity); raises when no trial completed."""
+def trials_dataframe(ladder: Ladder) -> Any:
+    """Optuna's ``Study.trials_dataframe()`` of every rung, one table, with ``rung`` and ``d_model`` columns first."""
+    import pandas as pd
+
+    frames = []
+    for rung, st in zip(ladder.rungs, ladder.studies, strict=True):
+        df = st.trials_dataframe()
+        if df.empty:
+            continue
+        df.insert(0, "d_model", rung.d_model)
+        df.insert(0, "rung", rung.index)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["rung", "d_model", "number"])
+
+
+def write_table(ladder: Ladder, path: Path) -> Path:
+    """The trials table (:func:`trials_dataframe`) as CSV, or Parquet when ``path`` ends in .parquet; atomic."""
+    from mupt.config import atomic_write_text
+
+    df = trials_dataframe(ladder)
+    if path.suffix == ".parquet":
+        tmp = path.with_name(f".{path.name}.tmp")
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    else:
+        atomic_write_text(path, df.to_csv(index=False))
+    return path
+
+
+def lineage(ladder: Ladder, trial: FrozenTrial, rung_index: int) -> list[dict[str, Any]]:
+    """The fidelities a trial passed through: one entry per rung, lowest first (d_model, steps, trial, loss)."""
+    chain = []
+    i, t = rung_index, trial
+    while True:
+        chain.append(
+            {"rung": i, "d_model": ladder.rungs[i].d_model, "steps": t.user_attrs.get("steps"), "trial": t.number,
+             "value": t.value, "flops": t.user_attrs.get("flops")}
+        )  # fmt: skip
+        src = t.user_attrs.get("promoted_from")
+        if i == 0 or src is None:
+            break
+        i -= 1
+        t = ladder.studies[i].trials[int(src)]
+    return chain[::-1]
+
+
+def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
+    """The best COMPLETE trial at the proxy width as a :class:`BestParams` (with its data's identity).
+
+    Raises StorageError when no trial completed at the proxy width.
+    """
     from mupt.data import identity_of, load_data
     from mupt.train import build_model
 
-    best = best_trial(study)
+    best = best_trial(ladder)
     if best is None:
-        counts = count_states(study)
-        reasons = [str(t.user_attrs["reason"]) for t in study.get_trials(deepcopy=False) if "reason" in t.user_attrs]
+        counts = count_states(ladder.top)
+        reasons = [str(t.user_attrs["reason"]) for _, t in ladder.trials() if "reason" in t.user_attrs]
         why = f"; e.g. {reasons[0]}" if reasons else ""
+        where = f" at the proxy width d_model={ladder.rungs[-1].d_model}" if len(ladder.rungs) > 1 else ""
         raise StorageError(
-            f"study {study.study_name!r} has no completed trial ({counts['PRUNED']} pruned, {counts['FAIL']} failed"
-            f"{why}); lower --lr-range or run more --trials"
+            f"study {ladder.settings.study!r} has no completed trial{where} ({counts['PRUNED']} pruned, "
+            f"{counts['FAIL']} failed{why}); rerun the same command to resume, or narrow --lr-range"
         )
     tuned = apply_params(cfg, dict(best.params))
     _, par = build_model(tuned)
+    top = len(ladder.rungs) - 1
     return BestParams(
-        study=study.study_name,
+        study=ladder.settings.study,
         trial=best.number,
         value=float(best.value),  # type: ignore[arg-type]
         params={k: float(v) for k, v in best.params.items()},
         config=tuned,
         manifest=par.manifest.to_dict(),
         dataset=identity_of(load_data(cfg.data)),
-        code_version=str(study.user_attrs.get("code_version", code_version())),
+        code_version=str(ladder.study.user_attrs.get("code_version", code_version())),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        fidelity=ladder.settings.fidelity.value,
+        finalists=[
+            {"trial": t.number, "value": t.value, "params": dict(t.params), "fidelities": lineage(ladder, t, top)}
+            for t in _ranked(ladder.top)
+        ],
     )
 
 
-def write_best(study: optuna.Study, cfg: RunConfig, run_dir: Path) -> tuple[BestParams, Path]:
-    bp = best_params(study, cfg)
+def write_best(ladder: Ladder, cfg: RunConfig, run_dir: Path) -> tuple[BestParams, Path]:
+    bp = best_params(ladder, cfg)
     path = run_dir / "best.yaml"
-    save_yaml(path, bp, header=f"mupt tune: best of study {study.study_name} (trial {bp.trial}); read by mupt transfer")
+    save_yaml(path, bp, header=f"mupt tune: best of study {bp.study} (trial {bp.trial}); read by mupt transfer")
     return bp, path
 
 
-def write_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
-    """Optimization history and loss vs LR as PNGs; returns the paths written."""
+@dataclass
+class RungSummary:
+    """One rung's trials and compute (FLOPs)."""
+
+    rung: int
+    d_model: int
+    size: int
+    complete: int
+    pruned: int
+    failed: int
+    flops: float
+    best_value: float | None
+    best_lr: float | None
+
+
+def rung_summaries(ladder: Ladder) -> list[RungSummary]:
+    out = []
+    for rung, st in zip(ladder.rungs, ladder.studies, strict=True):
+        ts = [t for t in st.get_trials(deepcopy=False) if t.state is not TrialState.FAIL or "flops" in t.user_attrs]
+        ranked = _ranked(st)
+        out.append(
+            RungSummary(
+                rung.index, rung.d_model, rung.size,
+                sum(t.state is TrialState.COMPLETE for t in ts), sum(t.state is TrialState.PRUNED for t in ts),
+                sum(t.state is TrialState.FAIL for t in ts), sum(float(t.user_attrs.get("flops", 0.0)) for t in ts),
+                ranked[0].value if ranked else None, ranked[0].params.get("lr") if ranked else None,
+            )
+        )  # fmt: skip
+    return out
+
+
+def study_flops(ladder: Ladder) -> float:
+    """FLOPs spent by the finished trials of every rung (what the budget counts)."""
+    return sum(float(t.user_attrs.get("flops", 0.0)) for _, t in ladder.trials() if t.state in FINISHED)
+
+
+def trial_steps(ladder: Ladder) -> int:
+    """Total optimizer steps spent by all finished trials (trial-steps, every rung)."""
+    return sum(int(t.user_attrs.get("steps", 0)) for _, t in ladder.trials() if t.state in FINISHED)
+
+
+STATE_STYLE: dict[str, tuple[str, str]] = {
+    "complete": ("tab:blue", "o"),
+    "pruned": ("tab:orange", "o"),
+    "diverged": ("tab:red", "x"),
+    "failed": ("gray", "s"),
+}
+
+
+def _kind(r: dict[str, Any]) -> str:
+    if r["state"] == "COMPLETE":
+        return "complete"
+    if r["status"] == "diverged":
+        return "diverged"
+    return "pruned" if r["state"] == "PRUNED" else "failed"
+
+
+def _edge(rows: list[dict[str, Any]]) -> float:
+    finite = [r["value"] for r in rows if r["value"] is not None and math.isfinite(r["value"])]
+    return max(finite) * 1.05 if finite else 1.0
+
+
+def _label(r: dict[str, Any]) -> str:
+    kind = _kind(r)
+    if kind == "complete":
+        return f"complete (final loss, step {r['steps']})"
+    if kind == "pruned":
+        return f"pruned (loss at step {r['steps']})"
+    return f"{kind} (no loss; drawn at the top edge)"
+
+
+def plot_groups(ladder: Ladder) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """The points of history.png and loss_vs_lr.png, grouped by legend label (state and step).
+
+    ``{"history": {label: [(x, loss)]}, "loss_vs_lr": {label: [(lr, loss)]}}``; history's x is
+    the trial's position (rung by rung), loss_vs_lr holds the proxy-width trials.  Diverged and
+    failed trials have no loss: they sit at the top edge (5% above the largest loss) under a
+    label that says so.
+    """
+    rows = sorted(trial_rows(ladder), key=lambda r: (r["rung"], r["number"]))
+    edge = _edge(rows)
+    top = len(ladder.rungs) - 1
+    history: dict[str, list[tuple[float, float]]] = {}
+    by_lr: dict[str, list[tuple[float, float]]] = {}
+    for x, r in enumerate(rows):
+        y = r["value"] if _kind(r) in ("complete", "pruned") and r["value"] is not None else edge
+        history.setdefault(_label(r), []).append((float(x), y))
+        if r["rung"] == top and r.get("lr"):
+            by_lr.setdefault(_label(r), []).append((float(r["lr"]), y))
+    return {"history": history, "loss_vs_lr": by_lr}
+
+
+def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
+    """history.png, loss_vs_lr.png, and for a width ladder rungs.png and compute.png; returns the paths.
+
+    Every trial is drawn (see :func:`plot_groups`): complete (final loss), pruned (last reported
+    loss, its step in the legend), diverged and failed (no loss: markers on the top edge, labelled so).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in trial_rows(study) if r["value"] is not None or r["state"] == "PRUNED"]
-    rows.sort(key=lambda r: r["number"])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    colors = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red"}
+    name = ladder.settings.study
+    groups = plot_groups(ladder)
+    rows = sorted(trial_rows(ladder), key=lambda r: (r["rung"], r["number"]))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, pts in sorted(groups["history"].items()):
+        color, marker = STATE_STYLE[label.split(" ")[0]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, s=20, label=label)
     best, xs, ys = math.inf, [], []
-    for r in rows:
-        if r["value"] is not None:
-            ax.scatter(r["number"], r["value"], c=colors.get(r["state"], "gray"), s=18)
-        if r["state"] == "COMPLETE" and r["value"] is not None:
+    for x, r in enumerate(rows):
+        if r["state"] == "COMPLETE" and r["rung"] == len(ladder.rungs) - 1:
             best = min(best, r["value"])
         if math.isfinite(best):
-            xs.append(r["number"])
+            xs.append(x)
             ys.append(best)
-    ax.step(xs, ys, where="post", color="black", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("val loss (nats/token; pruned: last reported)")
-    ax.set_title(f"{study.study_name}: optimization history")
-    ax.legend()
+    if xs:
+        ax.step(xs, ys, where="post", color="black", label=f"best so far at d_model={ladder.rungs[-1].d_model}")
+    for i in range(1, len(ladder.rungs)):
+        start = next((x for x, r in enumerate(rows) if r["rung"] == i), None)
+        if start is not None:
+            ax.axvline(start - 0.5, color="lightgray", lw=1)
+    ax.set_xlabel("trial (rungs left to right, narrowest first)" if len(ladder.rungs) > 1 else "trial")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(f"{name}: optimization history")
+    if groups["history"]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_savefig(fig, out_dir / "history.png"))
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for state, color in colors.items():
-        pts = [(r["lr"], r["value"]) for r in rows if r["state"] == state and r["value"] is not None and r.get("lr")]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, s=18, label=state.lower())
-    diverged = [r["lr"] for r in rows if r["value"] is None and r.get("lr")]
-    if diverged:
-        top = max((r["value"] for r in rows if r["value"] is not None), default=1.0)
-        ax.scatter(diverged, [top] * len(diverged), c="tab:red", marker="x", s=30, label="diverged")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, pts in sorted(groups["loss_vs_lr"].items()):
+        kind = label.split(" ")[0]
+        color, marker = STATE_STYLE[kind]
+        alpha = 0.5 if kind == "pruned" else 1.0
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, s=22, alpha=alpha, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("val loss (nats/token)")
-    ax.set_title(f"{study.study_name}: loss vs LR")
-    ax.legend()
+    ax.set_title(f"{name}: loss vs LR at d_model={ladder.rungs[-1].d_model}")
+    if groups["loss_vs_lr"]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(_savefig(fig, out_dir / "loss_vs_lr.png"))
+    plt.close(fig)
+
+    if len(ladder.rungs) > 1:
+        paths += _rung_plots(ladder, rows, out_dir, _edge(rows))
+    return paths
+
+
+def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_edge: float) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("viridis")
+    n = len(ladder.rungs)
+    for rung in ladder.rungs:
+        color = cmap(rung.index / max(1, n - 1))
+        ok = [(r["lr"], r["value"]) for r in rows if r["rung"] == rung.index and r["state"] == "COMPLETE"]
+        bad = [r["lr"] for r in rows if r["rung"] == rung.index and r["state"] != "COMPLETE" and r.get("lr")]
+        if ok:
+            ax.scatter([p[0] for p in ok], [p[1] for p in ok], color=color, s=22,
+                       label=f"rung {rung.index}: d_model={rung.d_model} (complete)")  # fmt: skip
+        if bad:
+            ax.scatter(bad, [top_edge] * len(bad), color=color, marker="x", s=22,
+                       label=f"rung {rung.index}: pruned/diverged (top edge)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")
+    ax.set_title(f"{ladder.settings.study}: trials per rung")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [_savefig(fig, out_dir / "rungs.png")]
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sums = rung_summaries(ladder)
+    grid = grid_flops(ladder.settings, ladder.cfg)
+    labels = [f"rung {s.rung}\nd_model={s.d_model}" for s in sums] + ["total"]
+    values = [s.flops for s in sums] + [sum(s.flops for s in sums)]
+    ax.bar(labels, values, color=[cmap(s.rung / max(1, n - 1)) for s in sums] + ["black"])
+    ax.axhline(grid, color="tab:red", ls="--", label=f"dense log2 LR grid at d_model={ladder.rungs[-1].d_model}")
+    ax.set_ylabel("training FLOPs")
+    ax.set_title(f"{ladder.settings.study}: compute per rung vs the grid's")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(_savefig(fig, out_dir / "compute.png"))
     plt.close(fig)
     return paths
 
@@ -791,17 +1429,18 @@ def _savefig(fig: Any, path: Path) -> Path:
     return path
 
 
-def trial_steps(study: optuna.Study) -> int:
-    """Total optimizer steps spent by all finished trials (the study's compute in trial-steps)."""
-    return sum(int(t.user_attrs.get("steps", 0)) for t in study.get_trials(deepcopy=False, states=FINISHED))
-
-
 __all__ = [
     "LR_RANGE",
     "MULT_RANGE",
     "SEARCHABLE",
+    "Fidelity",
+    "JournalRepair",
+    "Ladder",
+    "Prepared",
     "Progress",
     "PrunerName",
+    "Rung",
+    "RungSummary",
     "SamplerName",
     "TuneSettings",
     "apply_params",
@@ -809,21 +1448,36 @@ __all__ = [
     "best_trial",
     "coarse_to_fine",
     "code_version",
+    "count_states",
     "default_study_name",
     "fail_dead_trials",
     "fail_stale_rdb_trials",
+    "flops_per_trial_step",
+    "grid_flops",
+    "lineage",
     "load_best",
     "load_existing",
     "lr_grid",
+    "open_ladder",
     "open_storage",
+    "plot_groups",
     "prepare_study",
     "proxy_config",
+    "repair_journal",
+    "rung_config",
+    "rung_summaries",
+    "rung_widths",
+    "rungs_for",
     "run_study",
     "run_worker",
     "search_space",
     "sqlalchemy_url",
+    "study_flops",
+    "study_lock",
     "trial_rows",
     "trial_steps",
+    "trials_dataframe",
     "write_best",
     "write_plots",
+    "write_table",
 ]

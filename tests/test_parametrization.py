@@ -3,45 +3,27 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from expected_rules import expected, expected_adam_l2_wd
 
 from mupt.config import Arch, Discretization, ModelConfig, OptimizerName, ParamConfig, Scheme
 from mupt.errors import ConfigError
 from mupt.model import ARCH_ROLES, MambaLM, Role, role_of
-from mupt.parametrization import NO_WEIGHT_DECAY, Manifest, apply, named_roles, rules_for
+from mupt.parametrization import (
+    NO_WEIGHT_DECAY,
+    RULE_TABLE,
+    Manifest,
+    apply,
+    named_roles,
+    rules_for,
+    sync_rules_docs,
+)
 
 BASE_D, BASE_N = 64, 16
-
-# Expected exponents (a_u, a_x) of the width ratios, written out from DESIGN.md section 4 /
-# docs/width_rules.md independently of mupt.parametrization's tables.  init: std ratio (None =
-# structured init, untouched); lr: LR multiplier.
-FANIN, INV, ONE, U = (-0.5, 0.0), (-1.0, 0.0), (0.0, 0.0), (1.0, 0.0)
-HIDDEN = (Role.IN_PROJ, Role.X_PROJ_DT, Role.DT_PROJ, Role.OUT_PROJ)
-STRUCTURED = (Role.NORM, Role.DT_BIAS, Role.D, Role.A_LOG)
-
-
-def expected(scheme: Scheme, family: str, disc: Discretization) -> dict[Role, tuple[tuple[float, float] | None, tuple]]:
-    adam = family == "adam"
-    if scheme is Scheme.SP:
-        table = {r: (FANIN, ONE) for r in (*HIDDEN, Role.X_PROJ_B, Role.X_PROJ_C, Role.LM_HEAD)}
-        table.update({r: (ONE, ONE) for r in (Role.EMBEDDING, Role.CONV_WEIGHT, Role.CONV_BIAS)})
-        table.update({r: (None, ONE) for r in STRUCTURED})
-        return table
-    hidden_lr, vec_lr = (INV, ONE) if adam else (ONE, U)
-    table = {r: (FANIN, hidden_lr) for r in (*HIDDEN, Role.X_PROJ_B, Role.X_PROJ_C)}
-    table[Role.LM_HEAD] = (INV, INV)
-    table[Role.EMBEDDING] = (ONE, vec_lr)
-    table.update({r: (ONE, vec_lr) for r in (Role.CONV_WEIGHT, Role.CONV_BIAS)})
-    table.update({r: (None, vec_lr) for r in (Role.NORM, Role.DT_BIAS, Role.D)})
-    table[Role.A_LOG] = (None, hidden_lr)
-    if scheme is Scheme.MUP_SSM:
-        table[Role.A_LOG] = (None, ONE if adam else U)
-        # var W_B ~ N_x/N_u, var W_C ~ 1/(N_x N_u), for ZOH and Euler (Euler B rows corrected from DESIGN.md)
-        table[Role.X_PROJ_B] = ((-0.5, 0.5), (-1.0, 0.5) if adam else (-1.0, 1.0))
-        table[Role.X_PROJ_C] = ((-0.5, -0.5), (-1.0, -1.0))  # Adam LR corrected from (-1, -0.5)
-    return table
 
 
 def model(seed: int = 0, **kw: object) -> MambaLM:
@@ -201,3 +183,93 @@ def test_reinit_false_keeps_trained_weights() -> None:
     apply(m, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D), "adamw", 1e-3, reinit=False)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert math.isclose(m.mult_output, 1.0)
+
+
+# --- the rules as data: docs generated from them, weight decay per optimizer --------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "width_rules.md"
+
+
+def test_docs_table_is_the_rule_data() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    assert not sync_rules_docs(DOCS, write=False), (
+        "docs/width_rules.md's rules tables differ from RULE_TABLE; run `python -m mupt.parametrization "
+        "docs/width_rules.md`"
+    )
+    # every row of the generated table is in the docs, and carries the exponents the derivation gives
+    assert "| `x_proj_B` | r_u^-1/2 r_x^1/2 | r_u^-1 r_x^1/2 | r_u^-1 r_x | 1 | r_u r_x^-1/2 | r_u^1/2 r_x^-1 |" in text
+    anchors = set(re.findall(r'<a id="([a-z0-9-]+)"></a>', text))
+    refs = {row.rule.ref for row in RULE_TABLE}
+    assert refs <= anchors, refs - anchors  # every rule links to a derivation that exists
+    assert {"rule-weight-decay", "rule-adam-eps", "rule-multipliers"} <= anchors
+
+
+def test_a_docs_table_that_disagrees_is_caught(tmp_path: Path) -> None:
+    edited = DOCS.read_text(encoding="utf-8").replace(
+        "| `lm_head` | r_u^-1 | r_u^-1 |", "| `lm_head` | r_u^-1/2 | r_u^-1 |", 1
+    )
+    path = tmp_path / "width_rules.md"
+    path.write_text(edited, encoding="utf-8")
+    assert sync_rules_docs(path, write=False)
+    assert sync_rules_docs(path) and not sync_rules_docs(path, write=False)  # regenerated
+    assert path.read_text(encoding="utf-8") == DOCS.read_text(encoding="utf-8")
+    path.write_text("# no markers\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="markers"):
+        sync_rules_docs(path, write=False)
+
+
+@pytest.mark.parametrize("scheme", list(Scheme))
+def test_plain_adam_and_adamw_get_their_own_weight_decay(scheme: Scheme) -> None:
+    r_u, r_x, wd = 4.0, 2.0, 0.1
+    param = ParamConfig(scheme=scheme, base_d_model=BASE_D, base_d_state=BASE_N)
+    l2 = expected_adam_l2_wd(scheme)
+    lr_exps = expected(scheme, "adam", Discretization.ZOH)
+    for opt in ("adam", "adamw"):
+        m = model(d_model=BASE_D * 4, d_state=BASE_N * 2)
+        par = apply(m, param, opt, 1e-2, weight_decay=wd)
+        for g in par.param_groups:
+            for name in g["names"]:
+                role = role_of(name)
+                if l2[role] is None:
+                    assert g["weight_decay"] == 0.0, name
+                elif opt == "adam":  # L2: keeps wd·|p|/|g| width-independent
+                    assert g["weight_decay"] == pytest.approx(wd * power(l2[role], r_u, r_x), rel=1e-12), name
+                else:  # decoupled: lr_group * wd_group per step is width-independent
+                    assert g["weight_decay"] == pytest.approx(wd / power(lr_exps[role][1], r_u, r_x), rel=1e-12), name
+    # at the base shape both are the given weight decay
+    base = apply(model(), param, "adam", 1e-2, weight_decay=wd).param_groups
+    assert {g["weight_decay"] for g in base} <= {0.0, wd}
+
+
+def _l2_to_gradient_ratio(d_model: int, optimizer: str) -> dict[str, float]:
+    """wd_group * RMS(p) / RMS(g) at init, per role of layer 0 and lm_head, mean over 2 seeds."""
+    out: dict[str, list[float]] = {}
+    for seed in (0, 1):
+        m = model(seed=seed, d_model=d_model)
+        par = apply(m, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D), optimizer, 1e-2, weight_decay=0.1)
+        x = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(seed))
+        loss = torch.nn.functional.cross_entropy(m(x[:, :-1]).reshape(-1, 256), x[:, 1:].reshape(-1))
+        loss.backward()
+        for g in par.param_groups:
+            for name, p in zip(g["names"], g["params"], strict=True):
+                role = role_of(name).value
+                if role in ("in_proj", "out_proj", "conv1d_weight", "lm_head") and (
+                    "layers.0." in name or role == "lm_head"
+                ):
+                    rms_p, rms_g = p.detach().pow(2).mean().sqrt(), p.grad.pow(2).mean().sqrt()
+                    out.setdefault(role, []).append(g["weight_decay"] * float(rms_p / rms_g))
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def test_adam_l2_rule_keeps_the_decay_to_gradient_ratio_flat_where_adamw_rule_does_not() -> None:
+    """Measured, not computed from the table: the L2 term's size against the real gradient, 64 -> 512."""
+    torch.set_num_threads(1)
+    slope = {}
+    for opt in ("adam", "adamw"):
+        narrow, wide = _l2_to_gradient_ratio(64, opt), _l2_to_gradient_ratio(512, opt)
+        slope[opt] = {k: math.log2(wide[k] / narrow[k]) / 3 for k in narrow}
+    assert all(abs(s) < 0.25 for s in slope["adam"].values()), slope  # flat under plain Adam's rule
+    # AdamW's rule (wd / lr_mult) used for L2 would tilt it: +1.5 (hidden), +1 (conv)
+    assert slope["adamw"]["in_proj"] > 1.2 and slope["adamw"]["out_proj"] > 1.2, slope
+    assert slope["adamw"]["conv1d_weight"] > 0.75, slope

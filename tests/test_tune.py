@@ -1,9 +1,13 @@
-"""mupt tune: real Optuna studies on a tiny proxy (journal files, worker processes, SIGKILL, CLI exit codes)."""
+"""mupt tune: real Optuna studies on a tiny proxy (journal files, worker processes, SIGKILL, CLI exit codes).
+
+Width-fidelity tests use a proxy at d_model 64, whose rungs are d_model 16, 32 and 64.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +26,9 @@ from mupt.tune import (
     coarse_to_fine,
     load_best,
     lr_grid,
+    open_ladder,
     open_storage,
+    plot_groups,
     prepare_study,
     proxy_config,
     run_study,
@@ -78,11 +84,15 @@ def test_log2_grid_and_coarse_to_fine_order() -> None:
 def test_tiny_study_finds_lr_in_good_range(tmp_path: Path) -> None:
     torch.set_num_threads(1)  # tiny model: one thread is fastest on a shared 2-core machine
     cfg = tiny()
-    s = TuneSettings(study="tiny", trials=6, runs_dir=str(tmp_path), seed=0)
-    study = run_study(s, cfg)
+    s = TuneSettings(study="tiny", trials=6, runs_dir=str(tmp_path), seed=0, fidelity="steps")
+    ladder = run_study(s, cfg)
+    study = ladder.study
+    assert len(ladder.rungs) == 1 and ladder.rungs[0].d_model == 32  # --fidelity steps: today's single study
     done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(done) == 6
-    bp, path = write_best(study, cfg, s.run_dir)
+    # the default LR range spends most trials near plausible LRs: none diverges on this proxy (issue 14, item 12)
+    assert not [t for t in done if t.user_attrs.get("status") == "diverged"]
+    bp, path = write_best(ladder, cfg, s.run_dir)
     assert GOOD_LR[0] <= bp.params["lr"] <= GOOD_LR[1], bp.params
     assert bp.value <= 1.1 * GRID_BEST
     # best.yaml: the proxy config with the tuned LR applied, and the manifest transfer needs
@@ -94,7 +104,7 @@ def test_tiny_study_finds_lr_in_good_range(tmp_path: Path) -> None:
     attrs = study.user_attrs
     assert attrs["proxy_config"]["train"]["steps"] == 30 and attrs["seed"] == 0 and attrs["data_source"] == "builtin"
     assert attrs["code_version"].startswith("mupt ")
-    assert [p.name for p in write_plots(study, s.run_dir)] == ["history.png", "loss_vs_lr.png"]
+    assert [p.name for p in write_plots(ladder, s.run_dir)] == ["history.png", "loss_vs_lr.png"]
     assert (s.run_dir / "journal.log").stat().st_size > 0
     # resuming with a different proxy is refused (results would mix)
     with pytest.raises(ConfigError, match="train.steps"):
@@ -103,21 +113,25 @@ def test_tiny_study_finds_lr_in_good_range(tmp_path: Path) -> None:
 
 def test_divergent_lr_is_pruned_with_reason(tmp_path: Path) -> None:
     cfg = tiny(**{"train.steps": 10})
-    s = TuneSettings(study="boom", trials=2, lr_range=(10.0, 100.0), runs_dir=str(tmp_path))
-    study = run_study(s, cfg)
-    trials = study.get_trials()
+    s = TuneSettings(study="boom", trials=2, lr_range=(10.0, 100.0), runs_dir=str(tmp_path), fidelity="steps")
+    ladder = run_study(s, cfg)
+    trials = ladder.study.get_trials()
     assert len(trials) == 2
     for t in trials:
         assert t.state is TrialState.PRUNED
         assert t.user_attrs["status"] == "diverged" and "diverged" in t.user_attrs["reason"]
-    assert all("diverged" in r["reason"] for r in trial_rows(study))
+    assert all("diverged" in r["reason"] for r in trial_rows(ladder))
+    # honest plots (issue 14, item 11): diverged trials are labelled as such, not drawn as losses
+    groups = plot_groups(ladder)
+    assert set(groups["loss_vs_lr"]) == {"diverged (no loss; drawn at the top edge)"}
+    assert set(groups["history"]) == {"diverged (no loss; drawn at the top edge)"}
     with pytest.raises(StorageError, match="no completed trial"):
-        write_best(study, cfg, s.run_dir)
+        write_best(ladder, cfg, s.run_dir)
 
 
 def test_two_worker_processes_fill_exact_total(tmp_path: Path) -> None:
     cfg = tiny(**{"train.steps": 10, "train.eval_every": 5})
-    s = TuneSettings(study="par", trials=5, workers=2, runs_dir=str(tmp_path), pruner="none")
+    s = TuneSettings(study="par", trials=5, workers=2, runs_dir=str(tmp_path), pruner="none", fidelity="steps")
     run_study(s, cfg)
     study = optuna.load_study(study_name="par", storage=open_storage(s))
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -129,8 +143,9 @@ def test_two_worker_processes_fill_exact_total(tmp_path: Path) -> None:
 
 
 def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
-    args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
-    s = TuneSettings(study="proxy-w32", trials=4, runs_dir=str(tmp_path))
+    args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path),
+            "--fidelity", "steps"]  # fmt: skip
+    s = TuneSettings(study="proxy-w32", trials=4, runs_dir=str(tmp_path), fidelity="steps")
     proc = mupt(*args)
     victim = None
     deadline = time.time() + 120
@@ -189,3 +204,242 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path: Path) -> None:
         load_best(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_best(tmp_path / "runs" / "proxy-w32" / "best.yaml")
+
+
+# --- width as a fidelity (issue 16) --------------------------------------------------------------
+
+W64 = {**TINY, "model.d_model": 64}
+W64_FLAGS = ["--width", "64", "--layers", "1", "--seq-len", "32", "--eval-every", "10", "--backend", BACKEND]
+
+
+def count_flops_per_step(cfg: RunConfig) -> float:
+    """Independent reference: 6 x (every parameter but the embedding) + 27 x layers x N_u x N_x, x tokens/step."""
+    from mupt.model import MambaLM
+
+    model = MambaLM(cfg.model)
+    params = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n)
+    m = cfg.model
+    per_token = 6 * params + 27 * m.n_layers * m.expand * m.d_model * m.d_state
+    return per_token * cfg.train.batch_size * cfg.train.seq_len
+
+
+def test_width_ladder_rungs_widths_flops_and_best_at_proxy_width(tmp_path: Path) -> None:
+    from mupt.train import train
+
+    torch.set_num_threads(1)
+    cfg = with_overrides(proxy_config(), W64)
+    s = TuneSettings(study="ladder", trials=6, runs_dir=str(tmp_path), pruner="none")
+    ladder = run_study(s, cfg)
+    assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 6), (32, 2), (64, 1)]
+    for rung, study in zip(ladder.rungs, ladder.studies, strict=True):
+        done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+        assert len(done) == rung.size
+        ref = count_flops_per_step(with_overrides(cfg, {"model.d_model": rung.d_model}))
+        for t in done:
+            assert t.user_attrs["d_model"] == rung.d_model and t.user_attrs["rung"] == rung.index
+            assert t.user_attrs["flops"] == pytest.approx(t.user_attrs["steps"] * ref, rel=1e-9)
+    # promotion by rank: rung i ran exactly the best rung-(i-1) configurations, with their params
+    for i in (1, 2):
+        below = sorted(ladder.studies[i - 1].get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value)
+        took = ladder.studies[i].get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+        assert sorted(t.user_attrs["promoted_from"] for t in took) == sorted(t.number for t in below[: len(took)])
+        for t in took:
+            assert t.params == ladder.studies[i - 1].trials[t.user_attrs["promoted_from"]].params
+    # the answer is measured at the proxy width: retrain it independently and get the same loss
+    bp, path = write_best(ladder, cfg, s.run_dir)
+    assert bp.config.model.d_model == 64 and bp.fidelity == "width"
+    assert train(bp.config).final_val_loss == pytest.approx(bp.value, rel=1e-6)
+    back = load_best(path)
+    assert [f["d_model"] for f in back.finalists[0]["fidelities"]] == [16, 32, 64]
+    assert back.finalists[0]["fidelities"][-1]["trial"] == bp.trial
+    # every rung is trained under the proxy's base shape (same width rules at every width)
+    narrow = ladder.studies[0].trials[0]
+    assert narrow.user_attrs["d_model"] == 16
+    names = [p.name for p in write_plots(ladder, s.run_dir)]
+    assert names == ["history.png", "loss_vs_lr.png", "rungs.png", "compute.png"]
+
+
+def test_width_ladder_two_workers_no_duplicate_promotions(tmp_path: Path) -> None:
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="par2", trials=6, workers=2, runs_dir=str(tmp_path), pruner="none")
+    run_study(s, cfg)
+    ladder = open_ladder(s, cfg)
+    for rung, study in zip(ladder.rungs, ladder.studies, strict=True):
+        finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+        assert len(finished) == rung.size, rung
+        assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+        if rung.index:
+            sources = [t.user_attrs["promoted_from"] for t in study.get_trials() if t.state is not TrialState.FAIL]
+            assert len(sources) == len(set(sources)) == rung.size
+    workers = {t.user_attrs["worker"] for t in ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))}
+    assert len(workers) == 2  # both processes ran trials
+
+
+def _load(s: TuneSettings, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(s))
+
+
+def test_sigkill_in_low_rung_then_rerun_keeps_trials_and_budget(tmp_path: Path) -> None:
+    args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
+    s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
+    proc = mupt(*args)
+    victim, before = None, {}
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if not (tmp_path / "proxy-w64" / "journal.log").exists():
+                continue
+            try:
+                study = _load(s, "proxy-w64")
+            except KeyError:
+                continue
+            done = study.get_trials(states=(TrialState.COMPLETE,))
+            running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "d_model" in t.user_attrs]
+            if done and running:
+                victim = running[0].number
+                before = {t.number: t.value for t in done}
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None and victim is None:
+            proc.kill()
+        proc.wait()
+    assert victim is not None, "the worker finished rung 0 before it could be killed there"
+
+    proc = mupt(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    rung0 = _load(s, "proxy-w64")
+    after = {t.number: t for t in rung0.trials}
+    assert all(after[n].state is TrialState.COMPLETE and after[n].value == v for n, v in before.items())
+    assert after[victim].state is TrialState.FAIL and "died" in after[victim].user_attrs["reason"]
+    finished = rung0.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 4  # the budget: exactly --trials finished at rung 0, the killed one not counted
+    for name, size in (("proxy-w64.rung1", 1), ("proxy-w64.rung2", 1)):
+        assert len(_load(s, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == size
+    bp = load_best(tmp_path / "proxy-w64" / "best.yaml")
+    assert bp.config.model.d_model == 64
+
+
+def test_grid_enqueue_once_with_synchronized_starts(tmp_path: Path) -> None:
+    """Issue 14 (14e): two processes preparing a new grid study at the same instant enqueue the grid once."""
+    code = (
+        "import sys, time; from mupt.config import with_overrides; "
+        "from mupt.tune import TuneSettings, prepare_study, proxy_config; "
+        f"cfg = with_overrides(proxy_config(), {TINY!r}); "
+        f"s = TuneSettings(study='g', trials=5, sampler='grid', runs_dir={str(tmp_path)!r}, fidelity='steps'); "
+        "t = float(sys.argv[1]); time.sleep(max(0.0, t - time.time())); prepare_study(s, cfg)"
+    )
+    start = str(time.time() + 8)  # both import first, then start together
+    procs = [subprocess.Popen([sys.executable, "-c", code, start], env=env(), cwd=ROOT) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    s = TuneSettings(study="g", trials=5, sampler="grid", runs_dir=str(tmp_path), fidelity="steps")
+    waiting = _load(s, "g").get_trials(states=(TrialState.WAITING,))
+    assert sorted(t.user_attrs["grid_index"] for t in waiting) == sorted(coarse_to_fine(len(lr_grid(1e-4, 0.1)))[:5])
+
+
+def test_truncated_journal_is_repaired_and_resumed(tmp_path: Path) -> None:
+    """Issue 14 (1a): a journal cut mid-record is repaired; every complete trial is kept; no advice to delete."""
+    args = [
+        "tune",
+        *TINY_FLAGS,
+        "--steps",
+        "10",
+        "--pruner",
+        "none",
+        "--fidelity",
+        "steps",
+        "--runs-dir",
+        str(tmp_path),
+    ]
+    proc = mupt(*args, "--trials", "2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    journal = tmp_path / "proxy-w32" / "journal.log"
+    s = TuneSettings(study="proxy-w32", trials=3, runs_dir=str(tmp_path), fidelity="steps")
+    before = {t.number: t.value for t in _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE,))}
+    assert len(before) == 2
+    data = journal.read_bytes()
+    cut = data.rstrip(b"\n").rfind(b"\n") + 1 + 17  # a crash 17 bytes into writing the last record
+    journal.write_bytes(data[:cut])
+    proc = mupt(*args, "--trials", "3")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "repaired" in err and "Traceback" not in err
+    after = _load(s, "proxy-w32")
+    kept = {t.number: t.value for t in after.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(kept[n] == v for n, v in before.items()) and len(kept) == 3
+    assert [p.read_bytes() for p in journal.parent.glob("journal.log.partial-*")] == [
+        data[data.rfind(b"\n", 0, len(data) - 1) + 1 : cut]
+    ]
+    # a record in the middle that is not JSON: refuse, keep the file, and never advise deleting it
+    lines = journal.read_bytes().split(b"\n")
+    lines[1] = b"{not json"
+    journal.write_bytes(b"\n".join(lines))
+    proc = mupt(*args, "--trials", "4")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "left as it is" in err and "delete" not in err and "move it away" not in err
+
+
+def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
+    """Issue 14 (1b, 6): SIGINT -> best.yaml + plots for the finished trials, one resume line, exit 130;
+    with output redirected, one progress line per finished trial."""
+    args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "20", "--pruner", "none", "--fidelity", "steps",
+            "--runs-dir", str(tmp_path)]  # fmt: skip
+    s = TuneSettings(study="proxy-w32", trials=20, runs_dir=str(tmp_path), fidelity="steps")
+    proc = mupt(*args)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            if len(_load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE,))) >= 2:
+                break
+        except (KeyError, StorageError):
+            continue
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Traceback" not in out
+    assert "rerun the same command to resume" in err
+    assert len(re.findall(r"^tune: \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
+    bp = load_best(tmp_path / "proxy-w32" / "best.yaml")
+    done = _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert bp.trial in {t.number for t in done} and 2 <= len(done) < 20
+    assert (tmp_path / "proxy-w32" / "history.png").is_file()
+    failed = _load(s, "proxy-w32").get_trials(states=(TrialState.FAIL,))
+    assert all("interrupted" in t.user_attrs.get("reason", "") for t in failed)
+    proc = mupt(*args, "--report")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
+def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:
+    """Issue 18 (6): --table-out writes every trial of every rung as CSV via trials_dataframe()."""
+    import csv
+
+    args = ["tune", *W64_FLAGS, "--steps", "10", "--trials", "3", "--runs-dir", str(tmp_path),
+            "--table-out", str(tmp_path / "trials.csv")]  # fmt: skip
+    proc = mupt(*args)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    s = TuneSettings(study="proxy-w64", trials=3, runs_dir=str(tmp_path))
+    ladder = open_ladder(s, with_overrides(proxy_config(), {**W64, "train.steps": 10}))
+    expected = [(r.index, t.number, t.state.name) for r, t in ladder.trials()]
+    assert [(int(r["rung"]), int(r["number"]), r["state"]) for r in rows] == expected
+    assert {"d_model", "params_lr", "user_attrs_flops", "value"} <= set(rows[0])
+
+
+def test_storage_messages_and_no_deprecated_callback(tmp_path: Path) -> None:
+    """Issue 14 (13a, 14b): mysql:// names a MySQL driver; opening an RDB raises no Optuna FutureWarning."""
+    import warnings
+
+    proc = mupt("tune", *TINY_FLAGS, "--storage", "mysql://u:p@localhost/db")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "pymysql" in err and "psycopg" not in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        open_storage(TuneSettings(study="x", storage=f"sqlite:///{tmp_path}/x.db"))

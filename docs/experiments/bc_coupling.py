@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mupt.check.coord import CoordSettings, _probe, log2_slope, rms
+from mupt.check.coord import CoordSettings, log2_slope, probe, rms
 from mupt.data import load_data
 from mupt.train import Trainer
 
@@ -39,11 +39,11 @@ def _capture(trainer: Trainer, batch: torch.Tensor) -> tuple[dict[str, torch.Ten
         for i, layer in enumerate(trainer.model.backbone.layers)
     ]
     try:
-        probe = _probe(trainer, batch)
+        captured = probe(trainer, batch)
     finally:
         for h in hooks:
             h.remove()
-    return probe, cap
+    return captured, cap
 
 
 def _cos2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
@@ -132,9 +131,6 @@ def coord(
         f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}",
         highlight=False,
     )
-    # Diverging schemes (sp at large width) drive exp(dt*A) into denormal floats, which slow CPU math
-    # by orders of magnitude; flushing them to zero changes no RMS at the precision reported.
-    torch.set_flush_denormal(True)
     with progress() as bar:
         task = bar.add_task("coord", total=len(settings.widths) * seeds, info="")
 

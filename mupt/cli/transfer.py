@@ -36,9 +36,9 @@ from mupt.transfer import (
     TOKENS_PER_PARAM,
     TRAIN_FLOP_FACTOR,
     VERIFIED_RATIO,
-    apply_locations,
     default_recipe_path,
     explain,
+    explain_notes,
     latest_best,
     load_best,
     save_recipe,
@@ -114,7 +114,11 @@ def transfer(
         Path | None, typer.Option("--out", "-o", help="Recipe path; default recipes/<scheme>-<to-width>.yaml.")
     ] = None,
     explain_rules: Annotated[
-        bool, typer.Option("--explain", help="Print each role's rule (exponents of N_u, N_x), why, and its code line.")
+        bool,
+        typer.Option(
+            "--explain",
+            help="Print each role's rule (exponents of N_u, N_x), why, and its derivation in docs/width_rules.md.",
+        ),
     ] = False,
     compare: Annotated[
         bool, typer.Option("--compare", help="Also show what sp, mup and mup-ssm would launch from the same proxy.")
@@ -256,21 +260,18 @@ def _compare(
 
 def _explain(proxy: RunConfig, scheme: Scheme) -> None:
     opt, disc = proxy.train.optimizer, proxy.model.discretization
-    rows = [[e.role, e.init, e.lr, e.fwd, e.why, e.where] for e in explain(scheme, opt, disc.value)]
+    rows = [[e.role, e.init, e.lr, e.fwd, e.weight_decay, e.why, e.ref] for e in explain(scheme, opt, disc.value)]
     out.print(
         table(
             f"Width rules: {scheme.value}, {opt.family} family ({opt.value}), B discretization {disc.value}; "
             "value = base value x (N_u/N_u,base)^a (N_x/N_x,base)^b",
-            ["role", "init std", "LR", "fwd mult", "why", "code"],
+            ["role", "init std", "LR", "fwd mult", "weight decay", "why", "docs/width_rules.md#"],
             rows,
             justify_numbers=False,
         )
     )
-    loc = apply_locations()
     out.print(
-        f"Applied by mupt.parametrization.apply: init std {loc['init']}, LR multiplier {loc['lr']}, "
-        f"forward multiplier {loc['fwd']}, weight decay {loc['weight_decay']} (wd / lr_mult, decoupled). "
-        "Derivation and measured slopes: docs/width_rules.md.",
+        "Applied by mupt.parametrization.apply; " + "; ".join(explain_notes(scheme, opt)) + ".",
         highlight=False,
         soft_wrap=True,
     )

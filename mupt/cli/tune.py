@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,24 +30,34 @@ from mupt.cli.common import (
 )
 from mupt.config import RunConfig, with_overrides
 from mupt.data import bits_per_byte, bytes_per_token
-from mupt.errors import ConfigError
+from mupt.errors import ConfigError, StorageError
 from mupt.report import fmt, key_values, table
 from mupt.tune import (
     SEARCHABLE,
+    Fidelity,
+    Ladder,
     Progress,
+    PrunerName,
+    SamplerName,
     TuneSettings,
     count_states,
     default_study_name,
+    grid_flops,
     load_best,
     load_existing,
+    open_ladder,
     open_storage,
     proxy_config,
+    repair_journal,
     run_study,
+    rung_summaries,
+    study_flops,
     trial_rows,
     trial_steps,
     validate_proxy,
     write_best,
     write_plots,
+    write_table,
 )
 
 
@@ -110,15 +121,39 @@ def tune(
     study: Annotated[
         str | None, typer.Option("--study", help="Study name; default proxy-w<width>. Same name = resume.")
     ] = None,
-    trials: Annotated[int, typer.Option("--trials", "-n", help="TOTAL finished trials over all workers.")] = 16,
+    trials: Annotated[
+        int,
+        typer.Option(
+            "--trials",
+            "-n",
+            help="Configurations sampled (rung 0); rung i keeps round(trials/reduction^i) of them (16: 16,5,2,1).",
+        ),
+    ] = 16,
+    fidelity: Annotated[
+        Fidelity,
+        typer.Option(
+            "--fidelity",
+            help="width: rungs at d_model = proxy/8, /4, /2, proxy (best by rank move up); "
+            "steps: every trial at the proxy width, pruned on steps.",
+        ),
+    ] = Fidelity.WIDTH,
+    reduction: Annotated[
+        int, typer.Option("--reduction", help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity).")
+    ] = 3,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
     threads: Annotated[
         int, typer.Option("--threads", help="Torch threads per worker (1 is fastest for small proxies; add --workers).")
     ] = 1,
-    sampler: Annotated[str, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")] = "tpe",
-    pruner: Annotated[str, typer.Option("--pruner", help="asha (successive halving), median or none.")] = "asha",
+    sampler: Annotated[
+        SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
+    ] = SamplerName.TPE,
+    pruner: Annotated[
+        PrunerName, typer.Option("--pruner", help="Step pruner (rung 0): asha (successive halving), median or none.")
+    ] = PrunerName.ASHA,
     search: Annotated[str, typer.Option("--search", help=f"Comma list to tune, from: {','.join(SEARCHABLE)}.")] = "lr",
-    lr_range: Annotated[str | None, typer.Option("--lr-range", help="LOW,HIGH of the log-uniform LR range.")] = None,
+    lr_range: Annotated[
+        str | None, typer.Option("--lr-range", help="LOW,HIGH of the log-uniform LR range; default 1e-4,0.1 (Adam).")
+    ] = None,
     storage: Annotated[
         str | None,
         typer.Option(
@@ -138,9 +173,17 @@ def tune(
     report: Annotated[
         bool, typer.Option("--report", help="Run no trials: show the study's table, write its plots, print best.yaml.")
     ] = False,
+    table_out: Annotated[
+        Path | None,
+        typer.Option("--table-out", help="Also write every trial (Optuna's trials_dataframe) as CSV, or .parquet."),
+    ] = None,
     top: Annotated[int, typer.Option("--top", help="Rows in the final table.")] = 10,
 ) -> None:
     """Tune the proxy's learning rate (and optionally µP multipliers) with Optuna; writes runs/<study>/best.yaml.
+
+    By default most trials run at narrower widths (µP keeps the optimum in place): rungs at
+    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up; the answer
+    is the best trial measured at the proxy width.  Compute is counted in FLOPs.
 
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
@@ -154,80 +197,208 @@ def tune(
     settings = TuneSettings(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
-        runs_dir=str(runs_dir), threads=threads, heartbeat_interval=heartbeat,
+        runs_dir=str(runs_dir), threads=threads, fidelity=fidelity, reduction=reduction, heartbeat_interval=heartbeat,
     )  # fmt: skip
+    if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
+        raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
     if report:
-        _report(settings, cfg, top)
+        _report(settings, cfg, top, table_out)
         return
     validate_proxy(cfg)  # a width the rules cannot take, or an unusable storage, fails here before any output
+    if not settings.is_rdb:
+        fixed = repair_journal(settings.journal_path)
+        if fixed is not None:
+            err.print(
+                f"[yellow]repaired[/] {fixed.path}: dropped a partial last record ({fixed.dropped_bytes} bytes, "
+                f"kept in {fixed.saved_to.name}) left by a crash; every complete trial is kept",
+                highlight=False,
+            )
     open_storage(settings)
     m = cfg.model
     where = settings.storage if settings.is_rdb else str(settings.journal_path)
+    ladder = open_ladder(settings, cfg)
+    rungs = " ".join(f"{r.d_model}x{r.size}" for r in ladder.rungs)
     err.print(
         f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
-        f"data={cfg.data.source} search={','.join(settings.search)} sampler={settings.sampler.value} "
-        f"pruner={settings.pruner.value} trials={settings.trials} workers={settings.workers} "
-        f"threads={settings.threads} storage={where}",
+        f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
+        f"rungs(d_model x trials)={rungs} sampler={settings.sampler.value} pruner={settings.pruner.value} "
+        f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
     )
     start = time.perf_counter()
-    with progress() as bar:
-        task = bar.add_task("trials", total=settings.trials, info="")
+    interrupted = False
+    try:
+        if err.is_terminal:
+            with progress() as bar:
+                task = bar.add_task("trials", total=sum(r.size for r in ladder.rungs), info="")
 
-        def on_progress(p: Progress) -> None:
-            best = f"best {p.best_value:.4f} @ lr {p.best_params.get('lr', 0):.3g}" if p.best_value is not None else ""
-            bar.update(task, completed=min(p.done, p.total), info=best)
+                def on_progress(p: Progress) -> None:
+                    bar.update(task, completed=min(p.done, p.total), info=_best_text(p))
 
-        st = run_study(settings, cfg, on_progress)
+                run_study(settings, cfg, on_progress)
+        else:
+            with _LogLines(start) as lines:
+                run_study(settings, cfg, lines.update)
+    except KeyboardInterrupt:
+        interrupted = True
     seconds = time.perf_counter() - start
-    _table(st, top)
-    plots = write_plots(st, settings.run_dir)
-    counts = count_states(st)
-    bp, path = write_best(st, cfg, settings.run_dir)
-    extra = ", ".join(f"{k} {fmt(v)}" for k, v in bp.params.items() if k != "lr")
+    _finish(settings, cfg, top, table_out, seconds, interrupted)
+
+
+def _best_text(p: Progress) -> str:
+    return f"best {p.best_value:.4f} @ lr {p.best_params.get('lr', 0):.3g}" if p.best_value is not None else ""
+
+
+class _LogLines:
+    """Plain progress lines for logs (stdout/stderr not a terminal): one per finished trial, and one
+    at least every ``every`` seconds while trials run."""
+
+    def __init__(self, start: float, every: float = 30.0) -> None:
+        self.start, self.every = start, every
+        self.last: Progress | None = None
+        self.printed = time.monotonic()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> _LogLines:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _line(self, p: Progress, what: str) -> None:
+        with self.lock:
+            elapsed = time.perf_counter() - self.start
+            best = _best_text(p) or "no trial at the proxy width yet"
+            err.print(
+                f"tune: {p.done}/{p.total} trials finished, {p.running} running, {best}, {elapsed:.0f}s elapsed{what}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            self.printed = time.monotonic()
+
+    def update(self, p: Progress) -> None:
+        new = self.last is None or p.done != self.last.done
+        self.last = p
+        if new:
+            t = p.last
+            what = ""
+            if t is not None:
+                rung = t.user_attrs.get("rung", 0)
+                value = f"{t.value:.4f}" if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
+                what = f"; last: rung {rung} d_model {t.user_attrs.get('d_model', '-')} trial {t.number}: {value}"
+            self._line(p, what)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(1.0):
+            if self.last is not None and time.monotonic() - self.printed >= self.every:
+                self._line(self.last, " (a trial is running)")
+
+
+def _finish(
+    settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
+) -> None:
+    """Table, plots, best.yaml and summary for the finished trials; on Ctrl-C also the resume line and exit 130."""
+    ladder = load_existing(settings, cfg)
+    _table(ladder, top)
+    if len(ladder.rungs) > 1:
+        _rung_table(ladder)
+    plots = write_plots(ladder, settings.run_dir)
+    table_path = write_table(ladder, table_out) if table_out is not None else None
+    counts = count_states(ladder)
+    try:
+        bp, path = write_best(ladder, cfg, settings.run_dir)
+    except StorageError as e:
+        if not interrupted:
+            raise
+        bp, path, note = None, None, str(e)
+    else:
+        note = ""
+    spent, grid = study_flops(ladder), grid_flops(settings, cfg)
+    rows: list[tuple[str, Any]] = [
+        ("study", settings.study),
+        ("finished trials", f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"),
+    ]
+    if bp is not None:
+        extra = ", ".join(f"{k} {fmt(v)}" for k, v in bp.params.items() if k != "lr")
+        rows += [
+            ("best trial (proxy width)", bp.trial),
+            ("best val loss (nats)", bp.value),
+            ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
+            ("best lr", bp.params["lr"]),
+            *([("best multipliers", extra)] if extra else []),
+        ]
+    rows += [
+        ("compute (trial-steps)", trial_steps(ladder)),
+        ("compute (FLOPs)", f"{spent:.3g}"),
+        ("dense log2 LR grid at the proxy width (FLOPs)", f"{grid:.3g}"),
+        ("compute saved vs the grid", f"{1 - spent / grid:.1%}" if grid else "-"),
+        ("wall time (s)", seconds),
+        ("best params", str(path) if path else f"not written: {note}"),
+        ("plots", ", ".join(str(p) for p in plots)),
+        *([("trials table", str(table_path))] if table_path else []),
+    ]
+    out.print(key_values("Study summary", rows))
+    if interrupted:
+        err.print(
+            f"interrupted: {counts['COMPLETE'] + counts['PRUNED']} finished trials are kept in the study; "
+            "rerun the same command to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
+
+
+def _table(ladder: Ladder, top: int) -> None:
+    rows = trial_rows(ladder, top)
+    if not rows:
+        return
+    names = [n for n in SEARCHABLE if n in rows[0]]
+    columns = ["rung", "d_model", "trial", "state", *names, "val loss", "steps", "note"]
+    body = [
+        [r["rung"], r["d_model"], r["number"], (r["status"] or r["state"]).lower(), *(r[n] for n in names),
+         r["value"], r["steps"], r["reason"] or ""]
+        for r in rows
+    ]  # fmt: skip
     out.print(
-        key_values(
-            "Study summary",
-            [
-                ("study", settings.study),
-                (
-                    "finished trials",
-                    f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed",
-                ),
-                ("best trial", bp.trial),
-                ("best val loss (nats)", bp.value),
-                ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
-                ("best lr", bp.params["lr"]),
-                *([("best multipliers", extra)] if extra else []),
-                ("compute (trial-steps)", trial_steps(st)),
-                ("wall time (s)", seconds),
-                ("best params", str(path)),
-                ("plots", ", ".join(str(p) for p in plots)),
-            ],
+        table(
+            f"Top {len(rows)} trials, proxy width first (val loss: final for complete, last reported for pruned)",
+            columns,
+            body,
         )
     )
 
 
-def _table(st: object, top: int) -> None:
-    rows = trial_rows(st, top)  # type: ignore[arg-type]
-    if not rows:
-        return
-    names = [n for n in SEARCHABLE if n in rows[0]]
-    columns = ["trial", "state", *names, "val loss", "steps", "note"]
+def _rung_table(ladder: Ladder) -> None:
+    grid = grid_flops(ladder.settings, ladder.cfg)
     body = [
-        [r["number"], r["state"].lower(), *(r[n] for n in names), r["value"], r["steps"], r["reason"] or ""]
-        for r in rows
-    ]
-    out.print(table(f"Top {len(rows)} trials (val loss: final for complete, last reported for pruned)", columns, body))
+        [s.rung, s.d_model, s.size, s.complete, s.pruned, s.failed, s.flops, s.flops / grid if grid else None,
+         s.best_value, s.best_lr]
+        for s in rung_summaries(ladder)
+    ]  # fmt: skip
+    out.print(
+        table(
+            "Rungs (compute = trial-steps x FLOPs/token(width) x tokens/step)",
+            ["rung", "d_model", "planned", "complete", "pruned", "failed", "FLOPs", "of grid", "best loss", "best lr"],
+            body,
+        )
+    )
 
 
-def _report(settings: TuneSettings, cfg: RunConfig, top: int) -> None:
+def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None) -> None:
     best_path = settings.run_dir / "best.yaml"
     bp = load_best(best_path)
-    st = load_existing(settings, cfg)
-    _table(st, top)
-    plots = write_plots(st, settings.run_dir)
+    ladder = load_existing(settings, cfg)
+    _table(ladder, top)
+    if len(ladder.rungs) > 1:
+        _rung_table(ladder)
+    plots = write_plots(ladder, settings.run_dir)
+    table_path = write_table(ladder, table_out) if table_out is not None else None
+    spent, grid = study_flops(ladder), grid_flops(settings, cfg)
     out.print(
         key_values(
             f"Study {settings.study}",
@@ -235,9 +406,13 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int) -> None:
                 ("best trial", bp.trial),
                 ("best val loss (nats)", bp.value),
                 *((k, v) for k, v in bp.params.items()),
+                ("fidelity", bp.fidelity),
+                ("compute (FLOPs)", f"{spent:.3g}"),
+                ("compute saved vs the dense log2 LR grid", f"{1 - spent / grid:.1%}" if grid else "-"),
                 ("code version", bp.code_version),
                 ("best params", str(best_path)),
                 ("plots", ", ".join(str(p) for p in plots)),
+                *([("trials table", str(table_path))] if table_path else []),
             ],
         )
     )
