@@ -168,7 +168,8 @@ def test_kill_9_then_rerun_is_byte_identical(
     deadline = time.time() + 120
     while time.time() < deadline and len(list(killed.glob("train-*.bin"))) < 3 and proc.poll() is None:
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the prepare and its tokenizer worker processes
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "meta.json").exists(), "the prepare finished before the kill; the test proved nothing"
