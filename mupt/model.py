@@ -371,6 +371,9 @@ class MambaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         self.mult_output = 1.0
+        #: init std each parameter was last rescaled to by :func:`mupt.parametrization.apply` (empty: the
+        #: default init below), so a second ``apply`` rescales from there instead of compounding.
+        self.init_stds: dict[str, float] = {}
         self.reset_parameters()
 
     def forward(self, input_ids: Tensor, probe: dict[str, Tensor] | None = None) -> Tensor:
@@ -388,6 +391,7 @@ class MambaLM(nn.Module):
         nn.Linear / nn.Conv1d, or normal for the embedding); structured roles as mamba_ssm.
         """
         cfg = self.cfg
+        self.init_stds.clear()
         init_default(self.backbone.embedding.weight, Role.EMBEDDING, cfg)
         if not cfg.tie_embeddings:
             init_default(self.lm_head.weight, Role.LM_HEAD, cfg)
@@ -493,8 +497,13 @@ def _in_proj2_sizes(cfg: ModelConfig) -> list[int]:
 
 def to_mamba_ssm_state_dict(model: MambaLM) -> dict[str, Tensor]:
     """mupt state dict -> mamba_ssm names (fuses the x_proj, or mamba2's in_proj, row blocks)."""
+    return to_mamba_ssm_names(model.state_dict())
+
+
+def to_mamba_ssm_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A mupt-named state dict -> mamba_ssm names: ``x_proj.weight = cat([weight_dt, weight_B, weight_C])``
+    (mamba2: ``in_proj.weight = cat`` of its row blocks)."""
     out: dict[str, Tensor] = {}
-    state = model.state_dict()
     for key, value in state.items():
         if key.endswith("in_proj.weight_z"):
             stem = key[: -len("weight_z")]
@@ -503,9 +512,7 @@ def to_mamba_ssm_state_dict(model: MambaLM) -> dict[str, Tensor]:
             continue
         elif key.endswith("x_proj.weight_dt"):
             stem = key[: -len("weight_dt")]
-            out[stem + "weight"] = torch.cat(
-                [value, model.state_dict()[stem + "weight_B"], model.state_dict()[stem + "weight_C"]], dim=0
-            )
+            out[stem + "weight"] = torch.cat([value, state[stem + "weight_B"], state[stem + "weight_C"]], dim=0)
         elif key.endswith(("x_proj.weight_B", "x_proj.weight_C")):
             continue
         else:

@@ -210,6 +210,26 @@ def _build(table: tuple[RuleRow, ...]) -> dict[tuple[Scheme, str, Discretization
 #: (scheme, optimizer family, discretization) -> role -> rule, indexed from :data:`RULE_TABLE`.
 RULES: dict[tuple[Scheme, str, Discretization], dict[Role, Rule]] = _build(RULE_TABLE)
 
+#: Tied embeddings: the LM head reads out through the embedding's tensor (a shared readout).  The shared
+#: tensor keeps the EMBEDDING role's init and LR (Θ(1) entries; Adam LR 1, SGD LR r_u); the readout gets the
+#: forward multiplier below, 1/r_u under µP, as microsoft/mup's MuSharedReadout divides its input by the
+#: width multiplier (docs/width_rules.md, "Tied embeddings: a shared readout").  ``init`` and ``lr`` are
+#: unused (the tensor follows the embedding's rule).
+TIED_READOUT: dict[Scheme, Rule] = {
+    Scheme.SP: Rule(None, ZERO, ZERO, why="SP: a plain tied head, one global LR", ref="rule-tied-readout"),
+    **{
+        s: Rule(
+            None,
+            ZERO,
+            _INV_U,
+            ref="rule-tied-readout",
+            why="shared readout: E keeps the embedding's Θ(1) init and LR; logits sum d_model coherent "
+            "terms, so the readout multiplier is 1/r_u (microsoft/mup's MuSharedReadout)",
+        )
+        for s in (Scheme.MUP, Scheme.MUP_SSM)
+    },
+}
+
 #: Roles that get no weight decay (vector-like and structured roles, and the input embedding).
 NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
 
@@ -459,22 +479,22 @@ def apply(
 ) -> Parametrized:
     """Initialise ``model`` under ``param.scheme`` and return its optimizer groups + manifest.
 
-    ``reinit`` rescales the model's current (default) init to the rule's std; pass False when
-    loading trained weights.  Groups carry ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps``
-    (:data:`ADAM_EPS`, divided by r_u under the µP schemes; SGD ignores it); schedules must
-    multiply group LRs (LambdaLR does), never set them absolutely.  Weight decay per group follows
-    :func:`weight_decay_exp`: ``wd / lr_mult`` for AdamW (decoupled) and SGD, a different power for
-    plain Adam (L2 added to the gradient); roles in NO_WEIGHT_DECAY get none.  Init stds are the
-    base shape's default (:func:`mupt.model.default_init_std`) times the rule's ratio times
-    ``param.init_scale``.  Raises ConfigError for unknown names, tied embeddings under µP, or a
+    ``reinit`` rescales the model's current init (the default one, or the std a previous ``apply`` gave
+    it, kept in ``model.init_stds``) to the rule's std, so calling ``apply`` again is idempotent and a
+    second scheme starts from the right scale; pass False when loading trained weights.  Groups carry
+    ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps`` (:data:`ADAM_EPS`, divided by r_u under the µP
+    schemes; SGD ignores it); schedules must multiply group LRs (LambdaLR does), never set them
+    absolutely.  Weight decay per group follows :func:`weight_decay_exp`: ``wd / lr_mult`` for AdamW
+    (decoupled) and SGD, a different power for plain Adam (L2 added to the gradient); roles in
+    NO_WEIGHT_DECAY get none.  Init stds are the base shape's default
+    (:func:`mupt.model.default_init_std`) times the rule's ratio times ``param.init_scale``.  Tied
+    embeddings are a shared readout (:data:`TIED_READOUT`).  Raises ConfigError for unknown names or a
     d_model whose auto dt_rank would not scale.
     """
     cfg = model.cfg
     scheme = Scheme(param.scheme)
     rules = rules_for(scheme, optimizer, model.cfg.discretization)  # validates the names first
     opt = OptimizerName(optimizer)
-    if cfg.tie_embeddings and scheme is not Scheme.SP:
-        raise ConfigError(f"tie_embeddings=true cannot be used with scheme {scheme.value}; untie them or use sp")
     base = BaseShape.of(cfg, param)
     for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
         check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
@@ -503,8 +523,9 @@ def apply(
                 if base_std is None or own_std is None:
                     raise AssertionError(f"role {role.value} has a structured default init but an init rule")
                 std = base_std * _ratio(rule.init, r_u, r_x) * param.init_scale
-                if reinit:
-                    p.mul_(std / own_std)
+                if reinit:  # from the std the weights have now: a second apply() does not compound
+                    p.mul_(std / model.init_stds.get(name, own_std))
+                    model.init_stds[name] = std
             lr_mult = _ratio(rule.lr, r_u, r_x)
             fwd[role] = _ratio(rule.fwd, r_u, r_x)
             wd_exp = weight_decay_exp(rule, role, scheme, opt, cfg.discretization)
@@ -517,7 +538,9 @@ def apply(
             )
             g["params"].append(p)
             g["names"].append(name)
-    fwd[Role.LM_HEAD] = fwd.get(Role.LM_HEAD, 1.0) * param.output_mult  # absent when tied to the embedding
+    if cfg.tie_embeddings:  # lm_head is the embedding's tensor: a shared readout with its own multiplier
+        fwd[Role.LM_HEAD] = _ratio(TIED_READOUT[scheme].fwd, r_u, r_x)
+    fwd[Role.LM_HEAD] *= param.output_mult
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)
     for entry in manifest.params.values():

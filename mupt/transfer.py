@@ -142,8 +142,14 @@ def target_config(
     steps: int | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """The target run: the proxy config at the target shape, with the proxy's base shape and tuned values."""
+    """The target run: the proxy config at the target shape, with the proxy's base shape and tuned values.
+
+    ``schedule`` sets the target's ``train`` fields ``schedule`` (constant, cosine, linear, wsd),
+    ``warmup_steps``, ``decay_fraction`` and ``grad_accum`` (``None`` values keep the proxy's);
+    see docs/schedules.md for what µP assumes when the horizon changes.
+    """
     pm = proxy.model
     proxy_scheme = Scheme(proxy.param.scheme)
     try:
@@ -170,10 +176,16 @@ def target_config(
     data = to_dict(proxy)
     data["model"].update(d_model=to_width, d_state=to_state or pm.d_state)
     data["param"].update(scheme=target_scheme.value, base_d_model=base.d_model, base_d_state=base.d_state)
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), *(schedule or {}).items()):
         if value is not None:
             data["train"][key] = value
-    return from_dict(RunConfig, data, where="target config")
+    out = from_dict(RunConfig, data, where="target config")
+    if out.train.warmup_steps >= out.train.steps:
+        raise ConfigError(
+            f"--warmup {out.train.warmup_steps}: must be fewer than the target's {out.train.steps} steps, "
+            f"e.g. --warmup {max(1, out.train.steps // 100)}"
+        )
+    return out
 
 
 def base_config(target: RunConfig, proxy: RunConfig) -> RunConfig:
@@ -197,6 +209,7 @@ def transfer(
     seq_len: int | None = None,
     source_path: str | Path | None = None,
     to_data: str | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> Recipe:
     """The recipe for the target shape from a proxy result (``BestParams``) or a proxy config with the tuned LR.
 
@@ -216,7 +229,7 @@ def transfer(
         origin = {"kind": "lr", "params": {"lr": proxy.train.lr}}
     if source_path is not None:
         origin["path"] = str(source_path)
-    target = target_config(proxy, to_width, to_state, to_layers, scheme, steps, batch_size, seq_len)
+    target = target_config(proxy, to_width, to_state, to_layers, scheme, steps, batch_size, seq_len, schedule)
     proxy_data = best.dataset if isinstance(best, BestParams) and best.dataset else data_identity(proxy.data)
     data_warnings: list[str] = []
     target_data = proxy_data
@@ -349,6 +362,12 @@ def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: Shap
     cfg = recipe.run
     ratio = recipe.source["ratio"]
     for what, r in (("width (N_u)", ratio["width"]), ("state (N_x)", ratio["state"])):
+        if r < 1:
+            out.append(
+                f"the target's {what} is SMALLER than the proxy's ({r:g}x): µP transfers a small proxy's optimum "
+                "up in width; going down extrapolates the rules where nothing was verified; tune at the target "
+                "width directly, or transfer from a narrower proxy"
+            )
         if r > VERIFIED_RATIO or r < 1 / VERIFIED_RATIO:
             out.append(
                 f"{what} transfer ratio {r:g}x is outside what the coordinate/LR-transfer checks verified "
@@ -415,8 +434,10 @@ def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     return path
 
 
-def default_recipe_path(recipe: Recipe, directory: str | Path = "recipes") -> Path:
-    return Path(directory) / f"{Scheme(recipe.run.param.scheme).value}-{recipe.run.model.d_model}.yaml"
+def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path = "recipes") -> Path:
+    """``recipes/<scheme>-<d_model>.yaml`` for a recipe (or its target run config)."""
+    run = recipe.run if isinstance(recipe, Recipe) else recipe
+    return Path(directory) / f"{Scheme(run.param.scheme).value}-{run.model.d_model}.yaml"
 
 
 # --- explain --------------------------------------------------------------------------------------

@@ -99,22 +99,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def proxy_config() -> RunConfig:
-    """The built-in proxy (``recipes/proxy.yaml`` is this config written out).
+    """The built-in proxy: :class:`~mupt.config.RunConfig`'s defaults, defined once in :mod:`mupt.config`
+    (``PROXY_*``; ``recipes/proxy.yaml`` is this config written out).
 
-    Sized so that ``mupt tune --width 256`` with the default trial budget finishes on two CPU
+    Sized so that ``mupt tune`` (d_model 256) with the default trial budget finishes on two CPU
     cores in minutes: 2 layers, d_state 16, 64 steps of 8 x 64 tokens, eval every 16 steps.
     """
-    return RunConfig.model_validate(
-        {
-            "model": {"d_model": 256, "n_layers": 2, "d_state": 16},
-            "data": {"source": "builtin"},
-            "train": {
-                "steps": 64, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "optimizer": "adamw",
-                "eval_every": 16, "eval_batches": 2, "seed": 0,
-            },
-            "param": {"scheme": "mup-ssm"},
-        }
-    )  # fmt: skip
+    return RunConfig()
 
 
 class TuneSettings(BaseModel):

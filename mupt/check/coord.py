@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from mupt.config import (
+    DEFAULT_OPTIMIZER,
     DataConfig,
     Discretization,
     ModelConfig,
@@ -63,7 +64,7 @@ class CoordSettings:
     """What one coordinate check measures."""
 
     scheme: Scheme = Scheme.MUP_SSM
-    optimizer: OptimizerName = OptimizerName.ADAM
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER  # adam == adamw here (weight decay 0)
     discretization: Discretization = Discretization.ZOH
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     n_layers: int = 3
@@ -78,6 +79,8 @@ class CoordSettings:
     backend: str = "auto"
     #: d_model of the base shape (the proxy the LR was tuned at); None = the smallest width.
     base_width: int | None = None
+    #: LM head tied to the embedding (a shared readout, docs/width_rules.md)
+    tie_embeddings: bool = False
     #: token source (``DataConfig.source``: builtin, a prepared dataset, a .bin/.npy with ``vocab_size``)
     data: str = "builtin"
     vocab_size: int | None = None
@@ -127,6 +130,7 @@ class CoordSettings:
                 n_layers=self.n_layers,
                 d_state=self.d_state(width),
                 discretization=self.discretization,
+                tie_embeddings=self.tie_embeddings,
                 scan_backend=resolve_scan_backend(self.backend),
                 vocab_size=padded_vocab(data_vocab(self.data_config())),
             ),
@@ -369,12 +373,12 @@ def coord_check(
     layers = [str(i) for i in range(settings.n_layers)]
     for layer, quantities in [(la, LAYER_QUANTITIES) for la in layers] + [(HEAD, HEAD_QUANTITIES)]:
         for q in quantities:
-            by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
-            slopes = [log2_slope(settings.widths, means) for means in by_step]
+            means_by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
+            slopes = [log2_slope(settings.widths, means) for means in means_by_step]
             seeds, slope = per[f"{layer}.{q}"][-1], slopes[-1]
             flat = math.isfinite(slope) and abs(slope) <= settings.tolerance
             se = slope_stderr(settings.widths, seeds)
-            result.rows.append(Row(layer, q, by_step[-1], seeds, slope, flat, se, by_step, slopes))
+            result.rows.append(Row(layer, q, means_by_step[-1], seeds, slope, flat, se, means_by_step, slopes))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -457,10 +461,11 @@ def _describe(result: CoordResult) -> str:
     return (
         f"{s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, base {base}, "
         f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}"
+        + (", tied embeddings" if s.get("tie_embeddings") else "")
     )
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     path = Path(path)

@@ -174,6 +174,9 @@ def _read_text_path(path: Path) -> bytes:
             raise DataError(f"--data {f}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
         except OSError as err:
             raise DataError(f"--data {f}: cannot read ({err.strerror}); check permissions") from None
+    if not any(p.strip() for p in parts):
+        what = "is empty" if path.is_file() else "holds only empty .txt files"
+        raise DataError(f"--data {path}: {what}; pass a text file with at least a few KB of text")
     return "\n\n".join(parts).encode("utf-8")
 
 
