@@ -107,7 +107,7 @@ def test_train_without_run_dir_writes_a_fresh_directory(cli, tmp_path: Path, mon
     assert code == 0, err
     (run,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"train-w32-\d{8}-\d{6}", run.name)
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.json"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.json", "model.safetensors"}
     assert str(Path("runs") / run.name) in out
 
 

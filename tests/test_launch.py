@@ -211,7 +211,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(trained: tuple[Path, 
     damage_checkpoint(run_dir / "checkpoints" / "step_000006", damage)
     code, _, stderr = cli("scale", str(recipe))
     assert code == 0, stderr
-    lines = [" ".join(x.split()) for x in stderr.splitlines() if x.strip()]
+    lines = [" ".join(x.split()) for x in message_lines(stderr)]
     assert len(lines) == 1 and "step_000006 is corrupt" in lines[0] and "resuming from" in lines[0], stderr
     assert "step_000003" in lines[0] and "delete" not in lines[0]
     summary = json.loads((run_dir / "summary.json").read_text())
