@@ -456,6 +456,16 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
     return None if a == b else (prefix.rstrip(".") or "<root>", a, b)
 
 
+def check_lr_scale(lr_scale: float | None) -> None:
+    """Refuse a ``--lr-scale`` that is not a finite number > 0 (None: not given).
+
+    Raises:
+        ConfigError: one line naming the value, for ``mupt train`` and ``mupt scale`` alike.
+    """
+    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise ConfigError(f"--lr-scale {lr_scale:g}: must be a finite number > 0, e.g. 0.5 or 2")
+
+
 def parse_widths(text: str, at_least: int = 1, flag: str = "--widths") -> list[int]:
     """``"256,64,128"`` -> ``[64, 128, 256]`` (sorted, distinct, positive).
 

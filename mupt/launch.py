@@ -49,6 +49,7 @@ from mupt.config import (
     Schedule,
     TrainConfig,
     atomic_write_text,
+    check_lr_scale,
     first_difference,
     json_text,
     save_yaml,
@@ -85,8 +86,7 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
         if value is None:
             continue
         if key == "lr_scale":
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--lr-scale {value}: must be a finite number > 0, e.g. 0.5 or 2")
+            check_lr_scale(value)
             data["run"]["train"]["lr"] *= value
             for row in data["per_role"].values():
                 if row.get("lr") is not None:

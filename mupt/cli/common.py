@@ -37,6 +37,7 @@ from mupt.config import (
     OptimizerName,
     RunConfig,
     Scheme,
+    check_lr_scale,
     load_run_config,
     with_overrides,
 )
@@ -184,12 +185,6 @@ def check_finite(value: float, flag: str, positive: bool = False) -> float:
         need = "a finite number > 0" if positive else "a finite number"
         raise ConfigError(f"{flag} {value:g}: must be {need}")
     return value
-
-
-def check_lr_scale(lr_scale: float | None) -> None:
-    """Refuse a --lr-scale that is not a finite positive number (one line, exit 2)."""
-    if lr_scale is not None and not (lr_scale > 0 and lr_scale != float("inf")):
-        raise ConfigError(f"--lr-scale {lr_scale:g}: must be a finite number > 0, e.g. 0.5 or 2")
 
 
 def resolve_config(config: Path | None, **flags: Any) -> RunConfig:

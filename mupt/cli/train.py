@@ -32,12 +32,11 @@ from mupt.cli.common import (
     ThreadsOpt,
     VocabOpt,
     WidthOpt,
-    check_lr_scale,
     progress,
     resolve_config,
     scale_lr,
 )
-from mupt.config import atomic_write_text, json_text, save_yaml, with_overrides
+from mupt.config import atomic_write_text, check_lr_scale, json_text, save_yaml, with_overrides
 from mupt.export import WEIGHTS, save_weights
 from mupt.paths import check_output_dir, default_run_dir
 from mupt.report import key_values
