@@ -43,7 +43,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mupt import __version__
 from mupt.config import (
@@ -134,20 +134,12 @@ class TuneSettings(BaseModel):
     fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
     reduction: int = Field(default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best")
 
-    @field_validator("sampler", mode="before")
+    @field_validator("sampler", "pruner", "fidelity", mode="before")
     @classmethod
-    def _sampler(cls, v: Any) -> Any:
-        return _enum(SamplerName, v, "--sampler")
-
-    @field_validator("pruner", mode="before")
-    @classmethod
-    def _pruner(cls, v: Any) -> Any:
-        return _enum(PrunerName, v, "--pruner")
-
-    @field_validator("fidelity", mode="before")
-    @classmethod
-    def _fidelity(cls, v: Any) -> Any:
-        return _enum(Fidelity, v, "--fidelity")
+    def _choice(cls, v: Any, info: ValidationInfo) -> Any:
+        """One line naming the flag and its choices, instead of pydantic's enum error."""
+        enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity}[str(info.field_name)]
+        return _enum(enum, v, f"--{info.field_name}")
 
     @field_validator("search", mode="before")
     @classmethod
