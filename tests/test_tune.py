@@ -403,7 +403,7 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Traceback" not in out
     assert "rerun the same command to resume" in err
-    assert len(re.findall(r"^tune: \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
+    assert len(re.findall(r"^tune \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
     bp = load_best(tmp_path / "proxy-w32" / "best.yaml")
     done = _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert bp.trial in {t.number for t in done} and 2 <= len(done) < 20
@@ -413,6 +413,41 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     proc = mupt(*args, "--report")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+
+
+def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) -> None:
+    """Issue 14 (1b): Ctrl-C while only the narrowest rung has finished trials: exit 130 and no best.yaml;
+    `--report` still shows the finished trials and plots, says no trial reached the proxy width, exits 0;
+    the rerun resumes, keeps every finished trial and writes best.yaml at the proxy width."""
+    args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
+    s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
+    proc = mupt(*args)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)):
+                break
+        except (KeyError, StorageError):
+            continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    run_dir = tmp_path / "proxy-w64"
+    assert not (run_dir / "best.yaml").exists()
+    finished = {t.number for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))}
+    assert finished
+    proc = mupt(*args, "--report")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "no trial has finished at the proxy width" in " ".join(err.split())
+    assert (run_dir / "history.png").is_file() and not (run_dir / "best.yaml").exists()
+    proc = mupt(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    kept = {t.number for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))}
+    assert finished <= kept
+    assert load_best(run_dir / "best.yaml").config.model.d_model == 64
 
 
 def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:
