@@ -32,6 +32,7 @@ from mupt.tune import (
     prepare_study,
     proxy_config,
     run_study,
+    run_worker,
     trial_rows,
     write_best,
     write_plots,
@@ -273,6 +274,28 @@ def test_width_ladder_two_workers_no_duplicate_promotions(tmp_path: Path) -> Non
             assert len(sources) == len(set(sources)) == rung.size
     workers = {t.user_attrs["worker"] for t in ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))}
     assert len(workers) == 2  # both processes ran trials
+
+
+def test_duplicate_retry_in_the_first_rung_does_not_stop_the_worker(tmp_path: Path) -> None:
+    """Two retries of one failed trial queued in rung 0 (what two SQLite workers can do when both fail the
+    same stale trial): the worker runs one, skips its twin, and goes on to fill every rung's budget."""
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="twins", trials=6, runs_dir=str(tmp_path), pruner="none")
+    ladder = open_ladder(s, cfg)
+    st0 = ladder.studies[0]
+    failed = st0.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    st0.tell(failed, state=TrialState.FAIL)
+    for _ in range(2):  # the twin retries, as Optuna's RetryFailedTrialCallback enqueues them
+        st0.enqueue_trial(dict(st0.trials[failed.number].params))
+    for t in st0.get_trials(states=(TrialState.WAITING,)):
+        ladder.storage.set_trial_system_attr(t._trial_id, "retry_history", [failed.number])
+        ladder.storage.set_trial_system_attr(t._trial_id, "failed_trial", failed.number)
+    run_worker(s, cfg)
+    after = open_ladder(s, cfg)
+    reasons = [t.user_attrs.get("reason", "") for t in after.studies[0].get_trials(states=(TrialState.FAIL,))]
+    assert sum(r.startswith("duplicate retry") for r in reasons) == 1, reasons
+    for rung, study in zip(after.rungs, after.studies, strict=True):
+        assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == rung.size, rung
 
 
 def _load(s: TuneSettings, name: str) -> optuna.Study:
