@@ -59,6 +59,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("",
 _MIN_BLOCK = 16  # tl.dot's smallest tile side
 _MAX_CHUNK = 64
 _PASS_BLOCK = 256 if not _INTERPRET else 64  # headdim*d_state elements per state-passing program
+_CHUNK_WARPS = 8  # the chunk-scan kernels hold several (Q x headdim) and (Q x d_state) fp32 tiles at once
 
 
 def kernel_chunk(chunk_size: int) -> int:
@@ -366,7 +367,7 @@ def _forward(
     _chunk_scan_fwd_kernel[s.chunk_grid()](
         x, dt, acum, B, C, D if D is not None else final, states, y,
         d["seqlen"], d["padlen"], d["nheads"], d["headdim"], d["ngroups"], d["dstate"], d["nchunks"],
-        HAS_D=D is not None, **s.blocks(),
+        HAS_D=D is not None, **s.blocks(), num_warps=_CHUNK_WARPS,
     )  # fmt: skip
     return y, final
 
@@ -405,7 +406,7 @@ def _backward(
         x, dt, acum, B, C, D if D is not None else dD_part, states, ds, dy,
         dx, ddt, dacum, dB_heads, dC_heads, dD_part,
         d["seqlen"], d["padlen"], d["nheads"], d["headdim"], d["ngroups"], d["dstate"], d["nchunks"],
-        HAS_D=D is not None, **s.blocks(),
+        HAS_D=D is not None, **s.blocks(), num_warps=_CHUNK_WARPS,
     )  # fmt: skip
     # the state passing's share of d a_last (fixed-order sums: deterministic)
     dacum.view(s.batch, s.nchunks, s.q, s.nheads)[:, :, -1] += dalast.sum(dim=-1)
