@@ -130,6 +130,8 @@ def run_point(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
         "status": res.status,
         "reason": res.reason,
         "final_val_loss": loss if loss is None or math.isfinite(loss) else None,
+        "val_se": res.final_val_se if loss is not None else None,  # batch standard error, nats/token
+        "val_tokens": res.final_val_tokens,
         "steps": res.steps,
         "seconds": res.seconds,
         "config": to_dict(cfg),
@@ -216,11 +218,24 @@ def run_sweep(
     threads: int | None = None,
     on_point: PointCallback | None = None,
 ) -> SweepRun:
-    """Train every missing point (cached ones are reused) and return all records.
+    """Train every missing point of ``spec`` (cached ones are reused) and return all records (see
+    :func:`run_configs`)."""
+    return run_configs(spec.configs(), out_dir, workers, threads, on_point)
+
+
+def run_configs(
+    configs: Sequence[RunConfig],
+    out_dir: str | Path,
+    workers: int = 1,
+    threads: int | None = None,
+    on_point: PointCallback | None = None,
+) -> SweepRun:
+    """Train every config whose point is not cached under ``out_dir/points/``; all records, in order.
 
     ``workers == 1`` trains in this process; more use a spawn ProcessPoolExecutor.  Every point
     is cached as soon as it finishes, so an interruption (Ctrl-C, a crash, a killed CI job)
-    loses at most the points in flight.
+    loses at most the points in flight.  Raises ConfigError for ``workers < 1``, StorageError
+    for an unwritable ``out_dir``.
     """
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be at least 1")
@@ -229,7 +244,7 @@ def run_sweep(
     records: dict[str, dict[str, Any]] = {}
     todo: list[RunConfig] = []
     hits = 0
-    for cfg in spec.configs():
+    for cfg in configs:
         key = point_key(cfg)
         rec = cache.get(key)
         if rec is not None:
@@ -260,7 +275,7 @@ def run_sweep(
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-    ordered = [records[point_key(cfg)] for cfg in spec.configs()]
+    ordered = [records[point_key(cfg)] for cfg in configs]
     return SweepRun(points=ordered, cache_hits=hits, trained=len(todo))
 
 
