@@ -18,7 +18,7 @@ from mupt.check.lr_transfer import (
 from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
-TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference"]
+TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference", "--seeds", "1"]
 
 
 def tiny_base() -> RunConfig:
@@ -128,7 +128,9 @@ def test_analyze_diverged_wider_point_is_worse() -> None:
 
 def test_cli_tiny_sweep_end_to_end(cli, tmp_path: Path) -> None:
     out = tmp_path / "tr"
-    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-7", "--vs", "sp", "--workers", "2"]
+    # 4 steps cannot resolve 1% of loss: this test is about the drift gate (regret: tests/test_regret.py)
+    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-7", "--vs", "sp", "--workers", "2",
+            "--max-regret", "100"]  # fmt: skip
     code, stdout, stderr = cli(*args, *TINY, "--out", str(out))
     assert code == 0, stderr
     doc = json.loads((out / "transfer.json").read_text())

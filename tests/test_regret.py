@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mupt.check.regret import base_optimum, max_regret, regret_at, regret_by_width, seed_means
+from mupt.check.regret import base_optimum, regret_at, regret_by_width, seed_means, worst_regret
 from mupt.config import load_recipe, save_yaml, with_overrides
 
 
@@ -45,7 +45,7 @@ def test_regret_arithmetic_on_known_losses() -> None:
     assert row.seeds == 2
     assert row.se_pct == pytest.approx((2.857143 - 2.702703) / 2, abs=1e-5)
     assert not row.diverged and not row.best_at_edge and row.notes == []
-    assert max_regret([row]) == pytest.approx(2.777778, abs=1e-5)
+    assert worst_regret([row]) == pytest.approx(2.777778, abs=1e-5)
 
 
 def test_regret_zero_when_transferred_is_best_and_edge_flagged() -> None:
@@ -67,10 +67,46 @@ def test_regret_diverged_or_missing_transferred_setting() -> None:
     assert seed_means(div)[("mup-ssm", 128, -9.0)] is None
     (row,) = regret_by_width(div, "mup-ssm")
     assert row.diverged and row.regret_pct is None and row.best_scheme == "sp"
-    assert max_regret([row]) == math.inf
+    assert worst_regret([row]) == math.inf
     missing = regret_at(SWEEP, 128, "mup-ssm", -7)
     assert missing.regret_pct is None and not missing.diverged and "not measured" in missing.notes[0]
     assert regret_by_width([pt("mup-ssm", 64, -9, 0, None)], "mup-ssm") == []
+
+
+# --- mupt check transfer: regret in the table, JSON, summary, and its gate on real runs ------------------
+
+
+def test_check_transfer_regret_and_gate_exit_codes(cli, tmp_path: Path) -> None:
+    out = tmp_path / "tr"
+    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-6", "--vs", "sp,mup", "--seeds", "2",
+            "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference",
+            "--workers", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    code, stdout, stderr = cli(*args, "--max-regret", "1000")
+    assert code == 0, stderr
+    doc = json.loads((out / "transfer.json").read_text())
+    assert len(doc["points"]) == 3 * 2 * 4 * 2
+    # the regret at width 32, recomputed here from the raw points
+    mean: dict[tuple[str, int, float], list[float]] = {}
+    for p in doc["points"]:
+        mean.setdefault((p["scheme"], p["width"], p["log2_lr"]), []).append(p["final_val_loss"])
+    m = {k: sum(v) / len(v) for k, v in mean.items()}
+    x_base = min((k for k in m if k[:2] == ("mup-ssm", 16)), key=lambda k: m[k])[2]
+    best = min(v for k, v in m.items() if k[1] == 32)
+    expected = 100 * (m[("mup-ssm", 32, x_base)] / best - 1)
+    (row,) = doc["regret"]
+    assert row["width"] == 32 and row["transferred_log2_lr"] == x_base and row["seeds"] == 2
+    assert row["regret_pct"] == pytest.approx(expected, abs=1e-9) and row["se_pct"] is not None
+    assert doc["passed"] is True and doc["regret_passed"] is True
+    assert doc["noise"]["val_tokens"] > 0 and doc["noise"]["seed_std_median"] > 0
+    assert "regret of the transferred setting" in stdout and "measurement noise" in stdout
+    assert "regret of mup-ssm's transferred setting" in (out / "summary.md").read_text()
+    # the gate: a max just below the measured regret fails (exit 1), just above passes; every point cached
+    assert expected > 1  # 6 steps: sp's best beats the transferred mup-ssm LR clearly (measured 14.8%)
+    code, stdout, _ = cli(*args, "--max-regret", f"{expected * 0.99:.6f}")
+    assert code == 1 and "48 cached, 0 trained" in stdout
+    assert json.loads((out / "transfer.json").read_text())["regret_passed"] is False
+    code, stdout, _ = cli(*args, "--max-regret", f"{expected * 1.01 + 1e-6:.6f}")
+    assert code == 0 and "48 cached, 0 trained" in stdout
 
 
 # --- mupt check target on real runs ------------------------------------------------------------

@@ -149,7 +149,7 @@ def regret_by_width(points: Sequence[dict[str, Any]], scheme: str, base_width: i
     return [regret_at(points, w, scheme, xt) for w in widths if w > bw]
 
 
-def max_regret(rows: Sequence[RegretRow]) -> float | None:
+def worst_regret(rows: Sequence[RegretRow]) -> float | None:
     """The largest regret over ``rows`` (percent); ``inf`` when any transferred setting diverged or was not
     measured, ``None`` for no rows."""
     if not rows:
@@ -167,10 +167,10 @@ def regret_table(points: Sequence[dict[str, Any]], scheme: str, base_width: int 
 __all__ = [
     "RegretRow",
     "base_optimum",
-    "max_regret",
     "per_seed",
     "regret_at",
     "regret_by_width",
     "regret_table",
     "seed_means",
+    "worst_regret",
 ]

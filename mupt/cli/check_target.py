@@ -8,9 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mupt.check.target import DEFAULT_MAX_REGRET, TargetReport, check_target, spec_from_recipe
+from mupt.check.target import TargetReport, check_target, spec_from_recipe
 from mupt.cli import check_app, err, out
-from mupt.cli.check_transfer import WorkersOpt, workers_threads
+from mupt.cli.check_transfer import MAX_REGRET, WorkersOpt, workers_threads
 from mupt.cli.common import ThreadsOpt, check_finite, progress
 from mupt.config import load_recipe
 from mupt.errors import ConfigError
@@ -73,7 +73,7 @@ def target(
     ] = False,
     max_regret: Annotated[
         float, typer.Option("--max-regret", help="Largest allowed regret of the transferred setting, in %.")
-    ] = DEFAULT_MAX_REGRET,
+    ] = MAX_REGRET,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
     out_dir: Annotated[
