@@ -18,7 +18,8 @@ from mupt.check.lr_transfer import (
 from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
-TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference", "--seeds", "1"]
+TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference",
+        "--seeds", "1"]  # fmt: skip
 
 
 def tiny_base() -> RunConfig:

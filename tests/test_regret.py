@@ -107,6 +107,25 @@ def test_check_transfer_regret_and_gate_exit_codes(cli, tmp_path: Path) -> None:
     assert json.loads((out / "transfer.json").read_text())["regret_passed"] is False
     code, stdout, _ = cli(*args, "--max-regret", f"{expected * 1.01 + 1e-6:.6f}")
     assert code == 0 and "48 cached, 0 trained" in stdout
+    # mupt transfer from this proxy (d_model 16, 1 layer) finds the result under --runs-dir and prints the regret
+    proxy = ["transfer", "--lr", "0.004", "--width", "16", "--layers", "1", "--backend", "reference",
+             "--health-steps", "0", "--runs-dir", str(tmp_path)]  # fmt: skip
+    code, stdout, stderr = cli(*proxy, "--to-width", "32", "--out", str(tmp_path / "r32.yaml"))
+    assert code == 0, stderr
+    flat = " ".join(stdout.split())
+    assert f"expected regret of this recipe: d_model 32: {row['regret_pct']:.2f}% ± {row['se_pct']:.2f}" in flat
+    recipe = load_recipe(tmp_path / "r32.yaml")
+    assert recipe.source["expected_regret"]["at_target"]["regret_pct"] == pytest.approx(row["regret_pct"])
+    code, stdout, _ = cli(*proxy, "--to-width", "128", "--out", str(tmp_path / "r128.yaml"))
+    flat = " ".join(stdout.split())
+    assert code == 0 and "d_model 128 is wider than any width checked (max 32)" in flat
+    assert "mupt check target" in flat
+    # a result for another proxy (2 layers) is refused when named, ignored when searched
+    deeper = [("2" if a == "1" and proxy[i - 1] == "--layers" else a) for i, a in enumerate(proxy)]
+    code, _, stderr = cli(*deeper, "--to-width", "32", "--check", str(out), "--out", str(tmp_path / "x.yaml"))
+    assert code == 2 and "model.n_layers is 1 there, 2 in the proxy" in stderr
+    code, stdout, _ = cli(*deeper, "--to-width", "32", "--out", str(tmp_path / "y.yaml"))
+    assert code == 0 and "expected regret: unknown" in " ".join(stdout.split())
 
 
 # --- mupt check target on real runs ------------------------------------------------------------

@@ -23,11 +23,16 @@ Nothing here prints or trains.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from mupt.config import RunConfig, from_dict
+from mupt.errors import ConfigError
 
 #: LRs are compared on their log2, rounded so that 2^-9.5 from a grid and from a float match.
 _DIGITS = 6
@@ -164,10 +169,106 @@ def regret_table(points: Sequence[dict[str, Any]], scheme: str, base_width: int 
     return [r.to_dict() for r in regret_by_width(points, scheme, base_width)]
 
 
+# --- the regret a recipe can expect: a `mupt check transfer` result for the same proxy ---------------------
+
+#: Model fields that must agree between a check-transfer sweep and a proxy for its regret to apply
+#: (d_model is the width being transferred; scan_backend does not change the math).
+_SAME_MODEL = ("arch", "n_layers", "d_state", "d_conv", "expand", "vocab_size", "discretization", "tie_embeddings",
+               "headdim", "ngroups")  # fmt: skip
+
+
+@dataclass
+class ExpectedRegret:
+    """The regret measured by a check-transfer sweep whose base is the proxy (rows as in transfer.json)."""
+
+    path: str
+    base_width: int
+    rows: list[dict[str, Any]]  # one per checked width above the base (RegretRow.to_dict())
+    target_width: int
+    seeds: int
+    steps: int
+    at_target: dict[str, Any] | None  # the row at the target width, when it was checked
+    wider_than_checked: bool
+
+    @property
+    def max_checked(self) -> int:
+        return max([self.base_width, *(int(r["width"]) for r in self.rows)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def proxy_mismatch(result: dict[str, Any], proxy: RunConfig) -> str | None:
+    """Why a transfer.json does not describe ``proxy``'s transfer (one phrase), or None when it does: the
+    base width is the proxy's d_model, the gated scheme its scheme, and the model shape (but width), data
+    and optimizer agree."""
+    try:
+        base = from_dict(RunConfig, result["base_config"])
+        widths = sorted({int(p["width"]) for p in result["points"]})
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return "not a transfer.json written by mupt check transfer"
+    if "regret" not in result:
+        return "written before mupt measured regret; rerun mupt check transfer"
+    if widths[0] != proxy.model.d_model:
+        return f"its base width is {widths[0]}, the proxy's d_model {proxy.model.d_model}"
+    if result.get("gate") != proxy.param.scheme.value:
+        return f"it gates scheme {result.get('gate')}, the proxy uses {proxy.param.scheme.value}"
+    for name in _SAME_MODEL:
+        a, b = getattr(base.model, name), getattr(proxy.model, name)
+        if a != b:
+            return f"model.{name} is {a} there, {b} in the proxy"
+    if base.data.source != proxy.data.source:
+        return f"it trained on {base.data.source}, the proxy on {proxy.data.source}"
+    if base.train.optimizer != proxy.train.optimizer:
+        return f"it used {base.train.optimizer.value}, the proxy {proxy.train.optimizer.value}"
+    return None
+
+
+def expected_regret(path: str | Path, proxy: RunConfig, target_width: int) -> ExpectedRegret:
+    """The regret that ``path`` (a check-transfer transfer.json) measured for ``proxy``'s transfer.
+
+    Raises ConfigError (one line naming the file and the difference) when it is unreadable or measured
+    another proxy (:func:`proxy_mismatch`).
+    """
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--check {path}: cannot read it as a transfer.json ({e}); pass mupt check transfer's "
+                          "transfer.json") from None  # fmt: skip
+    why = proxy_mismatch(result, proxy) if isinstance(result, dict) else "not a JSON object"
+    if why is not None:
+        raise ConfigError(f"--check {path}: not this proxy's transfer ({why}); pass a matching check result")
+    rows = list(result["regret"])
+    at = next((r for r in rows if int(r["width"]) == target_width), None)
+    base_width = min(int(p["width"]) for p in result["points"])
+    checked = max([base_width, *(int(r["width"]) for r in rows)])
+    seeds = len({int(p["seed"]) for p in result["points"]})
+    steps = int(result.get("meta", {}).get("steps", 0))
+    return ExpectedRegret(str(path), base_width, rows, target_width, seeds, steps, at, target_width > checked)
+
+
+def find_expected_regret(runs_dir: str | Path, proxy: RunConfig, target_width: int) -> ExpectedRegret | None:
+    """The newest ``runs_dir/*/transfer.json`` (or ``*/transfer/transfer.json``, `check all`'s layout) that
+    measured ``proxy``'s transfer, as :func:`expected_regret`; None when there is none."""
+    root = Path(runs_dir)
+    candidates = [*root.glob("*/transfer.json"), *root.glob("*/transfer/transfer.json")]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            return expected_regret(path, proxy, target_width)
+        except ConfigError:
+            continue
+    return None
+
+
 __all__ = [
+    "ExpectedRegret",
     "RegretRow",
     "base_optimum",
+    "expected_regret",
+    "find_expected_regret",
     "per_seed",
+    "proxy_mismatch",
     "regret_at",
     "regret_by_width",
     "regret_table",
