@@ -177,7 +177,7 @@ def transfer(
     max_drift: MaxDriftOpt = 1.0,
     monotone_tol: TolOpt = 0.0,
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Output dir: points/ cache, transfer.json, PNG, summary.md.")
+        Path, typer.Option("--out", help="Output dir: points/ cache, transfer.json, points.csv, PNG, summary.md.")
     ] = Path("runs/check-transfer"),
 ) -> None:
     """Sweep LR x width, locate the optimum per width, gate on its drift and on wider-is-not-worse.
@@ -202,18 +202,16 @@ def transfer(
 CI_WIDTHS = "32,64,128,256"
 CI_LRS = "2^-12..2^-5"
 CI_STEPS = 60
-# The coordinate part checks the widths a 64-wide proxy transfers to, with `mupt check coord`'s
-# other defaults (3 layers, 24 seeds): below d_model 256 layer-1 y is still rising with width
-# under Adam (docs/width_rules.md, finding 1).
-CI_COORD_BASE = 64
-CI_COORD_WIDTHS = (256, 512, 1024, 2048)
+# The coordinate part is `mupt check coord` with its defaults: the widths a 64-wide proxy transfers
+# to, 3 layers, 24 seeds (below d_model 256 layer-1 y is still rising with width under Adam,
+# docs/width_rules.md, finding 1).
 
 
 def run_coord(out_dir: Path, backend: str | None) -> bool:
     """The coordinate check (mupt.check.coord) with CI-sized settings; writes coord.json + PNG."""
     from mupt.check.coord import CoordSettings, coord_check
 
-    settings = CoordSettings(widths=CI_COORD_WIDTHS, base_width=CI_COORD_BASE, backend=backend or "auto")
+    settings = CoordSettings(backend=backend or "auto")
     err.print(
         f"[bold]mupt check all[/]: coordinate check widths={list(settings.widths)} base={settings.base} "
         f"seeds={settings.seeds}"

@@ -30,6 +30,7 @@ from mupt.cli.common import (
 from mupt.config import BestParams, Recipe, RunConfig, Scheme
 from mupt.errors import ConfigError, StorageError
 from mupt.report import format_bytes, key_values, table
+from mupt.tables import SUFFIXES, write_table
 from mupt.transfer import (
     FAR_FEWER,
     SCAN_FWD_FLOPS,
@@ -41,6 +42,7 @@ from mupt.transfer import (
     explain_notes,
     latest_best,
     load_best,
+    per_role_frame,
     save_recipe,
     summarize,
 )
@@ -113,6 +115,14 @@ def transfer(
     out_path: Annotated[
         Path | None, typer.Option("--out", "-o", help="Recipe path; default recipes/<scheme>-<to-width>.yaml.")
     ] = None,
+    table_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--table-out",
+            help="Also write the per-role table (base and target init std, LR, fwd mult, weight decay) as CSV "
+            "(.csv) or Parquet (.parquet, needs pyarrow).",
+        ),
+    ] = None,
     explain_rules: Annotated[
         bool,
         typer.Option(
@@ -136,6 +146,8 @@ def transfer(
         width=width, layers=layers, d_state=d_state, discretization=discretization, optimizer=optimizer,
         base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
+    if table_out is not None and table_out.suffix not in SUFFIXES:
+        raise ConfigError(f"--table-out {table_out}: give a path ending in .csv or .parquet")
     if to_width is None and not explain_rules:
         raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")
     try:
@@ -160,6 +172,9 @@ def transfer(
     dest = out_path if out_path is not None else default_recipe_path(recipe)
     save_recipe(dest, recipe)
     out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
+    if table_out is not None:
+        write_table(per_role_frame(recipe), table_out)
+        out.print(f"per-role table written: {table_out}", highlight=False)
 
 
 def _show(recipe: Recipe, path: Path | None) -> None:
