@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mupt.errors import ConfigError, StorageError
 
@@ -41,9 +41,12 @@ class OptimizerName(StrEnum):
 
 
 class Schedule(StrEnum):
+    """LR multiplier after warmup (see :func:`mupt.train.lr_factor` and docs/schedules.md)."""
+
     CONSTANT = "constant"
-    COSINE = "cosine"
-    LINEAR = "linear"
+    COSINE = "cosine"  # half cosine from 1 to 0 over the steps after warmup
+    LINEAR = "linear"  # straight line from 1 to 0 over the steps after warmup
+    WSD = "wsd"  # warmup-stable-decay: 1 until the last decay_fraction of the steps, then linear to 0
 
 
 class Arch(StrEnum):
@@ -62,7 +65,29 @@ class Scheme(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # allow_inf_nan=False: `--lr inf` / `lr: .nan` are refused where they are read, not after a diverged run
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
+
+
+# --- the default proxy: ONE definition ------------------------------------------------------------
+# `mupt train`, `mupt tune`, `mupt transfer --lr` and `mupt check transfer --config` all start from
+# RunConfig(), whose defaults are these; recipes/proxy.yaml is RunConfig() written out.  Sized so that
+# `mupt tune` (16 trials at d_model 256) finishes on two CPU cores in minutes.
+
+#: d_model of the default proxy.
+PROXY_D_MODEL = 256
+#: Optimizer steps of a proxy run.
+PROXY_STEPS = 64
+#: Sequences per optimizer step (the global batch).
+PROXY_BATCH_SIZE = 8
+#: Tokens per sequence.
+PROXY_SEQ_LEN = 64
+#: Steps between validation losses (also tune's pruning points).
+PROXY_EVAL_EVERY = 16
+#: Validation batches per evaluation.
+PROXY_EVAL_BATCHES = 2
+#: The optimizer every command defaults to (tune, train, transfer --lr and the checks).
+DEFAULT_OPTIMIZER = OptimizerName.ADAMW
 
 
 class ModelConfig(_Strict):
@@ -75,7 +100,7 @@ class ModelConfig(_Strict):
     """
 
     arch: Arch = Arch.MAMBA1
-    d_model: int = Field(64, gt=0, description="residual width")
+    d_model: int = Field(PROXY_D_MODEL, gt=0, description="residual width")
     n_layers: int = Field(2, gt=0)
     d_state: int = Field(16, gt=0, description="SSM state width N_x")
     d_conv: int = Field(4, gt=0)
@@ -92,6 +117,15 @@ class ModelConfig(_Strict):
     headdim: int = Field(64, gt=0, description="mamba2: channels per head; heads = d_inner / headdim")
     ngroups: int = Field(1, gt=0, description="mamba2: B/C groups, each shared by nheads / ngroups heads")
     chunk_size: int = Field(64, gt=0, description="mamba2: time steps per SSD chunk (a speed knob, not the math)")
+
+    @field_validator("scan_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from mupt.scan import Backend  # lazy: mupt.scan imports this module
+
+        if value not in {b.value for b in Backend}:
+            raise ValueError(f"unknown scan backend; choose one of: {', '.join(b.value for b in Backend)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -140,23 +174,34 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(200, gt=0)
-    batch_size: int = Field(16, gt=0)
-    seq_len: int = Field(128, gt=1)
+    steps: int = Field(PROXY_STEPS, gt=0)
+    batch_size: int = Field(PROXY_BATCH_SIZE, gt=0)
+    seq_len: int = Field(PROXY_SEQ_LEN, gt=1)
     lr: float = Field(3e-3, gt=0, description="global (base) learning rate; per-group LRs are multiples of it")
-    optimizer: OptimizerName = OptimizerName.ADAMW
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = Field(0, ge=0)
+    decay_fraction: float = Field(
+        0.2, gt=0, le=1, description="wsd schedule: fraction of all steps spent in the final linear decay"
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step; batch_size stays the global batch (same losses)"
+    )
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables")
-    eval_every: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
+    eval_every: int = Field(PROXY_EVAL_EVERY, gt=0)
+    eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0)
     seed: int = 0
     diverge_loss: float | None = Field(
         None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
+    )
+    init_from: str | None = Field(
+        None,
+        description="transformers or mamba_ssm checkpoint directory to start from (continued pre-training; "
+        "mupt.export.init_from)",
     )
 
 
@@ -184,13 +229,21 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
-    """One line naming the first bad field, its value and what is expected."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    extra = f" and {len(err.errors()) - 1} more" if len(err.errors()) > 1 else ""
-    return f"{where}: {loc}: {first['msg']}{shown}{extra}"
+    """Every bad field, one line each: ``where: loc: message (got value)``.
+
+    A single error is one line; several are a count line followed by one line per error, so a typo
+    (``train.lerning_rate``) is never hidden behind another field's error.
+    """
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}{shown}")
+    if len(lines) == 1:
+        return f"{where}: {lines[0]}"
+    return f"{where}: {len(lines)} errors\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
@@ -267,6 +320,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f"a YAML file in it: {', '.join(str(path / n) for n in found)}" if found else "a YAML file"
+        raise ConfigError(f"{path}: is a directory; pass {hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; pass the path of an existing YAML file")
     try:
@@ -330,15 +387,35 @@ class BestParams(_Strict):
     )
 
 
+class Precision(StrEnum):
+    """Numerics of ``mupt scale``: parameters, gradients and optimizer state are always fp32.
+
+    ``bf16`` runs the forward (and so the backward) under ``torch.autocast`` in bfloat16; fp16 is
+    not offered (it needs loss scaling, which mupt does not implement).  ``auto`` is bf16 on CUDA
+    and fp32 elsewhere.
+    """
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+    def resolve(self, cuda: bool) -> Precision:
+        """``auto`` -> bf16 on CUDA, fp32 elsewhere; the others as they are."""
+        if self is Precision.AUTO:
+            return Precision.BF16 if cuda else Precision.FP32
+        return self
+
+
 class LaunchConfig(_Strict):
     """How ``mupt scale`` runs a recipe (independent of the width rules)."""
 
     run_dir: str = Field("runs/scale", description="checkpoints, metrics.jsonl and summary go here")
     ckpt_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)
-    precision: str = Field("auto", description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
+    precision: Precision = Field(Precision.AUTO, description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     fsdp: bool = False
+    log: str = Field("jsonl", description="metrics sinks: jsonl (always) and optionally tensorboard, comma-separated")
 
 
 class Recipe(_Strict):
@@ -398,6 +475,16 @@ def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] |
     return None if a == b else (prefix.rstrip(".") or "<root>", a, b)
 
 
+def check_lr_scale(lr_scale: float | None) -> None:
+    """Refuse a ``--lr-scale`` that is not a finite number > 0 (None: not given).
+
+    Raises:
+        ConfigError: one line naming the value, for ``mupt train`` and ``mupt scale`` alike.
+    """
+    if lr_scale is not None and not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise ConfigError(f"--lr-scale {lr_scale:g}: must be a finite number > 0, e.g. 0.5 or 2")
+
+
 def parse_widths(text: str, at_least: int = 1, flag: str = "--widths") -> list[int]:
     """``"256,64,128"`` -> ``[64, 128, 256]`` (sorted, distinct, positive).
 
@@ -413,3 +500,17 @@ def parse_widths(text: str, at_least: int = 1, flag: str = "--widths") -> list[i
     if len(widths) < at_least:
         raise ConfigError(f"{flag} {text!r}: give at least {at_least} distinct widths (e.g. 64,128,256,512)")
     return widths
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The run config in any YAML file mupt writes: a run's ``config.yaml``, tune's ``best.yaml``
+    (its ``config``: the proxy with the tuned values) or transfer's recipe (its ``run``: the target).
+
+    Raises ConfigError (one line per bad field) when the file is none of these or invalid.
+    """
+    data = read_yaml(path)
+    if isinstance(data, dict) and "run" in data and "model" not in data:
+        return from_dict(Recipe, data, where=f"{path} (recipe)").run
+    if isinstance(data, dict) and "config" in data and "model" not in data:
+        return from_dict(BestParams, data, where=f"{path} (best.yaml)").config
+    return from_dict(RunConfig, data, where=str(path))

@@ -31,5 +31,9 @@ class CheckpointError(MuptError):
     """A checkpoint is corrupt or does not match the model/recipe."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are missing, truncated or unreadable (an older one may still be good)."""
+
+
 class DivergenceError(MuptError):
     """A training run diverged (NaN/inf or loss above the bound)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -42,17 +43,22 @@ import torch.distributed as dist
 from torch import nn
 
 from mupt.config import (
+    Precision,
     Recipe,
     RunConfig,
+    Schedule,
+    TrainConfig,
     atomic_write_text,
+    check_lr_scale,
     first_difference,
     json_text,
     save_yaml,
     to_dict,
 )
-from mupt.errors import CheckpointError, ConfigError
+from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
+from mupt.sinks import TensorBoardLog, parse_sinks
 from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
 
 CKPT_DIR = "checkpoints"
@@ -67,16 +73,30 @@ LogCallback = Callable[[dict[str, Any]], None]
 
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
-    """Flags (``steps``, ``data``, ``run_dir``, ``ckpt_every``, ``log_every``, ``precision``, ``compile``,
-    ``fsdp``) override the recipe; ``None`` leaves a field alone."""
+    """Flags (``steps``, ``grad_accum``, ``data``, ``init_from``, ``run_dir``, ``ckpt_every``, ``log_every``, ``log``,
+    ``precision``, ``compile``, ``fsdp``, ``lr_scale``) override the recipe; ``None`` leaves a field alone.
+
+    ``lr_scale`` multiplies the transferred global LR and every ``per_role`` LR (to try multiples
+    of the transferred LR; the LR multipliers stay the rules'); it must be finite and positive,
+    else :class:`ConfigError`.  A run dir resumed with another scale is refused (the LR is part
+    of the checkpoint's fingerprint).  An unknown ``log`` sink raises :class:`ConfigError`.
+    """
     data = to_dict(recipe)
     for key, value in flags.items():
         if value is None:
             continue
-        if key == "steps":
-            data["run"]["train"]["steps"] = value
+        if key == "lr_scale":
+            check_lr_scale(value)
+            data["run"]["train"]["lr"] *= value
+            for row in data["per_role"].values():
+                if row.get("lr") is not None:
+                    row["lr"] *= value
+        elif key in ("steps", "grad_accum"):
+            data["run"]["train"][key] = value
         elif key == "data":
             data["run"]["data"]["source"] = str(value)
+        elif key == "init_from":
+            data["run"]["train"]["init_from"] = str(value)
         elif key in LAUNCH_FLAGS:
             data["launch"][key] = str(value) if key == "run_dir" else value
         else:
@@ -84,25 +104,32 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
     from mupt.config import from_dict
 
     out = from_dict(Recipe, data, where="flags")
-    if out.launch.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"--precision {out.launch.precision!r} is not one of auto, fp32, bf16")
+    parse_sinks(out.launch.log)
     return out
 
 
-LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp")
+LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp", "log")
 
 
-def worker_flags(recipe: Recipe, resume: bool | None) -> list[str]:
+def worker_flags(
+    recipe: Recipe, resume: bool | None, lr_scale: float | None = None, reschedule: bool = False
+) -> list[str]:
     """CLI flags that make a worker see exactly the resolved recipe (after overrides)."""
     lc = recipe.launch
     flags = [
         "--run-dir", lc.run_dir, "--steps", str(recipe.run.train.steps), "--data", recipe.run.data.source,
-        "--ckpt-every", str(lc.ckpt_every),
-        "--log-every", str(lc.log_every), "--precision", lc.precision,
+        "--ckpt-every", str(lc.ckpt_every), "--grad-accum", str(recipe.run.train.grad_accum),
+        "--log-every", str(lc.log_every), "--log-sinks", lc.log, "--precision", lc.precision.value,
         "--compile" if lc.compile else "--no-compile", "--fsdp" if lc.fsdp else "--no-fsdp",
     ]  # fmt: skip
+    if recipe.run.train.init_from is not None:
+        flags += ["--init-from", recipe.run.train.init_from]
     if resume is not None:
         flags.append("--resume" if resume else "--no-resume")
+    if lr_scale is not None:
+        flags += ["--lr-scale", repr(lr_scale)]
+    if reschedule:
+        flags.append("--reschedule")
     return flags
 
 
@@ -182,7 +209,7 @@ class Plan:
     world: int
     fsdp: bool
     device: str
-    precision: str
+    precision: Precision  # resolved: fp32 or bf16
     global_batch: int
     seq_len: int
     steps: int
@@ -197,12 +224,12 @@ class Plan:
 
     def rows(self) -> list[tuple[str, Any]]:
         m = self.memory
-        act = "fp32" if self.precision == "fp32" else "fp32 count, an upper bound under bf16"
+        act = "fp32" if self.precision is Precision.FP32 else "fp32 count, an upper bound under bf16"
         return [
             ("model", f"d_model={self.d_model} layers={self.n_layers} d_state={self.d_state}"),
             ("parameters", f"{self.params:,}"),
             ("processes", f"{self.world} ({'FSDP2' if self.fsdp else 'DDP' if self.world > 1 else 'single'})"),
-            ("device / precision", f"{self.device} / {self.precision}"),
+            ("device / precision", f"{self.device} / {self.precision.value}"),
             ("scan backend", self.scan_backend),
             ("global batch x seq", f"{self.global_batch} x {self.seq_len}"),
             ("steps / tokens", f"{self.steps:,} / {self.tokens:,}"),
@@ -219,7 +246,7 @@ def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
     """The dry-run plan for ``recipe`` on ``world`` ranks (the recipe is assumed validated)."""
     cfg = recipe.run
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(recipe.launch.precision, cuda)
+    precision = recipe.launch.precision.resolve(cuda)
     from mupt.scan import resolve_backend
 
     backend = resolve_backend(cfg.model.scan_backend, torch.device("cuda" if cuda else "cpu")).value
@@ -231,12 +258,6 @@ def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
     )  # fmt: skip
 
 
-def resolve_precision(precision: str, cuda: bool) -> str:
-    if precision == "auto":
-        return "bf16" if cuda else "fp32"
-    return precision
-
-
 # --- fingerprint -------------------------------------------------------------------------------
 
 
@@ -244,12 +265,15 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be loadable into this run (the scan backend need not)."""
     model = to_dict(cfg.model)
     model.pop("scan_backend", None)
-    return {
+    fields = {
         "model": model,
         "param": to_dict(cfg.param),
         "optimizer": cfg.train.optimizer.value,
         "lr": cfg.train.lr,
     }
+    if cfg.train.init_from is not None:  # folded multipliers: another parametrization of the same weights
+        fields["init_from"] = cfg.train.init_from
+    return fields
 
 
 def fingerprint(cfg: RunConfig) -> str:
@@ -285,38 +309,104 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
 
 
-def check_group_lrs(trainer: Trainer, recipe: Recipe, module: nn.Module) -> None:
-    """Every optimizer group's LR == base lr * lr_mult (manifest, per_role); all parameters covered."""
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return _close(float(a), float(b))
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Everything ``mupt scale`` would refuse in a recipe, checked on a meta-device model (no weights).
+
+    The width rules are run at the recipe's shape (:func:`mupt.transfer.shape_info`, which raises
+    for a d_model / base shape the rules cannot use); then every number the recipe states must be
+    what they give: ``per_role`` (init_std, lr = base lr x lr_mult, fwd_mult, weight_decay), the
+    ``manifest`` header (scheme, optimizer, shapes) and each manifest entry.  ``mupt scale``
+    builds its model from ``run`` and the rules, so a hand-edited number would be silently
+    ignored; it is refused instead.  Raises :class:`ConfigError` (one line, naming the field, both
+    values and the fix).
+    """
+    from mupt.transfer import shape_info
+
+    cfg = recipe.run
+    base = cfg.train.lr
+    if not math.isfinite(base):
+        raise ConfigError(f"recipe run.train.lr={base}: must be a finite positive number; fix the recipe")
+    info = shape_info(cfg)
+    fix = "regenerate the recipe with mupt transfer (to change a role, change run.param instead)"
+    for role, row in recipe.per_role.items():
+        fresh = info.roles.get(role)
+        if fresh is None:
+            raise ConfigError(
+                f"recipe per_role.{role}: this model has no such role (it has {', '.join(info.roles)}); {fix}"
+            )
+        want = fresh.recipe_row()
+        for key, value in row.items():
+            if key not in want:
+                raise ConfigError(f"recipe per_role.{role}.{key}: unknown field (known: {', '.join(want)}); {fix}")
+            if _same(value, want[key]):
+                continue
+            if key == "lr":
+                raise ConfigError(
+                    f"recipe per_role.{role}.lr={value:g} but base lr {base:g} x lr_mult {fresh.lr_mult:g} = "
+                    f"{want[key]:g}; {fix}"
+                )
+            raise ConfigError(
+                f"recipe per_role.{role}.{key}={value} but the width rules give {want[key]} at d_model "
+                f"{cfg.model.d_model} (base {info.manifest.base_d_model}); {fix}"
+            )
+    man = recipe.manifest
+    if not man:
+        return
+    for key in ("scheme", "optimizer", "discretization", "base_d_model", "base_d_state", "d_model", "d_state"):
+        if key in man and str(man[key]) != str(getattr(info.manifest, key)):
+            raise ConfigError(f"recipe manifest.{key}={man[key]} but run gives {getattr(info.manifest, key)}; {fix}")
+    fresh_params = info.manifest.params
+    for name, entry in (man.get("params") or {}).items():
+        ref = fresh_params.get(name)
+        if ref is None or not isinstance(entry, dict):
+            raise ConfigError(f"recipe manifest.params has {name!r}, which this model does not have; {fix}")
+        for key in ("lr_mult", "init_std", "fwd_mult", "weight_decay"):
+            if key in entry and not _same(entry[key], getattr(ref, key)):
+                raise ConfigError(
+                    f"recipe manifest gives {name} {key}={entry[key]} but the width rules give {getattr(ref, key)}; "
+                    f"{fix}"
+                )
+
+
+def check_group_lrs(trainer: Trainer, module: nn.Module) -> None:
+    """Audit the optimizer against the width rules: every group's lr == base lr x lr_mult x schedule,
+    ``initial_lr`` == base lr x lr_mult, weight_decay and eps as :func:`mupt.parametrization.apply`
+    gave them, and every parameter of ``module`` in exactly the groups it was given.
+
+    Run after wrapping and again after a resume (a checkpoint's param groups replace the
+    optimizer's).  Raises :class:`CheckpointError` naming the parameter, the value and the
+    expectation; :class:`ConfigError` when wrapping lost parameters.
+    """
     cfg = trainer.cfg
     base = cfg.train.lr
-    fresh = trainer.par.manifest.params
-    rec_params: dict[str, Any] = recipe.manifest.get("params", {}) if recipe.manifest else {}
+    ref_groups = {name: g for g in trainer.par.param_groups for name in g["names"]}
     factor = lr_factor(cfg.train)(trainer.step)
     seen: set[int] = set()
+    advice = "the checkpoint or wrapper changed it; resume with the recipe it was made with, or a new --run-dir"
     for g in trainer.optimizer.param_groups:
         if len(g["params"]) != len(g["names"]):
             raise ConfigError("optimizer group lost parameters after wrapping; cannot verify per-group LRs")
         for p, name in zip(g["params"], g["names"], strict=True):
             seen.add(id(p))
-            entry = fresh[name]
-            mult = float(rec_params[name]["lr_mult"]) if name in rec_params else entry.lr_mult
-            if not _close(mult, entry.lr_mult):
-                raise ConfigError(
-                    f"recipe manifest gives {name} lr_mult={mult:g} but the width rules give {entry.lr_mult:g}; "
-                    "regenerate the recipe with mupt transfer"
-                )
-            role_lr = (recipe.per_role.get(entry.role) or {}).get("lr")
-            if role_lr is not None and not _close(float(role_lr), base * mult):
-                raise ConfigError(
-                    f"recipe per_role.{entry.role}.lr={role_lr:g} but base lr {base:g} x lr_mult {mult:g} = "
-                    f"{base * mult:g}; regenerate the recipe with mupt transfer"
-                )
+            ref = ref_groups[name]
+            mult = float(ref["lr_mult"])
             want = base * mult
             if not _close(float(g.get("initial_lr", g["lr"])), want) or not _close(float(g["lr"]), want * factor):
                 raise CheckpointError(
                     f"optimizer group of {name} has lr {g['lr']:g}, expected {want * factor:g} "
-                    f"(base {base:g} x lr_mult {mult:g} x schedule {factor:g}); the checkpoint or wrapper changed it"
+                    f"(base {base:g} x lr_mult {mult:g} x schedule {factor:g}); {advice}"
                 )
+            for key in ("weight_decay", "eps"):
+                if key in ref and key in g and not _close(float(g[key]), float(ref[key])):
+                    raise CheckpointError(
+                        f"optimizer group of {name} has {key} {g[key]:g}, expected {ref[key]:g} (width rules); {advice}"
+                    )
     ours = {id(p) for p in module.parameters()}
     if ours != seen:
         raise ConfigError(
@@ -349,20 +439,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def find_latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, or None; a dangling ``latest`` is an error."""
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The renamed (complete when written) ``step_NNNNNN`` directories, newest first.
+
+    A directory is renamed from ``.tmp`` only after every file and ``meta.json`` are written, so
+    the newest one is the latest checkpoint even when a crash left the ``latest`` pointer behind;
+    the pointer is for people and tools, resuming does not need it.
+    """
     root = run_dir / CKPT_DIR
-    pointer = root / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        path = root / name
-        if not name.startswith("step_") or not path.is_dir():
-            raise CheckpointError(
-                f"{pointer} points to {name!r}, which is not a checkpoint directory; fix or delete {pointer}"
-            )
-        return path
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(done, key=lambda p: p.name, reverse=True)
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint directory, or None (see :func:`checkpoints`)."""
+    found = checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -432,18 +524,14 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
         step = int(meta["step"])
         files: dict[str, int] = meta["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt (meta.json unreadable: {type(e).__name__}); delete it to fall back "
-            "to an older one, or pass a new --run-dir"
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt (meta.json unreadable: {type(e).__name__})"
         ) from None
     for name, size in files.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             got = f.stat().st_size if f.is_file() else "missing"
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt ({name}: {got} bytes, expected {size}); delete it to fall back "
-                "to an older one, or pass a new --run-dir"
-            )
+            raise CorruptCheckpointError(f"checkpoint {path} is corrupt ({name}: {got} bytes, expected {size})")
     if meta.get("fingerprint") != fingerprint(cfg):
         d = first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
         diff = f"{d[0]} {d[1]!r} in the checkpoint vs {d[2]!r} in the recipe" if d else "fingerprint"
@@ -455,6 +543,13 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
     return meta
 
 
+class _DropDcpLogs(logging.Filter):
+    """Drops records logged by ``torch.distributed.checkpoint`` modules (they log to the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
+
 def load_checkpoint(trainer: Trainer, path: Path, rank: int) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, RNG and step from ``path``; returns its meta."""
     import torch.distributed.checkpoint as dcp
@@ -464,26 +559,86 @@ def load_checkpoint(trainer: Trainer, path: Path, rank: int) -> dict[str, Any]:
     meta = read_meta(path, trainer.cfg)
     msd, osd = get_state_dict(trainer.model, trainer.optimizer)
     state = {"model": msd, "optim": osd}
+    quiet = _DropDcpLogs()  # DCP logs a garbage .metadata with a traceback on the ROOT logger; we raise one line
+    root = logging.getLogger()
+    root.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(
-            trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=msd, optim_state_dict=osd)
         own = path / f"rank_{rank}.pt"
         extra = torch.load(own if own.is_file() else path / "rank_0.pt", weights_only=False)
         trainer.scheduler.load_state_dict(extra["scheduler"])
         if own.is_file():
             _set_rng_state(extra["rng"], trainer.device)
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException with a multi-line message
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first}); delete it to fall back "
-            "to an older one, or pass a new --run-dir"
+        first = " ".join((str(e).strip().splitlines() or [""])[0].split())[:160]
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {first})"
         ) from None
     trainer.step = int(meta["step"])
     return meta
+
+
+def resume_from(trainer: Trainer, found: list[Path]) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """Load the newest checkpoint of ``found`` that is intact; returns (path, meta, reasons skipped).
+
+    A corrupt checkpoint (:class:`CorruptCheckpointError` on any rank) is skipped for the one
+    before it; every rank takes the same decision.  Raises :class:`CheckpointError` when a
+    checkpoint belongs to another model, or when every checkpoint is corrupt (the run dir is left
+    as it is, for inspection).
+    """
+    skipped: list[str] = []
+    for path in found:
+        try:
+            meta: dict[str, Any] | None = load_checkpoint(trainer, path, trainer.rank)
+            error = None
+        except CorruptCheckpointError as e:
+            meta, error = None, str(e)
+        if not trainer.any_rank(meta is None):
+            return path, meta, skipped
+        skipped.append(error or f"checkpoint {path} is corrupt on another rank")
+    if skipped:
+        more = f" (and {len(skipped) - 1} older ones)" if len(skipped) > 1 else ""
+        raise CheckpointError(
+            f"{skipped[0]}{more}, and no intact checkpoint is left; pass a new --run-dir to start over"
+        )
+    return None, None, skipped
+
+
+def schedule_fields(tc: TrainConfig) -> dict[str, Any]:
+    """What the LR multiplier at a step depends on (:func:`mupt.train.lr_factor`)."""
+    return {"steps": tc.steps, "schedule": tc.schedule.value, "warmup_steps": tc.warmup_steps}
+
+
+def check_schedule(meta: dict[str, Any], path: Path, tc: TrainConfig, reschedule: bool) -> None:
+    """Refuse to resume with another LR schedule than the checkpoint's unless ``reschedule``.
+
+    Changing ``--steps`` rescales a cosine or linear decay: the LR would jump at the resumed step.
+    A constant schedule (same warmup) does not depend on the length, so it may be extended.
+    Raises :class:`ConfigError` naming both LRs and the two ways out.
+    """
+    old = meta.get("lr_schedule")
+    new = schedule_fields(tc)
+    if reschedule or not isinstance(old, dict) or old == new:
+        return
+    same_shape = old.get("schedule") == new["schedule"] and old.get("warmup_steps") == new["warmup_steps"]
+    if same_shape and new["schedule"] == "constant":
+        return
+    try:
+        then = tc.model_copy(update={"steps": int(old["steps"]), "schedule": Schedule(old["schedule"]),
+                                     "warmup_steps": int(old["warmup_steps"])})  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return  # an older meta.json without a readable schedule: nothing to compare against
+    step = int(meta["step"])
+    a, b = tc.lr * lr_factor(then)(step), tc.lr * lr_factor(tc)(step)
+    raise ConfigError(
+        f"checkpoint {path.name} was written for a {old['steps']}-step {old['schedule']} schedule (warmup "
+        f"{old['warmup_steps']}); resuming with {new['steps']} steps, {new['schedule']}, warmup {new['warmup_steps']} "
+        f"would move the LR at step {step} from {a:.3g} to {b:.3g}; pass --steps {old['steps']}, or --reschedule "
+        "to accept the new schedule"
+    )
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -617,17 +772,15 @@ class Checkpointing(Hook):
     def at_boundary(self, trainer: Trainer, stopping: bool) -> None:
         step = trainer.step
         if step % self.every == 0 or step == trainer.cfg.train.steps or stopping:
-            self.last = save_checkpoint(trainer, self.run_dir, {"best_val_loss": self.best_val}, trainer.rank)
+            extra = {"best_val_loss": self.best_val, "lr_schedule": schedule_fields(trainer.cfg.train)}
+            self.last = save_checkpoint(trainer, self.run_dir, extra, trainer.rank)
 
 
 class GroupAudit(Hook):
     """Before the first step: every optimizer group's LR, weight decay and eps as the width rules say."""
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
-
     def on_start(self, trainer: Trainer) -> None:
-        check_group_lrs(trainer, self.recipe, trainer.model)
+        check_group_lrs(trainer, trainer.model)
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -654,13 +807,22 @@ def run(
     resume: bool | None = None,
     on_log: LogCallback | None = None,
     on_start: LogCallback | None = None,
+    reschedule: bool = False,
 ) -> ScaleResult:
     """Train ``recipe`` in this process (one rank of a torchrun job, or alone); every rank calls it.
+
+    Resumes from the newest checkpoint in the run dir that loads (a corrupt one is skipped and
+    named in ``on_start``'s ``skipped``); a different LR schedule than the checkpoint's
+    (``--steps``, schedule, warmup) raises :class:`ConfigError` unless ``reschedule``.  The
+    recipe is checked with :func:`validate_recipe` first.  Raises :class:`ConfigError` or
+    :class:`CheckpointError` (one line) for a bad recipe, a checkpoint of another model, or a run
+    dir whose checkpoints are all corrupt.
 
     ``on_start`` (rank 0) gets the set-up once the model is wrapped and any checkpoint loaded;
     ``on_log`` (rank 0) gets every metrics record.
     """
     rank, world, local_rank = dist_env()
+    validate_recipe(recipe)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         stop_with_launcher()
     cuda = torch.cuda.is_available()
@@ -668,10 +830,11 @@ def run(
     if cuda:
         torch.cuda.set_device(device)
     cfg = recipe.run
-    if cfg.train.batch_size % world:
+    parts = world * cfg.train.grad_accum
+    if cfg.train.batch_size % parts:
         raise ConfigError(
-            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes; "
-            f"use a batch size that is a multiple of {world}"
+            f"global batch_size {cfg.train.batch_size} is not divisible by {world} processes x grad_accum "
+            f"{cfg.train.grad_accum}; use a batch size that is a multiple of {parts}"
         )
     started_pg = False
     if (world > 1 or recipe.launch.fsdp) and not dist.is_initialized():
@@ -683,7 +846,7 @@ def run(
         started_pg = True
     try:
         with SignalStop() as stop:  # installed before set-up: a signal then stops after the first step
-            return _run(recipe, resume, on_log, on_start, rank, world, device, stop)
+            return _run(recipe, resume, on_log, on_start, rank, world, device, stop, reschedule)
     finally:
         if started_pg:
             dist.destroy_process_group()
@@ -718,6 +881,7 @@ def _run(
     world: int,
     device: torch.device,
     stop: SignalStop,
+    reschedule: bool,
 ) -> ScaleResult:
     """Set up one rank (wrap, regroup, resume) and train it with :meth:`Trainer.run` and the scale hooks."""
     cfg, lc, tc = recipe.run, recipe.launch, recipe.run.train
@@ -728,27 +892,28 @@ def _run(
     # the optimizer must hold the model's parameters as they are now, grouped as the width rules say.
     trainer.optimizer = build_optimizer(regroup(trainer, trainer.model), tc)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor(tc))
-    check_group_lrs(trainer, recipe, trainer.model)
+    check_group_lrs(trainer, trainer.model)
     module: nn.Module = wrapped
-    precision = resolve_precision(lc.precision, device.type == "cuda")
-    if precision == "bf16":
+    precision = lc.precision.resolve(device.type == "cuda")
+    if precision is Precision.BF16:
         module = _Autocast(module, device.type)
     if lc.compile:
         module = torch.compile(module)  # type: ignore[assignment]
     trainer.module = module
 
-    latest = find_latest(run_dir)
-    if latest is not None and resume is False:
+    found = checkpoints(run_dir)
+    if found and resume is False:
         raise ConfigError(
-            f"{run_dir} already holds checkpoints (latest {latest.name}); drop --no-resume to continue, or pass "
+            f"{run_dir} already holds checkpoints (latest {found[0].name}); drop --no-resume to continue, or pass "
             "a new --run-dir"
         )
     best_val: float | None = None
     metrics = run_dir / "metrics.jsonl"
-    if latest is not None:
-        meta = load_checkpoint(trainer, latest, rank)
+    latest, meta, skipped = resume_from(trainer, found)
+    if latest is not None and meta is not None:
+        check_schedule(meta, latest, tc, reschedule)
         best_val = meta.get("best_val_loss")
-        factor = lr_factor(tc)(trainer.step)  # what LambdaLR computes; differs only if --steps changed
+        factor = lr_factor(tc)(trainer.step)  # what LambdaLR computes; differs only with --reschedule
         for g in trainer.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor
         if rank == 0:
@@ -765,15 +930,17 @@ def _run(
         from mupt.scan import resolve_backend
 
         on_start({
-            "params": trainer.model.num_params(), "world": world, "device": str(device), "precision": precision,
+            "params": trainer.model.num_params(), "world": world, "device": str(device), "precision": precision.value,
             "scan_backend": resolve_backend(cfg.model.scan_backend, device).value, "start_step": trainer.step,
-            "resumed_from": str(latest) if latest is not None else None,
+            "resumed_from": str(latest) if latest is not None else None, "skipped": skipped,
             "mode": "fsdp2" if lc.fsdp else "ddp" if world > 1 else "single",
         })  # fmt: skip
 
     start_step = trainer.step
     ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
-    hooks = [GroupAudit(recipe), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    hooks: list[Hook] = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
+    if "tensorboard" in parse_sinks(lc.log):
+        hooks.insert(2, TensorBoardLog(run_dir, lc.log_every))
     out = trainer.run(hooks=hooks)
     status = {"stopped": "terminated"}.get(out.status, out.status)
     res = ScaleResult(

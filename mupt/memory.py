@@ -50,14 +50,13 @@ from functools import lru_cache
 import torch
 
 from mupt.config import ModelConfig, OptimizerName, RunConfig, TrainConfig, to_dict
+from mupt.model import MambaLM
 
 GIB = 1024**3
 
 
-def meta_model(model_cfg: ModelConfig) -> torch.nn.Module:
+def meta_model(model_cfg: ModelConfig) -> MambaLM:
     """The model at ``model_cfg``'s shape on the meta device: shapes only, no memory, no init cost."""
-    from mupt.model import MambaLM
-
     with torch.device("meta"):
         return MambaLM(model_cfg)
 
@@ -142,7 +141,8 @@ class MemoryEstimate:
 
 
 def memory_estimate(cfg: RunConfig, world: int = 1, fsdp: bool = False) -> MemoryEstimate:
-    """Memory per rank for ``cfg`` on ``world`` ranks (global batch split over the ranks).
+    """Memory per rank for ``cfg`` on ``world`` ranks (global batch split over the ranks, then into
+    ``train.grad_accum`` micro-batches: activations are those of one micro-batch).
 
     Raises nothing; ``world`` below 1 is treated as 1 (the CLI refuses it earlier).
     """
@@ -151,7 +151,7 @@ def memory_estimate(cfg: RunConfig, world: int = 1, fsdp: bool = False) -> Memor
     shard = world if fsdp else 1
     per = -(-params // shard)  # ceil: FSDP2 pads the last shard
     tc = cfg.train
-    local_batch = max(1, tc.batch_size // world)
+    local_batch = max(1, tc.batch_size // world // tc.grad_accum)  # one micro-batch
     return MemoryEstimate(
         params=params,
         weights=4 * per,

@@ -212,7 +212,11 @@ class MambaMixer(nn.Module):
 class InProj2(nn.Module):
     """mamba_ssm Mamba2's fused ``in_proj`` as five row blocks (z, x, B, C, dt), each its own parameter.
 
-    u (batch, length, d_model) -> z, x (.., d_inner); B, C (.., ngroups*d_state); dt (.., nheads).
+    u (batch, length, d_model) -> (batch, length, 2*d_inner + 2*ngroups*d_state + nheads), the rows
+    z, x, B, C, dt in mamba_ssm's order, as one matrix product over the concatenated blocks.
+    ``mult[block]`` is the block's forward multiplier, folded into its rows here for every block but
+    C: C's is applied by :class:`Mamba2Mixer` after conv1d and SiLU, where it scales the SSD's
+    readout (docs/width_rules.md, section 9).
     """
 
     BLOCKS = ("z", "x", "B", "C", "dt")
@@ -228,12 +232,12 @@ class InProj2(nn.Module):
     def weights(self) -> list[Tensor]:
         return [getattr(self, "weight_" + b) for b in self.BLOCKS]
 
-    def forward(self, u: Tensor) -> list[Tensor]:
-        out = []
-        for block, w in zip(self.BLOCKS, self.weights(), strict=True):
-            y = F.linear(u, w)
-            out.append(y if self.mult[block] == 1.0 else y * self.mult[block])
-        return out
+    def forward(self, u: Tensor) -> Tensor:
+        ws = [
+            w if self.mult[b] == 1.0 or b == "C" else w * self.mult[b]
+            for b, w in zip(self.BLOCKS, self.weights(), strict=True)
+        ]
+        return F.linear(u, torch.cat(ws, dim=0))
 
 
 class GatedRMSNorm(nn.Module):
@@ -304,10 +308,11 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         b, length, _ = hidden.shape
         gn = cfg.ngroups * cfg.d_state
-        z, x, B, C, dt = self.in_proj(hidden)
-        xBC = torch.cat([x, B, C], dim=-1).transpose(1, 2)
-        xBC = F.silu(self.conv1d(xBC)[..., :length]).transpose(1, 2)
+        z, xBC, dt = torch.split(self.in_proj(hidden), [cfg.d_inner, self.conv_dim, cfg.nheads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :length]).transpose(1, 2)
         x, B, C = torch.split(xBC, [cfg.d_inner, gn, gn], dim=-1)
+        if self.in_proj.mult["C"] != 1.0:  # the readout multiplier acts on the SSD's C input
+            C = C * self.in_proj.mult["C"]
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
         xh = x.reshape(b, length, cfg.nheads, cfg.headdim)
@@ -371,6 +376,9 @@ class MambaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         self.mult_output = 1.0
+        #: init std each parameter was last rescaled to by :func:`mupt.parametrization.apply` (empty: the
+        #: default init below), so a second ``apply`` rescales from there instead of compounding.
+        self.init_stds: dict[str, float] = {}
         self.reset_parameters()
 
     def forward(self, input_ids: Tensor, probe: dict[str, Tensor] | None = None) -> Tensor:
@@ -388,6 +396,7 @@ class MambaLM(nn.Module):
         nn.Linear / nn.Conv1d, or normal for the embedding); structured roles as mamba_ssm.
         """
         cfg = self.cfg
+        self.init_stds.clear()
         init_default(self.backbone.embedding.weight, Role.EMBEDDING, cfg)
         if not cfg.tie_embeddings:
             init_default(self.lm_head.weight, Role.LM_HEAD, cfg)
@@ -493,8 +502,13 @@ def _in_proj2_sizes(cfg: ModelConfig) -> list[int]:
 
 def to_mamba_ssm_state_dict(model: MambaLM) -> dict[str, Tensor]:
     """mupt state dict -> mamba_ssm names (fuses the x_proj, or mamba2's in_proj, row blocks)."""
+    return to_mamba_ssm_names(model.state_dict())
+
+
+def to_mamba_ssm_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A mupt-named state dict -> mamba_ssm names: ``x_proj.weight = cat([weight_dt, weight_B, weight_C])``
+    (mamba2: ``in_proj.weight = cat`` of its row blocks)."""
     out: dict[str, Tensor] = {}
-    state = model.state_dict()
     for key, value in state.items():
         if key.endswith("in_proj.weight_z"):
             stem = key[: -len("weight_z")]
@@ -503,9 +517,7 @@ def to_mamba_ssm_state_dict(model: MambaLM) -> dict[str, Tensor]:
             continue
         elif key.endswith("x_proj.weight_dt"):
             stem = key[: -len("weight_dt")]
-            out[stem + "weight"] = torch.cat(
-                [value, model.state_dict()[stem + "weight_B"], model.state_dict()[stem + "weight_C"]], dim=0
-            )
+            out[stem + "weight"] = torch.cat([value, state[stem + "weight_B"], state[stem + "weight_C"]], dim=0)
         elif key.endswith(("x_proj.weight_B", "x_proj.weight_C")):
             continue
         else:

@@ -46,11 +46,12 @@ from mupt.config import (
     ParamConfig,
     Scheme,
     atomic_write_text,
+    from_dict,
     read_yaml,
     write_yaml,
 )
 from mupt.errors import ConfigError
-from mupt.model import ARCH_ROLES, MambaLM, MambaMixer, Role, default_init_std, role_of
+from mupt.model import ARCH_ROLES, Mamba2Mixer, MambaLM, MambaMixer, Role, default_init_std, role_of
 
 Exp = tuple[float, float]  # exponents of (r_u, r_x)
 ZERO: Exp = (0.0, 0.0)
@@ -136,6 +137,30 @@ _C_WHY = (
     "LR ∝ 1/(N_u N_x) (correction 2)"
 )
 
+_MAMBA2_HIDDEN_WHY: dict[Role, str] = {
+    Role.IN_PROJ_Z: "mamba2 gate rows: hidden matrix (fan-in d_model, fan-out d_inner)",
+    Role.IN_PROJ_X: "mamba2 x rows: hidden matrix (fan-in d_model, fan-out d_inner)",
+    Role.IN_PROJ_DT: "mamba2 dt rows: fan-in d_model, one output per head (heads ∝ d_model): a hidden matrix",
+}
+_MAMBA2_VECTOR_WHY: dict[Role, str] = {
+    Role.A_LOG_HEAD: "mamba2: one A per head, a vector over heads (structured init A ~ U[1, 16]): vector-like",
+    Role.GATED_NORM: "mamba2 gated RMSNorm gain: per-coordinate (vector-like), Θ(1)",
+}
+_MAMBA2_MUP_BC_WHY = "heuristic µP: part of the fused in_proj, a plain hidden matrix (no N_x dependence)"
+_MAMBA2_B_WHY = (
+    "mamba2 B rows: A is one scalar per head, so every state coordinate has gain Θ(1) and B needs no sqrt(N_x) "
+    "boost: hidden rules keep RMS(h) and its updates Θ(1)"
+)
+_MAMBA2_C_WHY = (
+    "mamba2 C rows: readout over the N_x-dim state (y = Σ_n C_n h_n, like q·k in attention), so C_n ∝ 1/N_x; "
+    "the conv1d bias sets C's scale, so the 1/N_x is a forward multiplier on C after conv1d and SiLU (correction 4), "
+    "W_C keeps the hidden rules"
+)
+_MAMBA2_SGD_BC = (
+    "; SGD (derived, not measured): shared by ∝ N_u heads, so the gradient sums N_u coherent terms, and it carries "
+    "C's 1/N_x: LR ∝ N_x/N_u"
+)
+
 RULE_TABLE: tuple[RuleRow, ...] = (
     # --- SP: PyTorch/mamba_ssm defaults at every width, one global LR
     RuleRow(_SP, (Role.IN_PROJ, Role.X_PROJ_DT, Role.X_PROJ_B, Role.X_PROJ_C, Role.DT_PROJ, Role.OUT_PROJ,
@@ -182,6 +207,30 @@ RULE_TABLE: tuple[RuleRow, ...] = (
     RuleRow(_SSM, (Role.X_PROJ_B,), Rule((-0.5, 0.5), (-1.0, 0.5), why=_B_WHY, ref="rule-b-rows"), families=_ADAM),
     RuleRow(_SSM, (Role.X_PROJ_B,), Rule((-0.5, 0.5), (-1.0, 1.0), why=_B_WHY, ref="rule-b-rows"), families=_SGD),
     RuleRow(_SSM, (Role.X_PROJ_C,), Rule((-0.5, -0.5), (-1.0, -1.0), why=_C_WHY, ref="rule-c-rows")),
+    # --- Mamba-2 (arch mamba2; docs/width_rules.md section 9): in_proj rows, per-head vectors, gated norm
+    RuleRow(_SP, (Role.IN_PROJ_Z, Role.IN_PROJ_X, Role.IN_PROJ_B, Role.IN_PROJ_C, Role.IN_PROJ_DT),
+            Rule(_FANIN, ZERO, why="SP: fan-in init (std 1/sqrt(fan_in)) as PyTorch/mamba_ssm, one global LR",
+                 ref="rule-sp")),
+    RuleRow(_SP, (Role.A_LOG_HEAD, Role.GATED_NORM),
+            Rule(None, ZERO, why="SP: structured (mamba_ssm) init, the global LR", ref="rule-sp")),
+    *(RuleRow(_BOTH_MUP, (role,), Rule(_FANIN, _INV_U, why=why, ref="rule-mamba2"), families=_ADAM)
+      for role, why in _MAMBA2_HIDDEN_WHY.items()),
+    *(RuleRow(_BOTH_MUP, (role,), Rule(_FANIN, ZERO, why=why + "; SGD: LR Θ(1)", ref="rule-mamba2"), families=_SGD)
+      for role, why in _MAMBA2_HIDDEN_WHY.items()),
+    *(RuleRow(_BOTH_MUP, (role,), Rule(None, lr, why=why, ref="rule-mamba2"), families=fam)
+      for role, why0 in _MAMBA2_VECTOR_WHY.items()
+      for fam, lr, why in ((_ADAM, ZERO, why0), (_SGD, _U, why0 + _SGD_VEC))),
+    RuleRow(_MUP, (Role.IN_PROJ_B, Role.IN_PROJ_C), Rule(_FANIN, _INV_U, why=_MAMBA2_MUP_BC_WHY, ref="rule-mamba2"),
+            families=_ADAM),
+    RuleRow(_MUP, (Role.IN_PROJ_B, Role.IN_PROJ_C), Rule(_FANIN, ZERO, why=_MAMBA2_MUP_BC_WHY, ref="rule-mamba2"),
+            families=_SGD),
+    RuleRow(_SSM, (Role.IN_PROJ_B,), Rule(_FANIN, _INV_U, why=_MAMBA2_B_WHY, ref="rule-mamba2"), families=_ADAM),
+    RuleRow(_SSM, (Role.IN_PROJ_B,), Rule(_FANIN, (-1.0, 1.0), why=_MAMBA2_B_WHY + _MAMBA2_SGD_BC, ref="rule-mamba2"),
+            families=_SGD),
+    RuleRow(_SSM, (Role.IN_PROJ_C,), Rule(_FANIN, _INV_U, (0.0, -1.0), why=_MAMBA2_C_WHY, ref="rule-mamba2"),
+            families=_ADAM),
+    RuleRow(_SSM, (Role.IN_PROJ_C,), Rule(_FANIN, (-1.0, 1.0), (0.0, -1.0), why=_MAMBA2_C_WHY + _MAMBA2_SGD_BC,
+                                          ref="rule-mamba2"), families=_SGD),
 )  # fmt: skip
 
 
@@ -210,8 +259,30 @@ def _build(table: tuple[RuleRow, ...]) -> dict[tuple[Scheme, str, Discretization
 #: (scheme, optimizer family, discretization) -> role -> rule, indexed from :data:`RULE_TABLE`.
 RULES: dict[tuple[Scheme, str, Discretization], dict[Role, Rule]] = _build(RULE_TABLE)
 
+#: Tied embeddings: the LM head reads out through the embedding's tensor (a shared readout).  The shared
+#: tensor keeps the EMBEDDING role's init and LR (Θ(1) entries; Adam LR 1, SGD LR r_u); the readout gets the
+#: forward multiplier below, 1/r_u under µP, as microsoft/mup's MuSharedReadout divides its input by the
+#: width multiplier (docs/width_rules.md, "Tied embeddings: a shared readout").  ``init`` and ``lr`` are
+#: unused (the tensor follows the embedding's rule).
+TIED_READOUT: dict[Scheme, Rule] = {
+    Scheme.SP: Rule(None, ZERO, ZERO, why="SP: a plain tied head, one global LR", ref="rule-tied-readout"),
+    **{
+        s: Rule(
+            None,
+            ZERO,
+            _INV_U,
+            ref="rule-tied-readout",
+            why="shared readout: E keeps the embedding's Θ(1) init and LR; logits sum d_model coherent "
+            "terms, so the readout multiplier is 1/r_u (microsoft/mup's MuSharedReadout)",
+        )
+        for s in (Scheme.MUP, Scheme.MUP_SSM)
+    },
+}
+
 #: Roles that get no weight decay (vector-like and structured roles, and the input embedding).
-NO_WEIGHT_DECAY = frozenset({Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING})
+NO_WEIGHT_DECAY = frozenset(
+    {Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING, Role.GATED_NORM, Role.A_LOG_HEAD}
+)
 
 #: Adam's epsilon at the base width (PyTorch's default).  Under µP every gradient except the readout's
 #: shrinks like 1/N_u, so a fixed epsilon damps the smallest ones at large width (measured at d_model
@@ -459,26 +530,29 @@ def apply(
 ) -> Parametrized:
     """Initialise ``model`` under ``param.scheme`` and return its optimizer groups + manifest.
 
-    ``reinit`` rescales the model's current (default) init to the rule's std; pass False when
-    loading trained weights.  Groups carry ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps``
-    (:data:`ADAM_EPS`, divided by r_u under the µP schemes; SGD ignores it); schedules must
-    multiply group LRs (LambdaLR does), never set them absolutely.  Weight decay per group follows
-    :func:`weight_decay_exp`: ``wd / lr_mult`` for AdamW (decoupled) and SGD, a different power for
-    plain Adam (L2 added to the gradient); roles in NO_WEIGHT_DECAY get none.  Init stds are the
-    base shape's default (:func:`mupt.model.default_init_std`) times the rule's ratio times
-    ``param.init_scale``.  Raises ConfigError for unknown names, tied embeddings under µP, or a
+    ``reinit`` rescales the model's current init (the default one, or the std a previous ``apply`` gave
+    it, kept in ``model.init_stds``) to the rule's std, so calling ``apply`` again is idempotent and a
+    second scheme starts from the right scale; pass False when loading trained weights.  Groups carry
+    ``lr = lr * lr_mult``, ``lr_mult`` and Adam's ``eps`` (:data:`ADAM_EPS`, divided by r_u under the µP
+    schemes; SGD ignores it); schedules must multiply group LRs (LambdaLR does), never set them
+    absolutely.  Weight decay per group follows :func:`weight_decay_exp`: ``wd / lr_mult`` for AdamW
+    (decoupled) and SGD, a different power for plain Adam (L2 added to the gradient); roles in
+    NO_WEIGHT_DECAY get none.  Init stds are the base shape's default
+    (:func:`mupt.model.default_init_std`) times the rule's ratio times ``param.init_scale``.  Tied
+    embeddings are a shared readout (:data:`TIED_READOUT`).  Raises ConfigError for unknown names or a
     d_model whose auto dt_rank would not scale.
     """
     cfg = model.cfg
     scheme = Scheme(param.scheme)
     rules = rules_for(scheme, optimizer, model.cfg.discretization)  # validates the names first
     opt = OptimizerName(optimizer)
-    if cfg.tie_embeddings and scheme is not Scheme.SP:
-        raise ConfigError(f"tie_embeddings=true cannot be used with scheme {scheme.value}; untie them or use sp")
     base = BaseShape.of(cfg, param)
-    for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
-        check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
-    base_cfg = cfg.model_copy(update={"d_model": base.d_model, "d_state": base.d_state})
+    if cfg.arch is Arch.MAMBA1:
+        for what, width in (("d_model", cfg.d_model), ("base d_model", base.d_model)):
+            check_dt_rank_width(f"{what}={width} is", width, scheme, cfg.dt_rank, hint=", or set dt_rank")
+    base_cfg = from_dict(
+        ModelConfig, {**cfg.model_dump(), "d_model": base.d_model, "d_state": base.d_state}, where="base shape"
+    )
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
     roles = named_roles(model)
     unruled = sorted({r.value for r in roles.values() if r not in rules})
@@ -503,8 +577,9 @@ def apply(
                 if base_std is None or own_std is None:
                     raise AssertionError(f"role {role.value} has a structured default init but an init rule")
                 std = base_std * _ratio(rule.init, r_u, r_x) * param.init_scale
-                if reinit:
-                    p.mul_(std / own_std)
+                if reinit:  # from the std the weights have now: a second apply() does not compound
+                    p.mul_(std / model.init_stds.get(name, own_std))
+                    model.init_stds[name] = std
             lr_mult = _ratio(rule.lr, r_u, r_x)
             fwd[role] = _ratio(rule.fwd, r_u, r_x)
             wd_exp = weight_decay_exp(rule, role, scheme, opt, cfg.discretization)
@@ -517,7 +592,9 @@ def apply(
             )
             g["params"].append(p)
             g["names"].append(name)
-    fwd[Role.LM_HEAD] = fwd.get(Role.LM_HEAD, 1.0) * param.output_mult  # absent when tied to the embedding
+    if cfg.tie_embeddings:  # lm_head is the embedding's tensor: a shared readout with its own multiplier
+        fwd[Role.LM_HEAD] = _ratio(TIED_READOUT[scheme].fwd, r_u, r_x)
+    fwd[Role.LM_HEAD] *= param.output_mult
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)
     for entry in manifest.params.values():
@@ -530,6 +607,11 @@ def set_forward_multipliers(model: MambaLM, fwd: dict[Role, float]) -> None:
     model.mult_output = fwd.get(Role.LM_HEAD, 1.0)
     model.backbone.mult_embedding = fwd.get(Role.EMBEDDING, 1.0)
     for layer in model.backbone.layers:
+        if isinstance(layer.mixer, Mamba2Mixer):
+            for block in layer.mixer.in_proj.BLOCKS:
+                layer.mixer.in_proj.mult[block] = fwd.get(Role("in_proj_" + block), 1.0)
+            layer.mixer.mult_out = fwd.get(Role.OUT_PROJ, 1.0)
+            continue
         m: MambaMixer = layer.mixer  # type: ignore[assignment]
         m.mult_in = fwd.get(Role.IN_PROJ, 1.0)
         m.mult_dt_proj = fwd.get(Role.DT_PROJ, 1.0)

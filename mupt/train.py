@@ -9,6 +9,7 @@ ends the run with ``status="diverged"`` and a reason instead of an exception.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -58,14 +59,25 @@ class TrainResult:
 def build_model(
     cfg: RunConfig, device: str | torch.device = "cpu", reinit: bool = True
 ) -> tuple[MambaLM, Parametrized]:
-    """Model at the config's width, initialised under its scheme; same seed -> same weights."""
+    """Model at the config's width, initialised under its scheme; same seed -> same weights.
+
+    With ``cfg.train.init_from`` the weights come from that checkpoint instead (``reinit=False``: only
+    its forward-multiplier folding, for loading a mupt checkpoint of such a run).
+    """
     torch.manual_seed(cfg.train.seed)
     model = MambaLM(cfg.model)
     par = apply(model, cfg.param, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay, reinit=reinit)
+    if cfg.train.init_from is not None:  # weights from a transformers/mamba_ssm checkpoint, multipliers folded
+        from mupt.export import init_from
+
+        par = init_from(model, par, cfg, load=reinit)
     return model.to(device), par
 
 
 def build_optimizer(groups: list[dict[str, Any]], tc: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over ``groups`` (each with its own lr, weight_decay, eps), copied: torch writes
+    into the group dicts it is given, and the width rules' groups stay the reference for audits."""
+    groups = [dict(g) for g in groups]
     if tc.optimizer is OptimizerName.SGD:
         return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum)
     cls = torch.optim.AdamW if tc.optimizer is OptimizerName.ADAMW else torch.optim.Adam
@@ -73,13 +85,24 @@ def build_optimizer(groups: list[dict[str, Any]], tc: TrainConfig) -> torch.opti
 
 
 def lr_factor(tc: TrainConfig) -> Callable[[int], float]:
-    """Multiplier on every group's LR at a step (warmup, then the schedule)."""
+    """Multiplier on every group's LR at a step (0-based): linear warmup, then the schedule.
+
+    Warmup: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps.  After it,
+    ``cosine`` and ``linear`` fall from 1 to 0 over the remaining steps; ``wsd`` (warmup-stable-
+    decay, Hu et al. 2024 "MiniCPM") stays at 1 and falls linearly to 0 over the last
+    ``decay_fraction`` of all steps.  Every group gets the same factor, so the per-group ratios
+    the width rules set are kept at every step (docs/schedules.md).
+    """
 
     def factor(step: int) -> float:
         if tc.warmup_steps and step < tc.warmup_steps:
             return (step + 1) / tc.warmup_steps
         if tc.schedule is Schedule.CONSTANT:
             return 1.0
+        if tc.schedule is Schedule.WSD:
+            decay = max(1, round(tc.decay_fraction * tc.steps))
+            start = max(tc.warmup_steps, tc.steps - decay)
+            return 1.0 if step < start else max(0.0, 1.0 - (step - start) / max(1, tc.steps - start))
         span = max(1, tc.steps - tc.warmup_steps)
         frac = min(1.0, (step - tc.warmup_steps) / span)
         if tc.schedule is Schedule.COSINE:
@@ -205,11 +228,16 @@ class Trainer:
         self.data = data if data is not None else load_data(cfg.data)
         if cfg.model.vocab_size != padded_vocab(self.data.vocab_size):
             raise ConfigError(vocab_mismatch(cfg.model.vocab_size, self.data.vocab_size, f"data {self.data.name}"))
+        tc = cfg.train
+        if tc.batch_size % (world * tc.grad_accum):
+            raise ConfigError(
+                f"batch_size {tc.batch_size} is not divisible by {world} processes x grad_accum {tc.grad_accum}; "
+                f"use a batch size that is a multiple of {world * tc.grad_accum}"
+            )
         self.model, self.par = build_model(cfg, self.device)
         self.module: nn.Module = self.model  # callers may wrap (DDP/FSDP) and assign here
         self.optimizer = build_optimizer(self.par.param_groups, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.train))
-        tc = cfg.train
         self.val_set = self.data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
         self.step = 0
         self.bound = diverge_bound(cfg)
@@ -228,13 +256,36 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step on the batch for ``self.step``; returns this rank's loss (nats/token).
 
+        With ``grad_accum`` k > 1 this rank's batch (global batch / world rows) is split into k
+        micro-batches of equal rows; each backward adds its summed token losses divided by the
+        batch's token count, so the gradient and the returned loss are those of the whole batch
+        (up to float summation order).  DDP syncs gradients on the last micro-batch only.
         Sets :attr:`last_grad_norm` (L2 norm of all gradients before clipping).
         """
         self.module.train()
         x, y = self.batch(self.step)
-        loss = lm_loss(self.module(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        k = self.cfg.train.grad_accum
+        if k == 1:
+            loss = lm_loss(self.module(x), y)
+            loss.backward()
+        else:
+            count = (y != IGNORE_INDEX).sum().clamp(min=1)
+            total = torch.zeros((), device=self.device)
+            no_sync = getattr(self.module, "no_sync", None)
+            for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
+                sync = i == k - 1 or no_sync is None
+                with contextlib.nullcontext() if sync else no_sync():  # type: ignore[misc]
+                    logits = self.module(xm)
+                    part = (
+                        F.cross_entropy(
+                            logits.float().flatten(0, 1), ym.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                        )
+                        / count
+                    )
+                    part.backward()
+                total += part.detach()
+            loss = total
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.cfg.train.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from mupt import parametrization
 from mupt.config import (
+    Arch,
     BestParams,
     DataConfig,
     LaunchConfig,
+    ModelConfig,
     OptimizerName,
     Recipe,
     RunConfig,
@@ -38,7 +40,7 @@ from mupt.config import (
 from mupt.data import compare_identity
 from mupt.errors import ConfigError, DataError, StorageError
 from mupt.memory import memory_estimate, meta_model
-from mupt.model import Role
+from mupt.model import ARCH_ROLES, Role
 from mupt.parametrization import (
     DOCS,
     BaseShape,
@@ -130,10 +132,18 @@ def latest_best(runs_dir: str | Path = "runs") -> Path:
 # --- the transfer -------------------------------------------------------------------------------
 
 
-def _check_width(flag: str, width: int, scheme: Scheme, dt_rank: int | str) -> None:
+def _check_width(flag: str, width: int, scheme: Scheme, model: ModelConfig) -> None:
     if width <= 0:
         raise ConfigError(f"{flag} {width}: must be a positive d_model, e.g. 4096")
-    parametrization.check_dt_rank_width(f"{flag} {width}:", width, scheme, dt_rank)
+    if model.arch is Arch.MAMBA2:
+        if (model.expand * width) % model.headdim:
+            step = model.headdim // math.gcd(model.headdim, model.expand)
+            raise ConfigError(
+                f"{flag} {width}: mamba2 needs expand*d_model divisible by headdim={model.headdim} "
+                f"(heads grow at fixed headdim); use a multiple of {step}"
+            )
+        return
+    parametrization.check_dt_rank_width(f"{flag} {width}:", width, scheme, model.dt_rank)
 
 
 def target_config(
@@ -145,15 +155,21 @@ def target_config(
     steps: int | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """The target run: the proxy config at the target shape, with the proxy's base shape and tuned values."""
+    """The target run: the proxy config at the target shape, with the proxy's base shape and tuned values.
+
+    ``schedule`` sets the target's ``train`` fields ``schedule`` (constant, cosine, linear, wsd),
+    ``warmup_steps``, ``decay_fraction`` and ``grad_accum`` (``None`` values keep the proxy's);
+    see docs/schedules.md for what µP assumes when the horizon changes.
+    """
     pm = proxy.model
     proxy_scheme = Scheme(proxy.param.scheme)
     try:
         target_scheme = Scheme(scheme) if scheme is not None else proxy_scheme
     except ValueError:
         raise ConfigError(f"--scheme {scheme!r}: choose sp, mup or mup-ssm") from None
-    _check_width("--to-width", to_width, target_scheme, pm.dt_rank)
+    _check_width("--to-width", to_width, target_scheme, pm)
     if to_layers is not None and to_layers != pm.n_layers:
         raise ConfigError(
             f"--to-layers {to_layers}: mupt has no depth-transfer rules, so the proxy optimum (n_layers={pm.n_layers}) "
@@ -173,10 +189,16 @@ def target_config(
     data = to_dict(proxy)
     data["model"].update(d_model=to_width, d_state=to_state or pm.d_state)
     data["param"].update(scheme=target_scheme.value, base_d_model=base.d_model, base_d_state=base.d_state)
-    for key, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
+    for key, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), *(schedule or {}).items()):
         if value is not None:
             data["train"][key] = value
-    return from_dict(RunConfig, data, where="target config")
+    out = from_dict(RunConfig, data, where="target config")
+    if out.train.warmup_steps >= out.train.steps:
+        raise ConfigError(
+            f"--warmup {out.train.warmup_steps}: must be fewer than the target's {out.train.steps} steps, "
+            f"e.g. --warmup {max(1, out.train.steps // 100)}"
+        )
+    return out
 
 
 def base_config(target: RunConfig, proxy: RunConfig) -> RunConfig:
@@ -200,6 +222,7 @@ def transfer(
     seq_len: int | None = None,
     source_path: str | Path | None = None,
     to_data: str | None = None,
+    schedule: dict[str, Any] | None = None,
 ) -> Recipe:
     """The recipe for the target shape from a proxy result (``BestParams``) or a proxy config with the tuned LR.
 
@@ -219,7 +242,7 @@ def transfer(
         origin = {"kind": "lr", "params": {"lr": proxy.train.lr}}
     if source_path is not None:
         origin["path"] = str(source_path)
-    target = target_config(proxy, to_width, to_state, to_layers, scheme, steps, batch_size, seq_len)
+    target = target_config(proxy, to_width, to_state, to_layers, scheme, steps, batch_size, seq_len, schedule)
     proxy_data = best.dataset if isinstance(best, BestParams) and best.dataset else data_identity(proxy.data)
     data_warnings: list[str] = []
     target_data = proxy_data
@@ -352,6 +375,12 @@ def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: Shap
     cfg = recipe.run
     ratio = recipe.source["ratio"]
     for what, r in (("width (N_u)", ratio["width"]), ("state (N_x)", ratio["state"])):
+        if r < 1:
+            out.append(
+                f"the target's {what} is SMALLER than the proxy's ({r:g}x): µP transfers a small proxy's optimum "
+                "up in width; going down extrapolates the rules where nothing was verified; tune at the target "
+                "width directly, or transfer from a narrower proxy"
+            )
         if r > VERIFIED_RATIO or r < 1 / VERIFIED_RATIO:
             out.append(
                 f"{what} transfer ratio {r:g}x is outside what the coordinate/LR-transfer checks verified "
@@ -436,8 +465,10 @@ def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     return path
 
 
-def default_recipe_path(recipe: Recipe, directory: str | Path = "recipes") -> Path:
-    return Path(directory) / f"{Scheme(recipe.run.param.scheme).value}-{recipe.run.model.d_model}.yaml"
+def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path = "recipes") -> Path:
+    """``recipes/<scheme>-<d_model>.yaml`` for a recipe (or its target run config)."""
+    run = recipe.run if isinstance(recipe, Recipe) else recipe
+    return Path(directory) / f"{Scheme(run.param.scheme).value}-{run.model.d_model}.yaml"
 
 
 # --- explain --------------------------------------------------------------------------------------
@@ -458,12 +489,15 @@ class RuleExplanation:
     ref: str
 
 
-def explain(scheme: Scheme | str, optimizer: OptimizerName | str, disc: str) -> list[RuleExplanation]:
-    """Per role, from the rule data (:data:`mupt.parametrization.RULE_TABLE`): exponents, why, and derivation."""
+def explain(
+    scheme: Scheme | str, optimizer: OptimizerName | str, disc: str, arch: Arch | str = Arch.MAMBA1
+) -> list[RuleExplanation]:
+    """Per role of an ``arch`` model, from the rule data (:data:`mupt.parametrization.RULE_TABLE`):
+    exponents, why, and derivation."""
     rules = rules_for(scheme, optimizer, disc)
     out = []
     for role in Role:
-        if role not in rules:
+        if role not in rules or role not in ARCH_ROLES[Arch(arch)]:
             continue
         r = rules[role]
         wd = weight_decay_exp(r, role, scheme, optimizer, disc)

@@ -43,10 +43,11 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from mupt import __version__
 from mupt.config import (
+    Arch,
     BestParams,
     OptimizerName,
     RunConfig,
@@ -99,22 +100,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def proxy_config() -> RunConfig:
-    """The built-in proxy (``recipes/proxy.yaml`` is this config written out).
+    """The built-in proxy: :class:`~mupt.config.RunConfig`'s defaults, defined once in :mod:`mupt.config`
+    (``PROXY_*``; ``recipes/proxy.yaml`` is this config written out).
 
-    Sized so that ``mupt tune --width 256`` with the default trial budget finishes on two CPU
+    Sized so that ``mupt tune`` (d_model 256) with the default trial budget finishes on two CPU
     cores in minutes: 2 layers, d_state 16, 64 steps of 8 x 64 tokens, eval every 16 steps.
     """
-    return RunConfig.model_validate(
-        {
-            "model": {"d_model": 256, "n_layers": 2, "d_state": 16},
-            "data": {"source": "builtin"},
-            "train": {
-                "steps": 64, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "optimizer": "adamw",
-                "eval_every": 16, "eval_batches": 2, "seed": 0,
-            },
-            "param": {"scheme": "mup-ssm"},
-        }
-    )  # fmt: skip
+    return RunConfig()
 
 
 class TuneSettings(BaseModel):
@@ -142,20 +134,12 @@ class TuneSettings(BaseModel):
     fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
     reduction: int = Field(default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best")
 
-    @field_validator("sampler", mode="before")
+    @field_validator("sampler", "pruner", "fidelity", mode="before")
     @classmethod
-    def _sampler(cls, v: Any) -> Any:
-        return _enum(SamplerName, v, "--sampler")
-
-    @field_validator("pruner", mode="before")
-    @classmethod
-    def _pruner(cls, v: Any) -> Any:
-        return _enum(PrunerName, v, "--pruner")
-
-    @field_validator("fidelity", mode="before")
-    @classmethod
-    def _fidelity(cls, v: Any) -> Any:
-        return _enum(Fidelity, v, "--fidelity")
+    def _choice(cls, v: Any, info: ValidationInfo) -> Any:
+        """One line naming the flag and its choices, instead of pydantic's enum error."""
+        enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity}[str(info.field_name)]
+        return _enum(enum, v, f"--{info.field_name}")
 
     @field_validator("search", mode="before")
     @classmethod
@@ -557,17 +541,28 @@ class Rung:
     study_name: str
 
 
-def rung_widths(proxy_width: int) -> list[int]:
-    """d_model of the rungs: proxy/8, /4, /2 and the proxy, rounded down to multiples of 16 (>= 16), deduplicated."""
-    widths = {max(16, (proxy_width // k) // 16 * 16) for k in (8, 4, 2)} | {proxy_width}
+def rung_widths(proxy_width: int, multiple: int = 16) -> list[int]:
+    """d_model of the rungs: proxy/8, /4, /2 and the proxy, rounded down to multiples of ``multiple``
+    (16, so that dt_rank = d_model/16 scales; mamba2 also needs whole heads), deduplicated."""
+    widths = {max(multiple, (proxy_width // k) // multiple * multiple) for k in (8, 4, 2)} | {proxy_width}
     return sorted(w for w in widths if w <= proxy_width)
+
+
+def width_multiple(cfg: RunConfig) -> int:
+    """The d_model step every rung keeps: 16, and for mamba2 whole heads in whole groups
+    (expand*d_model divisible by headdim*ngroups)."""
+    m = cfg.model
+    if m.arch is not Arch.MAMBA2:
+        return 16
+    unit = m.headdim * m.ngroups // math.gcd(m.expand, m.headdim * m.ngroups)
+    return math.lcm(16, unit)
 
 
 def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise."""
     if settings.fidelity is Fidelity.STEPS:
         return [Rung(0, cfg.model.d_model, settings.trials, settings.study)]
-    widths = rung_widths(cfg.model.d_model)
+    widths = rung_widths(cfg.model.d_model, width_multiple(cfg))
     eta = settings.reduction
     return [
         Rung(i, w, settings.trials if i == 0 else max(1, round(settings.trials / eta**i)),
@@ -623,6 +618,11 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
     if rung > 0:
         return optuna.pruners.NopPruner()
     if settings.pruner is PrunerName.ASHA:
+        if settings.fidelity is Fidelity.WIDTH:
+            # one halving on steps, at about 1/reduction of the run: about 1/reduction of rung 0 then completes,
+            # enough for rung 1's round(trials / reduction) promotions (two halvings on steps would starve it)
+            first = max(every, cfg.train.steps // settings.reduction)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=settings.reduction)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
     if settings.pruner is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
@@ -1009,7 +1009,10 @@ class Progress:
 def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
     best = best_trial(ladder)
     c = count_states(ladder)
-    total = sum(r.size for r in ladder.rungs)
+    total = ladder.rungs[0].size  # a rung whose lower rung is closed holds at most that rung's COMPLETE trials
+    for i in range(1, len(ladder.rungs)):
+        size = ladder.rungs[i].size
+        total += min(size, len(_ranked(ladder.studies[i - 1]))) if _closed(ladder, i - 1) else size
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
         c["RUNNING"],

@@ -197,8 +197,9 @@ def test_diverged_points_recorded_and_plotted_as_missing(cli, tmp_path: Path) ->
             assert ok[(p["width"], p["log2_lr"])] == pytest.approx(p["final_val_loss"], rel=1e-12)
     # every point diverged: no optimum at any width, so the gate cannot pass
     code, stdout, _ = cli(
-        "check", "transfer", "--widths", "16,32", "--lrs", "2^5,2^6", "--workers", "1", *TINY, "--out", str(out / "all")
-    )
+        "check", "transfer", "--widths", "16,32", "--lrs", "2^4,2^5,2^6", "--workers", "1", *TINY,
+        "--out", str(out / "all"),
+    )  # fmt: skip
     assert code == 1, stdout
     assert json.loads((out / "all" / "transfer.json").read_text())["passed"] is False
 

@@ -50,3 +50,74 @@ def test_bad_configs_are_one_line_errors(tmp_path: Path, text: str, pattern: str
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("train: {lr: .inf}", r"train.lr: Input should be a finite number"),
+        ("train: {lr: .nan}", r"train.lr: Input should be a finite number"),
+        ("train: {lr: -0.1}", r"train.lr: Input should be greater than 0"),
+        ("param: {output_mult: .inf}", r"param.output_mult: Input should be a finite number"),
+        ("model: {scan_backend: cuda-fast}", r"model.scan_backend: unknown scan backend; choose one of: auto"),
+    ],
+)
+def test_non_finite_numbers_and_unknown_backends_are_refused_on_load(tmp_path: Path, text: str, pattern: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        load_yaml(path)
+
+
+def test_every_config_error_is_shown_one_line_each(tmp_path: Path) -> None:
+    """A typo must not hide behind another field's error ("and 1 more")."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: -1, lerning_rate: 0.1}\nmodel: {d_model: 0}\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: 3 errors"
+    assert sorted(line.strip().split(":")[0] for line in lines[1:]) == [
+        "model.d_model", "train.lerning_rate", "train.steps",
+    ]  # fmt: skip
+    assert any("train.lerning_rate: Extra inputs are not permitted (got 0.1)" in line for line in lines)
+
+
+def test_config_path_that_is_a_directory_names_its_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory; pass a YAML file$"):
+        load_yaml(tmp_path)
+    save_yaml(tmp_path / "best.yaml", RunConfig())
+    with pytest.raises(ConfigError, match=rf"is a directory; pass a YAML file in it: {tmp_path / 'best.yaml'}"):
+        load_yaml(tmp_path)
+
+
+def test_every_file_mupt_writes_loads_as_a_run_config(tmp_path: Path) -> None:
+    from mupt.config import load_run_config
+    from mupt.transfer import save_recipe, transfer
+
+    proxy = with_overrides(RunConfig(), {"model.d_model": 64, "train.lr": 0.02})
+    save_yaml(tmp_path / "config.yaml", proxy)
+    assert load_run_config(tmp_path / "config.yaml") == proxy
+    save_yaml(tmp_path / "best.yaml", BestParams(study="s", trial=1, value=2.0, params={"lr": 0.02}, config=proxy))
+    assert load_run_config(tmp_path / "best.yaml") == proxy
+    recipe = transfer(proxy, 512)
+    save_recipe(tmp_path / "recipe.yaml", recipe)
+    assert load_run_config(tmp_path / "recipe.yaml") == recipe.run
+    assert load_run_config(tmp_path / "recipe.yaml").model.d_model == 512
+    (tmp_path / "broken-recipe.yaml").write_text("run: {model: {d_model: 0}}\nper_role: {}\n")
+    with pytest.raises(ConfigError, match=r"broken-recipe.yaml \(recipe\): run.model.d_model"):
+        load_run_config(tmp_path / "broken-recipe.yaml")
+
+
+def test_the_default_proxy_is_defined_once() -> None:
+    """train, tune and transfer --lr all start from RunConfig(), whose defaults are the PROXY_* constants."""
+    from mupt import config as c
+    from mupt.tune import proxy_config
+
+    cfg = RunConfig()
+    assert proxy_config() == cfg
+    assert (cfg.model.d_model, cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_every) == (
+        c.PROXY_D_MODEL, c.PROXY_STEPS, c.PROXY_BATCH_SIZE, c.PROXY_SEQ_LEN, c.PROXY_EVAL_EVERY,
+    )  # fmt: skip
+    assert cfg.train.optimizer is c.DEFAULT_OPTIMIZER
+    assert load_yaml(Path(__file__).resolve().parent.parent / "recipes" / "proxy.yaml") == cfg

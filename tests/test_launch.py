@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from mupt import launch
 from mupt.config import Recipe, load_recipe, load_yaml, save_yaml, to_dict
@@ -169,10 +171,15 @@ def trained(tmp_path: Path, cli) -> tuple[Path, Path]:
     return recipe, run_dir
 
 
+def message_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines (stderr is not a terminal here, so progress is plain lines)."""
+    return [x for x in stderr.splitlines() if x.strip() and not re.match(r"scale \d+/\d+ ", x)]
+
+
 def one_line_error(cli, *args: str) -> str:
     code, _, stderr = cli(*args)
     assert code == 2, stderr
-    lines = [x for x in stderr.splitlines() if x.strip()]
+    lines = message_lines(stderr)
     assert len(lines) == 1, stderr
     return " ".join(lines[0].split())
 
@@ -185,10 +192,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path: Path, trained: tuple[Path, P
     assert launch.find_latest(run_dir).name == "step_000006"  # nothing overwritten
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "meta", "pointer"])
-def test_corrupt_checkpoint_is_refused(trained: tuple[Path, Path], cli, damage: str) -> None:
-    recipe, run_dir = trained
-    ckpt = run_dir / "checkpoints" / "step_000006"
+def damage_checkpoint(ckpt: Path, damage: str) -> None:
     shard = ckpt / "__0_0.distcp"
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -196,26 +200,59 @@ def test_corrupt_checkpoint_is_refused(trained: tuple[Path, Path], cli, damage: 
         shard.write_bytes(bytes(255 - b for b in shard.read_bytes()))
     elif damage == "meta":
         (ckpt / "meta.json").write_text("{not json")
-    else:
-        (run_dir / "checkpoints" / "latest").write_text("step_000099\n")
-    msg = one_line_error(cli, "scale", str(recipe), "--steps", "9")
-    assert "checkpoint" in msg and ("corrupt" in msg or "not a checkpoint" in msg)
-    assert not (run_dir / "checkpoints" / "step_000009").exists()  # never a silent fresh start
+    elif damage == "dcp-metadata":  # garbage of the recorded size: only reading it can tell
+        meta = ckpt / ".metadata"
+        meta.write_bytes(bytes(range(256)) * (meta.stat().st_size // 256) + b"x" * (meta.stat().st_size % 256))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "meta", "dcp-metadata"])
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(trained: tuple[Path, Path], cli, damage: str) -> None:
+    recipe, run_dir = trained  # checkpoints at steps 3 and 6
+    damage_checkpoint(run_dir / "checkpoints" / "step_000006", damage)
+    code, _, stderr = cli("scale", str(recipe))
+    assert code == 0, stderr
+    lines = [" ".join(x.split()) for x in message_lines(stderr)]
+    assert len(lines) == 1 and "step_000006 is corrupt" in lines[0] and "resuming from" in lines[0], stderr
+    assert "step_000003" in lines[0] and "delete" not in lines[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["start_step"], summary["steps"], summary["status"]) == (3, 6, "ok")
+    assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_a_dangling_latest_pointer_is_not_needed(trained: tuple[Path, Path], cli) -> None:
+    recipe, run_dir = trained
+    (run_dir / "checkpoints" / "latest").write_text("step_000099\n")
+    code, _, stderr = cli("scale", str(recipe))
+    assert code == 0, stderr
+    assert json.loads((run_dir / "summary.json").read_text())["start_step"] == 6
+
+
+@pytest.mark.parametrize("damage", ["garble", "dcp-metadata"])
+def test_no_intact_checkpoint_left_is_one_line(tmp_path: Path, cli, damage: str) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "one", steps=3, ckpt_every=3)
+    assert cli("scale", str(recipe))[0] == 0
+    damage_checkpoint(run_dir / "checkpoints" / "step_000003", damage)
+    msg = one_line_error(cli, "scale", str(recipe), "--steps", "6", "--reschedule")
+    assert "step_000003 is corrupt" in msg and "no intact checkpoint" in msg and "new --run-dir" in msg
+    assert "delete" not in msg and not (run_dir / "checkpoints" / "step_000006").exists()  # never a silent restart
+
+
+def test_resume_with_other_steps_is_refused_unless_rescheduled(trained: tuple[Path, Path], cli) -> None:
+    recipe, run_dir = trained  # tiny.yaml: cosine over 6 steps, warmup 4
+    msg = one_line_error(cli, "scale", str(recipe), "--steps", "8")
+    assert "6-step cosine schedule" in msg and "--steps 6" in msg and "--reschedule" in msg
+    assert launch.find_latest(run_dir).name == "step_000006"  # nothing trained
+    code, _, stderr = cli("scale", str(recipe), "--steps", "8", "--reschedule")
+    assert code == 0, stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["start_step"], summary["steps"], summary["tokens_seen"]) == (6, 8, 8 * 8 * 32)
+    assert sorted(losses(run_dir)) == list(range(1, 9))
 
 
 def test_no_resume_refuses_to_overwrite(trained: tuple[Path, Path], cli) -> None:
     recipe, _ = trained
     msg = one_line_error(cli, "scale", str(recipe), "--no-resume")
     assert "already holds checkpoints" in msg
-
-
-def test_resume_continues_step_counter(trained: tuple[Path, Path], cli) -> None:
-    recipe, run_dir = trained
-    code, _, stderr = cli("scale", str(recipe), "--steps", "8")
-    assert code == 0, stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["start_step"], summary["steps"], summary["tokens_seen"]) == (6, 8, 8 * 8 * 32)
-    assert sorted(losses(run_dir)) == list(range(1, 9))
 
 
 def test_per_role_lr_mismatch_fails(tmp_path: Path, cli) -> None:
@@ -233,14 +270,16 @@ def test_group_lr_check_catches_a_changed_optimizer(tmp_path: Path) -> None:
 
     recipe = load_yaml(TINY, Recipe)
     trainer = Trainer(recipe.run)
-    launch.check_group_lrs(trainer, recipe, trainer.model)  # as built: fine
+    launch.check_group_lrs(trainer, trainer.model)  # as built: fine
     regrouped = launch.regroup(trainer, trainer.model)  # what scale builds after wrapping: same groups and eps
     built = [(g["lr_mult"], g["eps"], g["names"]) for g in trainer.par.param_groups]
     assert [(g["lr_mult"], g["eps"], g["names"]) for g in regrouped] == built
     assert {g["eps"] for g in regrouped} == {1e-8 / 2}  # tiny.yaml: mup-ssm, d_model 32 over base 16
-    trainer.optimizer.param_groups[1]["lr"] *= 2
-    with pytest.raises(CheckpointError, match="expected"):
-        launch.check_group_lrs(trainer, recipe, trainer.model)
+    for key in ("lr", "weight_decay", "eps"):  # what a checkpoint's param groups could bring back changed
+        fresh = Trainer(recipe.run)
+        fresh.optimizer.param_groups[1][key] = fresh.optimizer.param_groups[1][key] * 3 + 1e-3
+        with pytest.raises(CheckpointError, match=f"has {key} " if key != "lr" else "has lr "):
+            launch.check_group_lrs(fresh, fresh.model)
 
 
 def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path, cli) -> None:
@@ -317,8 +356,10 @@ def test_diverging_run_exits_2_with_one_line_and_keeps_checkpoints(tmp_path: Pat
     data["run"]["train"]["lr"] = 3.0
     save_yaml(recipe, Recipe.model_validate(data))
     msg = one_line_error(cli, "scale", str(recipe))
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = strict_json((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and 2 < summary["steps"] < 20, summary
+    rows = [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == summary["steps"] and (rows[-1]["loss"] is None or rows[-1]["loss"] > 5.5)
     assert "diverged" in msg and "lower the recipe's lr (now 3)" in msg
     latest = launch.find_latest(run_dir)  # the last good checkpoint is kept; none of the diverged state
     assert latest is not None and int(latest.name.split("_")[1]) < summary["steps"]
@@ -356,5 +397,76 @@ def test_ctrl_c_checkpoints_prints_one_line_and_exits_130(tmp_path: Path) -> Non
     assert summary["status"] == "terminated" and summary["signal"] == signal.SIGINT
     latest = launch.find_latest(run_dir)
     assert latest is not None and latest.name == f"step_{summary['steps']:06d}"
-    lines = [x for x in stderr.splitlines() if x.strip()]
+    lines = message_lines(stderr)
     assert len(lines) == 1 and "interrupted" in lines[0] and "rerun to resume" in lines[0], stderr
+
+
+def strict_json(text: str) -> Any:
+    """json.loads as a strict (RFC 8259) reader: bare NaN/Infinity are an error."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}: not strict JSON"))
+
+
+def edited_recipe(tmp_path: Path, edit: Any) -> Path:
+    recipe, _ = make_recipe(tmp_path, "edited")
+    data = to_dict(load_yaml(recipe, Recipe))
+    edit(data)
+    recipe.write_text(yaml.safe_dump(data))  # as a hand edit would: not validated on the way out
+    return recipe
+
+
+@pytest.mark.parametrize(
+    ("what", "edit", "expect"),
+    [
+        (
+            "lm_head init_std",
+            lambda d: d["per_role"]["lm_head"].update(init_std=0.05),
+            "per_role.lm_head.init_std=0.05",
+        ),
+        ("per-role lr", lambda d: d["per_role"]["in_proj"].update(lr=0.004), "per_role.in_proj.lr=0.004"),
+        ("lr", lambda d: d["run"]["train"].update(lr=float("inf")), "run.train.lr: Input should be a finite number"),
+        ("d_model", lambda d: d["run"]["model"].update(d_model=48), "d_model"),
+        ("base width", lambda d: d["run"]["param"].update(base_d_model=8), "base"),
+        ("manifest", lambda d: d["manifest"]["params"]["lm_head.weight"].update(lr_mult=1.0), "lm_head.weight lr_mult"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_dry_run_refuses_what_the_launch_refuses(tmp_path: Path, cli, what: str, edit: Any, expect: str) -> None:
+    recipe = edited_recipe(tmp_path, edit)
+    dry = one_line_error(cli, "scale", str(recipe), "--dry-run")
+    assert expect in dry, dry
+    assert one_line_error(cli, "scale", str(recipe)) == dry  # the real launch: the same line, nothing trained
+    assert not (tmp_path / "edited-run").exists()
+
+
+def test_scale_bad_inputs_are_one_line(tmp_path: Path, cli) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "bad")
+    assert "--nproc" in one_line_error(cli, "scale", str(recipe), "--nproc", "0")
+    assert "--nproc" in one_line_error(cli, "scale", str(recipe), "--nproc", "0", "--dry-run")
+    assert "--lr-scale" in one_line_error(cli, "scale", str(recipe), "--lr-scale", "0")
+    assert "--lr-scale" in one_line_error(cli, "scale", str(recipe), "--lr-scale", "nan")
+    data = to_dict(load_yaml(recipe, Recipe))
+    data["launch"]["precision"] = "fp16"
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text(yaml.safe_dump(data))
+    msg = one_line_error(cli, "scale", str(fp16), "--dry-run")
+    assert "launch.precision" in msg and "fp16" in msg  # refused at load, never a silent fp32 run
+    assert "--precision" in one_line_error(cli, "scale", str(recipe), "--precision", "fp16")
+    best = tmp_path / "best.yaml"
+    best.write_text("study: s\ntrial: 3\nvalue: 2.5\nparams: {lr: 0.001}\nconfig: {}\n")
+    msg = one_line_error(cli, "scale", str(best))
+    assert "best.yaml from mupt tune" in msg and "mupt transfer" in msg
+    assert not run_dir.exists()
+
+
+def test_lr_scale_multiplies_every_group_lr(tmp_path: Path, cli) -> None:
+    recipe, run_dir = make_recipe(tmp_path, "x2", steps=2, ckpt_every=2)
+    code, _, stderr = cli("scale", str(recipe), "--lr-scale", "2")
+    assert code == 0, stderr
+    base = load_yaml(recipe, Recipe)
+    resolved = load_yaml(run_dir / "recipe.yaml", Recipe)
+    assert resolved.run.train.lr == 2 * base.run.train.lr
+    assert {k: v["lr"] for k, v in resolved.per_role.items()} == {k: 2 * v["lr"] for k, v in base.per_role.items()}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lr"] == pytest.approx(2 * base.run.train.lr / 4)  # warmup step 1 of 4
+    msg = one_line_error(cli, "scale", str(recipe), "--steps", "2")  # the same run dir at the unscaled LR
+    assert "another model" in msg and "lr" in msg

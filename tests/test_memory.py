@@ -23,11 +23,13 @@ def measured_bytes_per_token(c: RunConfig) -> float:
     model = MambaLM(c.model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # keeps every saved storage alive, so no address is reused mid-forward
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
         if s.data_ptr() not in params:
             seen[s.data_ptr()] = s.nbytes()
+            alive.append(t)
         return t
 
     b, n = c.train.batch_size, c.train.seq_len

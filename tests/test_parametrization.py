@@ -55,7 +55,7 @@ def test_every_parameter_gets_exactly_one_role_and_one_group(kw: dict) -> None:
         hits = [r for s, r in model_mod._SUFFIX_ROLES if name == s or name.endswith("." + s)]
         assert len(hits) == 1, (name, hits)
     assert set(roles.values()) >= ARCH_ROLES[Arch.MAMBA1] - ({Role.LM_HEAD} if kw.get("tie_embeddings") else set())
-    schemes = [Scheme.SP] if kw.get("tie_embeddings") else list(Scheme)
+    schemes = list(Scheme)  # tied embeddings too: a shared readout under the µP schemes
     for scheme in schemes:
         par = apply(m, ParamConfig(scheme=scheme), "adamw", 1e-3, reinit=False)
         ids = [id(p) for g in par.param_groups for p in g["params"]]
@@ -165,8 +165,6 @@ def test_forward_multipliers_include_tunable_output_and_embedding_mults() -> Non
 
 
 def test_bad_inputs_raise_config_errors() -> None:
-    with pytest.raises(ConfigError, match="tie_embeddings"):
-        apply(model(tie_embeddings=True), ParamConfig(scheme=Scheme.MUP), "adamw", 1e-3)
     with pytest.raises(ConfigError, match="d_model=72 is not a multiple of 16"):
         apply(model(d_model=72), ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D), "adamw", 1e-3)
     with pytest.raises(ConfigError, match="base d_model=40"):
@@ -183,6 +181,82 @@ def test_reinit_false_keeps_trained_weights() -> None:
     apply(m, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D), "adamw", 1e-3, reinit=False)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert math.isclose(m.mult_output, 1.0)
+
+
+def test_mamba2_apply_covers_every_parameter_and_puts_the_C_multiplier_after_the_silu() -> None:
+    """arch mamba2, d_model 64 -> 128 and N_x 16 -> 32 (base -> model): every parameter gets exactly one
+    group and the mamba2 role set; C's 1/N_x multiplier sits on the mixer; init stds follow the manifest."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mamba2", d_model=128, d_state=32, headdim=32, ngroups=2, n_layers=2)
+    for scheme, want_c in ((Scheme.MUP_SSM, 0.5), (Scheme.MUP, 1.0), (Scheme.SP, 1.0)):
+        m = MambaLM(cfg)
+        par = apply(m, ParamConfig(scheme=scheme, base_d_model=64, base_d_state=16), "adamw", 1e-3)
+        ids = [id(p) for g in par.param_groups for p in g["params"]]
+        assert sorted(ids) == sorted(id(p) for p in m.parameters())
+        assert {e.role for e in par.manifest.params.values()} == {r.value for r in ARCH_ROLES[Arch.MAMBA2]}
+        mixer = m.backbone.layers[1].mixer
+        assert mixer.in_proj.mult == {"z": 1.0, "x": 1.0, "B": 1.0, "C": want_c, "dt": 1.0}
+        entry = par.manifest.params["backbone.layers.1.mixer.in_proj.weight_C"]
+        assert entry.fwd_mult == want_c and entry.shape == [2 * 32, 128]
+        w = dict(m.named_parameters())["backbone.layers.1.mixer.in_proj.weight_x"]
+        std = par.manifest.params["backbone.layers.1.mixer.in_proj.weight_x"].init_std
+        assert std is not None and abs(w.std().item() / std - 1) < 0.05
+    # Adam: with N_x fixed the heuristic and µP-SSM tables agree on every mamba2 role
+    ssm, mup = rules_for("mup-ssm", "adamw", "zoh"), rules_for("mup", "adamw", "zoh")
+    differ = {
+        r
+        for r in ARCH_ROLES[Arch.MAMBA2]
+        if (ssm[r].init, ssm[r].lr, ssm[r].fwd) != (mup[r].init, mup[r].lr, mup[r].fwd)
+    }
+    assert differ == {Role.IN_PROJ_C} and ssm[Role.IN_PROJ_C].fwd == (0.0, -1.0)
+    assert ssm[Role.IN_PROJ_C].init == mup[Role.IN_PROJ_C].init and ssm[Role.IN_PROJ_C].lr == mup[Role.IN_PROJ_C].lr
+
+
+@pytest.mark.parametrize("scheme", [Scheme.MUP, Scheme.MUP_SSM, Scheme.SP])
+def test_apply_twice_keeps_the_stds_and_the_manifest(scheme: Scheme) -> None:
+    """A second apply() on the same model must not compound the init rescaling (it used to halve lm_head)."""
+    m = model(d_model=256)
+    param = ParamConfig(scheme=scheme, base_d_model=BASE_D)
+    first = apply(m, param, "adamw", 1e-3)
+    weights = {n: p.detach().clone() for n, p in m.named_parameters()}
+    second = apply(m, param, "adamw", 1e-3)
+    for name, p in m.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    assert second.manifest.to_dict() == first.manifest.to_dict()
+    head = m.lm_head.weight
+    assert float(head.std()) == pytest.approx(first.manifest.params["lm_head.weight"].init_std, rel=0.05)
+
+
+def test_apply_with_another_scheme_starts_from_the_default_init() -> None:
+    """apply(mup) then apply(sp) gives the sp stds, as apply(sp) on a fresh model does."""
+    a, b = model(seed=3, d_model=256), model(seed=3, d_model=256)
+    apply(a, ParamConfig(scheme=Scheme.MUP, base_d_model=BASE_D), "adamw", 1e-3)
+    apply(a, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D), "adamw", 1e-3)
+    apply(b, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D), "adamw", 1e-3)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("scheme", [Scheme.MUP, Scheme.MUP_SSM])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_tied_embeddings_are_a_shared_readout(scheme: Scheme, optimizer: str) -> None:
+    """Tied under µP: the shared tensor keeps the embedding's init and LR; the readout multiplier is
+    output_mult / r_u (docs/width_rules.md, microsoft/mup's MuSharedReadout)."""
+    m = model(d_model=256, tie_embeddings=True)
+    par = apply(m, ParamConfig(scheme=scheme, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
+    r_u = 256 / BASE_D
+    entry = par.manifest.params["backbone.embedding.weight"]
+    assert "lm_head.weight" not in par.manifest.params and m.lm_head.weight is m.backbone.embedding.weight
+    assert entry.init_std == pytest.approx(0.02)  # Θ(1): the embedding's rule, not the readout's 1/N_u
+    assert entry.lr_mult == pytest.approx(1.0 if optimizer == "adamw" else r_u)
+    assert float(m.backbone.embedding.weight.std()) == pytest.approx(0.02, rel=0.05)
+    assert m.mult_output == pytest.approx(3.0 / r_u)
+    untied = model(d_model=256)
+    apply(untied, ParamConfig(scheme=scheme, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
+    assert untied.mult_output == pytest.approx(3.0)  # untied readouts scale their init and LR instead
+    sp = model(d_model=256, tie_embeddings=True)
+    apply(sp, ParamConfig(scheme=Scheme.SP, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
+    assert sp.mult_output == pytest.approx(3.0)
 
 
 # --- the rules as data: docs generated from them, weight decay per optimizer --------------------------

@@ -168,7 +168,8 @@ def test_kill_9_then_rerun_is_byte_identical(
     deadline = time.time() + 120
     while time.time() < deadline and len(list(killed.glob("train-*.bin"))) < 3 and proc.poll() is None:
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the prepare and its tokenizer worker processes
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "meta.json").exists(), "the prepare finished before the kill; the test proved nothing"
@@ -285,6 +286,16 @@ def test_check_coord_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> Non
     assert code in (0, 1), err  # a verdict, not a usage error
     report = json.loads((tmp_path / "c" / "coord.json").read_text())
     assert str(bpe_dataset) in json.dumps(report)
+
+
+def test_check_transfer_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = cli(
+        "check", "transfer", "--data", str(bpe_dataset), "--widths", "16,32,128", "--lrs", "2^-8,2^-6,2^-4",
+        "--seeds", "1", "--steps", "2", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--workers", "1",
+        "--out", str(tmp_path / "t"),
+    )  # fmt: skip
+    assert code in (0, 1), err  # a verdict, not a usage error
+    assert str(bpe_dataset) in (tmp_path / "t" / "transfer.json").read_text()
 
 
 def test_rank_slices_are_disjoint_and_cover_the_global_batch(bpe_dataset: Path) -> None:

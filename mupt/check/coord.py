@@ -36,6 +36,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from mupt.config import (
+    DEFAULT_OPTIMIZER,
+    Arch,
     DataConfig,
     Discretization,
     ModelConfig,
@@ -81,7 +83,7 @@ class CoordSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scheme: Scheme = Scheme.MUP_SSM
-    optimizer: OptimizerName = OptimizerName.ADAM
+    optimizer: OptimizerName = DEFAULT_OPTIMIZER  # adam == adamw here (weight decay 0)
     discretization: Discretization = Discretization.ZOH
     widths: tuple[int, ...] = DEFAULT_WIDTHS
     n_layers: int = 3
@@ -96,13 +98,18 @@ class CoordSettings(BaseModel):
     backend: str = "auto"
     #: d_model of the base shape (the proxy the LR was tuned at); None = 64, or the smallest width if narrower.
     base_width: int | None = None
+    arch: Arch = Arch.MAMBA1
+    headdim: int = 64  # mamba2 only
+    ngroups: int = 1  # mamba2 only
+    #: LM head tied to the embedding (a shared readout, docs/width_rules.md)
+    tie_embeddings: bool = False
     #: token source (``DataConfig.source``: builtin, a prepared dataset, a .bin/.npy with ``vocab_size``)
     data: str = "builtin"
     vocab_size: int | None = None
 
     @model_validator(mode="after")
     def _validated(self) -> CoordSettings:
-        self.validate()
+        self.check_shape()
         return self
 
     @classmethod
@@ -119,7 +126,11 @@ class CoordSettings(BaseModel):
             return self.base_width
         return min(DEFAULT_BASE_WIDTH, self.widths[0]) if self.widths else DEFAULT_BASE_WIDTH
 
-    def validate(self) -> None:
+    def check_shape(self) -> None:
+        """Raise a one-line ConfigError for widths, base, seeds, steps, LR or tolerance a check cannot use.
+
+        Runs when the settings are built; widths need >= 8x span (docs/width_rules.md, section 4).
+        """
         ws = list(self.widths)
         if len(ws) < 2 or len(set(ws)) != len(ws) or ws != sorted(ws):
             shown = ",".join(map(str, ws))
@@ -139,6 +150,13 @@ class CoordSettings(BaseModel):
                 f"--scale-state needs every width to be a multiple of the base {self.base} so that d_state scales "
                 f"by the same ratio; got {','.join(map(str, ws))}"
             )
+        if self.arch is Arch.MAMBA2:
+            bad = [w for w in (self.base, *ws) if (2 * w) % self.headdim or (2 * w // self.headdim) % self.ngroups]
+            if bad:
+                raise ConfigError(
+                    f"--widths: mamba2 needs 2*d_model divisible by --headdim {self.headdim} and the head count by "
+                    f"--ngroups {self.ngroups}; {bad[0]} is not (use multiples of {self.headdim})"
+                )
         for name, value in (("--seeds", self.seeds), ("--steps", self.steps), ("--layers", self.n_layers)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -157,6 +175,10 @@ class CoordSettings(BaseModel):
                 n_layers=self.n_layers,
                 d_state=self.d_state(width),
                 discretization=self.discretization,
+                arch=self.arch,
+                headdim=self.headdim,
+                ngroups=self.ngroups,
+                tie_embeddings=self.tie_embeddings,
                 scan_backend=resolve_scan_backend(self.backend),
                 vocab_size=padded_vocab(data_vocab(self.data_config())),
             ),
@@ -408,12 +430,12 @@ def coord_check(
     layers = [str(i) for i in range(settings.n_layers)]
     for layer, quantities in [(la, LAYER_QUANTITIES) for la in layers] + [(HEAD, HEAD_QUANTITIES)]:
         for q in quantities:
-            by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
-            slopes = [log2_slope(settings.widths, means) for means in by_step]
+            means_by_step = [[sum(s) / len(s) for s in widths] for widths in per[f"{layer}.{q}"]]
+            slopes = [log2_slope(settings.widths, means) for means in means_by_step]
             seeds, slope = per[f"{layer}.{q}"][-1], slopes[-1]
             flat = math.isfinite(slope) and abs(slope) <= settings.tolerance
             se = slope_stderr(settings.widths, seeds)
-            result.rows.append(Row(layer, q, by_step[-1], seeds, slope, flat, se, by_step, slopes))
+            result.rows.append(Row(layer, q, means_by_step[-1], seeds, slope, flat, se, means_by_step, slopes))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -496,10 +518,11 @@ def _describe(result: CoordResult) -> str:
     return (
         f"{s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, base {base}, "
         f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}"
+        + (", tied embeddings" if s.get("tie_embeddings") else "")
     )
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     path = Path(path)

@@ -296,10 +296,10 @@ def refine_optimum(xs: Sequence[float], ys: Sequence[float | None]) -> tuple[flo
     finite = [(i, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
     if not finite:
         return None, None, False
-    i = min(finite, key=lambda t: (t[1], t[0]))[0]
+    i, y1 = min(finite, key=lambda t: (t[1], t[0]))
     if i == 0 or i == len(xs) - 1:
         return xs[i], i, True
-    y0, y1, y2 = ys[i - 1], ys[i], ys[i + 1]
+    y0, y2 = ys[i - 1], ys[i + 1]
     if y0 is None or y2 is None or not (math.isfinite(y0) and math.isfinite(y2)):
         return xs[i], i, False
     x0, x1, x2 = xs[i - 1], xs[i], xs[i + 1]

@@ -7,12 +7,15 @@ module and registers itself on :data:`app`; :func:`main` turns every user error
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
+from mupt.config import format_validation_error
 from mupt.errors import MuptError
 
 app = typer.Typer(
@@ -31,7 +34,21 @@ check_app = typer.Typer(
 )
 app.add_typer(check_app, name="check")
 
-out = Console()
+
+class StdoutClosed(Exception):
+    """Standard output's reader went away (``mupt ... | head``)."""
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Silence this console (Rich's default) and end the command via :class:`StdoutClosed`, not exit 1."""
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        raise StdoutClosed()
+
+
+out = _Console()
 err = Console(stderr=True)
 
 
@@ -44,6 +61,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 # Command modules register themselves on ``app`` / ``check_app`` when imported.
 from mupt.cli import check_coord as _check_coord  # noqa: E402,F401
 from mupt.cli import check_transfer as _check_transfer  # noqa: E402,F401
+from mupt.cli import export as _export  # noqa: E402,F401
 from mupt.cli import prepare as _prepare  # noqa: E402,F401
 from mupt.cli import scale as _scale  # noqa: E402,F401
 from mupt.cli import train as _train  # noqa: E402,F401
@@ -68,14 +86,29 @@ def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[typ
 _CLICK_ERRORS, _ABORTS = _click_exception_types()
 
 
+#: Exit code when the reader of standard output went away (``mupt ... | head``): 128 + SIGPIPE, as for
+#: any Unix tool stopped by the closed pipe.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, map user errors to one line and exit code 2."""
+    """Console entry point: run the app, map user errors to one line and exit code 2.
+
+    A closed standard output (``| head``) ends the command quietly with exit code 141; commands write
+    their files before their tables, so nothing is lost.
+    """
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(n) comes back as a return value here
             sys.exit(code)
+    except StdoutClosed:
+        err.print("note: standard output was closed (e.g. `| head`); stopped printing there", highlight=False)
+        sys.exit(EXIT_BROKEN_PIPE)
     except MuptError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as e:  # a settings object built from a flag no command checked first: still one line
+        err.print(f"[bold red]error:[/] {format_validation_error(e, 'invalid value')}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)

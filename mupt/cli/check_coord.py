@@ -11,8 +11,19 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, DataOpt, VocabOpt, progress
-from mupt.config import Discretization, OptimizerName, Scheme, parse_widths
+from mupt.cli.common import BackendOpt, DataOpt, ThreadsOpt, VocabOpt, check_backend, check_finite, progress
+from mupt.config import (
+    DEFAULT_OPTIMIZER,
+    Arch,
+    Discretization,
+    OptimizerName,
+    Scheme,
+    format_validation_error,
+    parse_widths,
+)
+from mupt.errors import ConfigError
+from mupt.paths import check_output_dir
+from mupt.threads import resolve_threads, set_threads
 
 
 def result_table(res: CoordResult) -> Table:
@@ -61,12 +72,36 @@ def steps_table(res: CoordResult, rows: list[Row]) -> Table:
     return t
 
 
+#: CoordSettings -> run config fields, named by the flag that sets them (for one-line errors).
+_COORD_FLAGS = {
+    "d_state": "--d-state", "n_layers": "--layers", "batch_size": "--batch-size", "seq_len": "--seq-len",
+    "lr": "--lr", "steps": "--steps", "vocab_size": "--vocab-size",
+}  # fmt: skip
+
+
+def validate_run_configs(settings: CoordSettings) -> None:
+    """Build the run config of every width up front, so a bad value is one line naming its flag (exit 2)."""
+    from pydantic import ValidationError
+
+    for width in settings.widths:
+        try:
+            settings.run_config(width, 0)
+        except ValidationError as e:
+            msg = format_validation_error(e, f"width {width}")
+            for field, flag in _COORD_FLAGS.items():
+                msg = msg.replace(f": {field}:", f": {flag}:").replace(f".{field}:", f" {flag}:")
+            raise ConfigError(msg) from None
+
+
 @check_app.command("coord")
 def coord(
     scheme: Annotated[Scheme, typer.Option("--scheme", help="Width rules: sp, mup (heuristic) or mup-ssm.")] = (
         Scheme.MUP_SSM
     ),
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer", help="adam, adamw or sgd.")] = OptimizerName.ADAM,
+    optimizer: Annotated[
+        OptimizerName,
+        typer.Option("--optimizer", help="adamw, adam or sgd (adam and adamw are identical here: weight decay 0)."),
+    ] = DEFAULT_OPTIMIZER,
     discretization: Annotated[
         Discretization, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")
     ] = Discretization.ZOH,
@@ -82,6 +117,9 @@ def coord(
         ),
     ] = None,
     layers: Annotated[int, typer.Option("--layers", help="Number of Mamba blocks.")] = 3,
+    arch: Annotated[Arch, typer.Option("--arch", help="Mixer: mamba1 or mamba2 (SSD).")] = Arch.MAMBA1,
+    headdim: Annotated[int, typer.Option("--headdim", help="mamba2: channels per head (heads grow with width).")] = 64,
+    ngroups: Annotated[int, typer.Option("--ngroups", help="mamba2: B/C groups.")] = 1,
     seeds: Annotated[
         int,
         typer.Option(
@@ -103,10 +141,19 @@ def coord(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 32,
     backend: BackendOpt = None,
+    threads: ThreadsOpt = None,
+    tie_embeddings: Annotated[
+        bool, typer.Option("--tie-embeddings/--untie-embeddings", help="LM head shares the embedding's tensor.")
+    ] = False,
     data: DataOpt = None,
     vocab_size: VocabOpt = None,
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Writes coord.json, coord.png and coord_steps.png (slope per step) here.")
+        Path,
+        typer.Option(
+            "--run-dir",
+            "--out",
+            help="Writes coord.json, coord.png and coord_steps.png (slope per step) here (--out is the same flag).",
+        ),
     ] = Path("runs/check-coord"),
 ) -> None:
     """Train each width a few steps and check that x, y, Δx, Δy (per layer), block outputs and
@@ -120,17 +167,24 @@ def coord(
     Examples: [bold]mupt check coord[/];  [bold]mupt check coord --scheme mup --scale-state[/];
     [bold]mupt check coord --widths 64,128,256,512,1024[/] (narrower widths, where finding 1 shows).
     """
+    # validated when built: a bad value is a one-line ConfigError
     settings = CoordSettings(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=tuple(parse_widths(widths)),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
-        tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=backend or "auto",
-        base_width=base_width, data=data or "builtin", vocab_size=vocab_size,
+        tolerance=tolerance, batch_size=batch_size, seq_len=seq_len, backend=check_backend(backend),
+        base_width=base_width, arch=arch, headdim=headdim, ngroups=ngroups, data=data or "builtin",
+        vocab_size=vocab_size, tie_embeddings=tie_embeddings,
     )  # fmt: skip
-    settings.validate()
+    check_finite(tolerance, "--tolerance", positive=True)
+    validate_run_configs(settings)
+    n_threads = resolve_threads(threads)
+    check_output_dir(out_dir, "--run-dir")
+    set_threads(n_threads)
     err.print(
-        f"[bold]mupt check coord[/] scheme={scheme.value} optimizer={optimizer.value} disc={discretization.value} "
+        f"[bold]mupt check coord[/] arch={arch.value} scheme={scheme.value} optimizer={optimizer.value} "
+        f"disc={discretization.value} "
         f"widths={list(settings.widths)} base={settings.base} N_x={'scaled from ' if scale_state else ''}{d_state} "
-        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g}",
+        f"layers={layers} seeds={seeds} steps={steps} lr={lr:g} threads={n_threads}",
         highlight=False,
     )
     with progress() as bar:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from mupt.check.coord import DEFAULT_BASE_WIDTH, DEFAULT_WIDTHS, CoordSettings, coord_check
 from mupt.check.lr_transfer import (
     LossTable,
     SchemeResult,
@@ -21,22 +21,42 @@ from mupt.check.lr_transfer import (
 )
 from mupt.cli import check_app, err, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
-    BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
-    OptimOpt,
-    SeqOpt,
+    NgroupsOpt,
     StateOpt,
-    StepsOpt,
+    ThreadsOpt,
     VocabOpt,
+    check_backend,
+    check_finite,
     progress,
     resolve_config,
 )
-from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
+from mupt.config import (
+    DEFAULT_OPTIMIZER,
+    PROXY_BATCH_SIZE,
+    PROXY_SEQ_LEN,
+    OptimizerName,
+    RunConfig,
+    Scheme,
+    parse_widths,
+    with_overrides,
+)
 from mupt.errors import ConfigError
+from mupt.paths import check_output_dir
+from mupt.threads import default_workers, resolve_threads, set_threads
+
+#: Optimizer steps per point of `mupt check transfer` (longer than the proxy's 64: the LR optimum of a
+#: very short run sits at the edge of stability and drifts more between widths).
+SWEEP_STEPS = 120
+#: Validation batches per point (without --config): twice the proxy's 2, so that the per-width optimum is
+#: less noisy; the sweeps in docs/ci.md and docs/width_rules.md were measured with it.
+SWEEP_EVAL_BATCHES = 4
 
 WidthsOpt = Annotated[str, typer.Option("--widths", help="Comma list of d_model widths; the smallest is the base.")]
 LrsOpt = Annotated[
@@ -44,14 +64,31 @@ LrsOpt = Annotated[
 ]
 VsOpt = Annotated[Scheme | None, typer.Option("--vs", help="Contrast scheme (e.g. sp), swept and plotted, not gated.")]
 SeedsOpt = Annotated[int, typer.Option("--seeds", help="Seeds per point (losses are averaged).")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (default: CPU count, max 8).")]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Torch threads per worker (default CPUs/workers).")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", help="Parallel worker processes.", show_default="auto: usable cores, at most 8"),
+]
 MaxDriftOpt = Annotated[float, typer.Option("--max-drift", help="Largest allowed optimum drift, in log2 units.")]
 TolOpt = Annotated[float, typer.Option("--monotone-tol", help="Allowed loss increase (nats) width to width.")]
 
 
-def _default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+RunDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--run-dir",
+        "--out",
+        help="Output dir: points/ cache, transfer.json, points.csv (+ .parquet with pyarrow), PNG, summary.md "
+        "(--out is the same flag).",
+    ),
+]
+
+
+def workers_threads(workers: int | None, threads: int | None) -> tuple[int, int]:
+    """(workers, threads per worker) with the defaults of :mod:`mupt.threads`: workers x threads <= cores."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: must be at least 1 (or leave it out for auto)")
+    n = workers if workers is not None else default_workers()
+    return n, resolve_threads(threads, n)
 
 
 def build_spec(
@@ -70,6 +107,8 @@ def build_spec(
     if vs is not None and vs == scheme:
         raise ConfigError(f"--vs {vs.value}: the contrast must differ from --scheme {scheme.value}")
     base: RunConfig = resolve_config(config, **flags)
+    if config is None:
+        base = with_overrides(base, {"train.eval_batches": SWEEP_EVAL_BATCHES})
     if base.model.scan_backend == "auto":  # the fast CPU scan may not be installed yet
         from mupt.check.coord import resolve_scan_backend
 
@@ -130,13 +169,12 @@ def render(report: TransferReport, max_drift: float) -> None:
     )
 
 
-def run_transfer(
-    spec: SweepSpec, out_dir: Path, workers: int, threads: int | None, max_drift: float, tol: float
-) -> bool:
+def run_transfer(spec: SweepSpec, out_dir: Path, workers: int, threads: int, max_drift: float, tol: float) -> bool:
     total = len(spec.configs())
     err.print(
         f"[bold]mupt check transfer[/] schemes={','.join(s.value for s in spec.schemes)} widths={spec.widths} "
-        f"lrs={len(spec.lrs)} seeds={len(spec.seeds)} steps={spec.base.train.steps} points={total} workers={workers}",
+        f"lrs={len(spec.lrs)} seeds={len(spec.seeds)} steps={spec.base.train.steps} points={total} workers={workers} "
+        f"threads={threads}",
         highlight=False,
     )
     with progress() as bar:
@@ -162,23 +200,24 @@ def transfer(
     vs: VsOpt = None,
     seeds: SeedsOpt = 1,
     config: ConfigOpt = None,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
-    steps: StepsOpt = 120,
-    batch_size: BatchOpt = 8,
-    seq_len: SeqOpt = 64,
-    optimizer: OptimOpt = OptimizerName.ADAM,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per point.")] = SWEEP_STEPS,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = PROXY_BATCH_SIZE,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = PROXY_SEQ_LEN,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer", help="adamw, adam or sgd.")] = DEFAULT_OPTIMIZER,
     data: DataOpt = None,
     vocab_size: VocabOpt = None,
     backend: BackendOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
     max_drift: MaxDriftOpt = 1.0,
     monotone_tol: TolOpt = 0.0,
-    out_dir: Annotated[
-        Path, typer.Option("--out", help="Output dir: points/ cache, transfer.json, points.csv, PNG, summary.md.")
-    ] = Path("runs/check-transfer"),
+    out_dir: RunDirOpt = Path("runs/check-transfer"),
 ) -> None:
     """Sweep LR x width, locate the optimum per width, gate on its drift and on wider-is-not-worse.
 
@@ -188,11 +227,15 @@ def transfer(
     Example: [bold]mupt check transfer --widths 64,128,256,512 --lrs 2^-12..2^-5 --vs sp[/]
     """
     spec = build_spec(
-        config, widths, lrs, scheme, vs, seeds, layers=layers, d_state=d_state, discretization=discretization,
-        steps=steps, batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, data=data,
-        vocab_size=vocab_size, backend=backend,
+        config, widths, lrs, scheme, vs, seeds, arch=arch, headdim=headdim, ngroups=ngroups, layers=layers,
+        d_state=d_state, discretization=discretization, steps=steps, batch_size=batch_size, seq_len=seq_len,
+        optimizer=optimizer, data=data, vocab_size=vocab_size, backend=backend,
     )  # fmt: skip
-    passed = run_transfer(spec, out_dir, workers or _default_workers(), threads, max_drift, monotone_tol)
+    check_finite(max_drift, "--max-drift", positive=True)
+    check_finite(monotone_tol, "--monotone-tol")
+    n_workers, n_threads = workers_threads(workers, threads)
+    check_output_dir(out_dir, "--run-dir")
+    passed = run_transfer(spec, out_dir, n_workers, n_threads, max_drift, monotone_tol)
     if not passed:
         raise typer.Exit(1)
 
@@ -205,18 +248,33 @@ CI_STEPS = 60
 # The coordinate part is `mupt check coord` with its defaults: the widths a 64-wide proxy transfers
 # to, 3 layers, 24 seeds (below d_model 256 layer-1 y is still rising with width under Adam,
 # docs/width_rules.md, finding 1).
+CI_COORD_BASE = DEFAULT_BASE_WIDTH
+CI_COORD_WIDTHS = DEFAULT_WIDTHS
 
 
-def run_coord(out_dir: Path, backend: str | None) -> bool:
-    """The coordinate check (mupt.check.coord) with CI-sized settings; writes coord.json + PNG."""
-    from mupt.check.coord import CoordSettings, coord_check
+def coord_settings(widths: str, backend: str | None) -> CoordSettings:
+    """CI-sized coordinate-check settings (validated): ``widths`` against a 64-wide base."""
+    settings = CoordSettings(
+        widths=tuple(parse_widths(widths, flag="--coord-widths")),
+        base_width=CI_COORD_BASE,
+        backend=check_backend(backend),
+    )  # validated when built (one-line ConfigError)
+    return settings
 
-    settings = CoordSettings(backend=backend or "auto")
+
+def run_coord(settings: CoordSettings, out_dir: Path) -> bool:
+    """The coordinate check (mupt.check.coord) with ``settings``; writes coord.json + PNG, a line per run."""
     err.print(
         f"[bold]mupt check all[/]: coordinate check widths={list(settings.widths)} base={settings.base} "
         f"seeds={settings.seeds}"
     )
-    res = coord_check(settings)
+    with progress() as bar:
+        task = bar.add_task("coord", total=len(settings.widths) * settings.seeds, info="")
+
+        def on_run(width: int, seed: int, seconds: float) -> None:
+            bar.update(task, advance=1, info=f"width {width} seed {seed} ({seconds:.1f}s)")
+
+        res = coord_check(settings, on_run=on_run)
     res.save(out_dir)
     bad = ", ".join(f"{r.key} slope {r.slope:+.2f}" for r in res.failing)
     verdict = "[bold green]PASS[/]" if res.passed else f"[bold red]FAIL[/] (not flat: {bad})"
@@ -231,31 +289,48 @@ def run_coord(out_dir: Path, backend: str | None) -> bool:
 
 @check_app.command("all")
 def check_all(
-    widths: WidthsOpt = CI_WIDTHS,
+    widths: Annotated[
+        str, typer.Option("--widths", help="d_model widths of the LR-transfer part; the smallest is its base.")
+    ] = CI_WIDTHS,
+    coord_widths: Annotated[
+        str,
+        typer.Option(
+            "--coord-widths",
+            help=f"d_model widths of the coordinate part, checked against a {CI_COORD_BASE}-wide base (>= 8x span).",
+        ),
+    ] = ",".join(map(str, CI_COORD_WIDTHS)),
     lrs: LrsOpt = CI_LRS,
-    steps: StepsOpt = CI_STEPS,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per LR-transfer point.")] = CI_STEPS,
     backend: BackendOpt = None,
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     max_drift: MaxDriftOpt = 1.0,
-    out_dir: Annotated[Path, typer.Option("--out", help="Output dir (coord/ and transfer/ inside).")] = Path(
-        "runs/check-all"
-    ),
+    out_dir: Annotated[
+        Path,
+        typer.Option("--run-dir", "--out", help="Output dir (coord/ and transfer/ inside; --out is the same flag)."),
+    ] = Path("runs/check-all"),
 ) -> None:
     """Coordinate check + LR-transfer check of mup-ssm, with defaults sized for a 2-core CI job.
 
-    The coordinate part checks d_model 256..2048 against a 64-wide base (3 layers, 24 seeds); the
-    transfer part sweeps --widths x --lrs. See docs/ci.md for timings and what each part proves.
+    The coordinate part checks --coord-widths (d_model 256..2048) against a 64-wide base (3 layers,
+    24 seeds); the transfer part sweeps --widths x --lrs. See docs/ci.md for timings and what each
+    part proves.
 
-    Exit 0 only if both pass. Example CI step: [bold]mupt check all --out runs/ci-check[/]
+    Exit 0 only if both pass. Example CI step: [bold]mupt check all --run-dir runs/ci-check[/]
     """
     start = time.perf_counter()
     spec = build_spec(
-        None, widths, lrs, Scheme.MUP_SSM, None, 1, steps=steps, batch_size=8, seq_len=64,
-        optimizer=OptimizerName.ADAM, backend=backend,
+        None, widths, lrs, Scheme.MUP_SSM, None, 1, steps=steps, batch_size=PROXY_BATCH_SIZE,
+        seq_len=PROXY_SEQ_LEN, optimizer=DEFAULT_OPTIMIZER, backend=backend,
     )  # fmt: skip
-    coord = run_coord(out_dir / "coord", backend)
+    settings = coord_settings(coord_widths, backend)
+    check_finite(max_drift, "--max-drift", positive=True)
+    n_workers, n_threads = workers_threads(workers, threads)
+    check_output_dir(out_dir, "--run-dir")
+    set_threads(resolve_threads(threads))  # the coordinate part runs in this process
+    coord = run_coord(settings, out_dir / "coord")
     t_coord = time.perf_counter() - start
-    transfer_ok = run_transfer(spec, out_dir / "transfer", workers or _default_workers(), None, max_drift, 0.0)
+    transfer_ok = run_transfer(spec, out_dir / "transfer", n_workers, n_threads, max_drift, 0.0)
     total = time.perf_counter() - start
     ok = coord and transfer_ok
     out.print(

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from mupt.cli import app, err, out
 from mupt.data.prepare import PrepareSettings, prepare
 from mupt.errors import DataError
+from mupt.paths import check_output_dir
 from mupt.report import table
 
 
@@ -74,6 +75,7 @@ def prepare_cmd(
     )  # fmt: skip
     if tokenizer is not None and train_tokenizer is not None:
         raise DataError(f"--tokenizer {tokenizer} and --train-tokenizer both given; pass one of them")
+    check_output_dir(out_dir, "--out")  # before any reading or tokenizing
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

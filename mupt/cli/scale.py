@@ -12,10 +12,12 @@ import typer
 
 from mupt import launch
 from mupt.cli import app, err, fail, out
-from mupt.cli.common import progress
-from mupt.config import load_recipe
+from mupt.cli.common import ThreadsOpt, progress
+from mupt.config import Precision, load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
+from mupt.paths import check_output_dir
 from mupt.report import key_values
+from mupt.threads import resolve_threads, set_threads
 from mupt.transfer import data_identity
 
 
@@ -27,6 +29,14 @@ def scale(
         typer.Option("--run-dir", help="Checkpoints, metrics.jsonl, summary.json (recipe: launch.run_dir)."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Override run.train.steps.")] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum",
+            help="Micro-batches per optimizer step (run.train.grad_accum): the global batch stays the recipe's, "
+            "each rank holds 1/N of its slice at a time; losses equal the unaccumulated run's.",
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -35,8 +45,18 @@ def scale(
     ] = None,
     ckpt_every: Annotated[int | None, typer.Option("--ckpt-every", help="Checkpoint every N steps.")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="Log metrics every N steps.")] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            "--log-sinks",  # the spelling workers get: torchrun's parser reads a bare --log as its --log-dir
+            help="Metrics sinks: jsonl (metrics.jsonl, always) and tensorboard (event files in RUN_DIR/tensorboard: "
+            "loss, per-group LR, grad norm, tokens/s, val loss). Recipe: launch.log [jsonl].",
+        ),
+    ] = None,
     precision: Annotated[
-        str | None, typer.Option("--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16.")
+        Precision | None,
+        typer.Option("--precision", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16 [recipe: auto]."),
     ] = None,
     compile_: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (GPU runs).")
@@ -44,8 +64,15 @@ def scale(
     fsdp: Annotated[
         bool | None, typer.Option("--fsdp/--no-fsdp", help="FSDP2 (fully_shard per block) not DDP.")
     ] = None,
-    nproc: Annotated[int, typer.Option("--nproc", help="Processes per node (torch.distributed.run).")] = 1,
-    nnodes: Annotated[int, typer.Option("--nnodes", help="Nodes (needs --rdzv-endpoint).")] = 1,
+    lr_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--lr-scale",
+            help="Multiply the transferred LR (run.train.lr and every per_role lr) by this, e.g. 0.5 or 2.",
+        ),
+    ] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per node (torch.distributed.run).")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes (needs --rdzv-endpoint).")] = 1,
     rdzv_endpoint: Annotated[
         str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous for multi-node runs.")
     ] = None,
@@ -53,22 +80,45 @@ def scale(
         bool | None,
         typer.Option("--resume/--no-resume", help="Continue from the latest checkpoint (default when one exists)."),
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved plan and exit.")] = False,
+    reschedule: Annotated[
+        bool,
+        typer.Option(
+            "--reschedule",
+            help="Resume with a different LR schedule than the checkpoint's (--steps, schedule, warmup): the LR "
+            "at the resumed step changes. Without it such a resume is refused.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the recipe completely, print the resolved plan and exit.")
+    ] = False,
+    threads: ThreadsOpt = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from a transformers or mamba_ssm checkpoint directory (continued pre-training; the "
+            "recipe's model must have its shapes). Ignored when resuming from this run's own checkpoint.",
+        ),
+    ] = None,
 ) -> None:
     """Launch the large run from a recipe: DDP or FSDP2, bf16 on GPU, DCP checkpoints, exact resume.
 
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
     recipe = launch.apply_overrides(
-        load_recipe(recipe_path), run_dir=run_dir, steps=steps, data=data, ckpt_every=ckpt_every,
-        log_every=log_every, precision=precision, compile=compile_, fsdp=fsdp,
+        load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
+        ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
+        lr_scale=lr_scale, init_from=init_from,
     )  # fmt: skip
+    n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
+    check_output_dir(Path(recipe.launch.run_dir), "--run-dir")
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
         for w in compare_identity(recipe.dataset, data_identity(recipe.run.data, strict=True)):
             err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    flags = launch.worker_flags(recipe, resume)
+    flags = [*launch.worker_flags(recipe, resume, lr_scale, reschedule), "--threads", str(n_threads)]
     if launch.is_worker():
-        _run_here(recipe, resume)
+        set_threads(n_threads)
+        _run_here(recipe, resume, reschedule)
         return
     distributed = nproc > 1 or nnodes > 1 or recipe.launch.fsdp
     if distributed:
@@ -77,17 +127,23 @@ def scale(
     else:
         command = shlex.join(["mupt", "scale", str(recipe_path), *flags])
     if dry_run:
+        launch.validate_recipe(recipe)  # what the real launch would refuse, refused here too
         plan = launch.make_plan(recipe, nproc * nnodes, command)
         out.print(key_values("mupt scale plan (dry run)", plan.rows()))
         return
     if not distributed:
-        _run_here(recipe, resume)
+        set_threads(n_threads)
+        _run_here(recipe, resume, reschedule)
         return
     err.print(f"[bold]mupt scale[/] launching {nproc * nnodes} processes: {command}", highlight=False)
     code = launch.launch_distributed(argv)
     if code > 128:
         latest = launch.find_latest(Path(recipe.launch.run_dir))
-        err.print(f"stopped by signal {code - 128}; the workers wrote checkpoint {latest}; rerun to resume")
+        err.print(
+            f"stopped by signal {code - 128}; the workers wrote checkpoint {latest}; rerun to resume", soft_wrap=True
+        )
+        if code - 128 == signal.SIGINT:
+            raise typer.Exit(130)
         return
     if code:
         raise fail(f"a worker exited with code {code} (its error is above); fix it and rerun to resume", code=code)
@@ -110,17 +166,23 @@ def _print_summary(s: dict[str, Any], bpt: float | None) -> None:
     out.print(key_values("Scale summary", rows))
 
 
-def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
+def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> None:
     rank = launch.dist_env()[0]
     cfg = recipe.run
     if rank != 0:
-        result = launch.run(recipe, resume)
+        result = launch.run(recipe, resume, reschedule=reschedule)
     else:
         with ExitStack() as stack:
             state: dict[str, Any] = {}
             last_val: list[float] = []
 
             def on_start(info: dict[str, Any]) -> None:  # after set-up: errors before it stay one line
+                for why in info["skipped"]:
+                    err.print(
+                        f"[bold yellow]warning:[/] {why}; resuming from {info['resumed_from']}",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
                 resumed = f" resumed from {info['resumed_from']}" if info["resumed_from"] else ""
                 out.print(
                     f"[bold]mupt scale[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
@@ -128,7 +190,8 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
                     f"scan={info['scan_backend']} lr={cfg.train.lr:g} run_dir={recipe.launch.run_dir}{resumed}",
                     highlight=False,
                 )
-                bar = stack.enter_context(progress(transient=True))  # the summary table replaces it
+                bar = progress(transient=True)  # the summary table replaces it
+                stack.enter_context(bar)
                 state["bar"] = bar
                 state["task"] = bar.add_task("scale", total=cfg.train.steps, completed=info["start_step"], info="")
 
@@ -141,7 +204,7 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
                 info = f"loss {rec['loss']:.3f}{val} lr {rec['lr']:.3g} {rec['tokens_per_s']:,.0f} tok/s"
                 state["bar"].update(state["task"], completed=rec["step"], info=info)
 
-            result = launch.run(recipe, resume, on_log=on_log, on_start=on_start)
+            result = launch.run(recipe, resume, on_log=on_log, on_start=on_start, reschedule=reschedule)
         _print_summary(result.summary(), bytes_per_token(cfg.data))
     if result.status == "diverged":
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
@@ -149,6 +212,10 @@ def _run_here(recipe: launch.Recipe, resume: bool | None) -> None:
     if result.status == "terminated" and rank == 0:
         interrupted = result.signal == signal.SIGINT
         what = "interrupted (Ctrl-C)" if interrupted else "terminated by"
-        err.print(f"{what} {result.reason}; checkpoint {result.checkpoint} written; rerun to resume", highlight=False)
+        err.print(
+            f"{what} {result.reason}; checkpoint {result.checkpoint} written; rerun to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
         if interrupted:
             raise typer.Exit(130)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.measure import Measurement
 
 from mupt.cli import app, err, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
     BaseOpt,
     BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
     LrOpt,
+    NgroupsOpt,
     OptimOpt,
     SchemeOpt,
     SeedOpt,
@@ -27,10 +32,11 @@ from mupt.cli.common import (
     WidthOpt,
     resolve_config,
 )
-from mupt.config import BestParams, Recipe, RunConfig, Scheme
+from mupt.config import Arch, BestParams, Recipe, RunConfig, Schedule, Scheme
 from mupt.errors import ConfigError, StorageError
+from mupt.paths import check_output_file
 from mupt.report import format_bytes, key_values, table
-from mupt.tables import SUFFIXES, write_table
+from mupt.tables import SUFFIXES, parquet_available, write_table
 from mupt.transfer import (
     FAR_FEWER,
     SCAN_FWD_FLOPS,
@@ -45,6 +51,7 @@ from mupt.transfer import (
     per_role_frame,
     save_recipe,
     summarize,
+    target_config,
 )
 from mupt.transfer import transfer as do_transfer
 
@@ -54,7 +61,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _source(
-    from_: Path | None, lr: float | None, runs_dir: Path, config: Path | None, proxy_flags: dict[str, object]
+    from_: Path | None, lr: float | None, runs_dir: Path, config: Path | None, proxy_flags: Mapping[str, object]
 ) -> tuple[BestParams | RunConfig, Path | None]:
     given = [("--" + k.replace("_", "-")) for k, v in proxy_flags.items() if v is not None]
     if config is not None:
@@ -100,6 +107,9 @@ def transfer(
     lr: LrOpt = None,
     config: ConfigOpt = None,
     width: WidthOpt = None,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
@@ -112,8 +122,34 @@ def transfer(
     steps: StepsOpt = None,
     batch_size: BatchOpt = None,
     seq_len: SeqOpt = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule",
+            help="Target LR schedule after warmup: constant, cosine, linear or wsd (warmup-stable-decay); "
+            "default: the proxy's. See docs/schedules.md.",
+        ),
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option("--warmup", help="Target warmup steps (linear from 0); default: the proxy's.")
+    ] = None,
+    decay_fraction: Annotated[
+        float | None,
+        typer.Option("--decay-fraction", help="wsd: fraction of the target's steps in the final linear decay [0.2]."),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option("--grad-accum", help="Micro-batches per optimizer step in the target run (same global batch)."),
+    ] = None,
     out_path: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Recipe path; default recipes/<scheme>-<to-width>.yaml.")
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Recipe file to write; checked before any work. With --explain/--compare nothing is written "
+            "unless --out is given.",
+            show_default="recipes/<scheme>-<to-width>.yaml",
+        ),
     ] = None,
     table_out: Annotated[
         Path | None,
@@ -127,11 +163,15 @@ def transfer(
         bool,
         typer.Option(
             "--explain",
-            help="Print each role's rule (exponents of N_u, N_x), why, and its derivation in docs/width_rules.md.",
+            help="Print each role's rule (exponents of N_u, N_x), why, and its derivation in docs/width_rules.md; "
+            "writes nothing.",
         ),
     ] = False,
     compare: Annotated[
-        bool, typer.Option("--compare", help="Also show what sp, mup and mup-ssm would launch from the same proxy.")
+        bool,
+        typer.Option(
+            "--compare", help="Also show what sp, mup and mup-ssm would launch from the same proxy; writes nothing."
+        ),
     ] = False,
 ) -> None:
     """Map the best proxy hyperparameters to the target width and write a launchable recipe.
@@ -143,11 +183,14 @@ def transfer(
     Example: [bold]mupt transfer --to-width 4096[/]   [bold]mupt transfer --explain[/]
     """
     proxy_flags = dict(
-        width=width, layers=layers, d_state=d_state, discretization=discretization, optimizer=optimizer,
+        width=width, arch=arch, headdim=headdim, ngroups=ngroups, layers=layers, d_state=d_state,
+        discretization=discretization, optimizer=optimizer,
         base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
     if table_out is not None and table_out.suffix not in SUFFIXES:
         raise ConfigError(f"--table-out {table_out}: give a path ending in .csv or .parquet")
+    if table_out is not None and table_out.suffix == ".parquet" and not parquet_available():
+        raise ConfigError(f"--table-out {table_out}: Parquet needs pyarrow; pip install 'mupt[parquet]' or use .csv")
     if to_width is None and not explain_rules:
         raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")
     try:
@@ -157,23 +200,41 @@ def transfer(
             raise
         best, path = RunConfig(), None  # --explain alone without any study: explain the default config's rules
     proxy = best.config if isinstance(best, BestParams) else best
+    # --explain and --compare only print; a recipe is written without them, or when --out asks for it
+    write = out_path is not None or not (explain_rules or compare)
+    dest: Path | None = None
+    if to_width is not None and write:
+        dest = out_path if out_path is not None else default_recipe_path(target_config(proxy, to_width, scheme=scheme))
+        check_output_file(dest, "--out")  # before any table is printed
+    if table_out is not None:
+        check_output_file(table_out, "--table-out")
     if explain_rules:
         _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
         if to_width is None:
             return
     assert to_width is not None
+    if schedule is not None and schedule not in {x.value for x in Schedule}:
+        raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(x.value for x in Schedule)}")
+    sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
-        source_path=path, to_data=to_data,
+        source_path=path, to_data=to_data, schedule=sched,
     )  # fmt: skip
-    _show(recipe, path)
-    if compare:
-        _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
-    dest = out_path if out_path is not None else default_recipe_path(recipe)
-    save_recipe(dest, recipe)
-    out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
+    if dest is not None:
+        save_recipe(dest, recipe)  # first: a closed pipe (`| head`) or a narrow terminal cannot lose it
     if table_out is not None:
         write_table(per_role_frame(recipe), table_out)
+    _show(recipe, path)
+    _summary(recipe)
+    if compare:
+        _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
+    if dest is not None:
+        out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
+    else:
+        flags = " and ".join(f for f, on in (("--explain", explain_rules), ("--compare", compare)) if on)
+        verb = "print" if explain_rules and compare else "prints"
+        err.print(f"no recipe written ({flags} only {verb}); drop {flags} or pass --out PATH to write one")
+    if table_out is not None:
         out.print(f"per-role table written: {table_out}", highlight=False)
 
 
@@ -201,15 +262,32 @@ def _show(recipe: Recipe, path: Path | None) -> None:
             ]
         )  # fmt: skip
     r_u, r_x = s["ratio"]["width"], s["ratio"]["state"]
+    title = (
+        f"Per role: base (d_model {s['base']['d_model']}, d_state {s['base']['d_state']}) vs target "
+        f"(d_model {run.model.d_model}, d_state {run.model.d_state}); N_u ratio {r_u:g}, N_x ratio {r_x:g}"
+    )
+    wide = table(
+        title,
+        ["role", "init std base", "target", "ratio", "LR base", "target", "ratio", "fwd base", "target", "ratio",
+         "wd (group)"],
+        rows,
+    )  # fmt: skip
+    if Measurement.get(out, out.options.update(max_width=10_000), wide).maximum <= out.width:
+        out.print(wide)
+        return
+    # narrow terminal (or a log at 80 columns): the same numbers as two tables that fit
     out.print(
         table(
-            f"Per role: base (d_model {s['base']['d_model']}, d_state {s['base']['d_state']}) vs target "
-            f"(d_model {run.model.d_model}, d_state {run.model.d_state}); N_u ratio {r_u:g}, N_x ratio {r_x:g}",
-            ["role", "init std base", "target", "ratio", "LR base", "target", "ratio", "fwd base", "target", "ratio",
-             "wd (group)"],
-            rows,
+            title + ": init std and forward multiplier",
+            ["role", "init std base", "target", "ratio", "fwd base", "target", "ratio"],
+            [[r[0], *r[1:4], *r[7:10]] for r in rows],
         )
-    )  # fmt: skip
+    )
+    out.print(table("Per role: learning rate and weight decay", ["role", "LR base", "target", "ratio", "wd (group)"],
+                    [[r[0], *r[4:7], r[10]] for r in rows]))  # fmt: skip
+
+
+def _summary(recipe: Recipe) -> None:
     sm = summarize(recipe)
     items: list[tuple[str, object]] = [
         ("parameters (target / proxy)", f"{sm.params:,} / {sm.proxy_params:,}"),
@@ -275,11 +353,13 @@ def _compare(
 
 def _explain(proxy: RunConfig, scheme: Scheme) -> None:
     opt, disc = proxy.train.optimizer, proxy.model.discretization
-    rows = [[e.role, e.init, e.lr, e.fwd, e.weight_decay, e.why, e.ref] for e in explain(scheme, opt, disc.value)]
+    arch = proxy.model.arch
+    rows = [[e.role, e.init, e.lr, e.fwd, e.weight_decay, e.why, e.ref] for e in explain(scheme, opt, disc.value, arch)]
     out.print(
         table(
-            f"Width rules: {scheme.value}, {opt.family} family ({opt.value}), B discretization {disc.value}; "
-            "value = base value x (N_u/N_u,base)^a (N_x/N_x,base)^b",
+            f"Width rules: {scheme.value}, {opt.family} family ({opt.value}), "
+            + (f"B discretization {disc.value}; " if arch is Arch.MAMBA1 else "arch mamba2 (SSD); ")
+            + "value = base value x (N_u/N_u,base)^a (N_x/N_x,base)^b",
             ["role", "init std", "LR", "fwd mult", "weight decay", "why", "docs/width_rules.md#"],
             rows,
             justify_numbers=False,

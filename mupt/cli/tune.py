@@ -11,19 +11,23 @@ import typer
 
 from mupt.cli import app, err, out
 from mupt.cli.common import (
+    ArchOpt,
     BackendOpt,
     BaseOpt,
     BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
+    HeaddimOpt,
     LayersOpt,
+    NgroupsOpt,
     OptimOpt,
     SchemeOpt,
     SeedOpt,
     SeqOpt,
     StateOpt,
     StepsOpt,
+    ThreadsOpt,
     VocabOpt,
     WidthOpt,
     progress,
@@ -31,7 +35,9 @@ from mupt.cli.common import (
 from mupt.config import RunConfig, with_overrides
 from mupt.data import bits_per_byte, bytes_per_token
 from mupt.errors import ConfigError, StorageError
+from mupt.paths import check_output_dir
 from mupt.report import fmt, key_values, table
+from mupt.threads import resolve_threads
 from mupt.tune import (
     SEARCHABLE,
     Fidelity,
@@ -80,7 +86,8 @@ def _proxy(config: Path | None, **flags: object) -> RunConfig:
 
 
 _FLAG_FIELDS = {
-    "width": "model.d_model", "layers": "model.n_layers", "d_state": "model.d_state",
+    "width": "model.d_model", "layers": "model.n_layers", "d_state": "model.d_state", "arch": "model.arch",
+    "headdim": "model.headdim", "ngroups": "model.ngroups",
     "discretization": "model.discretization", "backend": "model.scan_backend", "steps": "train.steps",
     "batch_size": "train.batch_size", "seq_len": "train.seq_len", "optimizer": "train.optimizer",
     "seed": "train.seed", "scheme": "param.scheme", "base_width": "param.base_d_model", "data": "data.source",
@@ -102,6 +109,9 @@ def _lr_range(text: str | None) -> tuple[float, float] | None:
 def tune(
     config: ConfigOpt = None,
     width: WidthOpt = None,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
@@ -141,9 +151,7 @@ def tune(
         int, typer.Option("--reduction", help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity).")
     ] = 3,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
-    threads: Annotated[
-        int, typer.Option("--threads", help="Torch threads per worker (1 is fastest for small proxies; add --workers).")
-    ] = 1,
+    threads: ThreadsOpt = None,
     sampler: Annotated[
         SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
     ] = SamplerName.TPE,
@@ -188,7 +196,8 @@ def tune(
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
     cfg = _proxy(
-        config, width=width, layers=layers, d_state=d_state, discretization=discretization, steps=steps,
+        config, arch=arch, headdim=headdim, ngroups=ngroups, width=width, layers=layers, d_state=d_state,
+        discretization=discretization, steps=steps,
         batch_size=batch_size, seq_len=seq_len, optimizer=optimizer, scheme=scheme, base_width=base_width,
         data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
@@ -197,7 +206,8 @@ def tune(
     settings = TuneSettings(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
-        runs_dir=str(runs_dir), threads=threads, fidelity=fidelity, reduction=reduction, heartbeat_interval=heartbeat,
+        runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
+        heartbeat_interval=heartbeat,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
@@ -205,6 +215,7 @@ def tune(
         _report(settings, cfg, top, table_out)
         return
     validate_proxy(cfg)  # a width the rules cannot take, or an unusable storage, fails here before any output
+    check_output_dir(settings.run_dir, "--runs-dir")
     if not settings.is_rdb:
         fixed = repair_journal(settings.journal_path)
         if fixed is not None:

@@ -49,6 +49,21 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     return g
 
 
+def train_starts(n_tokens: int, seq_len: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """Start offsets ``(batch_size,)`` of the global batch of ``step`` in a split of ``n_tokens``.
+
+    Each window holds ``seq_len + 1`` tokens (inputs and shifted targets); rank r of w takes
+    ``starts[r::w]``.  One definition for every windowed source, so the data order is the same
+    function of (seed, step, rank) for bytes in memory and memory-mapped token shards.
+    """
+    return torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=step_generator(seed, step))
+
+
+def val_starts(n_tokens: int, seq_len: int, n: int, batch_size: int) -> Tensor:
+    """Start offsets ``(n, batch_size)`` of the ``n`` fixed validation batches (the same in every run)."""
+    return torch.randint(0, n_tokens - seq_len - 1, (n, batch_size), generator=step_generator(VAL_SEED, 0))
+
+
 class TextCorpus:
     """Byte tokens with a deterministic train/validation split (the tail is validation)."""
 
@@ -94,15 +109,12 @@ class TextCorpus:
     ) -> tuple[Tensor, Tensor]:
         """The rank's slice of the global batch for ``step`` (global batch = batch_size)."""
         self._check(self.train, seq_len, "train")
-        g = step_generator(seed, step)
-        starts = torch.randint(0, len(self.train) - seq_len - 1, (batch_size,), generator=g)
+        starts = train_starts(len(self.train), seq_len, batch_size, seed, step)
         return self._windows(self.train, starts[rank::world], seq_len)
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
         self._check(self.val, seq_len, "validation")
-        g = step_generator(VAL_SEED, 0)
-        starts = torch.randint(0, len(self.val) - seq_len - 1, (n, batch_size), generator=g)
-        return [self._windows(self.val, s, seq_len) for s in starts]
+        return [self._windows(self.val, s, seq_len) for s in val_starts(len(self.val), seq_len, n, batch_size)]
 
 
 class RecallTask:
@@ -174,6 +186,9 @@ def _read_text_path(path: Path) -> bytes:
             raise DataError(f"--data {f}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
         except OSError as err:
             raise DataError(f"--data {f}: cannot read ({err.strerror}); check permissions") from None
+    if not any(p.strip() for p in parts):
+        what = "is empty" if path.is_file() else "holds only empty .txt files"
+        raise DataError(f"--data {path}: {what}; pass a text file with at least a few KB of text")
     return "\n\n".join(parts).encode("utf-8")
 
 

@@ -13,8 +13,8 @@ Two layouts are read:
 
 Memory does not depend on corpus size: the shards are memory-mapped and a batch touches only its
 own windows.  Window starts are drawn exactly as for the in-memory corpora
-(:func:`mupt.data.step_generator`), so batches are a pure function of (seed, step, rank) and a
-resumed run sees the batches it would have seen.
+(:func:`mupt.data.train_starts`, :func:`mupt.data.val_starts`), so batches are a pure function of
+(seed, step, rank) and a resumed run sees the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -151,25 +151,22 @@ class MemmapTokens:
         self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
     ) -> tuple[Tensor, Tensor]:
         """The rank's slice of the global batch for ``step``: int64 ``(batch_size // world, seq_len)`` x and y."""
-        from mupt.data import step_generator
+        from mupt.data import train_starts
 
         self._check(self.train, seq_len, "train")
-        high = len(self.train) - seq_len - 1
-        starts = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step))
+        starts = train_starts(len(self.train), seq_len, batch_size, seed, step)
         batch = self._windows(self.train, starts[rank::world], seq_len)
-        upcoming = torch.randint(0, high, (batch_size,), generator=step_generator(seed, step + 1))
+        upcoming = train_starts(len(self.train), seq_len, batch_size, seed, step + 1)
         for s in upcoming[rank::world].tolist():  # the kernel reads the next step's pages while this one trains
             self.train.prefetch(int(s), seq_len + 1)
         return batch
 
     def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
         """``n`` fixed validation batches (same windows in every run)."""
-        from mupt.data import VAL_SEED, step_generator
+        from mupt.data import val_starts
 
         self._check(self.val, seq_len, "validation")
-        g = step_generator(VAL_SEED, 0)
-        starts = torch.randint(0, len(self.val) - seq_len - 1, (n, batch_size), generator=g)
-        return [self._windows(self.val, s, seq_len) for s in starts]
+        return [self._windows(self.val, s, seq_len) for s in val_starts(len(self.val), seq_len, n, batch_size)]
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -666,7 +666,7 @@ def _forward(
     need_ckpt: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Returns (out, last_state, checkpoints); no checkpoints when no backward can follow."""
-    f32 = dict(device=u.device, dtype=torch.float32)
+    f32: dict[str, Any] = dict(device=u.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)
     out = torch.empty_like(u)
     ckpt = torch.empty(s.batch, s.n_ck, s.dim, s.dstate, **f32) if need_ckpt else dummy
@@ -722,7 +722,7 @@ def _backward(
     dlast: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), all reduced, in fp32 or the input dtypes."""
-    f32 = dict(device=u.device, dtype=torch.float32)
+    f32: dict[str, Any] = dict(device=u.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
