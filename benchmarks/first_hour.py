@@ -115,13 +115,16 @@ def main() -> int:
     # 1. tune, Ctrl-C after >= 3 trials finished
     s = Step("tune, Ctrl-C after 3 trials")
     text = interrupt_when(s, ["tune", *TUNE], logs / "tune1.log", work,
-                          lambda t: bool(re.search(r"^tune: [3-9]/\d+ trials finished", t, re.M)))  # fmt: skip
+                          lambda t: bool(re.search(r"^tune [3-9]/\d+ trials finished", t, re.M)))  # fmt: skip
     before = finished_trials(work)
     no_traceback(s, text)
-    s.checks["progress lines in the log"] = bool(re.search(r"^tune: \d+/\d+ trials finished", text, re.M))
+    s.checks["progress lines in the log"] = bool(re.search(r"^tune \d+/\d+ trials finished", text, re.M))
     s.checks["exit 130"] = s.code == 130
     s.checks["says how to resume"] = "resume" in text.lower()
-    s.checks["best.yaml written"] = (work / "runs" / "first-hour" / "best.yaml").exists()
+    wrote = (work / "runs" / "first-hour" / "best.yaml").exists()
+    # with width rungs, the first trials run below the proxy width: no best yet is fine if the log says so
+    s.checks["best.yaml written, or the log says why not"] = wrote or "not written" in text
+    s.notes.append("best.yaml written" if wrote else "no proxy-width trial yet")
     s.notes.append(f"{len(before)} trials finished before the interrupt")
     steps.append(s)
 

@@ -416,6 +416,35 @@ class LaunchConfig(_Strict):
     compile: bool = False
     fsdp: bool = False
     log: str = Field("jsonl", description="metrics sinks: jsonl (always) and optionally tensorboard, comma-separated")
+    health_every: int | None = Field(
+        None, ge=0, description="µP health probe every N steps (0: off; default: a quarter of the reference's steps)"
+    )
+    health_strict: bool = Field(
+        False, description="stop the run (exit 1, after a checkpoint) when a health probe leaves its band"
+    )
+
+
+class HealthReference(_Strict):
+    """The proxy's probe values that ``mupt scale`` compares the wide run against (``mupt.health``).
+
+    Written by ``mupt transfer``: the proxy config (tuned values, proxy shape) trained with the
+    target's batch, sequence length, schedule and data for ``steps`` optimizer steps, once per
+    seed in ``seeds``, probed on one fixed batch (the first validation batch, ``probe_batch`` x
+    ``probe_seq_len`` tokens) at init and after every step.  Keys are
+    :func:`mupt.check.coord.probe_quantities`' (``0.x``, ``1.dy``, ``head.logits``...); list
+    index = step.  ``rms``: mean over seeds of the RMS; ``log2_sd``: standard deviation over seeds
+    of log2 RMS (None where undefined, e.g. a change at step 0).
+    """
+
+    proxy: dict[str, Any] = Field(description="d_model, d_state, n_layers, scheme of the probed proxy")
+    seeds: list[int]
+    steps: int = Field(gt=0)
+    probe_batch: int = Field(gt=0)
+    probe_seq_len: int = Field(gt=1)
+    tolerance: float = Field(gt=0, description="coordinate-check tolerance on |log2-log2 slope|")
+    noise_z: float = Field(ge=0, description="seed-noise allowance, in standard deviations of the proxy's log2 RMS")
+    rms: dict[str, list[float | None]]
+    log2_sd: dict[str, list[float | None]]
 
 
 class Recipe(_Strict):
@@ -434,6 +463,9 @@ class Recipe(_Strict):
     manifest: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(
         default_factory=dict, description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    )
+    health: HealthReference | None = Field(
+        None, description="the proxy's probe values for mupt scale's live µP health check (mupt transfer)"
     )
 
 

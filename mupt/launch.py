@@ -56,6 +56,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from mupt.health import HealthProbe, resolve_every
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
 from mupt.sinks import TensorBoardLog, parse_sinks
@@ -74,7 +75,8 @@ LogCallback = Callable[[dict[str, Any]], None]
 
 def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
     """Flags (``steps``, ``grad_accum``, ``data``, ``init_from``, ``run_dir``, ``ckpt_every``, ``log_every``, ``log``,
-    ``precision``, ``compile``, ``fsdp``, ``lr_scale``) override the recipe; ``None`` leaves a field alone.
+    ``precision``, ``compile``, ``fsdp``, ``health_every``, ``health_strict``, ``lr_scale``) override the recipe;
+    ``None`` leaves a field alone.
 
     ``lr_scale`` multiplies the transferred global LR and every ``per_role`` LR (to try multiples
     of the transferred LR; the LR multipliers stay the rules'); it must be finite and positive,
@@ -108,7 +110,8 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
     return out
 
 
-LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp", "log")
+LAUNCH_FLAGS = ("run_dir", "ckpt_every", "log_every", "precision", "compile", "fsdp", "log",
+                "health_every", "health_strict")  # fmt: skip
 
 
 def worker_flags(
@@ -124,6 +127,9 @@ def worker_flags(
     ]  # fmt: skip
     if recipe.run.train.init_from is not None:
         flags += ["--init-from", recipe.run.train.init_from]
+    if lc.health_every is not None:
+        flags += ["--health-every", str(lc.health_every)]
+    flags.append("--health-strict" if lc.health_strict else "--no-health-strict")
     if resume is not None:
         flags.append("--resume" if resume else "--no-resume")
     if lr_scale is not None:
@@ -661,6 +667,7 @@ class ScaleResult:
     run_dir: str
     checkpoint: str | None = None
     signal: int | None = None  # the signal that stopped the run (status "terminated")
+    health_stop: str | None = None  # the µP health reading that stopped the run (status "unhealthy")
     losses: list[tuple[int, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -808,6 +815,7 @@ def run(
     on_log: LogCallback | None = None,
     on_start: LogCallback | None = None,
     reschedule: bool = False,
+    on_health: Callable[[str], None] | None = None,
 ) -> ScaleResult:
     """Train ``recipe`` in this process (one rank of a torchrun job, or alone); every rank calls it.
 
@@ -819,10 +827,13 @@ def run(
     dir whose checkpoints are all corrupt.
 
     ``on_start`` (rank 0) gets the set-up once the model is wrapped and any checkpoint loaded;
-    ``on_log`` (rank 0) gets every metrics record.
+    ``on_log`` (rank 0) gets every metrics record; ``on_health`` (rank 0) each µP health warning
+    (:class:`mupt.health.HealthProbe`: once per layer and quantity that leaves its band).  With
+    ``launch.health_strict`` such a reading stops the run after a checkpoint: status ``"unhealthy"``.
     """
     rank, world, local_rank = dist_env()
     validate_recipe(recipe)
+    resolve_every(recipe)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         stop_with_launcher()
     cuda = torch.cuda.is_available()
@@ -846,7 +857,7 @@ def run(
         started_pg = True
     try:
         with SignalStop() as stop:  # installed before set-up: a signal then stops after the first step
-            return _run(recipe, resume, on_log, on_start, rank, world, device, stop, reschedule)
+            return _run(recipe, resume, on_log, on_start, rank, world, device, stop, reschedule, on_health)
     finally:
         if started_pg:
             dist.destroy_process_group()
@@ -882,6 +893,7 @@ def _run(
     device: torch.device,
     stop: SignalStop,
     reschedule: bool,
+    on_health: Callable[[str], None] | None = None,
 ) -> ScaleResult:
     """Set up one rank (wrap, regroup, resume) and train it with :meth:`Trainer.run` and the scale hooks."""
     cfg, lc, tc = recipe.run, recipe.launch, recipe.run.train
@@ -938,17 +950,28 @@ def _run(
 
     start_step = trainer.step
     ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
-    hooks: list[Hook] = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop, ckpt]
-    if "tensorboard" in parse_sinks(lc.log):
-        hooks.insert(2, TensorBoardLog(run_dir, lc.log_every))
+    hooks: list[Hook] = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop]
+    tb = TensorBoardLog(run_dir, lc.log_every) if "tensorboard" in parse_sinks(lc.log) else None
+    if tb is not None:
+        hooks.insert(2, tb)
+    every = resolve_every(recipe)
+    health = None
+    if every:
+        on_record = tb.add_health if tb is not None else None
+        health = HealthProbe(recipe, every, run_dir, lc.health_strict, on_record, on_health)
+        hooks.append(health)
+    hooks.append(ckpt)  # last: a stop asked by any hook above is checkpointed at the same boundary
     out = trainer.run(hooks=hooks)
     status = {"stopped": "terminated"}.get(out.status, out.status)
+    health_stop = health.stop_reason if health is not None and out.status == "stopped" else None
+    if out.status == "stopped" and trainer.any_rank(health_stop is not None):
+        status = "unhealthy"
     res = ScaleResult(
         status, out.reason, start_step, out.steps, out.steps * trainer.tokens_per_step, out.tokens, out.seconds,
         out.tokens / out.seconds if out.seconds > 0 else 0.0, ckpt.best_val, out.final_val_loss,
         out.train_loss[-1] if out.train_loss else None, world, str(run_dir),
         str(ckpt.last) if ckpt.last is not None else None,
-        stop.signal if out.status == "stopped" else None,
+        stop.signal if out.status == "stopped" else None, health_stop,
         [(start_step + i + 1, loss) for i, loss in enumerate(out.train_loss)],
     )  # fmt: skip
     if rank == 0:

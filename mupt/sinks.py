@@ -86,6 +86,17 @@ class TensorBoardLog(Hook):
         if info.val_loss is not None:
             w.add_scalar("val/loss", info.val_loss, step)
 
+    def add_health(self, record: dict[str, Any]) -> None:
+        """A µP health probe (:class:`mupt.health.HealthProbe` record): ``health/rms/<key>`` and
+        ``health/log2_ratio/<key>`` (vs the proxy at the same step) at the record's step."""
+        w = self.writer
+        if w is None:
+            return
+        for kind in ("rms", "log2_ratio"):
+            for key, value in record[kind].items():
+                if value is not None:
+                    w.add_scalar(f"health/{kind}/{key}", value, record["step"])
+
     def on_end(self, trainer: Trainer, result: Any) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -964,20 +964,19 @@ def run_worker(
         if pick == 0:
             # reseed from the history so a resumed study does not replay the same random start-up points
             study.sampler = make_sampler(settings, seed_base + len(study.get_trials(deepcopy=False)))
-        skipped = False
+        skipped = ""
 
         def note(s: optuna.Study, t: FrozenTrial) -> None:
             nonlocal skipped
             reason = str(t.user_attrs.get("reason", ""))
-            skipped = t.state is TrialState.FAIL and reason.startswith(
-                ("over budget", "no promotion", "duplicate retry")
-            )
+            skips = ("over budget", "no promotion", "duplicate retry")
+            skipped = next((k for k in skips if reason.startswith(k)), "") if t.state is TrialState.FAIL else ""
             if on_trial is not None and not skipped:
                 on_trial(s, t)
 
         study.optimize(objectives[pick], n_trials=1, catch=(_OverBudget, _NoWork, _DuplicateRetry), callbacks=[note])
-        if skipped and pick == 0:
-            break
+        if skipped == "over budget":  # the first rung's budget is full: nothing left to start (a skipped
+            break  # duplicate retry or a promotion another worker took leaves work to do: go on)
         ran += 0 if skipped else 1
     return ran
 

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,30 @@ def test_redirected_output_gets_a_progress_line_per_unit(tmp_path: Path) -> None
     lines = [line for line in text.splitlines() if re.match(r"coord \d/4 width \d+ seed \d", line)]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"], text
     assert "Traceback" not in text and "PASS" in text
+
+
+def test_log_heartbeat_while_one_unit_of_work_runs_long() -> None:
+    """Item 6: while one unit (a tune trial, a wide coord run) runs longer than the heartbeat, a log still
+    gets a line every heartbeat seconds, marked as such; none after the work is done or the block exits."""
+    import io
+
+    from rich.console import Console
+
+    from mupt.cli.common import LineProgress
+
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, width=200), min_interval=0, heartbeat=0.4) as bar:
+        task = bar.add_task("tune", total=3, info="")
+        bar.update(task, advance=1, info="best 2.5")
+        time.sleep(1.5)  # one long trial: about 3 heartbeats
+        bar.update(task, advance=2, info="best 2.4")  # finished: no heartbeat after this
+        time.sleep(1.0)
+    lines = buf.getvalue().splitlines()
+    beats = [line for line in lines if line.endswith("(still working)")]
+    assert 2 <= len(beats) <= 4, lines
+    assert all(line.startswith("tune 1/3 best 2.5") for line in beats), lines
+    assert lines[0].startswith("tune 1/3 best 2.5") and lines[-1].startswith("tune 3/3 best 2.4"), lines
+    assert not lines[-1].endswith("(still working)")
 
 
 # --- item 2 (pipe) and item 8 (narrow terminal) and item 13 (smaller width) -------------------------------

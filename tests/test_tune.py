@@ -32,6 +32,7 @@ from mupt.tune import (
     prepare_study,
     proxy_config,
     run_study,
+    run_worker,
     trial_rows,
     write_best,
     write_plots,
@@ -275,6 +276,28 @@ def test_width_ladder_two_workers_no_duplicate_promotions(tmp_path: Path) -> Non
     assert len(workers) == 2  # both processes ran trials
 
 
+def test_duplicate_retry_in_the_first_rung_does_not_stop_the_worker(tmp_path: Path) -> None:
+    """Two retries of one failed trial queued in rung 0 (what two SQLite workers can do when both fail the
+    same stale trial): the worker runs one, skips its twin, and goes on to fill every rung's budget."""
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="twins", trials=6, runs_dir=str(tmp_path), pruner="none")
+    ladder = open_ladder(s, cfg)
+    st0 = ladder.studies[0]
+    failed = st0.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    st0.tell(failed, state=TrialState.FAIL)
+    for _ in range(2):  # the twin retries, as Optuna's RetryFailedTrialCallback enqueues them
+        st0.enqueue_trial(dict(st0.trials[failed.number].params))
+    for t in st0.get_trials(states=(TrialState.WAITING,)):
+        ladder.storage.set_trial_system_attr(t._trial_id, "retry_history", [failed.number])
+        ladder.storage.set_trial_system_attr(t._trial_id, "failed_trial", failed.number)
+    run_worker(s, cfg)
+    after = open_ladder(s, cfg)
+    reasons = [t.user_attrs.get("reason", "") for t in after.studies[0].get_trials(states=(TrialState.FAIL,))]
+    assert sum(r.startswith("duplicate retry") for r in reasons) == 1, reasons
+    for rung, study in zip(after.rungs, after.studies, strict=True):
+        assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == rung.size, rung
+
+
 def _load(s: TuneSettings, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(s))
 
@@ -403,7 +426,7 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Traceback" not in out
     assert "rerun the same command to resume" in err
-    assert len(re.findall(r"^tune: \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
+    assert len(re.findall(r"^tune \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
     bp = load_best(tmp_path / "proxy-w32" / "best.yaml")
     done = _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert bp.trial in {t.number for t in done} and 2 <= len(done) < 20
@@ -413,6 +436,41 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     proc = mupt(*args, "--report")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+
+
+def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) -> None:
+    """Issue 14 (1b): Ctrl-C while only the narrowest rung has finished trials: exit 130 and no best.yaml;
+    `--report` still shows the finished trials and plots, says no trial reached the proxy width, exits 0;
+    the rerun resumes, keeps every finished trial and writes best.yaml at the proxy width."""
+    args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
+    s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
+    proc = mupt(*args)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)):
+                break
+        except (KeyError, StorageError):
+            continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    run_dir = tmp_path / "proxy-w64"
+    assert not (run_dir / "best.yaml").exists()
+    finished = {t.number for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))}
+    assert finished
+    proc = mupt(*args, "--report")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "no trial has finished at the proxy width" in " ".join(err.split())
+    assert (run_dir / "history.png").is_file() and not (run_dir / "best.yaml").exists()
+    proc = mupt(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    kept = {t.number for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))}
+    assert finished <= kept
+    assert load_best(run_dir / "best.yaml").config.model.d_model == 64
 
 
 def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:

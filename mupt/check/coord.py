@@ -359,11 +359,20 @@ def measure_steps(
     snapshots = []
     for _ in range(settings.steps):
         trainer.train_step()
-        snapshots.append(_quantities(before, probe(trainer, probe_x), settings.n_layers))
+        snapshots.append(probe_quantities(before, probe(trainer, probe_x), settings.n_layers))
     return snapshots
 
 
-def _quantities(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], n_layers: int) -> dict[str, float]:
+def probe_quantities(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], n_layers: int
+) -> dict[str, float]:
+    """RMS of every tracked quantity from two :func:`probe` results on the same batch (init and now).
+
+    Keys are ``{layer}.{quantity}``: per layer ``i`` ``x``, ``y``, ``out`` (RMS of ``after``) and
+    ``dx``, ``dy``, ``dout`` (RMS of ``after - before``, the change since init), plus
+    ``head.logits`` and ``head.dlogits``.  The one definition used by the coordinate check and
+    by the live health check of ``mupt scale`` (:mod:`mupt.health`).
+    """
     out: dict[str, float] = {}
     for i in range(n_layers):
         for q in ("x", "y", "out"):

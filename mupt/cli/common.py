@@ -8,6 +8,7 @@ show them in ``--help``.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -245,66 +246,103 @@ class LineProgress:
 
     Used when stderr is not a terminal (nohup, CI logs, ``2> file``), where a live bar prints nothing
     until the end: one line per unit of work that finishes, at most one per ``min_interval`` seconds
-    for fine-grained tasks (training steps), and always the last one.
+    for fine-grained tasks (training steps), and always the last one. While a unit of work runs longer
+    than ``heartbeat`` seconds (a tune trial, a coordinate-check run at a wide width), a background
+    thread repeats the last line marked "(still working)" every ``heartbeat`` seconds, so a log is never
+    silent for longer than that (0: no heartbeat).
     """
 
-    def __init__(self, console: Console, min_interval: float) -> None:
+    def __init__(self, console: Console, min_interval: float, heartbeat: float = 30.0) -> None:
         self.console = console
         self.min_interval = min_interval
+        self.heartbeat = heartbeat
         self.tasks: dict[TaskID, dict[str, Any]] = {}
         self.start = time.monotonic()
+        self.last_print = self.start
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> LineProgress:
+        if self.heartbeat > 0:
+            self._thread = threading.Thread(target=self._beat, name="mupt-progress-heartbeat", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         return None
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> TaskID:
-        task_id = TaskID(len(self.tasks))
-        self.tasks[task_id] = {
-            "description": description, "total": total, "completed": completed, "fields": dict(fields),
-            "last_line": float("-inf"), "last_done": completed,
-        }  # fmt: skip
+        with self._lock:
+            task_id = TaskID(len(self.tasks))
+            self.tasks[task_id] = {
+                "description": description, "total": total, "completed": completed, "fields": dict(fields),
+                "last_line": float("-inf"), "last_done": completed,
+            }  # fmt: skip
         return task_id
 
     def update(
-        self, task_id: TaskID, *, completed: float | None = None, advance: float | None = None, **fields: Any
+        self,
+        task_id: TaskID,
+        *,
+        completed: float | None = None,
+        advance: float | None = None,
+        total: float | None = None,
+        **fields: Any,
     ) -> None:
-        t = self.tasks[task_id]
-        if completed is not None:
-            t["completed"] = completed
-        if advance is not None:
-            t["completed"] += advance
-        t["fields"].update(fields)
-        now = time.monotonic()
-        finished = t["total"] is not None and t["completed"] >= t["total"]
-        moved = t["completed"] != t["last_done"]
-        if moved and (finished or now - t["last_line"] >= self.min_interval):
-            t["last_line"], t["last_done"] = now, t["completed"]
-            total = "?" if t["total"] is None else f"{t['total']:g}"
-            info = t["fields"].get("info", "")
-            elapsed = now - self.start
-            self.console.print(
-                f"{t['description']} {t['completed']:g}/{total} {info} [{elapsed:.0f}s]".rstrip(),
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+        with self._lock:
+            t = self.tasks[task_id]
+            if total is not None:
+                t["total"] = total
+            if completed is not None:
+                t["completed"] = completed
+            if advance is not None:
+                t["completed"] += advance
+            t["fields"].update(fields)
+            now = time.monotonic()
+            moved = t["completed"] != t["last_done"]
+            if moved and (self._finished(t) or now - t["last_line"] >= self.min_interval):
+                t["last_line"], t["last_done"] = now, t["completed"]
+                self._print(t, now, "")
+
+    @staticmethod
+    def _finished(t: dict[str, Any]) -> bool:
+        return t["total"] is not None and t["completed"] >= t["total"]
+
+    def _print(self, t: dict[str, Any], now: float, suffix: str) -> None:
+        total = "?" if t["total"] is None else f"{t['total']:g}"
+        parts = [f"{t['description']} {t['completed']:g}/{total}", str(t["fields"].get("info", "")).strip()]
+        parts.append(f"[{now - self.start:.0f}s]{suffix}")
+        self.console.print(" ".join(p for p in parts if p), highlight=False, markup=False, soft_wrap=True)
+        self.last_print = now
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.heartbeat / 4)):
+            with self._lock:
+                now = time.monotonic()
+                if now - self.last_print < self.heartbeat:
+                    continue
+                for t in self.tasks.values():
+                    if not self._finished(t):
+                        self._print(t, now, " (still working)")
 
 
-def progress(transient: bool = False, min_interval: float = 0.0) -> Progress | LineProgress:
+def progress(transient: bool = False, min_interval: float = 0.0, heartbeat: float = 30.0) -> Progress | LineProgress:
     """A live Rich bar on a terminal; plain progress lines (see :class:`LineProgress`) otherwise.
 
     ``min_interval``: seconds between lines when not on a terminal (0: a line per update; use ~10 for
-    per-step updates so a log gets a line at least that often while work progresses).
+    per-step updates so a log gets a line at least that often while work progresses). ``heartbeat``:
+    when not on a terminal, the longest silence in seconds while a unit of work runs.
     """
     from mupt.cli import err
 
     if not err.is_terminal:
-        return LineProgress(err, min_interval)
+        return LineProgress(err, min_interval, heartbeat)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

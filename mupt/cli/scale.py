@@ -15,6 +15,7 @@ from mupt.cli import app, err, fail, out
 from mupt.cli.common import ThreadsOpt, progress
 from mupt.config import Precision, load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
+from mupt.health import resolve_every
 from mupt.paths import check_output_dir
 from mupt.report import key_values
 from mupt.threads import resolve_threads, set_threads
@@ -71,6 +72,23 @@ def scale(
             help="Multiply the transferred LR (run.train.lr and every per_role lr) by this, e.g. 0.5 or 2.",
         ),
     ] = None,
+    health_every: Annotated[
+        int | None,
+        typer.Option(
+            "--health-every",
+            min=0,
+            help="µP health check: probe RMS of x, y, block output, logits and their changes on a fixed batch every N "
+            "steps and compare with the proxy at the same step (recipe's health reference; 0 = off). Warns once per "
+            "layer and quantity out of band. Default: a quarter of the reference's steps. See docs/health.md.",
+        ),
+    ] = None,
+    health_strict: Annotated[
+        bool | None,
+        typer.Option(
+            "--health-strict/--no-health-strict",
+            help="Stop with exit code 1, after writing a checkpoint, when a health probe leaves its band.",
+        ),
+    ] = None,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes per node (torch.distributed.run).")] = 1,
     nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes (needs --rdzv-endpoint).")] = 1,
     rdzv_endpoint: Annotated[
@@ -108,8 +126,9 @@ def scale(
     recipe = launch.apply_overrides(
         load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
         ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
-        lr_scale=lr_scale, init_from=init_from,
+        lr_scale=lr_scale, init_from=init_from, health_every=health_every, health_strict=health_strict,
     )  # fmt: skip
+    resolve_every(recipe)  # a health flag the recipe cannot serve is refused before anything starts
     n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
     check_output_dir(Path(recipe.launch.run_dir), "--run-dir")
     if data is not None and recipe.dataset and not launch.is_worker():  # another tokenizer: refused; corpus: warned
@@ -145,6 +164,8 @@ def scale(
         if code - 128 == signal.SIGINT:
             raise typer.Exit(130)
         return
+    if code == 1 and recipe.launch.health_strict:
+        raise fail("stopped by --health-strict (the warning is above); the workers wrote a checkpoint", code=1)
     if code:
         raise fail(f"a worker exited with code {code} (its error is above); fix it and rerun to resume", code=code)
 
@@ -169,6 +190,10 @@ def _print_summary(s: dict[str, Any], bpt: float | None) -> None:
 def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> None:
     rank = launch.dist_env()[0]
     cfg = recipe.run
+
+    def on_health(text: str) -> None:
+        err.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
     if rank != 0:
         result = launch.run(recipe, resume, reschedule=reschedule)
     else:
@@ -204,11 +229,22 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> N
                 info = f"loss {rec['loss']:.3f}{val} lr {rec['lr']:.3g} {rec['tokens_per_s']:,.0f} tok/s"
                 state["bar"].update(state["task"], completed=rec["step"], info=info)
 
-            result = launch.run(recipe, resume, on_log=on_log, on_start=on_start, reschedule=reschedule)
+            result = launch.run(
+                recipe, resume, on_log=on_log, on_start=on_start, reschedule=reschedule, on_health=on_health
+            )
         _print_summary(result.summary(), bytes_per_token(cfg.data))
     if result.status == "diverged":
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
         raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
+    if result.status == "unhealthy":
+        if rank == 0:
+            err.print(
+                f"stopped by --health-strict at step {result.steps}; checkpoint {result.checkpoint} written "
+                "(resume with --no-health-strict to train on, or fix the recipe)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(1)
     if result.status == "terminated" and rank == 0:
         interrupted = result.signal == signal.SIGINT
         what = "interrupted (Ctrl-C)" if interrupted else "terminated by"

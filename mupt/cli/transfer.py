@@ -30,10 +30,12 @@ from mupt.cli.common import (
     StepsOpt,
     VocabOpt,
     WidthOpt,
+    progress,
     resolve_config,
 )
-from mupt.config import Arch, BestParams, Recipe, RunConfig, Schedule, Scheme
+from mupt.config import Arch, BestParams, HealthReference, Recipe, RunConfig, Schedule, Scheme
 from mupt.errors import ConfigError, StorageError
+from mupt.health import DEFAULT_SEEDS, DEFAULT_STEPS, measure_reference
 from mupt.paths import check_output_file
 from mupt.report import format_bytes, key_values, table
 from mupt.tables import SUFFIXES, parquet_available, write_table
@@ -141,6 +143,20 @@ def transfer(
         int | None,
         typer.Option("--grad-accum", help="Micro-batches per optimizer step in the target run (same global batch)."),
     ] = None,
+    health_steps: Annotated[
+        int,
+        typer.Option(
+            "--health-steps",
+            min=0,
+            help="Record the proxy's µP health reference for mupt scale: probe RMS of x, y, block output, logits and "
+            "their changes after each of the first K steps of the proxy trained at the target's batch and schedule "
+            "(0 = none). See docs/health.md.",
+        ),
+    ] = DEFAULT_STEPS,
+    health_seeds: Annotated[
+        int,
+        typer.Option("--health-seeds", min=2, help="Proxy seeds of the health reference (their spread sets the band)."),
+    ] = DEFAULT_SEEDS,
     out_path: Annotated[
         Path | None,
         typer.Option(
@@ -220,6 +236,8 @@ def transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
         source_path=path, to_data=to_data, schedule=sched,
     )  # fmt: skip
+    if dest is not None and health_steps > 0:
+        recipe.health = _health_reference(recipe, health_steps, health_seeds)
     if dest is not None:
         save_recipe(dest, recipe)  # first: a closed pipe (`| head`) or a narrow terminal cannot lose it
     if table_out is not None:
@@ -236,6 +254,16 @@ def transfer(
         err.print(f"no recipe written ({flags} only {verb}); drop {flags} or pass --out PATH to write one")
     if table_out is not None:
         out.print(f"per-role table written: {table_out}", highlight=False)
+
+
+def _health_reference(recipe: Recipe, steps: int, seeds: int) -> HealthReference:
+    with progress() as bar:
+        task = bar.add_task("health reference", total=seeds, info="")
+
+        def on_run(seed: int, seconds: float) -> None:
+            bar.update(task, advance=1, info=f"proxy seed {seed} ({seconds:.1f}s)")
+
+        return measure_reference(recipe, steps, seeds, on_run)
 
 
 def _show(recipe: Recipe, path: Path | None) -> None:

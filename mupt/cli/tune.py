@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +19,7 @@ from mupt.cli.common import (
     DiscOpt,
     HeaddimOpt,
     LayersOpt,
+    LineProgress,
     NgroupsOpt,
     OptimOpt,
     SchemeOpt,
@@ -32,7 +32,7 @@ from mupt.cli.common import (
     WidthOpt,
     progress,
 )
-from mupt.config import RunConfig, with_overrides
+from mupt.config import BestParams, RunConfig, with_overrides
 from mupt.data import bits_per_byte, bytes_per_token
 from mupt.errors import ConfigError, StorageError
 from mupt.paths import check_output_dir
@@ -240,17 +240,15 @@ def tune(
     start = time.perf_counter()
     interrupted = False
     try:
-        if err.is_terminal:
-            with progress() as bar:
-                task = bar.add_task("trials", total=sum(r.size for r in ladder.rungs), info="")
+        with progress() as bar:
+            task = bar.add_task("tune", total=sum(r.size for r in ladder.rungs), info="")
+            lines = isinstance(bar, LineProgress)  # a log: say more per line than a live bar has room for
 
-                def on_progress(p: Progress) -> None:
-                    bar.update(task, completed=min(p.done, p.total), info=_best_text(p))
+            def on_progress(p: Progress) -> None:
+                info = _log_text(p) if lines else _best_text(p)
+                bar.update(task, completed=min(p.done, p.total), total=p.total, info=info)
 
-                run_study(settings, cfg, on_progress)
-        else:
-            with _LogLines(start) as lines:
-                run_study(settings, cfg, lines.update)
+            run_study(settings, cfg, on_progress)
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - start
@@ -261,53 +259,15 @@ def _best_text(p: Progress) -> str:
     return f"best {p.best_value:.4f} @ lr {p.best_params.get('lr', 0):.3g}" if p.best_value is not None else ""
 
 
-class _LogLines:
-    """Plain progress lines for logs (stdout/stderr not a terminal): one per finished trial, and one
-    at least every ``every`` seconds while trials run."""
-
-    def __init__(self, start: float, every: float = 30.0) -> None:
-        self.start, self.every = start, every
-        self.last: Progress | None = None
-        self.printed = time.monotonic()
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def __enter__(self) -> _LogLines:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-    def _line(self, p: Progress, what: str) -> None:
-        with self.lock:
-            elapsed = time.perf_counter() - self.start
-            best = _best_text(p) or "no trial at the proxy width yet"
-            err.print(
-                f"tune: {p.done}/{p.total} trials finished, {p.running} running, {best}, {elapsed:.0f}s elapsed{what}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            self.printed = time.monotonic()
-
-    def update(self, p: Progress) -> None:
-        new = self.last is None or p.done != self.last.done
-        self.last = p
-        if new:
-            t = p.last
-            what = ""
-            if t is not None:
-                rung = t.user_attrs.get("rung", 0)
-                value = f"{t.value:.4f}" if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
-                what = f"; last: rung {rung} d_model {t.user_attrs.get('d_model', '-')} trial {t.number}: {value}"
-            self._line(p, what)
-
-    def _beat(self) -> None:
-        while not self.stop.wait(1.0):
-            if self.last is not None and time.monotonic() - self.printed >= self.every:
-                self._line(self.last, " (a trial is running)")
+def _log_text(p: Progress) -> str:
+    """One log line's worth: trials running, best so far at the proxy width, the last finished trial."""
+    text = f"trials finished, {p.running} running, {_best_text(p) or 'no trial at the proxy width yet'}"
+    t = p.last
+    if t is not None:
+        value = f"{t.value:.4f}" if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
+        text += f"; last: rung {t.user_attrs.get('rung', 0)} d_model {t.user_attrs.get('d_model', '-')} "
+        text += f"trial {t.number}: {value}"
+    return text
 
 
 def _finish(
@@ -401,8 +361,12 @@ def _rung_table(ladder: Ladder) -> None:
 
 
 def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None) -> None:
+    """Tables, plots and best.yaml of an existing study, without running trials.
+
+    best.yaml is rewritten from the study when it is missing (a run killed before it finished); a study
+    interrupted before any trial finished at the proxy width gets its tables and plots and a line saying so.
+    """
     best_path = settings.run_dir / "best.yaml"
-    bp = load_best(best_path)
     ladder = load_existing(settings, cfg)
     _table(ladder, top)
     if len(ladder.rungs) > 1:
@@ -410,20 +374,38 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     plots = write_plots(ladder, settings.run_dir)
     table_path = write_table(ladder, table_out) if table_out is not None else None
     spent, grid = study_flops(ladder), grid_flops(settings, cfg)
-    out.print(
-        key_values(
-            f"Study {settings.study}",
-            [
-                ("best trial", bp.trial),
-                ("best val loss (nats)", bp.value),
-                *((k, v) for k, v in bp.params.items()),
-                ("fidelity", bp.fidelity),
-                ("compute (FLOPs)", f"{spent:.3g}"),
-                ("compute saved vs the dense log2 LR grid", f"{1 - spent / grid:.1%}" if grid else "-"),
-                ("code version", bp.code_version),
-                ("best params", str(best_path)),
-                ("plots", ", ".join(str(p) for p in plots)),
-                *([("trials table", str(table_path))] if table_path else []),
-            ],
+    counts = count_states(ladder)
+    bp: BestParams | None
+    if best_path.is_file():
+        bp = load_best(best_path)
+    else:
+        try:
+            bp, best_path = write_best(ladder, cfg, settings.run_dir)
+        except StorageError:
+            bp = None
+    rows: list[tuple[str, Any]] = [
+        ("finished trials", f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed")
+    ]
+    if bp is not None:
+        rows += [
+            ("best trial", bp.trial),
+            ("best val loss (nats)", bp.value),
+            *((k, v) for k, v in bp.params.items()),
+            ("fidelity", bp.fidelity),
+        ]
+    rows += [
+        ("compute (FLOPs)", f"{spent:.3g}"),
+        ("compute saved vs the dense log2 LR grid", f"{1 - spent / grid:.1%}" if grid else "-"),
+        *([("code version", bp.code_version)] if bp is not None else []),
+        ("best params", str(best_path) if bp is not None else "none yet: no trial has finished at the proxy width"),
+        ("plots", ", ".join(str(p) for p in plots)),
+        *([("trials table", str(table_path))] if table_path else []),
+    ]
+    out.print(key_values(f"Study {settings.study}", rows))
+    if bp is None:
+        err.print(
+            f"study {settings.study}: no trial has finished at the proxy width (d_model {cfg.model.d_model}) yet; "
+            "rerun the same command without --report to resume it",
+            highlight=False,
+            soft_wrap=True,
         )
-    )
