@@ -324,11 +324,12 @@ class Mamba2Mixer(nn.Module):
             C.reshape(b, length, cfg.ngroups, cfg.d_state),
             chunk_size=cfg.chunk_size,
             backend=cfg.scan_backend,
+            D=self.D if probe is None else None,  # fused into the scan unless the probe needs y without it
         )
         if probe is not None:
             probe[f"layers.{self.layer_idx}.x"] = state.detach().reshape(b, cfg.d_inner, cfg.d_state)
             probe[f"layers.{self.layer_idx}.y"] = y.detach().reshape(b, length, cfg.d_inner).transpose(1, 2)
-        y = y + xh * self.D.to(y.dtype)[:, None]
+            y = y + xh * self.D.to(y.dtype)[:, None]
         y = self.norm(y.reshape(b, length, cfg.d_inner), z)
         return self.out_proj(y) * self.mult_out
 

@@ -69,3 +69,30 @@ def test_tune_transfer_scale_fsdp_resume(tmp_path: Path) -> None:
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), step
+
+
+def test_check_all_builds_mamba2_in_both_parts(cli, tmp_path: Path) -> None:
+    """`mupt check all --arch mamba2`: the coordinate part and the LR-transfer part both run the Mamba-2 model
+    with the given head shape and state width (the smallest CI shapes: coord 64 vs 512, transfer 32 and 64)."""
+    out = tmp_path / "ca"
+    code, stdout, stderr = cli(
+        "check", "all", "--arch", "mamba2", "--headdim", "32", "--ngroups", "2", "--d-state", "8",
+        "--widths", "32,64", "--lrs", "2^-8..2^-6", "--steps", "2", "--coord-widths", "64,512",
+        "--workers", "1", "--threads", "1", "--run-dir", str(out),
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert "coord PASS" in stdout and "arch=mamba2" in stderr
+    coord = json.loads((out / "coord" / "coord.json").read_text())
+    assert {k: coord["settings"][k] for k in ("arch", "headdim", "ngroups", "base_d_state", "base_width")} == {
+        "arch": "mamba2", "headdim": 32, "ngroups": 2, "base_d_state": 8, "base_width": 64,
+    }  # fmt: skip
+    assert coord["passed"] and {r["layer"] for r in coord["rows"]} == {"0", "1", "2", "head"}
+    points = [json.loads(p.read_text()) for p in (out / "transfer" / "points").glob("*.json")]
+    assert len(points) == 6
+    for p in points:
+        m = p["config"]["model"]
+        assert (m["arch"], m["headdim"], m["ngroups"], m["d_state"]) == ("mamba2", 32, 2, 8), m
+    # a head shape the transfer widths cannot hold is refused before any run, in one line
+    bad = tmp_path / "bad"
+    code, stdout, stderr = cli("check", "all", "--arch", "mamba2", "--headdim", "48", "--run-dir", str(bad))
+    assert code == 2 and "headdim=48" in stderr and not bad.exists()

@@ -249,12 +249,19 @@ CI_COORD_BASE = 64
 CI_COORD_WIDTHS = (256, 512, 1024, 2048)
 
 
-def coord_settings(widths: str, backend: str | None) -> CoordSettings:
-    """CI-sized coordinate-check settings (validated): ``widths`` against a 64-wide base."""
+def coord_settings(widths: str, backend: str | None, **model: Any) -> CoordSettings:
+    """CI-sized coordinate-check settings (validated): ``widths`` against a 64-wide base.
+
+    ``model``: the model flags that ``mupt check all`` shares with its transfer part (``arch``,
+    ``headdim``, ``ngroups``, ``base_d_state``); None keeps :class:`CoordSettings`' default.
+    Raises :class:`ConfigError` on widths or head shapes the check cannot run.
+    """
+    given = {k: v for k, v in model.items() if v is not None}
     settings = CoordSettings(
         widths=tuple(parse_widths(widths, flag="--coord-widths")),
         base_width=CI_COORD_BASE,
         backend=check_backend(backend),
+        **given,
     )
     settings.validate()
     return settings
@@ -263,8 +270,9 @@ def coord_settings(widths: str, backend: str | None) -> CoordSettings:
 def run_coord(settings: CoordSettings, out_dir: Path) -> bool:
     """The coordinate check (mupt.check.coord) with ``settings``; writes coord.json + PNG, a line per run."""
     err.print(
-        f"[bold]mupt check all[/]: coordinate check widths={list(settings.widths)} base={settings.base} "
-        f"seeds={settings.seeds}"
+        f"[bold]mupt check all[/]: coordinate check arch={settings.arch.value} widths={list(settings.widths)} "
+        f"base={settings.base} N_x={settings.base_d_state} seeds={settings.seeds}",
+        highlight=False,
     )
     with progress() as bar:
         task = bar.add_task("coord", total=len(settings.widths) * settings.seeds, info="")
@@ -299,6 +307,10 @@ def check_all(
     ] = ",".join(map(str, CI_COORD_WIDTHS)),
     lrs: LrsOpt = CI_LRS,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per LR-transfer point.")] = CI_STEPS,
+    arch: ArchOpt = None,
+    headdim: HeaddimOpt = None,
+    ngroups: NgroupsOpt = None,
+    d_state: StateOpt = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
@@ -314,14 +326,21 @@ def check_all(
     24 seeds); the transfer part sweeps --widths x --lrs. See docs/ci.md for timings and what each
     part proves.
 
+    Both parts build the same model: --arch, --headdim, --ngroups and --d-state apply to each (Mamba-2:
+    [bold]mupt check all --arch mamba2 --headdim 32[/]; its measured tables are in docs/width_rules.md,
+    section 9).
+
     Exit 0 only if both pass. Example CI step: [bold]mupt check all --run-dir runs/ci-check[/]
     """
     start = time.perf_counter()
     spec = build_spec(
         None, widths, lrs, Scheme.MUP_SSM, None, 1, steps=steps, batch_size=PROXY_BATCH_SIZE,
-        seq_len=PROXY_SEQ_LEN, optimizer=DEFAULT_OPTIMIZER, backend=backend,
+        seq_len=PROXY_SEQ_LEN, optimizer=DEFAULT_OPTIMIZER, backend=backend, arch=arch, headdim=headdim,
+        ngroups=ngroups, d_state=d_state,
     )  # fmt: skip
-    settings = coord_settings(coord_widths, backend)
+    settings = coord_settings(
+        coord_widths, backend, arch=arch, headdim=headdim, ngroups=ngroups, base_d_state=d_state
+    )
     check_finite(max_drift, "--max-drift", positive=True)
     n_workers, n_threads = workers_threads(workers, threads)
     check_output_dir(out_dir, "--run-dir")

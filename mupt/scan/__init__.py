@@ -8,9 +8,9 @@
 * ``auto``: triton on CUDA tensors when Triton is importable, else torch.
 
 ``ssd_scan`` is Mamba-2's entry point (the SSD, scalar A per head).  Backends: ``reference``
-(:mod:`mupt.scan.ssd_reference`, sequential, the oracle) and ``torch``
-(:mod:`mupt.scan.ssd_torch`, chunked); ``auto`` and ``triton`` use the chunked torch SSD
-(no Triton SSD kernels yet).
+(:mod:`mupt.scan.ssd_reference`, sequential, the oracle), ``torch`` (:mod:`mupt.scan.ssd_torch`,
+chunked) and ``triton`` (:mod:`mupt.scan.triton_ssd`, chunked Triton kernels for CUDA); ``auto``
+picks triton on CUDA tensors when Triton is importable, else torch (as for ``selective_scan``).
 """
 
 from __future__ import annotations
@@ -118,23 +118,44 @@ def ssd_scan(
     C: Tensor,
     chunk_size: int = 64,
     backend: str | Backend = Backend.AUTO,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mamba-2's SSD; returns ``(y, last_state)``.
 
     x (batch, length, nheads, headdim), dt (batch, length, nheads) > 0 (softplus applied),
-    A (nheads,) < 0, B and C (batch, length, ngroups, d_state) -> y (batch, length, nheads, headdim),
+    A (nheads,) < 0, B and C (batch, length, ngroups, d_state), D (nheads,) or None,
+    initial_state (batch, nheads, headdim, d_state) or None -> y (batch, length, nheads, headdim),
     last_state (batch, nheads, headdim, d_state) fp32, with
-    ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t`` (Dao & Gu 2024, section 3).
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``, ``y_t = h_t C_t + D x_t`` (Dao & Gu 2024, section 3).
+    The triton backend fuses the ``D`` skip into its output kernel; the others add it after the scan.
     Raises :class:`ScanError` on bad shapes or an unknown backend.
     """
     _check_ssd_shapes(x, dt, A, B, C)
-    if resolve_backend(backend, x.device) is Backend.REFERENCE:
+    batch, _, nheads, headdim = x.shape
+    if D is not None and tuple(D.shape) != (nheads,):
+        raise ScanError(f"D must be (nheads={nheads},); got {tuple(D.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, nheads, headdim, B.shape[3]):
+        raise ScanError(
+            f"initial_state must be (batch, nheads, headdim, d_state)=({batch}, {nheads}, {headdim}, {B.shape[3]}); "
+            f"got {tuple(initial_state.shape)}"
+        )
+    b = resolve_backend(backend, x.device)
+    if b is Backend.TRITON:
+        from mupt.scan.triton_ssd import ssd_triton
+
+        return ssd_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+    if b is Backend.REFERENCE:
         from mupt.scan.ssd_reference import ssd_reference
 
-        return ssd_reference(x, dt, A, B, C)
-    from mupt.scan.ssd_torch import ssd_chunked
+        y, state = ssd_reference(x, dt, A, B, C, initial_state)
+    else:
+        from mupt.scan.ssd_torch import ssd_chunked
 
-    return ssd_chunked(x, dt, A, B, C, chunk_size)
+        y, state = ssd_chunked(x, dt, A, B, C, chunk_size, initial_state)
+    if D is not None:
+        y = y + x * D.to(y.dtype)[:, None]
+    return y, state
 
 
 __all__ = ["Backend", "Discretization", "resolve_backend", "selective_scan", "ssd_scan", "triton_available"]
