@@ -415,7 +415,7 @@ class LaunchConfig(_Strict):
     precision: Precision = Field(Precision.AUTO, description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     fsdp: bool = False
-    log: str = Field("jsonl", description="metrics sinks: jsonl (always) and optionally tensorboard, comma-separated")
+    log: str = Field("jsonl", description="metrics sinks: jsonl (always), tensorboard, wandb, mlflow; comma-separated")
     health_every: int | None = Field(
         None, ge=0, description="µP health probe every N steps (0: off; default: a quarter of the reference's steps)"
     )
