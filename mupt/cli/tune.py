@@ -162,6 +162,15 @@ def tune(
     ] = 3,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
     threads: ThreadsOpt = None,
+    log: Annotated[
+        str,
+        typer.Option(
+            "--log",
+            help="Per-trial curves (loss, per-group LR, grad norm, tokens/s, val loss at every step): jsonl "
+            "(RUNS_DIR/STUDY/curves/), tensorboard (.../tensorboard/, a run per trial), wandb (offline, .../wandb/), "
+            "mlflow (file store .../mlruns); comma-separated, e.g. jsonl,tensorboard. Default: none.",
+        ),
+    ] = "",
     sampler: Annotated[
         SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
     ] = SamplerName.TPE,
@@ -217,7 +226,7 @@ def tune(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
-        heartbeat_interval=heartbeat,
+        heartbeat_interval=heartbeat, log=log,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
