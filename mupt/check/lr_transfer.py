@@ -37,10 +37,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mupt.config import RunConfig, Scheme, atomic_write_text, from_dict, to_dict, with_overrides
 from mupt.errors import ConfigError, StorageError
+from mupt.tables import write_beside
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CACHE_VERSION = 1
 
@@ -529,4 +533,18 @@ def check_transfer(
     }
     atomic_write_text(files["json"], json.dumps(doc, indent=1))
     atomic_write_text(files["summary"], markdown_summary(tables, results, gate, max_drift, meta))
+    for path in write_beside(points_frame(sweep.points), out / "points.json"):
+        files[path.suffix.lstrip(".")] = str(path)
     return TransferReport(gate, results[gate].passed, tables, results, sweep, files)
+
+
+POINT_COLUMNS = ("scheme", "width", "lr", "log2_lr", "seed", "status", "reason", "final_val_loss", "steps", "seconds")
+
+
+def points_frame(points: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The sweep points as a tidy table, one row per (scheme, width, LR, seed): ``final_val_loss`` in
+    nats/token (empty for diverged points), ``seconds`` of training; sorted by scheme, width, LR, seed."""
+    import pandas as pd
+
+    df = pd.DataFrame.from_records([{c: p.get(c) for c in POINT_COLUMNS} for p in points], columns=list(POINT_COLUMNS))
+    return df.sort_values(["scheme", "width", "lr", "seed"], ignore_index=True)

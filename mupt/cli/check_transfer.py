@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mupt.check.coord import CoordSettings, coord_check
+from mupt.check.coord import DEFAULT_BASE_WIDTH, DEFAULT_WIDTHS, CoordSettings, coord_check
 from mupt.check.lr_transfer import (
     LossTable,
     SchemeResult,
@@ -75,7 +75,10 @@ TolOpt = Annotated[float, typer.Option("--monotone-tol", help="Allowed loss incr
 RunDirOpt = Annotated[
     Path,
     typer.Option(
-        "--run-dir", "--out", help="Output dir: points/ cache, transfer.json, PNG, summary.md (--out is the same flag)."
+        "--run-dir",
+        "--out",
+        help="Output dir: points/ cache, transfer.json, points.csv (+ .parquet with pyarrow), PNG, summary.md "
+        "(--out is the same flag).",
     ),
 ]
 
@@ -242,11 +245,11 @@ def transfer(
 CI_WIDTHS = "32,64,128,256"
 CI_LRS = "2^-12..2^-5"
 CI_STEPS = 60
-# The coordinate part checks the widths a 64-wide proxy transfers to, with `mupt check coord`'s
-# other defaults (3 layers, 24 seeds): below d_model 256 layer-1 y is still rising with width
-# under Adam (docs/width_rules.md, finding 1).
-CI_COORD_BASE = 64
-CI_COORD_WIDTHS = (256, 512, 1024, 2048)
+# The coordinate part is `mupt check coord` with its defaults: the widths a 64-wide proxy transfers
+# to, 3 layers, 24 seeds (below d_model 256 layer-1 y is still rising with width under Adam,
+# docs/width_rules.md, finding 1).
+CI_COORD_BASE = DEFAULT_BASE_WIDTH
+CI_COORD_WIDTHS = DEFAULT_WIDTHS
 
 
 def coord_settings(widths: str, backend: str | None, **model: Any) -> CoordSettings:
@@ -262,8 +265,7 @@ def coord_settings(widths: str, backend: str | None, **model: Any) -> CoordSetti
         base_width=CI_COORD_BASE,
         backend=check_backend(backend),
         **given,
-    )
-    settings.validate()
+    )  # validated when built (one-line ConfigError)
     return settings
 
 
@@ -338,9 +340,7 @@ def check_all(
         seq_len=PROXY_SEQ_LEN, optimizer=DEFAULT_OPTIMIZER, backend=backend, arch=arch, headdim=headdim,
         ngroups=ngroups, d_state=d_state,
     )  # fmt: skip
-    settings = coord_settings(
-        coord_widths, backend, arch=arch, headdim=headdim, ngroups=ngroups, base_d_state=d_state
-    )
+    settings = coord_settings(coord_widths, backend, arch=arch, headdim=headdim, ngroups=ngroups, base_d_state=d_state)
     check_finite(max_drift, "--max-drift", positive=True)
     n_workers, n_threads = workers_threads(workers, threads)
     check_output_dir(out_dir, "--run-dir")

@@ -38,6 +38,7 @@ from mupt.errors import ConfigError, StorageError
 from mupt.health import DEFAULT_SEEDS, DEFAULT_STEPS, measure_reference
 from mupt.paths import check_output_file
 from mupt.report import format_bytes, key_values, table
+from mupt.tables import SUFFIXES, parquet_available, write_table
 from mupt.transfer import (
     FAR_FEWER,
     SCAN_FWD_FLOPS,
@@ -49,6 +50,7 @@ from mupt.transfer import (
     explain_notes,
     latest_best,
     load_best,
+    per_role_frame,
     save_recipe,
     summarize,
     target_config,
@@ -165,6 +167,14 @@ def transfer(
             show_default="recipes/<scheme>-<to-width>.yaml",
         ),
     ] = None,
+    table_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--table-out",
+            help="Also write the per-role table (base and target init std, LR, fwd mult, weight decay) as CSV "
+            "(.csv) or Parquet (.parquet, needs pyarrow).",
+        ),
+    ] = None,
     explain_rules: Annotated[
         bool,
         typer.Option(
@@ -193,6 +203,10 @@ def transfer(
         discretization=discretization, optimizer=optimizer,
         base_width=base_width, data=data, vocab_size=vocab_size, seed=seed, backend=backend,
     )  # fmt: skip
+    if table_out is not None and table_out.suffix not in SUFFIXES:
+        raise ConfigError(f"--table-out {table_out}: give a path ending in .csv or .parquet")
+    if table_out is not None and table_out.suffix == ".parquet" and not parquet_available():
+        raise ConfigError(f"--table-out {table_out}: Parquet needs pyarrow; pip install 'mupt[parquet]' or use .csv")
     if to_width is None and not explain_rules:
         raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")
     try:
@@ -208,6 +222,8 @@ def transfer(
     if to_width is not None and write:
         dest = out_path if out_path is not None else default_recipe_path(target_config(proxy, to_width, scheme=scheme))
         check_output_file(dest, "--out")  # before any table is printed
+    if table_out is not None:
+        check_output_file(table_out, "--table-out")
     if explain_rules:
         _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
         if to_width is None:
@@ -224,6 +240,8 @@ def transfer(
         recipe.health = _health_reference(recipe, health_steps, health_seeds)
     if dest is not None:
         save_recipe(dest, recipe)  # first: a closed pipe (`| head`) or a narrow terminal cannot lose it
+    if table_out is not None:
+        write_table(per_role_frame(recipe), table_out)
     _show(recipe, path)
     _summary(recipe)
     if compare:
@@ -234,6 +252,8 @@ def transfer(
         flags = " and ".join(f for f, on in (("--explain", explain_rules), ("--compare", compare)) if on)
         verb = "print" if explain_rules and compare else "prints"
         err.print(f"no recipe written ({flags} only {verb}); drop {flags} or pass --out PATH to write one")
+    if table_out is not None:
+        out.print(f"per-role table written: {table_out}", highlight=False)
 
 
 def _health_reference(recipe: Recipe, steps: int, seeds: int) -> HealthReference:
