@@ -84,8 +84,11 @@ PROXY_BATCH_SIZE = 8
 PROXY_SEQ_LEN = 64
 #: Steps between validation losses (also tune's pruning points).
 PROXY_EVAL_EVERY = 16
-#: Validation batches per evaluation.
+#: Validation batches per intermediate evaluation (cheap: tune's pruning points).
 PROXY_EVAL_BATCHES = 2
+#: Validation tokens of the last evaluation, the one every result is read from (32 K: its noise is
+#: measured in docs/transfer.md, section "Measurement noise").
+FINAL_EVAL_TOKENS = 32768
 #: The optimizer every command defaults to (tune, train, transfer --lr and the checks).
 DEFAULT_OPTIMIZER = OptimizerName.ADAMW
 
@@ -193,7 +196,13 @@ class TrainConfig(_Strict):
     )
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables")
     eval_every: int = Field(PROXY_EVAL_EVERY, gt=0)
-    eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0)
+    eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0, description="validation batches per intermediate evaluation")
+    final_eval_tokens: int = Field(
+        FINAL_EVAL_TOKENS,
+        ge=0,
+        description="validation tokens of the last evaluation, at most the tokens trained on and at least "
+        "eval_batches batches (0: eval_batches batches)",
+    )
     seed: int = 0
     diverge_loss: float | None = Field(
         None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
@@ -299,6 +308,25 @@ def json_text(obj: Any, indent: int | None = None) -> str:
     return json.dumps(finite_or_none(obj), indent=indent, allow_nan=False)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if path.is_dir():
@@ -396,7 +424,7 @@ class LaunchConfig(_Strict):
     precision: Precision = Field(Precision.AUTO, description="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
     compile: bool = False
     fsdp: bool = False
-    log: str = Field("jsonl", description="metrics sinks: jsonl (always) and optionally tensorboard, comma-separated")
+    log: str = Field("jsonl", description="metrics sinks: jsonl (always), tensorboard, wandb, mlflow; comma-separated")
     health_every: int | None = Field(
         None, ge=0, description="µP health probe every N steps (0: off; default: a quarter of the reference's steps)"
     )

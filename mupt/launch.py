@@ -59,8 +59,8 @@ from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from mupt.health import HealthProbe, resolve_every
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
-from mupt.sinks import TensorBoardLog, parse_sinks
-from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
+from mupt.sinks import SinkLog, Writer, check_installed, group_text, open_writers, parse_sinks
+from mupt.train import Hook, StepInfo, Trainer, build_optimizer, fsdp_no_sync, lr_factor
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -106,7 +106,7 @@ def apply_overrides(recipe: Recipe, **flags: Any) -> Recipe:
     from mupt.config import from_dict
 
     out = from_dict(Recipe, data, where="flags")
-    parse_sinks(out.launch.log)
+    check_installed(parse_sinks(out.launch.log))
     return out
 
 
@@ -863,6 +863,22 @@ def run(
             dist.destroy_process_group()
 
 
+def _writers(recipe: Recipe, sinks: tuple[str, ...]) -> Callable[[Trainer, int], list[Writer]]:
+    """Rank 0's sink writers for ``mupt scale`` (run name = the run dir's name, group ``mupt-scale``)."""
+    run_dir = Path(recipe.launch.run_dir)
+    cfg = recipe.run
+    params = {
+        "lr": cfg.train.lr, "d_model": cfg.model.d_model, "d_state": cfg.model.d_state, "n_layers": cfg.model.n_layers,
+        "scheme": cfg.param.scheme.value, "optimizer": cfg.train.optimizer.value, "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len, "steps": cfg.train.steps,
+    }  # fmt: skip
+
+    def factory(trainer: Trainer, step: int) -> list[Writer]:
+        return open_writers(sinks, run_dir, run_dir.name, "mupt-scale", params, step, text=group_text(trainer))
+
+    return factory
+
+
 def _wrap(trainer: Trainer, recipe: Recipe, world: int, device: torch.device) -> nn.Module:
     model = trainer.model
     if recipe.launch.fsdp:
@@ -900,6 +916,11 @@ def _run(
     run_dir = Path(lc.run_dir)
     trainer = Trainer(cfg, device=device, rank=rank, world=world)
     wrapped = _wrap(trainer, recipe, world, device)
+    if lc.fsdp:  # gradient accumulation: sync on the last micro-batch only, whatever wraps the module later
+        model = trainer.model
+        trainer.no_sync = lambda: fsdp_no_sync(model)
+    elif world > 1:
+        trainer.no_sync = wrapped.no_sync  # type: ignore[assignment]
     # DDP shares the model's parameters; fully_shard swaps them for DTensors in place: either way
     # the optimizer must hold the model's parameters as they are now, grouped as the width rules say.
     trainer.optimizer = build_optimizer(regroup(trainer, trainer.model), tc)
@@ -951,13 +972,14 @@ def _run(
     start_step = trainer.step
     ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
     hooks: list[Hook] = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop]
-    tb = TensorBoardLog(run_dir, lc.log_every) if "tensorboard" in parse_sinks(lc.log) else None
-    if tb is not None:
-        hooks.insert(2, tb)
+    sinks = tuple(s for s in parse_sinks(lc.log) if s != "jsonl")  # metrics.jsonl is MetricsLog's
+    log = SinkLog(_writers(recipe, sinks), lc.log_every) if sinks else None
+    if log is not None:
+        hooks.insert(2, log)
     every = resolve_every(recipe)
     health = None
     if every:
-        on_record = tb.add_health if tb is not None else None
+        on_record = log.add_health if log is not None else None
         health = HealthProbe(recipe, every, run_dir, lc.health_strict, on_record, on_health)
         hooks.append(health)
     hooks.append(ckpt)  # last: a stop asked by any hook above is checkpointed at the same boundary

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,11 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     bytes_per_token: float | None = None
+    #: Standard error (nats/token) of the last evaluation: std of its per-window mean losses / sqrt(windows),
+    #: how much another draw of as many validation windows would move the final validation loss.
+    final_val_se: float | None = None
+    #: Validation tokens of the last evaluation (``final_eval_tokens`` rounded up to whole batches).
+    final_val_tokens: int = 0
 
     @property
     def final_val_loss(self) -> float | None:
@@ -54,6 +59,22 @@ class TrainResult:
         if nats is None or self.bytes_per_token is None:
             return None
         return nats / math.log(2) / self.bytes_per_token
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2's counterpart of DDP's ``no_sync``: no reduce-scatter of gradients inside the block.
+
+    ``model`` is the root module passed to ``fully_shard``; ``set_requires_gradient_sync(False)``
+    (recursing into every sharded block) makes its backward accumulate unsharded local gradients,
+    and the first backward after the block reduce-scatters their sum (torch.distributed.fsdp docs,
+    "FSDPModule.set_requires_gradient_sync").  Costs the memory of unsharded gradients between micro-steps.
+    """
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
 def build_model(
@@ -118,6 +139,48 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 def diverge_bound(cfg: RunConfig) -> float:
     return cfg.train.diverge_loss or 2.0 * math.log(cfg.model.vocab_size)
+
+
+#: Tokens per forward pass of the last evaluation (at least the training batch): big batches, few calls.
+FINAL_EVAL_BATCH_TOKENS = 4096
+
+
+def final_eval_shape(tc: TrainConfig) -> tuple[int, int]:
+    """(batches, rows per batch) of a run's last evaluation, in windows of ``seq_len`` tokens.
+
+    Tokens: ``final_eval_tokens``, but no more than the run trains on (steps x batch_size x seq_len: the
+    evaluation, a forward pass, then costs at most about a third of the training) and no fewer than an
+    intermediate evaluation (``eval_batches`` x ``batch_size`` windows, also when ``final_eval_tokens`` is
+    0).  Batches of at least ``batch_size`` rows and about FINAL_EVAL_BATCH_TOKENS tokens (few calls).
+
+    The intermediate evaluations (tune's pruning points, progress) stay cheap; the last one, which every
+    result (tune's objective, the checks' losses, a run's summary) is read from, is measured on enough
+    tokens that its noise is well below the differences those decisions rest on (docs/transfer.md,
+    "Measurement noise").
+    """
+    least = tc.eval_batches * tc.batch_size
+    windows = max(least, math.ceil(min(tc.final_eval_tokens, tc.steps * tc.batch_size * tc.seq_len) / tc.seq_len))
+    if windows == least:
+        return tc.eval_batches, tc.batch_size
+    rows = min(windows, max(tc.batch_size, math.ceil(FINAL_EVAL_BATCH_TOKENS / tc.seq_len)))
+    return math.ceil(windows / rows), rows
+
+
+def window_losses(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-window summed loss (nats) and counted tokens, each ``(batch,)``: logits ``(batch, seq, vocab)``,
+    targets ``(batch, seq)`` (IGNORE_INDEX positions not counted)."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.sum(1), (targets != IGNORE_INDEX).sum(1)
+
+
+def window_se(sums: Tensor, counts: Tensor) -> float | None:
+    """Standard error (nats/token) of the token-weighted mean loss, from per-window sums and token counts:
+    the sample std of the per-window mean losses / sqrt(windows) (None for fewer than 2 windows)."""
+    keep = counts > 0
+    per = sums[keep].double() / counts[keep].double()
+    if per.numel() < 2:
+        return None
+    return float(per.std() / math.sqrt(per.numel()))
 
 
 StepCallback = Callable[[int, float], None]
@@ -236,9 +299,15 @@ class Trainer:
             )
         self.model, self.par = build_model(cfg, self.device)
         self.module: nn.Module = self.model  # callers may wrap (DDP/FSDP) and assign here
+        #: skips gradient sync inside its block (DDP's ``no_sync``, :func:`fsdp_no_sync`); set by whoever wraps
+        self.no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
         self.optimizer = build_optimizer(self.par.param_groups, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.train))
         self.val_set = self.data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
+        #: The last evaluation's windows (:func:`final_eval_shape`): the same fixed draw as :attr:`val_set`,
+        #: continued, in bigger batches; the same in every run of this data and seq_len.
+        n, rows = final_eval_shape(tc)
+        self.final_val_set = self.data.val_batches(n, rows, tc.seq_len)
         self.step = 0
         self.bound = diverge_bound(cfg)
         self.last_grad_norm = math.nan
@@ -259,7 +328,9 @@ class Trainer:
         With ``grad_accum`` k > 1 this rank's batch (global batch / world rows) is split into k
         micro-batches of equal rows; each backward adds its summed token losses divided by the
         batch's token count, so the gradient and the returned loss are those of the whole batch
-        (up to float summation order).  DDP syncs gradients on the last micro-batch only.
+        (up to float summation order).  Gradients are synced on the last micro-batch only: inside
+        :attr:`no_sync` (DDP's ``no_sync``, FSDP2's :func:`fsdp_no_sync`) before it, or the wrapped
+        module's own ``no_sync`` when :attr:`no_sync` is not set.
         Sets :attr:`last_grad_norm` (L2 norm of all gradients before clipping).
         """
         self.module.train()
@@ -272,7 +343,7 @@ class Trainer:
         else:
             count = (y != IGNORE_INDEX).sum().clamp(min=1)
             total = torch.zeros((), device=self.device)
-            no_sync = getattr(self.module, "no_sync", None)
+            no_sync = self.no_sync or getattr(self.module, "no_sync", None)
             for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
                 sync = i == k - 1 or no_sync is None
                 with contextlib.nullcontext() if sync else no_sync():  # type: ignore[misc]
@@ -304,6 +375,20 @@ class Trainer:
         self.module.eval()
         losses = [float(lm_loss(self.module(x.to(self.device)), y.to(self.device))) for x, y in self.val_set]
         return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def evaluate_final(self) -> tuple[float, float | None, int]:
+        """The last evaluation on this rank: (mean loss in nats/token over :attr:`final_val_set`, its
+        standard error over windows (:func:`window_se`), validation tokens counted)."""
+        self.module.eval()
+        sums, counts = [], []
+        for x, y in self.final_val_set:
+            s, c = window_losses(self.module(x.to(self.device)), y.to(self.device))
+            sums.append(s.cpu())
+            counts.append(c.cpu())
+        total, n = torch.cat(sums), torch.cat(counts)
+        tokens = int(n.sum())
+        return float(total.sum().double() / max(1, tokens)), window_se(total, n), tokens
 
     def current_lr(self) -> float:
         """The global (base) LR now: group LR divided by its multiplier."""
@@ -365,7 +450,12 @@ class Trainer:
             reason = self.divergence(loss)
             val: float | None = None
             if reason is None and (step % tc.eval_every == 0 or step == tc.steps):
-                val = self.reduce_mean(self.evaluate())
+                if step == tc.steps:  # the last evaluation, the one results are read from: more tokens
+                    val, se, res.final_val_tokens = self.evaluate_final()
+                    val = self.reduce_mean(val)  # the same windows on every rank: se is None on all or none
+                    res.final_val_se = None if se is None else self.reduce_mean(se)
+                else:
+                    val = self.reduce_mean(self.evaluate())
                 res.val_loss.append((step, val))
                 bad = self.divergence(val)
                 reason = None if bad is None else "validation " + bad

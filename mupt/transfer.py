@@ -18,7 +18,7 @@ import datetime as _dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mupt import parametrization
 from mupt.config import (
@@ -51,6 +51,9 @@ from mupt.parametrization import (
     rules_for,
     weight_decay_exp,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Width (or state) ratios up to this were verified by the coordinate / LR-transfer checks; beyond it we warn.
 VERIFIED_RATIO = 64.0
@@ -105,7 +108,8 @@ def shape_info(cfg: RunConfig) -> ShapeInfo:
             rv.init_std, rv.lr_mult, rv.fwd_mult, rv.weight_decay,
         ):  # fmt: skip
             raise ConfigError(f"parameters of role {e.role} got different values ({name}); this is a mupt bug")
-        roles[e.role] = RoleValues(**{**rv.__dict__, "numel": (prev.numel if prev else 0) + numel[name]})
+        # a tied readout's row has no tensor of its own: its parameters are counted once, as the embedding
+        roles[e.role] = RoleValues(**{**rv.__dict__, "numel": (prev.numel if prev else 0) + numel.get(name, 0)})
     order = [r.value for r in Role if r.value in roles]
     emb = roles.get(Role.EMBEDDING.value)
     return ShapeInfo(
@@ -438,6 +442,24 @@ def recipe_header(recipe: Recipe) -> str:
     )
 
 
+def per_role_frame(recipe: Recipe) -> pd.DataFrame:
+    """The recipe's per-role table, one row per role: base-shape and target init std, LR (global LR x
+    multiplier, before the schedule), forward multiplier and weight decay, and the target/base ratios."""
+    import pandas as pd
+
+    base = recipe.source.get("base_per_role", {})
+    records = []
+    for role, tgt in recipe.per_role.items():
+        b = base.get(role, {})
+        row: dict[str, Any] = {"role": role}
+        for key in ("init_std", "lr", "fwd_mult", "weight_decay"):
+            row[f"base_{key}"], row[key] = b.get(key), tgt.get(key)
+            ok = b.get(key) not in (None, 0) and tgt.get(key) is not None
+            row[f"{key}_ratio"] = tgt[key] / b[key] if ok else None  # type: ignore[operator]
+        records.append(row)
+    return pd.DataFrame.from_records(records)
+
+
 def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     path = Path(path)
     save_yaml(path, recipe, header=recipe_header(recipe))
@@ -541,6 +563,7 @@ __all__ = [
     "latest_best",
     "load_best",
     "load_recipe",
+    "per_role_frame",
     "recipe_header",
     "save_recipe",
     "shape_info",

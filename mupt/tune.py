@@ -133,6 +133,9 @@ class TuneSettings(BaseModel):
     threads: int = Field(default=1, description="torch threads per worker; small proxies are fastest on one")
     fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
     reduction: int = Field(default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best")
+    log: str = Field(
+        default="", description="per-trial curves: comma-separated mupt.sinks names (jsonl, tensorboard, wandb, mlflow)"
+    )
 
     @field_validator("sampler", "pruner", "fidelity", mode="before")
     @classmethod
@@ -140,6 +143,15 @@ class TuneSettings(BaseModel):
         """One line naming the flag and its choices, instead of pydantic's enum error."""
         enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity}[str(info.field_name)]
         return _enum(enum, v, f"--{info.field_name}")
+
+    @field_validator("log")
+    @classmethod
+    def _log(cls, v: str) -> str:
+        from mupt.sinks import check_installed, parse_sinks
+
+        sinks = parse_sinks(v, always=())
+        check_installed(sinks)
+        return ",".join(sinks)
 
     @field_validator("search", mode="before")
     @classmethod
@@ -794,6 +806,32 @@ def _suggest(trial: optuna.Trial, space: dict[str, tuple[float, float]]) -> dict
     return {name: trial.suggest_float(name, lo, hi, log=True) for name, (lo, hi) in space.items()}
 
 
+def trial_log(settings: TuneSettings, rung: Rung, number: int, params: dict[str, float]) -> Any:
+    """The per-trial curve logger of ``--log`` (a :class:`mupt.sinks.SinkLog`, every step), or None.
+
+    Run name ``<rung study>-t<trial number>``: JSON lines in ``<study dir>/curves/<name>.jsonl``,
+    TensorBoard in ``<study dir>/tensorboard/<name>/`` (one run per trial), W&B offline runs in
+    ``<study dir>/wandb/`` grouped by study, MLflow runs in ``<study dir>/mlruns`` (experiment =
+    study), each with the trial's parameters, rung and d_model.
+    """
+    if not settings.log:
+        return None
+    from mupt.sinks import SinkLog, Writer, open_writers
+
+    name = f"{rung.study_name}-t{number:04d}"
+    directory = settings.run_dir
+    info = {**params, "rung": rung.index, "d_model": rung.d_model, "trial": number}
+    sinks = tuple(settings.log.split(","))
+
+    def factory(trainer: Any, step: int) -> list[Writer]:
+        return open_writers(
+            sinks, directory, name, settings.study, info, step, jsonl=directory / "curves" / f"{name}.jsonl",
+            tensorboard=directory / "tensorboard" / name,
+        )  # fmt: skip
+
+    return SinkLog(factory, log_every=1)
+
+
 def make_objective(
     settings: TuneSettings, cfg: RunConfig, rung: Rung | None = None, data: Any = None
 ) -> Callable[[optuna.Trial], float]:
@@ -836,6 +874,7 @@ def make_objective(
             trial.set_user_attr(k, v)
         params = _suggest(trial, space)
         trainer = Trainer(apply_params(rcfg, params), data=tokens)
+        curves = trial_log(settings, rung, trial.number, params)
 
         def on_eval(step: int, val: float) -> None:
             trial.report(val, step)
@@ -847,10 +886,13 @@ def make_objective(
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         try:
-            result = trainer.run(on_eval=on_eval)
+            result = trainer.run(on_eval=on_eval, hooks=[curves] if curves is not None else [])
         except KeyboardInterrupt:
             trial.set_user_attr("reason", f"interrupted (Ctrl-C) at step {trainer.step}")
             raise
+        finally:
+            if curves is not None:
+                curves.close()  # a pruned trial leaves run() by an exception: its curve ends there
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("flops", result.steps * per_step)
         trial.set_user_attr("seconds", round(result.seconds, 3))
@@ -859,6 +901,8 @@ def make_objective(
             trial.set_user_attr("reason", f"diverged: {result.reason}")
             raise optuna.TrialPruned(f"diverged: {result.reason}")
         trial.set_user_attr("status", "ok")
+        trial.set_user_attr("val_se", result.final_val_se)  # batch standard error of the value (nats)
+        trial.set_user_attr("val_tokens", result.final_val_tokens)
         return float(result.final_val_loss)
 
     return objective
@@ -1023,6 +1067,18 @@ def best_trial(study: optuna.Study | Ladder) -> FrozenTrial | None:
     st = study.top if isinstance(study, Ladder) else study
     ranked = _ranked(st)
     return ranked[0] if ranked else None
+
+
+def eval_noise(ladder: Ladder) -> tuple[float, int] | None:
+    """(median batch standard error in nats/token, validation tokens) of the complete trials at the proxy
+    width: how much the measured value of a trial moves with another draw of validation windows
+    (:attr:`mupt.train.TrainResult.final_val_se`).  None when no complete trial recorded it."""
+    done = [t for t in ladder.top.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("val_se") is not None]  # fmt: skip
+    if not done:
+        return None
+    ses = sorted(float(t.user_attrs["val_se"]) for t in done)
+    return ses[len(ses) // 2], int(done[0].user_attrs.get("val_tokens", 0))
 
 
 def run_study(

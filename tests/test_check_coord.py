@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot, plot_steps, slope_stderr
@@ -47,12 +48,18 @@ def test_settings_are_validated() -> None:
     assert CoordSettings(widths=(64, 512), base_d_state=8).d_state(512) == 8
     with pytest.raises(ConfigError, match="--base-width 128"):
         coord_check(widths=(64, 512), base_width=128)
+    with pytest.raises(ConfigError, match="seeds"):
+        CoordSettings.of({"seeds": "many"})  # typed: a one-line error, not a traceback
+    with pytest.raises(ConfigError, match="scheme"):
+        CoordSettings.of({"scheme": "mu-p"})
+    # the defaults: the widths a 64-wide proxy transfers to; a narrower smallest width is its own base
+    assert (CoordSettings().widths, CoordSettings().base) == ((256, 512, 1024, 2048), 64)
+    assert CoordSettings(widths=(32, 256)).base == 32 and CoordSettings(widths=(128, 1024)).base == 64
 
 
 def test_base_width_sets_the_base_shape_of_every_run() -> None:
     """--base-width 64 --widths 256..2048 checks the widths a 64-wide proxy transfers to."""
     s = CoordSettings(widths=(256, 2048), base_width=64, scale_state=True, base_d_state=8)
-    s.validate()
     cfg = s.run_config(256, seed=1)
     assert (cfg.param.base_d_model, cfg.param.base_d_state, cfg.model.d_state) == (64, 8, 32)
     assert s.d_state(2048) == 256
@@ -107,28 +114,47 @@ def test_plots_write_png(tmp_path, sp_and_mup_ssm) -> None:
         assert (tmp_path / "f" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _cli_args(tmp_path, scheme: str, tol: str) -> list[str]:
-    return [
-        "check", "coord", "--scheme", scheme, "--widths", "32,64,128,256", "--layers", "1", "--seeds", "2",
-        "--steps", "3", "--seq-len", "16", "--tolerance", tol, "--backend", "reference",
-        "--out", str(tmp_path / scheme),
-    ]  # fmt: skip
+# The default gate (d_model 256..2048 against base 64) at CI size: 1 layer, 3 Adam steps, 16-token
+# sequences.  Measured (loaded 2-core machine): mup-ssm PASS, max |slope| 0.11 (3 seeds, 76 s);
+# sp FAIL, Δout +6.0; mup with N_x scaled FAIL, x -0.6 (x and Δx vanish).
+GATE = ["--layers", "1", "--steps", "3", "--seq-len", "16"]
 
 
-def test_cli_exit_codes_and_files(cli, tmp_path) -> None:
-    code, out, _ = cli(*_cli_args(tmp_path, "sp", "0.25"))
+def test_default_gate_passes_mup_ssm_and_fails_sp(cli, tmp_path) -> None:
+    """No --widths, --base-width or --tolerance: the defaults decide, with the real tolerance 0.25."""
+    code, out, _ = cli("check", "coord", *GATE, "--seeds", "3", "--out", str(tmp_path / "mup-ssm"))
+    assert code == 0, out
+    data = json.loads((tmp_path / "mup-ssm" / "coord.json").read_text())
+    assert data["passed"] is True and data["settings"]["tolerance"] == 0.25
+    assert data["widths"] == [256, 512, 1024, 2048] and data["settings"]["base_width"] == 64
+    assert max(abs(r["slope"]) for r in data["rows"]) <= 0.25 and "PASS" in out
+    # the rows as a table beside the JSON: one row per (layer, quantity, step, width)
+    table = pd.read_csv(tmp_path / "mup-ssm" / "coord.csv")
+    assert len(table) == len(data["rows"]) * 3 * 4
+    last = table[table["step"] == 3].set_index(["key", "d_model"])["rms"]
+    for row in data["rows"]:
+        for w, v in zip(data["widths"], row["rms"], strict=True):
+            assert last[(row["key"], w)] == pytest.approx(v, rel=1e-12)
+    code, out, _ = cli("check", "coord", *GATE, "--seeds", "2", "--scheme", "sp", "--out", str(tmp_path / "sp"))
     assert code == 1, out
-    assert "FAIL" in out and "Δout" in out
-    data = json.loads((tmp_path / "sp" / "coord.json").read_text())
-    assert data["passed"] is False and data["settings"]["scheme"] == "sp"
+    sp = json.loads((tmp_path / "sp" / "coord.json").read_text())
+    assert sp["passed"] is False and "FAIL" in out and "Slope after each optimizer step" in out
+    assert {r["key"] for r in sp["rows"] if r["slope"] > 1.0} >= {"0.out", "0.dout"}  # SP blows up (+4..+7)
     assert (tmp_path / "sp" / "coord.png").stat().st_size > 1000
     assert (tmp_path / "sp" / "coord_steps.png").stat().st_size > 1000
-    assert "Slope after each optimizer step" in out and "step 3" in out  # the failing rows, per step
-    assert len(data["rows"][0]["slopes_by_step"]) == 3
-    # a generous tolerance turns the same measurement into a pass: the gate follows the slopes
-    code, out, _ = cli(*_cli_args(tmp_path, "mup-ssm", "5"))
-    assert code == 0, out
-    assert "PASS" in out and (tmp_path / "mup-ssm" / "coord.json").is_file()
+
+
+def test_default_gate_with_scaled_state_fails_heuristic_mup(cli, tmp_path) -> None:
+    args = ["check", "coord", *GATE, "--seeds", "2", "--scheme", "mup", "--scale-state", "--d-state", "4"]
+    code, out, _ = cli(*args, "--out", str(tmp_path / "mup"))
+    assert code == 1, out
+    data = json.loads((tmp_path / "mup" / "coord.json").read_text())
+    assert data["d_states"] == [16, 32, 64, 128]
+    slopes = {r["key"]: r["slope"] for r in data["rows"]}
+    assert slopes["0.x"] < -0.25 and slopes["0.dx"] < -0.25, slopes  # the state vanishes with width
+
+
+def test_cli_bad_widths_exit_2(cli) -> None:
     code, _, err = cli("check", "coord", "--widths", "64,128")
     assert code == 2 and "8x" in err
     code, _, err = cli("check", "coord", "--widths", "64,512", "--base-width", "128")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from expected_rules import expected
@@ -253,7 +254,7 @@ def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None
     save_yaml(tmp_path / "runs" / "old" / "best.yaml", bp.model_copy(update={"study": "old"}))
     os.utime(tmp_path / "runs" / "old" / "best.yaml", (1, 1))
     save_yaml(tmp_path / "runs" / "new" / "best.yaml", bp.model_copy(update={"study": "new"}))
-    res = run_cli("--to-width", "1024", "--explain", "--compare", cwd=tmp_path)
+    res = run_cli("--to-width", "1024", "--explain", "--compare", "--table-out", "roles.csv", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "recipes").exists(), "--explain/--compare must write nothing"
     assert "no recipe written" in res.stderr
@@ -262,6 +263,10 @@ def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None
     res = run_cli("--to-width", "1024", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     recipe = load_recipe(tmp_path / "recipes" / "mup-ssm-1024.yaml")
+    roles = pd.read_csv(tmp_path / "roles.csv").set_index("role")  # the per-role table as data
+    assert list(roles.index) == list(recipe.per_role)
+    assert roles.loc["in_proj", "lr"] == pytest.approx(LR / 16) and roles.loc["in_proj", "base_lr"] == LR
+    assert roles.loc["in_proj", "lr_ratio"] == pytest.approx(1 / 16) and math.isnan(roles.loc["A_log", "init_std"])
     assert recipe.source["study"] == "new" and recipe.source["path"] == str(Path("runs/new/best.yaml"))
     assert recipe.run.model.d_model == 1024 and recipe.per_role["in_proj"]["lr"] == LR / 16
     assert "recipe written" in res.stdout
@@ -279,6 +284,7 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
         (["--to-width", "256", "--from", "runs/s/best.yaml", "--to-layers", "3"], "no depth-transfer rules"),
         (["--to-width", "256", "--from", "runs/s/best.yaml", "--width", "128"], "--width describes the proxy"),
         (["--from", "runs/s/best.yaml"], "--to-width is required"),
+        (["--to-width", "256", "--from", "runs/s/best.yaml", "--table-out", "t.xlsx"], "--table-out t.xlsx"),
     ]
     for args, msg in cases:
         cwd = tmp_path / "empty" if args == ["--to-width", "256"] else tmp_path

@@ -2,7 +2,7 @@
 
 For each width (d_model; N_u = expand * d_model scales with it, and N_x = d_state too with
 ``scale_state``) and each seed, a model is built under the chosen width rules (base shape =
-``base_width``, by default the smallest width), probed on one fixed validation batch, trained
+``base_width``, by default d_model 64), probed on one fixed validation batch, trained
 ``steps`` optimizer steps on the builtin corpus, and probed again on the same batch after every
 step.  Per layer we record the RMS
 (root mean square per coordinate) of
@@ -30,9 +30,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from mupt.config import (
     DEFAULT_OPTIMIZER,
@@ -46,23 +47,40 @@ from mupt.config import (
     Scheme,
     TrainConfig,
     atomic_write_text,
+    from_dict,
 )
 from mupt.data import TokenSource, data_vocab, load_data
 from mupt.data.dataset import padded_vocab
 from mupt.errors import ConfigError
+from mupt.tables import write_beside
 from mupt.train import Trainer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LAYER_QUANTITIES = ("x", "y", "out", "dx", "dy", "dout")
 HEAD_QUANTITIES = ("logits", "dlogits")
 QUANTITIES = LAYER_QUANTITIES + HEAD_QUANTITIES
 HEAD = "head"  # the "layer" label of the logits rows
 
-DEFAULT_WIDTHS = (64, 128, 256, 512, 1024)
+#: The default check is a gate: the widths a 64-wide proxy transfers to.  Measured (docs/width_rules.md,
+#: section 4c, 24 seeds): µP-SSM passes (max |slope| 0.18), SP and the heuristic with N_x scaled fail.
+#: Below d_model 256 layer-1 y still rises with width under Adam (finding 1), so 64..1024 would fail
+#: the correct rules by 0.01-0.02.
+DEFAULT_WIDTHS = (256, 512, 1024, 2048)
+#: Base shape's d_model when --base-width is not given (or the smallest width, if that is narrower).
+DEFAULT_BASE_WIDTH = 64
 
 
-@dataclass(frozen=True)
-class CoordSettings:
-    """What one coordinate check measures."""
+class CoordSettings(BaseModel):
+    """What one coordinate check measures (typed, validated when built: one-line ConfigError).
+
+    Widths are d_model values (increasing, spanning >= 8x); N_u = expand * d_model.  ``base_width``
+    is the base shape's d_model (the proxy the rules scale from); None = :data:`DEFAULT_BASE_WIDTH`,
+    or the smallest width when that is narrower.  ``tolerance`` is on |log2-log2 slope|.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     scheme: Scheme = Scheme.MUP_SSM
     optimizer: OptimizerName = DEFAULT_OPTIMIZER  # adam == adamw here (weight decay 0)
@@ -78,7 +96,7 @@ class CoordSettings:
     batch_size: int = 4
     seq_len: int = 32
     backend: str = "auto"
-    #: d_model of the base shape (the proxy the LR was tuned at); None = the smallest width.
+    #: d_model of the base shape (the proxy the LR was tuned at); None = 64, or the smallest width if narrower.
     base_width: int | None = None
     arch: Arch = Arch.MAMBA1
     headdim: int = 64  # mamba2 only
@@ -89,14 +107,30 @@ class CoordSettings:
     data: str = "builtin"
     vocab_size: int | None = None
 
+    @model_validator(mode="after")
+    def _validated(self) -> CoordSettings:
+        self.check_shape()
+        return self
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> CoordSettings:
+        """Build from a mapping (e.g. keyword overrides); type errors become one-line ConfigErrors."""
+        return from_dict(cls, data, where="coord settings")
+
     def data_config(self) -> DataConfig:
         return DataConfig(source=self.data, vocab_size=self.vocab_size)
 
     @property
     def base(self) -> int:
-        return self.base_width if self.base_width is not None else self.widths[0]
+        if self.base_width is not None:
+            return self.base_width
+        return min(DEFAULT_BASE_WIDTH, self.widths[0]) if self.widths else DEFAULT_BASE_WIDTH
 
-    def validate(self) -> None:
+    def check_shape(self) -> None:
+        """Raise a one-line ConfigError for widths, base, seeds, steps, LR or tolerance a check cannot use.
+
+        Runs when the settings are built; widths need >= 8x span (docs/width_rules.md, section 4).
+        """
         ws = list(self.widths)
         if len(ws) < 2 or len(set(ws)) != len(ws) or ws != sorted(ws):
             shown = ",".join(map(str, ws))
@@ -233,13 +267,32 @@ class CoordResult:
     def save_json(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())
 
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table, one row per (layer, quantity, step, width): columns layer, quantity, key, step,
+        d_model, d_state, rms (mean over seeds), slope (after that step), final_slope, slope_se, flat."""
+        import pandas as pd
+
+        records = []
+        for r in self.rows:
+            for step, (means, slope) in enumerate(zip(r.rms_by_step, r.slopes_by_step, strict=True), start=1):
+                for w, n, v in zip(self.widths, self.d_states, means, strict=True):
+                    records.append({
+                        "layer": r.layer, "quantity": r.quantity, "key": r.key, "step": step, "d_model": w,
+                        "d_state": n, "rms": v, "slope": slope, "final_slope": r.slope, "slope_se": r.slope_se,
+                        "flat": r.flat,
+                    })  # fmt: skip
+        return pd.DataFrame.from_records(records)
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Writes coord.json, coord.png and coord_steps.png into ``out_dir``; returns their paths."""
+        """Writes coord.json, coord.png, coord_steps.png and the rows as coord.csv (and coord.parquet when
+        pyarrow is installed) into ``out_dir``; returns their paths by file name."""
         out_dir = Path(out_dir)
         paths = {name: out_dir / name for name in ("coord.json", "coord.png", "coord_steps.png")}
         self.save_json(paths["coord.json"])
         plot(self, paths["coord.png"])
         plot_steps(self, paths["coord_steps.png"])
+        for table in write_beside(self.to_frame(), paths["coord.json"]):
+            paths[table.name] = table
         return paths
 
 
@@ -358,20 +411,9 @@ def coord_check(
     import time
 
     if settings is None:
-        settings = CoordSettings(**kwargs)
+        settings = CoordSettings.of(kwargs)
     elif kwargs:
-        settings = CoordSettings(**{**asdict(settings), **kwargs})
-    settings = CoordSettings(
-        **{
-            **asdict(settings),
-            "scheme": Scheme(settings.scheme),
-            "optimizer": OptimizerName(settings.optimizer),
-            "discretization": Discretization(settings.discretization),
-            "arch": Arch(settings.arch),
-            "widths": tuple(int(w) for w in settings.widths),
-        }
-    )
-    settings.validate()
+        settings = CoordSettings.of({**settings.model_dump(), **kwargs})
     start = time.perf_counter()
     data = load_data(settings.data_config())
     per: dict[str, list[list[list[float]]]] = {}  # key -> per step -> per width -> per seed
@@ -387,7 +429,7 @@ def coord_check(
                     on_run(width, seed, time.perf_counter() - t0)
     result = CoordResult(
         settings={
-            **{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(settings).items()},
+            **settings.model_dump(mode="json"),
             "backend": resolve_scan_backend(settings.backend),  # what actually ran
             "base_width": settings.base,
         },

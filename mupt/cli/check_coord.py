@@ -112,8 +112,8 @@ def coord(
         int | None,
         typer.Option(
             "--base-width",
-            help="d_model of the base shape (the proxy the LR is tuned at); default: the smallest of --widths. "
-            "E.g. --base-width 64 --widths 256,512,1024,2048 checks the widths a 64-wide proxy transfers to.",
+            help="d_model of the base shape (the proxy the LR is tuned at); default: 64, or the smallest of "
+            "--widths if narrower. The default widths 256..2048 are the ones a 64-wide proxy transfers to.",
         ),
     ] = None,
     layers: Annotated[int, typer.Option("--layers", help="Number of Mamba blocks.")] = 3,
@@ -159,12 +159,15 @@ def coord(
     """Train each width a few steps and check that x, y, Δx, Δy (per layer), block outputs and
     logits keep a width-independent RMS.
 
-    Exit 0 when every slope is within --tolerance, 1 otherwise, 2 on bad input.
+    Exit 0 when every slope is within --tolerance, 1 otherwise, 2 on bad input.  The defaults are a
+    gate: d_model 256..2048 against a 64-wide base, 24 seeds; µP-SSM passes, sp fails, and the heuristic
+    mup fails with --scale-state (docs/width_rules.md, section 4c).  Each run writes coord.json,
+    coord.csv (and coord.parquet with pyarrow), coord.png and coord_steps.png.
 
-    Examples: [bold]mupt check coord --scheme mup-ssm --discretization zoh --scale-state[/];
-    [bold]mupt check coord --base-width 64 --widths 256,512,1024,2048[/] (the widths a 64-wide proxy
-    transfers to).
+    Examples: [bold]mupt check coord[/];  [bold]mupt check coord --scheme mup --scale-state[/];
+    [bold]mupt check coord --widths 64,128,256,512,1024[/] (narrower widths, where finding 1 shows).
     """
+    # validated when built: a bad value is a one-line ConfigError
     settings = CoordSettings(
         scheme=scheme, optimizer=optimizer, discretization=discretization, widths=tuple(parse_widths(widths)),
         n_layers=layers, seeds=seeds, steps=steps, lr=lr, scale_state=scale_state, base_d_state=d_state,
@@ -172,7 +175,6 @@ def coord(
         base_width=base_width, arch=arch, headdim=headdim, ngroups=ngroups, data=data or "builtin",
         vocab_size=vocab_size, tie_embeddings=tie_embeddings,
     )  # fmt: skip
-    settings.validate()
     check_finite(tolerance, "--tolerance", positive=True)
     validate_run_configs(settings)
     n_threads = resolve_threads(threads)

@@ -51,8 +51,9 @@ def scale(
         typer.Option(
             "--log",
             "--log-sinks",  # the spelling workers get: torchrun's parser reads a bare --log as its --log-dir
-            help="Metrics sinks: jsonl (metrics.jsonl, always) and tensorboard (event files in RUN_DIR/tensorboard: "
-            "loss, per-group LR, grad norm, tokens/s, val loss). Recipe: launch.log [jsonl].",
+            help="Metrics sinks: jsonl (metrics.jsonl, always), tensorboard (RUN_DIR/tensorboard), wandb (offline "
+            "run in RUN_DIR/wandb), mlflow (file store RUN_DIR/mlruns): loss, per-group LR, grad norm, tokens/s, val "
+            "loss, health probes. Recipe: launch.log [jsonl].",
         ),
     ] = None,
     precision: Annotated[

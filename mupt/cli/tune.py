@@ -48,6 +48,7 @@ from mupt.tune import (
     TuneSettings,
     count_states,
     default_study_name,
+    eval_noise,
     grid_flops,
     load_best,
     load_existing,
@@ -65,6 +66,15 @@ from mupt.tune import (
     write_plots,
     write_table,
 )
+
+
+def _noise_row(ladder: Ladder) -> list[tuple[str, str]]:
+    """The 'val loss noise' summary row: the median batch standard error of the proxy-width values."""
+    noise = eval_noise(ladder)
+    if noise is None:
+        return []
+    se, tokens = noise
+    return [("val loss noise (nats)", f"±{se:.4f} (batch s.e., {tokens:,} validation tokens)")]
 
 
 def _proxy(config: Path | None, **flags: object) -> RunConfig:
@@ -152,6 +162,15 @@ def tune(
     ] = 3,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
     threads: ThreadsOpt = None,
+    log: Annotated[
+        str,
+        typer.Option(
+            "--log",
+            help="Per-trial curves (loss, per-group LR, grad norm, tokens/s, val loss at every step): jsonl "
+            "(RUNS_DIR/STUDY/curves/), tensorboard (.../tensorboard/, a run per trial), wandb (offline, .../wandb/), "
+            "mlflow (file store .../mlruns); comma-separated, e.g. jsonl,tensorboard. Default: none.",
+        ),
+    ] = "",
     sampler: Annotated[
         SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
     ] = SamplerName.TPE,
@@ -207,7 +226,7 @@ def tune(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
-        heartbeat_interval=heartbeat,
+        heartbeat_interval=heartbeat, log=log,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
@@ -300,6 +319,7 @@ def _finish(
             ("best trial (proxy width)", bp.trial),
             ("best val loss (nats)", bp.value),
             ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
+            *_noise_row(ladder),
             ("best lr", bp.params["lr"]),
             *([("best multipliers", extra)] if extra else []),
         ]
@@ -390,6 +410,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
         rows += [
             ("best trial", bp.trial),
             ("best val loss (nats)", bp.value),
+            *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
             ("fidelity", bp.fidelity),
         ]
