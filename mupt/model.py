@@ -45,43 +45,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mupt.config import Arch, ModelConfig
+from mupt.config import Arch, ModelConfig, Role
 from mupt.errors import CheckpointError
 from mupt.scan import selective_scan, ssd_scan
-
-
-class Role(StrEnum):
-    """What a parameter is, for the width rules. Every parameter has exactly one."""
-
-    EMBEDDING = "embedding"
-    NORM = "norm"
-    IN_PROJ = "in_proj"
-    CONV_WEIGHT = "conv1d_weight"
-    CONV_BIAS = "conv1d_bias"
-    X_PROJ_DT = "x_proj_dt"
-    X_PROJ_B = "x_proj_B"
-    X_PROJ_C = "x_proj_C"
-    DT_PROJ = "dt_proj"
-    DT_BIAS = "dt_bias"
-    A_LOG = "A_log"
-    D = "D"
-    OUT_PROJ = "out_proj"
-    LM_HEAD = "lm_head"
-    # mamba2 only
-    IN_PROJ_Z = "in_proj_z"
-    IN_PROJ_X = "in_proj_x"
-    IN_PROJ_B = "in_proj_B"
-    IN_PROJ_C = "in_proj_C"
-    IN_PROJ_DT = "in_proj_dt"
-    A_LOG_HEAD = "A_log_head"
-    GATED_NORM = "gated_norm"
-
 
 _SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
     ("backbone.embedding.weight", Role.EMBEDDING),
