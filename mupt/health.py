@@ -51,8 +51,9 @@ from mupt.train import Hook, StepInfo, Trainer
 PROBE_BATCH = 4
 #: Longest probe sequence: the run's seq_len, capped so the stored init logits stay small.
 PROBE_SEQ_LEN = 64
-#: Proxy steps the reference covers by default (``mupt transfer --health-steps``).
-DEFAULT_STEPS = 16
+#: Proxy steps the reference covers by default (``mupt transfer --health-steps``): the coordinate check
+#: probes the first 4 updates; a wrong width rule shows from the first steps on (docs/width_rules.md).
+DEFAULT_STEPS = 8
 #: Proxy seeds of the reference (``mupt transfer --health-seeds``): the spread sets the noise allowance.
 DEFAULT_SEEDS = 4
 #: Coordinate-check tolerance on |slope| (the default of ``mupt check coord --tolerance``).

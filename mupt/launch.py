@@ -60,7 +60,7 @@ from mupt.health import HealthProbe, resolve_every
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
 from mupt.sinks import SinkLog, Writer, check_installed, group_text, open_writers, parse_sinks
-from mupt.train import Hook, StepInfo, Trainer, build_optimizer, lr_factor
+from mupt.train import Hook, StepInfo, Trainer, build_optimizer, fsdp_no_sync, lr_factor
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -917,6 +917,11 @@ def _run(
     run_dir = Path(lc.run_dir)
     trainer = Trainer(cfg, device=device, rank=rank, world=world)
     wrapped = _wrap(trainer, recipe, world, device)
+    if lc.fsdp:  # gradient accumulation: sync on the last micro-batch only, whatever wraps the module later
+        model = trainer.model
+        trainer.no_sync = lambda: fsdp_no_sync(model)
+    elif world > 1:
+        trainer.no_sync = wrapped.no_sync  # type: ignore[assignment]
     # DDP shares the model's parameters; fully_shard swaps them for DTensors in place: either way
     # the optimizer must hold the model's parameters as they are now, grouped as the width rules say.
     trainer.optimizer = build_optimizer(regroup(trainer, trainer.model), tc)

@@ -278,6 +278,10 @@ TIED_READOUT: dict[Scheme, Rule] = {
     },
 }
 
+#: Manifest name of a tied model's readout: a row without a tensor of its own (the embedding's is shared);
+#: it records the readout's forward multiplier (``init_std`` None, LR and weight decay the embedding's).
+TIED_HEAD = "lm_head.weight"
+
 #: Roles that get no weight decay (vector-like and structured roles, and the input embedding).
 NO_WEIGHT_DECAY = frozenset(
     {Role.NORM, Role.CONV_BIAS, Role.DT_BIAS, Role.A_LOG, Role.D, Role.EMBEDDING, Role.GATED_NORM, Role.A_LOG_HEAD}
@@ -543,6 +547,11 @@ def apply(
             g["names"].append(name)
     if cfg.tie_embeddings:  # lm_head is the embedding's tensor: a shared readout with its own multiplier
         fwd[Role.LM_HEAD] = _ratio(TIED_READOUT[scheme].fwd, r_u, r_x)
+        # its manifest row: no tensor of its own (init and LR are the embedding's), but its own multiplier
+        emb = next(e for e in manifest.params.values() if e.role == Role.EMBEDDING.value)
+        vocab, width = emb.shape
+        manifest.params[TIED_HEAD] = Entry(Role.LM_HEAD.value, list(emb.shape), width, vocab, None, emb.lr_mult, 0.0,
+                                           emb.weight_decay)  # fmt: skip
     fwd[Role.LM_HEAD] *= param.output_mult
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,22 @@ class TrainResult:
         if nats is None or self.bytes_per_token is None:
             return None
         return nats / math.log(2) / self.bytes_per_token
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2's counterpart of DDP's ``no_sync``: no reduce-scatter of gradients inside the block.
+
+    ``model`` is the root module passed to ``fully_shard``; ``set_requires_gradient_sync(False)``
+    (recursing into every sharded block) makes its backward accumulate unsharded local gradients,
+    and the first backward after the block reduce-scatters their sum (torch.distributed.fsdp docs,
+    "FSDPModule.set_requires_gradient_sync").  Costs the memory of unsharded gradients between micro-steps.
+    """
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
 def build_model(
@@ -236,6 +252,8 @@ class Trainer:
             )
         self.model, self.par = build_model(cfg, self.device)
         self.module: nn.Module = self.model  # callers may wrap (DDP/FSDP) and assign here
+        #: skips gradient sync inside its block (DDP's ``no_sync``, :func:`fsdp_no_sync`); set by whoever wraps
+        self.no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
         self.optimizer = build_optimizer(self.par.param_groups, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.train))
         self.val_set = self.data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
@@ -259,7 +277,9 @@ class Trainer:
         With ``grad_accum`` k > 1 this rank's batch (global batch / world rows) is split into k
         micro-batches of equal rows; each backward adds its summed token losses divided by the
         batch's token count, so the gradient and the returned loss are those of the whole batch
-        (up to float summation order).  DDP syncs gradients on the last micro-batch only.
+        (up to float summation order).  Gradients are synced on the last micro-batch only: inside
+        :attr:`no_sync` (DDP's ``no_sync``, FSDP2's :func:`fsdp_no_sync`) before it, or the wrapped
+        module's own ``no_sync`` when :attr:`no_sync` is not set.
         Sets :attr:`last_grad_norm` (L2 norm of all gradients before clipping).
         """
         self.module.train()
@@ -272,7 +292,7 @@ class Trainer:
         else:
             count = (y != IGNORE_INDEX).sum().clamp(min=1)
             total = torch.zeros((), device=self.device)
-            no_sync = getattr(self.module, "no_sync", None)
+            no_sync = self.no_sync or getattr(self.module, "no_sync", None)
             for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
                 sync = i == k - 1 or no_sync is None
                 with contextlib.nullcontext() if sync else no_sync():  # type: ignore[misc]

@@ -109,7 +109,8 @@ def shape_info(cfg: RunConfig) -> ShapeInfo:
             rv.init_std, rv.lr_mult, rv.fwd_mult, rv.weight_decay,
         ):  # fmt: skip
             raise ConfigError(f"parameters of role {e.role} got different values ({name}); this is a mupt bug")
-        roles[e.role] = RoleValues(**{**rv.__dict__, "numel": (prev.numel if prev else 0) + numel[name]})
+        # a tied readout's row has no tensor of its own: its parameters are counted once, as the embedding
+        roles[e.role] = RoleValues(**{**rv.__dict__, "numel": (prev.numel if prev else 0) + numel.get(name, 0)})
     order = [r.value for r in Role if r.value in roles]
     emb = roles.get(Role.EMBEDDING.value)
     return ShapeInfo(

@@ -13,7 +13,7 @@ from test_launch import losses, make_recipe, run_scale
 from mupt import launch
 from mupt.config import Recipe, RunConfig, Schedule, TrainConfig, load_recipe, load_yaml
 from mupt.errors import ConfigError
-from mupt.train import Trainer, lr_factor
+from mupt.train import Trainer, lm_loss, lr_factor
 
 TINY = {
     "model": {"d_model": 32, "n_layers": 1, "d_state": 8, "scan_backend": "torch"},
@@ -42,15 +42,18 @@ def test_grad_accum_must_divide_the_batch() -> None:
         Trainer(tiny(grad_accum=3))
 
 
-def test_scale_ddp_with_grad_accum_matches_one_process(tmp_path: Path) -> None:
-    """2 gloo ranks x 2 micro-batches (DDP syncs on the last one) == 1 process, 1 batch."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_scale_with_grad_accum_matches_one_process(tmp_path: Path, mode: str) -> None:
+    """2 gloo ranks x 2 micro-batches (DDP's no_sync / FSDP2's set_requires_gradient_sync(False) on the
+    first, gradients synced on the last) == 1 process, 1 batch."""
     if not torch.distributed.is_gloo_available():
         pytest.skip("this torch build has no gloo backend")
     torch.set_num_threads(1)
     ref_recipe, ref_dir = make_recipe(tmp_path, "one", steps=12)
     launch.run(load_recipe(ref_recipe))
     recipe, run_dir = make_recipe(tmp_path, "accum", steps=12)
-    proc = run_scale(recipe, "--nproc", "2", "--grad-accum", "2", timeout=240)
+    fsdp = ["--fsdp"] if mode == "fsdp" else []
+    proc = run_scale(recipe, "--nproc", "2", "--grad-accum", "2", *fsdp, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_yaml(run_dir / "recipe.yaml", Recipe).run.train.grad_accum == 2
     one, two = losses(ref_dir), losses(run_dir)
@@ -105,3 +108,42 @@ def test_transfer_refuses_a_warmup_longer_than_the_run(cli) -> None:
     code, _, err = cli("transfer", "--lr", "0.004", "--width", "32", "--to-width", "64", "--steps", "10",
                        "--warmup", "10", "--out", "/dev/null")  # fmt: skip
     assert code == 2 and "--warmup 10" in err and "10 steps" in err, err
+
+
+def test_fsdp_no_sync_defers_the_gradient_reduction_to_the_last_micro_batch() -> None:
+    """Inside fsdp_no_sync a backward leaves the sharded parameters without .grad (no reduce-scatter ran);
+    the next backward outside it reduces the sum of both micro-batches (== the unsharded model's gradient)."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard") or not torch.distributed.is_gloo_available():
+        pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard) and gloo")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mupt.train import build_model, fsdp_no_sync
+
+    torch.set_num_threads(1)
+    cfg = tiny()
+    ref, _ = build_model(cfg)
+    model, _ = build_model(cfg)
+    data = Trainer(cfg).data
+    x, y = data.train_batch(0, 8, 32, 0, 0, 1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.backbone.layers:
+            fsdp.fully_shard(layer, mesh=mesh)
+        fsdp.fully_shard(model, mesh=mesh)
+        halves = list(zip(x.chunk(2), y.chunk(2), strict=True))
+        with fsdp_no_sync(model):
+            lm_loss(model(halves[0][0]), halves[0][1]).backward()
+        assert all(p.grad is None for p in model.parameters())  # accumulated unsharded, not reduced
+        lm_loss(model(halves[1][0]), halves[1][1]).backward()
+        for xm, ym in halves:
+            lm_loss(ref(xm), ym).backward()
+        want = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            got = p.grad.full_tensor()  # type: ignore[union-attr]
+            torch.testing.assert_close(got, want[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        dist.destroy_process_group()

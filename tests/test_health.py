@@ -135,3 +135,24 @@ def test_health_flags_a_recipe_cannot_serve_are_one_line(recipes: dict[str, Path
     code, _, err = cli("scale", str(recipes["ok"]), "--run-dir", str(tmp_path / "x"), "--health-every", "9")
     assert code == 2 and err.count("\n") == 1 and "covers 8 steps" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_fsdp_two_ranks_probe_what_one_process_probes(recipes: dict[str, Path], tmp_path: Path) -> None:
+    """Under FSDP2 every rank runs the probe's forward (it gathers the sharded parameters); rank 0's
+    records equal a one-process run's."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard") or not torch.distributed.is_gloo_available():
+        pytest.skip("needs FSDP2 (torch.distributed.fsdp.fully_shard) and gloo")
+    from test_launch import run_scale
+
+    torch.set_num_threads(1)
+    one = launch.apply_overrides(load_recipe(recipes["ok"]), run_dir=tmp_path / "one", steps=4, health_every=2)
+    launch.run(one)
+    proc = run_scale(recipes["ok"], "--nproc", "2", "--fsdp", "--steps", "4", "--health-every", "2",
+                     "--run-dir", str(tmp_path / "two"), timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 2, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["rms"] == pytest.approx(ra["rms"], rel=1e-4)
+        assert rb["outside"] == ra["outside"] == []

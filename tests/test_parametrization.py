@@ -246,7 +246,10 @@ def test_tied_embeddings_are_a_shared_readout(scheme: Scheme, optimizer: str) ->
     par = apply(m, ParamConfig(scheme=scheme, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)
     r_u = 256 / BASE_D
     entry = par.manifest.params["backbone.embedding.weight"]
-    assert "lm_head.weight" not in par.manifest.params and m.lm_head.weight is m.backbone.embedding.weight
+    assert m.lm_head.weight is m.backbone.embedding.weight
+    head = par.manifest.params["lm_head.weight"]  # the readout's row: the embedding's LR, its own multiplier
+    assert (head.role, head.init_std, head.fwd_mult) == ("lm_head", None, pytest.approx(3.0 / r_u))
+    assert head.lr_mult == entry.lr_mult and head.shape == entry.shape
     assert entry.init_std == pytest.approx(0.02)  # Θ(1): the embedding's rule, not the readout's 1/N_u
     assert entry.lr_mult == pytest.approx(1.0 if optimizer == "adamw" else r_u)
     assert float(m.backbone.embedding.weight.std()) == pytest.approx(0.02, rel=0.05)
