@@ -550,8 +550,10 @@ def apply(
         # its manifest row: no tensor of its own (init and LR are the embedding's), but its own multiplier
         emb = next(e for e in manifest.params.values() if e.role == Role.EMBEDDING.value)
         vocab, width = emb.shape
-        manifest.params[TIED_HEAD] = Entry(Role.LM_HEAD.value, list(emb.shape), width, vocab, None, emb.lr_mult, 0.0,
-                                           emb.weight_decay)  # fmt: skip
+        manifest.params[TIED_HEAD] = Entry(
+            role=Role.LM_HEAD, shape=list(emb.shape), fan_in=width, fan_out=vocab, init_std=None,
+            lr_mult=emb.lr_mult, fwd_mult=0.0, weight_decay=emb.weight_decay,
+        )  # fmt: skip
     fwd[Role.LM_HEAD] *= param.output_mult
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)
