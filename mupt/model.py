@@ -54,7 +54,7 @@ from mupt.config import Arch, ModelConfig, Role
 from mupt.errors import CheckpointError
 from mupt.scan import selective_scan, ssd_scan
 
-_SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
+SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
     ("backbone.embedding.weight", Role.EMBEDDING),
     ("lm_head.weight", Role.LM_HEAD),
     ("norm.weight", Role.NORM),
@@ -73,7 +73,7 @@ _SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
 )
 
 
-_SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
+SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
     ("backbone.embedding.weight", Role.EMBEDDING),
     ("lm_head.weight", Role.LM_HEAD),
     ("mixer.norm.weight", Role.GATED_NORM),
@@ -95,8 +95,8 @@ _SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
 
 #: The roles each architecture's parameters have (every Role belongs to at least one).
 ARCH_ROLES: dict[Arch, frozenset[Role]] = {
-    Arch.MAMBA1: frozenset(r for _, r in _SUFFIX_ROLES),
-    Arch.MAMBA2: frozenset(r for _, r in _SUFFIX_ROLES_MAMBA2),
+    Arch.MAMBA1: frozenset(r for _, r in SUFFIX_ROLES),
+    Arch.MAMBA2: frozenset(r for _, r in SUFFIX_ROLES_MAMBA2),
 }
 
 
@@ -106,7 +106,7 @@ def role_of(name: str, arch: Arch | str = Arch.MAMBA1) -> Role:
     The first matching suffix wins (mamba2's ``mixer.norm.weight``, the gated norm, precedes the
     block's pre-norm ``norm.weight``).
     """
-    table = _SUFFIX_ROLES_MAMBA2 if Arch(arch) is Arch.MAMBA2 else _SUFFIX_ROLES
+    table = SUFFIX_ROLES_MAMBA2 if Arch(arch) is Arch.MAMBA2 else SUFFIX_ROLES
     for suffix, role in table:
         if name == suffix or name.endswith("." + suffix):
             return role
