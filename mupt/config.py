@@ -85,8 +85,11 @@ PROXY_BATCH_SIZE = 8
 PROXY_SEQ_LEN = 64
 #: Steps between validation losses (also tune's pruning points).
 PROXY_EVAL_EVERY = 16
-#: Validation batches per evaluation.
+#: Validation batches per intermediate evaluation (cheap: tune's pruning points).
 PROXY_EVAL_BATCHES = 2
+#: Validation tokens of the last evaluation, the one every result is read from (32 K: its noise is
+#: measured in docs/transfer.md, section "Measurement noise").
+FINAL_EVAL_TOKENS = 32768
 #: The optimizer every command defaults to (tune, train, transfer --lr and the checks).
 DEFAULT_OPTIMIZER = OptimizerName.ADAMW
 
@@ -194,7 +197,13 @@ class TrainConfig(_Strict):
     )
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables")
     eval_every: int = Field(PROXY_EVAL_EVERY, gt=0)
-    eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0)
+    eval_batches: int = Field(PROXY_EVAL_BATCHES, gt=0, description="validation batches per intermediate evaluation")
+    final_eval_tokens: int = Field(
+        FINAL_EVAL_TOKENS,
+        ge=0,
+        description="validation tokens of the last evaluation, at most the tokens trained on and at least "
+        "eval_batches batches (0: eval_batches batches)",
+    )
     seed: int = 0
     diverge_loss: float | None = Field(
         None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
@@ -607,6 +616,7 @@ class RecipeSource(TypedDict, total=False):
     proxy_dataset: DatasetIdentity
     created: str
     warnings: list[str]
+    expected_regret: dict[str, Any]  # mupt.check.regret.ExpectedRegret.to_dict(), when a check result exists
 
 
 class Recipe(_Strict):
