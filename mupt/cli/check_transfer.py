@@ -54,9 +54,8 @@ from mupt.threads import default_workers, resolve_threads, set_threads
 #: Optimizer steps per point of `mupt check transfer` (longer than the proxy's 64: the LR optimum of a
 #: very short run sits at the edge of stability and drifts more between widths).
 SWEEP_STEPS = 120
-#: Validation batches per point (without --config): twice the proxy's 2, so that the per-width optimum is
-#: less noisy; the sweeps in docs/ci.md and docs/width_rules.md were measured with it.
-SWEEP_EVAL_BATCHES = 4
+# Each point is evaluated once, at its last step, on train.final_eval_tokens (32K) validation tokens (the
+# sweeps in docs/ci.md and docs/width_rules.md before 2026-11-30 read 4 batches, 2K tokens).
 
 WidthsOpt = Annotated[str, typer.Option("--widths", help="Comma list of d_model widths; the smallest is the base.")]
 LrsOpt = Annotated[
@@ -127,8 +126,6 @@ def build_spec(
         raise ConfigError(f"--seeds {seeds}: must be at least 1")
     contrasts = parse_schemes(vs, scheme)
     base: RunConfig = resolve_config(config, **flags)
-    if config is None:
-        base = with_overrides(base, {"train.eval_batches": SWEEP_EVAL_BATCHES})
     if base.model.scan_backend == "auto":  # the fast CPU scan may not be installed yet
         from mupt.check.coord import resolve_scan_backend
 
@@ -235,8 +232,13 @@ def render(report: TransferReport, max_drift: float) -> None:
             parts.append(f"seed std ±{noise['seed_std_median']:.4f}")
         out.print("measurement noise (nats, median over points): " + ", ".join(parts), highlight=False)
     colour = "green" if report.passed else "red"
-    out.print(f"{report.gate}: [bold {colour}]{'PASS' if report.passed else 'FAIL'}[/] (drift, monotonicity"
-              + ("" if report.max_regret is None else " and regret") + ")", highlight=False)  # fmt: skip
+    drift_ok = report.results[report.gate].passed
+    regret = "not gated" if report.max_regret is None else "PASS" if report.regret_passed else "FAIL"
+    out.print(
+        f"{report.gate}: drift and monotonicity {'PASS' if drift_ok else 'FAIL'}, regret {regret} -> "
+        f"[bold {colour}]{'PASS' if report.passed else 'FAIL'}[/]",
+        highlight=False,
+    )
     out.print(
         f"points: {len(report.sweep.points)} ({report.sweep.cache_hits} cached, {report.sweep.trained} trained); "
         + "; ".join(f"{k}: {v}" for k, v in report.files.items()),
