@@ -362,21 +362,22 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{cfg.model.d_model} (base {info.manifest.base_d_model}); {fix}"
             )
     man = recipe.manifest
-    if not man:
+    if man is None:
         return
     for key in ("scheme", "optimizer", "discretization", "base_d_model", "base_d_state", "d_model", "d_state"):
-        if key in man and str(man[key]) != str(getattr(info.manifest, key)):
-            raise ConfigError(f"recipe manifest.{key}={man[key]} but run gives {getattr(info.manifest, key)}; {fix}")
+        given, fresh = getattr(man, key), getattr(info.manifest, key)
+        if str(given) != str(fresh):
+            raise ConfigError(f"recipe manifest.{key}={given} but run gives {fresh}; {fix}")
     fresh_params = info.manifest.params
-    for name, entry in (man.get("params") or {}).items():
+    for name, entry in man.params.items():
         ref = fresh_params.get(name)
-        if ref is None or not isinstance(entry, dict):
+        if ref is None:
             raise ConfigError(f"recipe manifest.params has {name!r}, which this model does not have; {fix}")
         for key in ("lr_mult", "init_std", "fwd_mult", "weight_decay"):
-            if key in entry and not _same(entry[key], getattr(ref, key)):
+            if not _same(getattr(entry, key), getattr(ref, key)):
                 raise ConfigError(
-                    f"recipe manifest gives {name} {key}={entry[key]} but the width rules give {getattr(ref, key)}; "
-                    f"{fix}"
+                    f"recipe manifest gives {name} {key}={getattr(entry, key)} but the width rules give "
+                    f"{getattr(ref, key)}; {fix}"
                 )
 
 

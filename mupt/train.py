@@ -41,6 +41,11 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     bytes_per_token: float | None = None
+    #: Standard error (nats/token) of the last evaluation: std of its per-window mean losses / sqrt(windows),
+    #: how much another draw of as many validation windows would move the final validation loss.
+    final_val_se: float | None = None
+    #: Validation tokens of the last evaluation (``final_eval_tokens`` rounded up to whole batches).
+    final_val_tokens: int = 0
 
     @property
     def final_val_loss(self) -> float | None:
@@ -134,6 +139,48 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 def diverge_bound(cfg: RunConfig) -> float:
     return cfg.train.diverge_loss or 2.0 * math.log(cfg.model.vocab_size)
+
+
+#: Tokens per forward pass of the last evaluation (at least the training batch): big batches, few calls.
+FINAL_EVAL_BATCH_TOKENS = 4096
+
+
+def final_eval_shape(tc: TrainConfig) -> tuple[int, int]:
+    """(batches, rows per batch) of a run's last evaluation, in windows of ``seq_len`` tokens.
+
+    Tokens: ``final_eval_tokens``, but no more than the run trains on (steps x batch_size x seq_len: the
+    evaluation, a forward pass, then costs at most about a third of the training) and no fewer than an
+    intermediate evaluation (``eval_batches`` x ``batch_size`` windows, also when ``final_eval_tokens`` is
+    0).  Batches of at least ``batch_size`` rows and about FINAL_EVAL_BATCH_TOKENS tokens (few calls).
+
+    The intermediate evaluations (tune's pruning points, progress) stay cheap; the last one, which every
+    result (tune's objective, the checks' losses, a run's summary) is read from, is measured on enough
+    tokens that its noise is well below the differences those decisions rest on (docs/transfer.md,
+    "Measurement noise").
+    """
+    least = tc.eval_batches * tc.batch_size
+    windows = max(least, math.ceil(min(tc.final_eval_tokens, tc.steps * tc.batch_size * tc.seq_len) / tc.seq_len))
+    if windows == least:
+        return tc.eval_batches, tc.batch_size
+    rows = min(windows, max(tc.batch_size, math.ceil(FINAL_EVAL_BATCH_TOKENS / tc.seq_len)))
+    return math.ceil(windows / rows), rows
+
+
+def window_losses(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-window summed loss (nats) and counted tokens, each ``(batch,)``: logits ``(batch, seq, vocab)``,
+    targets ``(batch, seq)`` (IGNORE_INDEX positions not counted)."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.sum(1), (targets != IGNORE_INDEX).sum(1)
+
+
+def window_se(sums: Tensor, counts: Tensor) -> float | None:
+    """Standard error (nats/token) of the token-weighted mean loss, from per-window sums and token counts:
+    the sample std of the per-window mean losses / sqrt(windows) (None for fewer than 2 windows)."""
+    keep = counts > 0
+    per = sums[keep].double() / counts[keep].double()
+    if per.numel() < 2:
+        return None
+    return float(per.std() / math.sqrt(per.numel()))
 
 
 StepCallback = Callable[[int, float], None]
@@ -257,6 +304,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.par.param_groups, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.train))
         self.val_set = self.data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
+        #: The last evaluation's windows (:func:`final_eval_shape`): the same fixed draw as :attr:`val_set`,
+        #: continued, in bigger batches; the same in every run of this data and seq_len.
+        n, rows = final_eval_shape(tc)
+        self.final_val_set = self.data.val_batches(n, rows, tc.seq_len)
         self.step = 0
         self.bound = diverge_bound(cfg)
         self.last_grad_norm = math.nan
@@ -325,6 +376,20 @@ class Trainer:
         losses = [float(lm_loss(self.module(x.to(self.device)), y.to(self.device))) for x, y in self.val_set]
         return sum(losses) / len(losses)
 
+    @torch.no_grad()
+    def evaluate_final(self) -> tuple[float, float | None, int]:
+        """The last evaluation on this rank: (mean loss in nats/token over :attr:`final_val_set`, its
+        standard error over windows (:func:`window_se`), validation tokens counted)."""
+        self.module.eval()
+        sums, counts = [], []
+        for x, y in self.final_val_set:
+            s, c = window_losses(self.module(x.to(self.device)), y.to(self.device))
+            sums.append(s.cpu())
+            counts.append(c.cpu())
+        total, n = torch.cat(sums), torch.cat(counts)
+        tokens = int(n.sum())
+        return float(total.sum().double() / max(1, tokens)), window_se(total, n), tokens
+
     def current_lr(self) -> float:
         """The global (base) LR now: group LR divided by its multiplier."""
         g = self.optimizer.param_groups[0]
@@ -385,7 +450,12 @@ class Trainer:
             reason = self.divergence(loss)
             val: float | None = None
             if reason is None and (step % tc.eval_every == 0 or step == tc.steps):
-                val = self.reduce_mean(self.evaluate())
+                if step == tc.steps:  # the last evaluation, the one results are read from: more tokens
+                    val, se, res.final_val_tokens = self.evaluate_final()
+                    val = self.reduce_mean(val)  # the same windows on every rank: se is None on all or none
+                    res.final_val_se = None if se is None else self.reduce_mean(se)
+                else:
+                    val = self.reduce_mean(self.evaluate())
                 res.val_loss.append((step, val))
                 bad = self.divergence(val)
                 reason = None if bad is None else "validation " + bad

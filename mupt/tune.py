@@ -901,6 +901,8 @@ def make_objective(
             trial.set_user_attr("reason", f"diverged: {result.reason}")
             raise optuna.TrialPruned(f"diverged: {result.reason}")
         trial.set_user_attr("status", "ok")
+        trial.set_user_attr("val_se", result.final_val_se)  # batch standard error of the value (nats)
+        trial.set_user_attr("val_tokens", result.final_val_tokens)
         return float(result.final_val_loss)
 
     return objective
@@ -1065,6 +1067,18 @@ def best_trial(study: optuna.Study | Ladder) -> FrozenTrial | None:
     st = study.top if isinstance(study, Ladder) else study
     ranked = _ranked(st)
     return ranked[0] if ranked else None
+
+
+def eval_noise(ladder: Ladder) -> tuple[float, int] | None:
+    """(median batch standard error in nats/token, validation tokens) of the complete trials at the proxy
+    width: how much the measured value of a trial moves with another draw of validation windows
+    (:attr:`mupt.train.TrainResult.final_val_se`).  None when no complete trial recorded it."""
+    done = [t for t in ladder.top.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("val_se") is not None]  # fmt: skip
+    if not done:
+        return None
+    ses = sorted(float(t.user_attrs["val_se"]) for t in done)
+    return ses[len(ses) // 2], int(done[0].user_attrs.get("val_tokens", 0))
 
 
 def run_study(

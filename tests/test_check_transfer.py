@@ -19,7 +19,8 @@ from mupt.check.lr_transfer import (
 from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
-TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference"]
+TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference",
+        "--seeds", "1"]  # fmt: skip
 
 
 def tiny_base() -> RunConfig:
@@ -129,7 +130,9 @@ def test_analyze_diverged_wider_point_is_worse() -> None:
 
 def test_cli_tiny_sweep_end_to_end(cli, tmp_path: Path) -> None:
     out = tmp_path / "tr"
-    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-7", "--vs", "sp", "--workers", "2"]
+    # 4 steps cannot resolve 1% of loss: this test is about the drift gate (regret: tests/test_regret.py)
+    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-7", "--vs", "sp", "--workers", "2",
+            "--max-regret", "100"]  # fmt: skip
     code, stdout, stderr = cli(*args, *TINY, "--out", str(out))
     assert code == 0, stderr
     doc = json.loads((out / "transfer.json").read_text())
@@ -178,7 +181,7 @@ def test_diverged_points_recorded_and_plotted_as_missing(cli, tmp_path: Path) ->
     # the passing sweep of test_cli_tiny_sweep_end_to_end plus one LR at which every width diverges
     code, stdout, stderr = cli(
         "check", "transfer", "--widths", "16,32", "--lrs", "2^-9,2^-8,2^-7,2^6", "--workers", "1", *TINY,
-        "--out", str(out),
+        "--max-regret", "100", "--out", str(out),
     )  # fmt: skip
     doc = json.loads((out / "transfer.json").read_text())
     huge = [p for p in doc["points"] if p["log2_lr"] == 6.0]
@@ -221,3 +224,18 @@ def test_bad_inputs_exit_2_one_line(cli, tmp_path: Path, flag: str, value: str) 
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert flag in stderr or value.split(",")[-1] in stderr
     assert not (tmp_path / "x" / "points").exists()
+
+
+def test_sweep_spec_is_validated_when_built() -> None:
+    """The transfer-check settings refuse what the sweep cannot use, in one line, before any training."""
+    good = SweepSpec(tiny_base(), [16, 32], [2**-9, 2**-8, 2**-7], ["mup-ssm"], [0])
+    assert good.schemes == [Scheme.MUP_SSM]  # a StrEnum after validation
+    for widths, lrs, schemes, seeds, pattern in [
+        ([16], [2**-9, 2**-8, 2**-7], [Scheme.MUP_SSM], [0], "widths"),
+        ([16, 32], [2**-9, 2**-8], [Scheme.MUP_SSM], [0], "at least 3"),
+        ([16, 32], [2**-9, 2**-8, float("nan")], [Scheme.MUP_SSM], [0], "finite"),
+        ([16, 32], [2**-9, 2**-8, 2**-7], [], [0], "schemes"),
+        ([16, 32], [2**-9, 2**-8, 2**-7], [Scheme.MUP_SSM], [], "seeds"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            SweepSpec(tiny_base(), widths, lrs, schemes, seeds)

@@ -134,3 +134,36 @@ def test_divergence_reaches_on_step_and_skips_the_boundary() -> None:
     assert res.status == "diverged"
     assert rec.infos[-1].diverged == res.reason and rec.infos[-1].step == res.steps
     assert ("boundary", res.steps, False) not in rec.calls and rec.calls[-1] == ("end", "diverged", res.steps)
+
+
+def test_final_evaluation_on_32k_tokens_with_its_standard_error() -> None:
+    """The last evaluation reads 32,768 validation tokens by default (64-token windows: 8 forward passes of
+    64 rows), the intermediate ones eval_batches x batch_size windows; the standard error is the std of the
+    per-window mean losses / sqrt(windows), recomputed here with torch's cross entropy on the same windows."""
+    import torch
+    import torch.nn.functional as F
+
+    from mupt.train import final_eval_shape
+
+    assert final_eval_shape(tiny(**{"train.steps": 64}).train) == (8, 64)  # 32768 / 64 = 512 windows, 8 x 64
+    assert final_eval_shape(tiny(**{"train.steps": 4}).train) == (1, 32)  # no more tokens than trained: 4x8x64
+    assert final_eval_shape(tiny(**{"train.final_eval_tokens": 0}).train) == (2, 8)  # the intermediate size
+    cfg = tiny(**{"train.steps": 16, "train.eval_every": 8, "train.final_eval_tokens": 8192, "model.n_layers": 1})
+    assert final_eval_shape(cfg.train) == (2, 64)
+    trainer = Trainer(cfg)
+    res = trainer.run()
+    assert res.final_val_tokens == 8192 and len(res.val_loss) == 2
+    per_window = []
+    with torch.no_grad():
+        for x, y in trainer.final_val_set:
+            logits = trainer.model(x).float()
+            for i in range(x.shape[0]):
+                per_window.append(float(F.cross_entropy(logits[i], y[i])))
+    assert len(per_window) == 128
+    mean = sum(per_window) / 128
+    std = math.sqrt(sum((v - mean) ** 2 for v in per_window) / 127)
+    assert res.final_val_loss == pytest.approx(mean, rel=1e-5)
+    assert res.final_val_se == pytest.approx(std / math.sqrt(128), rel=1e-4)
+    # the final windows continue the intermediate evaluation's fixed draw: its windows come first
+    first = torch.cat([x for x, _ in trainer.val_set])
+    assert torch.equal(trainer.final_val_set[0][0][: first.shape[0]], first)

@@ -20,7 +20,11 @@ Definitions (also in docs/ci.md):
   every width is <= the loss of the next narrower width + ``monotone_tol`` (a diverged point
   counts as worse than anything).
 * monotone at each optimum (reported, not gated): the same test on each width's best grid loss.
-* passed: drift <= ``max_drift`` and monotone at the base optimum.
+* regret(w) (mupt.check.regret): loss at width w of the gated scheme at the base width's grid-argmin LR
+  (multipliers unchanged) / the best seed-mean loss at w over every scheme swept - 1, in %, with a
+  seed standard error (per-seed ratios); reported for every width above the base.
+* passed: drift <= ``max_drift``, monotone at the base optimum, and regret <= ``max_regret`` % at every
+  width (a diverged transferred setting fails).
 
 Nothing here prints; the CLI renders tables and progress.
 """
@@ -34,11 +38,16 @@ import math
 import multiprocessing as mp
 import os
 import re
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from mupt.check.regret import RegretRow, per_seed, regret_by_width, worst_regret
 from mupt.config import RunConfig, Scheme, atomic_write_text, from_dict, to_dict, with_overrides
 from mupt.errors import ConfigError, StorageError
 from mupt.tables import write_beside
@@ -134,6 +143,8 @@ def run_point(cfg_dict: dict[str, Any], threads: int) -> dict[str, Any]:
         "status": res.status,
         "reason": res.reason,
         "final_val_loss": loss if loss is None or math.isfinite(loss) else None,
+        "val_se": res.final_val_se if loss is not None else None,  # batch standard error, nats/token
+        "val_tokens": res.final_val_tokens,
         "steps": res.steps,
         "seconds": res.seconds,
         "config": to_dict(cfg),
@@ -169,13 +180,30 @@ class PointCache:
         atomic_write_text(self.path(record["key"]), json.dumps(record, indent=1))
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
 class SweepSpec:
+    """What an LR-transfer check sweeps (typed, validated when built: one-line ConfigError).
+
+    ``base`` is the run every point starts from; ``widths`` are d_model values (the smallest is the base
+    shape, >= 2 distinct); ``lrs`` the base-LR grid (>= 3 positive, finite values, so that a parabola can
+    locate the optimum, docs/ci.md); ``schemes`` the first of which is gated; ``seeds`` per point.
+    """
+
     base: RunConfig
     widths: list[int]
     lrs: list[float]
     schemes: list[Scheme]
     seeds: list[int]
+
+    def __post_init__(self) -> None:
+        if len(set(self.widths)) < 2 or min(self.widths) <= 0:
+            raise ConfigError(f"widths {self.widths}: give at least two distinct positive d_model widths")
+        if len(set(self.lrs)) < 3 or not all(math.isfinite(x) and x > 0 for x in self.lrs):
+            raise ConfigError(f"lrs {self.lrs}: give at least 3 distinct positive, finite learning rates")
+        if not self.schemes or len(set(self.schemes)) != len(self.schemes):
+            raise ConfigError(f"schemes {[s.value for s in self.schemes]}: give one or more distinct schemes")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds {self.seeds}: give one or more distinct seeds")
 
     def configs(self) -> list[RunConfig]:
         bw = min(self.widths)
@@ -220,11 +248,24 @@ def run_sweep(
     threads: int | None = None,
     on_point: PointCallback | None = None,
 ) -> SweepRun:
-    """Train every missing point (cached ones are reused) and return all records.
+    """Train every missing point of ``spec`` (cached ones are reused) and return all records (see
+    :func:`run_configs`)."""
+    return run_configs(spec.configs(), out_dir, workers, threads, on_point)
+
+
+def run_configs(
+    configs: Sequence[RunConfig],
+    out_dir: str | Path,
+    workers: int = 1,
+    threads: int | None = None,
+    on_point: PointCallback | None = None,
+) -> SweepRun:
+    """Train every config whose point is not cached under ``out_dir/points/``; all records, in order.
 
     ``workers == 1`` trains in this process; more use a spawn ProcessPoolExecutor.  Every point
     is cached as soon as it finishes, so an interruption (Ctrl-C, a crash, a killed CI job)
-    loses at most the points in flight.
+    loses at most the points in flight.  Raises ConfigError for ``workers < 1``, StorageError
+    for an unwritable ``out_dir``.
     """
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be at least 1")
@@ -233,7 +274,7 @@ def run_sweep(
     records: dict[str, dict[str, Any]] = {}
     todo: list[RunConfig] = []
     hits = 0
-    for cfg in spec.configs():
+    for cfg in configs:
         key = point_key(cfg)
         rec = cache.get(key)
         if rec is not None:
@@ -264,7 +305,7 @@ def run_sweep(
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-    ordered = [records[point_key(cfg)] for cfg in spec.configs()]
+    ordered = [records[point_key(cfg)] for cfg in configs]
     return SweepRun(points=ordered, cache_hits=hits, trained=len(todo))
 
 
@@ -389,16 +430,26 @@ def analyze(table: LossTable, scheme: str, max_drift: float = 1.0, monotone_tol:
 # --- outputs ------------------------------------------------------------------------------
 
 
-def plot_transfer(tables: dict[str, LossTable], results: dict[str, SchemeResult], path: str | Path) -> None:
-    """Figure-3-style PNG: val loss vs log2 LR, one curve per width, one panel per scheme."""
+def plot_transfer(
+    tables: dict[str, LossTable],
+    results: dict[str, SchemeResult],
+    path: str | Path,
+    regret: Sequence[RegretRow] = (),
+    max_regret: float | None = None,
+) -> None:
+    """Figure-3-style PNG: val loss vs log2 LR, one curve per width, one panel per scheme; with ``regret``
+    a last panel of the gated scheme's regret (%) vs width, seed standard errors as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(tables)
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.2), squeeze=False, sharey=True)
-    for ax, (scheme, table) in zip(axes[0], tables.items(), strict=True):
+    panels = n + (1 if regret else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    for ax in axes[0][1:n]:
+        ax.sharey(axes[0][0])
+    for ax, (scheme, table) in zip(axes[0][:n], tables.items(), strict=True):
         widths = sorted(table)
         cmap = plt.get_cmap("viridis")
         res = results[scheme]
@@ -416,7 +467,24 @@ def plot_transfer(tables: dict[str, LossTable], results: dict[str, SchemeResult]
         ax.set_xlabel("log2 learning rate")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("final validation loss (nats/token)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][n - 1].legend(fontsize=8)
+    if regret:
+        ax = axes[0][n]
+        rows = [r for r in regret if r.regret_pct is not None]
+        ax.errorbar([r.width for r in rows], [r.regret_pct for r in rows], yerr=[r.se_pct or 0.0 for r in rows],
+                    fmt="o-", capsize=3, color="tab:red", label="regret (± seed s.e.)")  # fmt: skip
+        for r in regret:
+            if r.regret_pct is None:
+                ax.annotate("diverged" if r.diverged else "n/a", (r.width, 0), color="tab:red", ha="center")
+        if max_regret is not None and math.isfinite(max_regret):
+            ax.axhline(max_regret, color="gray", ls="--", lw=1, label=f"max {max_regret:g}%")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r.width for r in regret], [str(r.width) for r in regret])
+        ax.set_xlabel("d_model")
+        ax.set_ylabel("regret of the transferred setting (%)")
+        ax.set_title(f"{regret[0].scheme}: regret vs the best of every scheme swept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -430,17 +498,51 @@ def _fmt(v: float | None, d: int = 3) -> str:
     return "diverged" if v is None else f"{v:.{d}f}"
 
 
-def markdown_summary(
-    tables: dict[str, LossTable], results: dict[str, SchemeResult], gate: str, max_drift: float, meta: dict[str, Any]
-) -> str:
-    """GitHub-flavoured Markdown for $GITHUB_STEP_SUMMARY."""
-    g = results[gate]
+def regret_markdown(regret: Sequence[RegretRow], max_regret: float | None) -> list[str]:
+    """The regret table as Markdown lines (width, transferred LR and loss, best scheme/LR/loss, regret)."""
+    if not regret:
+        return []
+    gate = "" if max_regret is None or not math.isfinite(max_regret) else f" (max {max_regret:g}%)"
     lines = [
-        f"## mupt check transfer: {'PASS' if g.passed else 'FAIL'} ({gate})",
+        f"### regret of {regret[0].scheme}'s transferred setting{gate}",
         "",
-        f"Gate: drift <= {max_drift:g} log2 and loss non-increasing with width at the base optimum. "
+        "| width | transferred LR | loss | best | best LR | best loss | regret % | ± seed s.e. |",
+        "|---:|---:|---:|:---|---:|---:|---:|---:|",
+    ]
+    for r in regret:
+        reg = "diverged" if r.diverged else "-" if r.regret_pct is None else f"**{r.regret_pct:.2f}**"
+        lines.append(
+            f"| {r.width} | 2^{r.transferred_log2_lr:g} | {_fmt(r.loss, 4)} | {r.best_scheme or '-'} | "
+            + ("-" if r.best_log2_lr is None else f"2^{r.best_log2_lr:g}")
+            + f" | {_fmt(r.best_loss, 4)} | {reg} | {'-' if r.se_pct is None else f'{r.se_pct:.2f}'} |"
+        )
+    lines.append("")
+    lines += [f"- width {r.width}: {note}" for r in regret for note in r.notes]
+    return [*lines, ""]
+
+
+def markdown_summary(
+    tables: dict[str, LossTable],
+    results: dict[str, SchemeResult],
+    gate: str,
+    max_drift: float,
+    meta: dict[str, Any],
+    regret: Sequence[RegretRow] = (),
+    max_regret: float | None = None,
+    passed: bool | None = None,
+) -> str:
+    """GitHub-flavoured Markdown for $GITHUB_STEP_SUMMARY (``passed``: the overall verdict, default the
+    gated scheme's drift verdict)."""
+    g = results[gate]
+    ok = g.passed if passed is None else passed
+    regret_gate = "" if max_regret is None or not math.isfinite(max_regret) else f", regret <= {max_regret:g}%"
+    lines = [
+        f"## mupt check transfer: {'PASS' if ok else 'FAIL'} ({gate})",
+        "",
+        f"Gate: drift <= {max_drift:g} log2, loss non-increasing with width at the base optimum{regret_gate}. "
         + ", ".join(f"{k}={v}" for k, v in meta.items()),
         "",
+        *regret_markdown(regret, max_regret),
     ]
     for scheme, table in tables.items():
         r = results[scheme]
@@ -471,12 +573,36 @@ def markdown_summary(
 
 @dataclass
 class TransferReport:
+    """Outcome of :func:`check_transfer`: ``passed`` is the gated scheme's drift verdict and the regret gate."""
+
     gate: str
     passed: bool
     tables: dict[str, LossTable]
     results: dict[str, SchemeResult]
     sweep: SweepRun
     files: dict[str, str]
+    regret: list[RegretRow] = field(default_factory=list)
+    regret_passed: bool = True
+    max_regret: float | None = None
+    noise: dict[str, Any] = field(default_factory=dict)
+
+
+def measurement_noise(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How noisy one point's loss is (nats/token): the median over points of the last evaluation's standard
+    error over validation windows (``val_se``), the median over (scheme, width, LR) of the seed std, and
+    the validation tokens per point."""
+    ses = sorted(float(p["val_se"]) for p in points if p.get("val_se") is not None)
+    stds = sorted(
+        statistics.stdev(v for v in seeds.values() if v is not None)
+        for seeds in per_seed(points).values()
+        if sum(v is not None for v in seeds.values()) >= 2
+    )
+    tokens = [int(p["val_tokens"]) for p in points if p.get("val_tokens")]
+    return {
+        "val_tokens": max(tokens) if tokens else None,
+        "batch_se_median": ses[len(ses) // 2] if ses else None,
+        "seed_std_median": stds[len(stds) // 2] if stds else None,
+    }
 
 
 def check_transfer(
@@ -488,10 +614,13 @@ def check_transfer(
     monotone_tol: float = 0.0,
     on_point: PointCallback | None = None,
     plot: bool = True,
+    max_regret: float | None = 1.0,
 ) -> TransferReport:
     """Run (or resume) the sweep, analyse every scheme, write transfer.json, summary.md, PNG.
 
-    The gate is the first scheme of ``spec.schemes``; the others are contrasts.
+    The gate is the first scheme of ``spec.schemes``; the others are contrasts, and part of the best
+    that the regret of the gated scheme is measured against (mupt.check.regret).  ``max_regret``: the
+    largest regret (percent) that passes; None reports regret without gating on it.
     """
     if len(spec.widths) < 2:
         raise ConfigError(f"--widths {spec.widths}: give at least 2 distinct widths to measure transfer")
@@ -501,6 +630,14 @@ def check_transfer(
     tables = {s.value: loss_table(sweep.points, s.value) for s in spec.schemes}
     results = {s: analyze(t, s, max_drift, monotone_tol) for s, t in tables.items()}
     gate = spec.schemes[0].value
+    regret = regret_by_width(sweep.points, gate, min(spec.widths))
+    worst = worst_regret(regret)
+    regret_ok = max_regret is None or (worst is not None and worst <= max_regret)
+    if not regret_ok and worst is not None:
+        what = "diverged or was not measured" if math.isinf(worst) else f"{worst:.2f}% > max {max_regret:g}%"
+        results[gate].reasons.append(f"regret of the transferred setting {what}")
+    passed = results[gate].passed and regret_ok
+    noise = measurement_noise(sweep.points)
     meta = {
         "widths": ",".join(map(str, spec.widths)),
         "steps": spec.base.train.steps,
@@ -513,11 +650,16 @@ def check_transfer(
     files = {"json": str(out / "transfer.json"), "summary": str(out / "summary.md")}
     if plot:
         files["png"] = str(out / "transfer.png")
-        plot_transfer(tables, results, files["png"])
+        plot_transfer(tables, results, files["png"], regret, max_regret)
     doc = {
         "gate": gate,
-        "passed": results[gate].passed,
+        "passed": passed,
+        "drift_passed": results[gate].passed,
+        "regret_passed": regret_ok,
         "max_drift": max_drift,
+        "max_regret_pct": max_regret,
+        "regret": [r.to_dict() for r in regret],
+        "noise": noise,
         "monotone_tol": monotone_tol,
         "definitions": (__doc__ or "").split("Definitions (also in docs/ci.md):")[-1].split("Nothing here")[0].strip(),
         "meta": meta,
@@ -532,18 +674,22 @@ def check_transfer(
         "trained": sweep.trained,
     }
     atomic_write_text(files["json"], json.dumps(doc, indent=1))
-    atomic_write_text(files["summary"], markdown_summary(tables, results, gate, max_drift, meta))
+    atomic_write_text(
+        files["summary"], markdown_summary(tables, results, gate, max_drift, meta, regret, max_regret, passed)
+    )
     for path in write_beside(points_frame(sweep.points), out / "points.json"):
         files[path.suffix.lstrip(".")] = str(path)
-    return TransferReport(gate, results[gate].passed, tables, results, sweep, files)
+    return TransferReport(gate, passed, tables, results, sweep, files, regret, regret_ok, max_regret, noise)
 
 
-POINT_COLUMNS = ("scheme", "width", "lr", "log2_lr", "seed", "status", "reason", "final_val_loss", "steps", "seconds")
+POINT_COLUMNS = ("scheme", "width", "lr", "log2_lr", "seed", "status", "reason", "final_val_loss", "val_se",
+                 "val_tokens", "steps", "seconds")  # fmt: skip
 
 
 def points_frame(points: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The sweep points as a tidy table, one row per (scheme, width, LR, seed): ``final_val_loss`` in
-    nats/token (empty for diverged points), ``seconds`` of training; sorted by scheme, width, LR, seed."""
+    nats/token (empty for diverged points), its standard error over validation windows ``val_se`` and
+    ``val_tokens``, ``seconds`` of training; sorted by scheme, width, LR, seed."""
     import pandas as pd
 
     df = pd.DataFrame.from_records([{c: p.get(c) for c in POINT_COLUMNS} for p in points], columns=list(POINT_COLUMNS))

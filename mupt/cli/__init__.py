@@ -60,6 +60,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 # Command modules register themselves on ``app`` / ``check_app`` when imported.
 from mupt.cli import check_coord as _check_coord  # noqa: E402,F401
+from mupt.cli import check_target as _check_target  # noqa: E402,F401
 from mupt.cli import check_transfer as _check_transfer  # noqa: E402,F401
 from mupt.cli import export as _export  # noqa: E402,F401
 from mupt.cli import prepare as _prepare  # noqa: E402,F401

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.measure import Measurement
 
+from mupt.check.regret import ExpectedRegret, expected_regret, find_expected_regret
 from mupt.cli import app, err, out
 from mupt.cli.common import (
     ArchOpt,
@@ -125,7 +126,7 @@ def transfer(
     batch_size: BatchOpt = None,
     seq_len: SeqOpt = None,
     schedule: Annotated[
-        str | None,
+        Schedule | None,
         typer.Option(
             "--schedule",
             help="Target LR schedule after warmup: constant, cosine, linear or wsd (warmup-stable-decay); "
@@ -189,6 +190,15 @@ def transfer(
             "--compare", help="Also show what sp, mup and mup-ssm would launch from the same proxy; writes nothing."
         ),
     ] = False,
+    check_result: Annotated[
+        Path | None,
+        typer.Option(
+            "--check",
+            help="transfer.json of a `mupt check transfer` whose base is this proxy (or its directory): prints "
+            "the regret it measured, the expected regret of the recipe.",
+            show_default="the newest matching runs/*/transfer.json under --runs-dir",
+        ),
+    ] = None,
 ) -> None:
     """Map the best proxy hyperparameters to the target width and write a launchable recipe.
 
@@ -229,13 +239,14 @@ def transfer(
         if to_width is None:
             return
     assert to_width is not None
-    if schedule is not None and schedule not in {x.value for x in Schedule}:
-        raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(x.value for x in Schedule)}")
     sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
         source_path=path, to_data=to_data, schedule=sched,
     )  # fmt: skip
+    expected = _expected(check_result, runs_dir, proxy, to_width)
+    if expected is not None:
+        recipe.source["expected_regret"] = expected.to_dict()
     if dest is not None and health_steps > 0:
         recipe.health = _health_reference(recipe, health_steps, health_seeds)
     if dest is not None:
@@ -246,6 +257,7 @@ def transfer(
     _summary(recipe)
     if compare:
         _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
+    _print_expected(expected, dest)
     if dest is not None:
         out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
     else:
@@ -254,6 +266,54 @@ def transfer(
         err.print(f"no recipe written ({flags} only {verb}); drop {flags} or pass --out PATH to write one")
     if table_out is not None:
         out.print(f"per-role table written: {table_out}", highlight=False)
+
+
+def _expected(check: Path | None, runs_dir: Path, proxy: RunConfig, to_width: int) -> ExpectedRegret | None:
+    """The regret a check-transfer result measured for this proxy: --check (its transfer.json or directory;
+    a mismatch is an error) or the newest matching one under --runs-dir (None if there is none)."""
+    if check is None:
+        return find_expected_regret(runs_dir, proxy, to_width)
+    return expected_regret(check / "transfer.json" if check.is_dir() else check, proxy, to_width)
+
+
+def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
+    if expected is None:
+        out.print(
+            "expected regret: unknown (no `mupt check transfer` result with this proxy as its base under --runs-dir; "
+            "run one with --vs sp,mup, or pass --check)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+
+    def cell(r: dict[str, object]) -> str:
+        reg, se = r.get("regret_pct"), r.get("se_pct")
+        if reg is None:
+            return f"d_model {r['width']}: " + ("diverged" if r.get("diverged") else "n/a")
+        return f"d_model {r['width']}: {reg:.2f}%" + ("" if se is None else f" ± {se:.2f}")
+
+    out.print(
+        f"regret measured by {expected.path} (base {expected.base_width}, {expected.seeds} seeds, {expected.steps} "
+        "steps): " + ", ".join(cell(r) for r in expected.rows),
+        highlight=False,
+        soft_wrap=True,
+    )
+    confirm = f"mupt check target {dest if dest is not None else 'RECIPE'}"
+    if expected.at_target is not None:
+        out.print(f"expected regret of this recipe: [bold]{cell(expected.at_target)}[/]", highlight=False)
+    elif expected.wider_than_checked:
+        out.print(
+            f"[yellow]the target d_model {expected.target_width} is wider than any width checked (max "
+            f"{expected.max_checked}): its regret is not measured[/]; confirm it with `{confirm}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(
+            f"the target d_model {expected.target_width} was not checked itself; confirm it with `{confirm}`",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _health_reference(recipe: Recipe, steps: int, seeds: int) -> HealthReference:

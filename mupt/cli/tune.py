@@ -48,6 +48,7 @@ from mupt.tune import (
     TuneSettings,
     count_states,
     default_study_name,
+    eval_noise,
     grid_flops,
     load_best,
     load_existing,
@@ -65,6 +66,15 @@ from mupt.tune import (
     write_plots,
     write_table,
 )
+
+
+def _noise_row(ladder: Ladder) -> list[tuple[str, str]]:
+    """The 'val loss noise' summary row: the median batch standard error of the proxy-width values."""
+    noise = eval_noise(ladder)
+    if noise is None:
+        return []
+    se, tokens = noise
+    return [("val loss noise (nats)", f"±{se:.4f} (batch s.e., {tokens:,} validation tokens)")]
 
 
 def _proxy(config: Path | None, **flags: object) -> RunConfig:
@@ -309,6 +319,7 @@ def _finish(
             ("best trial (proxy width)", bp.trial),
             ("best val loss (nats)", bp.value),
             ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
+            *_noise_row(ladder),
             ("best lr", bp.params["lr"]),
             *([("best multipliers", extra)] if extra else []),
         ]
@@ -399,6 +410,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
         rows += [
             ("best trial", bp.trial),
             ("best val loss (nats)", bp.value),
+            *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
             ("fidelity", bp.fidelity),
         ]

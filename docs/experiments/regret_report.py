@@ -1,0 +1,61 @@
+"""Markdown tables of a regret sweep (docs/experiments/regret_sweep.py's JSON): losses and the regret rows.
+
+    python docs/experiments/regret_report.py docs/experiments/regret-builtin.json
+
+Prints, per width, the seed-mean final validation loss (nats/token) of every scheme at every LR measured
+(± seed std, best per width in bold), then the regret of the transferred setting (mupt.check.regret).
+Partial sweeps are fine: a width whose transferred point is not finished shows as not measured.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+from mupt.check.regret import regret_by_width
+
+
+def main(path: str) -> None:
+    doc = json.loads(open(path, encoding="utf-8").read())
+    points = doc["points"]
+    scheme = doc.get("transfer_from", "mup-ssm")
+    seeds = len(doc["seeds"])
+    acc: dict[tuple[int, str, float], list[float | None]] = defaultdict(list)
+    for p in points:
+        acc[(p["width"], p["scheme"], p["log2_lr"])].append(p["final_val_loss"])
+    print(f"{doc['tag']}: {doc['steps']} steps, {seeds} seeds, {doc['eval_tokens']} validation tokens, "
+          f"{len(points)} runs, overrides {doc['overrides'] or 'none'}\n")  # fmt: skip
+    for w in sorted({k[0] for k in acc}):
+        full = {k: v for k, v in acc.items() if k[0] == w and len(v) == seeds}
+        if not full:
+            continue
+        ok = {k: v for k, v in full.items() if all(x is not None for x in v)}
+        best = min(ok, key=lambda k: statistics.mean(ok[k])) if ok else None  # type: ignore[arg-type]
+        cells = []
+        for k in sorted(full, key=lambda k: (k[1], k[2])):
+            v = full[k]
+            if k not in ok:
+                cells.append(f"{k[1]} 2^{k[2]:g}: diverged")
+                continue
+            m, sd = statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0  # type: ignore[arg-type]
+            txt = f"{k[1]} 2^{k[2]:g}: {m:.4f} ± {sd:.4f}"
+            cells.append(f"**{txt}**" if k == best else txt)
+        print(f"- d_model {w}: " + "; ".join(cells))
+    print("\n| width | ratio | transferred LR | loss | best scheme | best LR | best loss | regret % | ± seed s.e. |")
+    print("|---:|---:|---:|---:|:---|---:|---:|---:|---:|")
+    base = min(p["width"] for p in points)
+    for r in regret_by_width(points, scheme, base):
+        reg = "diverged" if r.diverged else "not measured" if r.regret_pct is None else f"**{r.regret_pct:.2f}**"
+        print(f"| {r.width} | {r.width // base}x | 2^{r.transferred_log2_lr:g} | "
+              f"{'-' if r.loss is None else f'{r.loss:.4f}'} | {r.best_scheme or '-'} | "
+              f"{'-' if r.best_log2_lr is None else f'2^{r.best_log2_lr:g}'} | "
+              f"{'-' if r.best_loss is None else f'{r.best_loss:.4f}'} | {reg} | "
+              f"{'-' if r.se_pct is None else f'{r.se_pct:.2f}'} |")  # fmt: skip
+        for note in r.notes:
+            print(f"|  | | {note} | | | | | | |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
