@@ -680,8 +680,12 @@ class ScaleResult:
         return d
 
 
-class _Autocast(nn.Module):
-    """Runs the wrapped module under bf16 autocast; parameters stay fp32 (master weights)."""
+class Autocast(nn.Module):
+    """Runs the wrapped module under bf16 autocast; parameters stay fp32 (master weights).
+
+    ``launch.precision: bf16`` (:class:`mupt.config.Precision`) wraps the model in it; public so that
+    benchmarks measure the same wrapping as ``mupt scale``.
+    """
 
     def __init__(self, inner: nn.Module, device_type: str) -> None:
         super().__init__()
@@ -933,7 +937,7 @@ def _run(
     module: nn.Module = wrapped
     precision = lc.precision.resolve(device.type == "cuda")
     if precision is Precision.BF16:
-        module = _Autocast(module, device.type)
+        module = Autocast(module, device.type)
     if lc.compile:
         module = torch.compile(module)  # type: ignore[assignment]
     trainer.module = module
