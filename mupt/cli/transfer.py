@@ -126,7 +126,7 @@ def transfer(
     batch_size: BatchOpt = None,
     seq_len: SeqOpt = None,
     schedule: Annotated[
-        str | None,
+        Schedule | None,
         typer.Option(
             "--schedule",
             help="Target LR schedule after warmup: constant, cosine, linear or wsd (warmup-stable-decay); "
@@ -239,8 +239,6 @@ def transfer(
         if to_width is None:
             return
     assert to_width is not None
-    if schedule is not None and schedule not in {x.value for x in Schedule}:
-        raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(x.value for x in Schedule)}")
     sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
