@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mupt.config import RunConfig, load_yaml, with_overrides
-from mupt.launch import _Autocast
+from mupt.launch import Autocast
 from mupt.scan import triton_available
 from mupt.train import Trainer
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_trainer(cfg: RunConfig, backend: str, device: torch.device, bf16: bool) -> Trainer:
     trainer = Trainer(with_overrides(cfg, {"model.scan_backend": backend}), device=device)
     if bf16:
-        trainer.module = _Autocast(trainer.model, device.type)
+        trainer.module = Autocast(trainer.model, device.type)
     return trainer
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator, with_config
+from typing_extensions import TypedDict
 
 from mupt.errors import ConfigError, StorageError
 
@@ -383,9 +384,10 @@ class BestParams(_Strict):
     value: float = Field(description="objective of the best trial: final validation loss (nats/token)")
     params: dict[str, float] = Field(description="tuned values, e.g. {'lr': 3e-3, 'output_mult': 2.0}")
     config: RunConfig = Field(description="the proxy run config with the tuned values applied")
-    manifest: dict[str, Any] = Field(default_factory=dict, description="parametrization manifest of the proxy")
-    dataset: dict[str, Any] = Field(
-        default_factory=dict, description="identity of the proxy's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    manifest: Manifest | None = Field(None, description="parametrization manifest of the proxy")
+    dataset: DatasetIdentity = Field(
+        default_factory=lambda: DatasetIdentity(),
+        description="identity of the proxy's data: tokenizer, tokenizer_sha256, vocab, tokens",
     )
     code_version: str = ""
     created: str = ""
@@ -394,6 +396,95 @@ class BestParams(_Strict):
         default_factory=list,
         description="trials measured at the proxy width, best first, each with the fidelities it passed through",
     )
+
+
+class Role(StrEnum):
+    """What a parameter is, for the width rules. Every parameter has exactly one."""
+
+    EMBEDDING = "embedding"
+    NORM = "norm"
+    IN_PROJ = "in_proj"
+    CONV_WEIGHT = "conv1d_weight"
+    CONV_BIAS = "conv1d_bias"
+    X_PROJ_DT = "x_proj_dt"
+    X_PROJ_B = "x_proj_B"
+    X_PROJ_C = "x_proj_C"
+    DT_PROJ = "dt_proj"
+    DT_BIAS = "dt_bias"
+    A_LOG = "A_log"
+    D = "D"
+    OUT_PROJ = "out_proj"
+    LM_HEAD = "lm_head"
+    # mamba2 only
+    IN_PROJ_Z = "in_proj_z"
+    IN_PROJ_X = "in_proj_x"
+    IN_PROJ_B = "in_proj_B"
+    IN_PROJ_C = "in_proj_C"
+    IN_PROJ_DT = "in_proj_dt"
+    A_LOG_HEAD = "A_log_head"
+    GATED_NORM = "gated_norm"
+
+
+class Entry(BaseModel):
+    """Manifest row for one parameter: its role, shape (torch order), fan-in/fan-out, and what the width
+    rules gave it at this width: init std (None: structured init, e.g. A_log), LR multiplier (x the base
+    LR), forward multiplier and weight decay (docs/width_rules.md, section 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    shape: list[int]
+    fan_in: int = Field(gt=0)
+    fan_out: int = Field(gt=0)
+    init_std: float | None = Field(ge=0)
+    lr_mult: float = Field(gt=0)
+    fwd_mult: float
+    weight_decay: float = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """What :func:`apply` did to every parameter, with the base and actual shape (typed, validated when
+    built or loaded; a malformed one is a one-line ConfigError)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Scheme
+    optimizer: OptimizerName
+    discretization: Discretization
+    base_d_model: int = Field(gt=0)
+    base_d_state: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    d_state: int = Field(gt=0)
+    params: dict[str, Entry] = Field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML types (enums as their values)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Validate a manifest mapping; raises ConfigError naming the bad field."""
+        try:
+            return from_dict(cls, data, where="manifest")
+        except ConfigError as err:
+            raise ConfigError(f"{err}; the manifest is malformed: regenerate it with mupt") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix == ".json":
+            atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        else:
+            write_yaml(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if path.suffix == ".json":
+            try:
+                return cls.from_dict(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as err:
+                raise ConfigError(f"{path}: cannot read manifest ({err}); regenerate it") from None
+        return cls.from_dict(read_yaml(path))
 
 
 class Precision(StrEnum):
@@ -456,6 +547,78 @@ class HealthReference(_Strict):
     log2_sd: dict[str, list[float | None]]
 
 
+@with_config(ConfigDict(extra="forbid"))
+class RoleRow(TypedDict):
+    """One role's values at one width (a row of ``mupt transfer``'s per-role table): init std (None for a
+    structured init such as A_log), LR (base LR x the rule's multiplier), forward multiplier, weight decay."""
+
+    init_std: float | None
+    lr: float
+    fwd_mult: float
+    weight_decay: float
+
+
+@with_config(ConfigDict(extra="allow"))
+class DatasetIdentity(TypedDict, total=False):
+    """What best.yaml and recipes record about a token source (:func:`mupt.data.identity_of`)."""
+
+    name: str
+    tokenizer: str | None
+    tokenizer_sha256: str | None
+    vocab_size: int | None
+    tokens: int | None
+    corpus_sha256: str | None
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ProxyShape(TypedDict, total=False):
+    """The proxy a recipe was transferred from: its shape, scheme, parameter count and tokens trained."""
+
+    d_model: int
+    d_state: int
+    n_layers: int
+    scheme: Scheme
+    params: int
+    tokens: int
+
+
+@with_config(ConfigDict(extra="forbid"))
+class WidthRatio(TypedDict):
+    """The transfer ratio: target over proxy d_inner (``width``) and d_state (``state``)."""
+
+    width: float
+    state: float
+
+
+@with_config(ConfigDict(extra="forbid"))
+class BaseShapeRecord(TypedDict):
+    d_model: int
+    d_state: int
+
+
+@with_config(ConfigDict(extra="allow"))
+class RecipeSource(TypedDict, total=False):
+    """Where a recipe came from (written by ``mupt transfer``); known keys are typed, others are kept."""
+
+    kind: str  # "study" (from best.yaml) or "lr" (--lr)
+    study: str
+    trial: int
+    value: float
+    params: dict[str, float]
+    code_version: str
+    tuned: str
+    path: str
+    proxy: ProxyShape
+    base: BaseShapeRecord
+    ratio: WidthRatio
+    base_per_role: dict[str, RoleRow]
+    proxy_config: dict[str, Any]  # a RunConfig's fields (checked by Recipe: a RunConfig must load from it)
+    proxy_dataset: DatasetIdentity
+    created: str
+    warnings: list[str]
+    expected_regret: dict[str, Any]  # mupt.check.regret.ExpectedRegret.to_dict(), when a check result exists
+
+
 class Recipe(_Strict):
     """A launchable recipe for the wide model, written by ``mupt transfer``.
 
@@ -463,19 +626,40 @@ class Recipe(_Strict):
     :func:`mupt.parametrization.apply`, and checks them against ``per_role``.
     """
 
-    source: dict[str, Any] = Field(default_factory=dict, description="study, trial, proxy shape, transfer ratio")
+    source: RecipeSource = Field(
+        default_factory=lambda: RecipeSource(), description="study, trial, proxy shape, transfer ratio"
+    )
     run: RunConfig
-    per_role: dict[str, dict[str, float | None]] = Field(
+    per_role: dict[str, RoleRow] = Field(
         default_factory=dict, description="role -> {init_std, lr, fwd_mult, weight_decay} at the target width"
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    manifest: dict[str, Any] = Field(default_factory=dict)
-    dataset: dict[str, Any] = Field(
-        default_factory=dict, description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens"
+    manifest: Manifest | None = Field(None, description="what the width rules gave every parameter of the target")
+    dataset: DatasetIdentity = Field(
+        default_factory=lambda: DatasetIdentity(),
+        description="identity of the run's data: tokenizer, tokenizer_sha256, vocab, tokens",
     )
     health: HealthReference | None = Field(
         None, description="the proxy's probe values for mupt scale's live µP health check (mupt transfer)"
     )
+
+    @field_validator("manifest", mode="before")
+    @classmethod
+    def _no_manifest(cls, v: Any) -> Any:
+        return None if v == {} else v  # recipes written before the manifest was typed may hold {}
+
+    @field_validator("source")
+    @classmethod
+    def _proxy_config(cls, v: RecipeSource) -> RecipeSource:
+        """source.proxy_config must be a loadable RunConfig (mupt.health and --explain rebuild the proxy)."""
+        if "proxy_config" in v:
+            try:
+                RunConfig.model_validate(v["proxy_config"])
+            except ValidationError as err:
+                first = err.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"proxy_config.{loc}: {first['msg']}") from None
+        return v
 
 
 def load_recipe(path: str | Path) -> Recipe:

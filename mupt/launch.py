@@ -56,7 +56,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
-from mupt.health import HealthProbe, resolve_every
+from mupt.health import HealthProbe, describe, resolve_every
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
 from mupt.sinks import SinkLog, Writer, check_installed, group_text, open_writers, parse_sinks
@@ -223,6 +223,7 @@ class Plan:
     memory: MemoryEstimate  # bytes per rank (mupt.memory)
     command: str
     scan_backend: str
+    health: str = "off"  # the live µP health check, in words (mupt.health.describe)
 
     @property
     def params(self) -> int:
@@ -244,6 +245,7 @@ class Plan:
             ("optimizer states (per rank)", format_bytes(m.optimizer)),
             (f"activations (per rank, {act})", format_bytes(m.activations)),
             ("total (per rank)", format_bytes(m.total)),
+            ("µP health check", self.health),
             ("launch command", self.command),
         ]
 
@@ -261,6 +263,7 @@ def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
         cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, world, recipe.launch.fsdp,
         "cuda" if cuda else "cpu", precision, tc.batch_size, tc.seq_len, tc.steps,
         tc.steps * tc.batch_size * tc.seq_len, memory_estimate(cfg, world, recipe.launch.fsdp), command, backend,
+        describe(recipe),
     )  # fmt: skip
 
 
@@ -362,21 +365,22 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{cfg.model.d_model} (base {info.manifest.base_d_model}); {fix}"
             )
     man = recipe.manifest
-    if not man:
+    if man is None:
         return
     for key in ("scheme", "optimizer", "discretization", "base_d_model", "base_d_state", "d_model", "d_state"):
-        if key in man and str(man[key]) != str(getattr(info.manifest, key)):
-            raise ConfigError(f"recipe manifest.{key}={man[key]} but run gives {getattr(info.manifest, key)}; {fix}")
+        given, fresh = getattr(man, key), getattr(info.manifest, key)
+        if str(given) != str(fresh):
+            raise ConfigError(f"recipe manifest.{key}={given} but run gives {fresh}; {fix}")
     fresh_params = info.manifest.params
-    for name, entry in (man.get("params") or {}).items():
+    for name, entry in man.params.items():
         ref = fresh_params.get(name)
-        if ref is None or not isinstance(entry, dict):
+        if ref is None:
             raise ConfigError(f"recipe manifest.params has {name!r}, which this model does not have; {fix}")
         for key in ("lr_mult", "init_std", "fwd_mult", "weight_decay"):
-            if key in entry and not _same(entry[key], getattr(ref, key)):
+            if not _same(getattr(entry, key), getattr(ref, key)):
                 raise ConfigError(
-                    f"recipe manifest gives {name} {key}={entry[key]} but the width rules give {getattr(ref, key)}; "
-                    f"{fix}"
+                    f"recipe manifest gives {name} {key}={getattr(entry, key)} but the width rules give "
+                    f"{getattr(ref, key)}; {fix}"
                 )
 
 
@@ -676,8 +680,12 @@ class ScaleResult:
         return d
 
 
-class _Autocast(nn.Module):
-    """Runs the wrapped module under bf16 autocast; parameters stay fp32 (master weights)."""
+class Autocast(nn.Module):
+    """Runs the wrapped module under bf16 autocast; parameters stay fp32 (master weights).
+
+    ``launch.precision: bf16`` (:class:`mupt.config.Precision`) wraps the model in it; public so that
+    benchmarks measure the same wrapping as ``mupt scale``.
+    """
 
     def __init__(self, inner: nn.Module, device_type: str) -> None:
         super().__init__()
@@ -929,7 +937,7 @@ def _run(
     module: nn.Module = wrapped
     precision = lc.precision.resolve(device.type == "cuda")
     if precision is Precision.BF16:
-        module = _Autocast(module, device.type)
+        module = Autocast(module, device.type)
     if lc.compile:
         module = torch.compile(module)  # type: ignore[assignment]
     trainer.module = module

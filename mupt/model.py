@@ -45,45 +45,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mupt.config import Arch, ModelConfig
+from mupt.config import Arch, ModelConfig, Role
 from mupt.errors import CheckpointError
 from mupt.scan import selective_scan, ssd_scan
 
-
-class Role(StrEnum):
-    """What a parameter is, for the width rules. Every parameter has exactly one."""
-
-    EMBEDDING = "embedding"
-    NORM = "norm"
-    IN_PROJ = "in_proj"
-    CONV_WEIGHT = "conv1d_weight"
-    CONV_BIAS = "conv1d_bias"
-    X_PROJ_DT = "x_proj_dt"
-    X_PROJ_B = "x_proj_B"
-    X_PROJ_C = "x_proj_C"
-    DT_PROJ = "dt_proj"
-    DT_BIAS = "dt_bias"
-    A_LOG = "A_log"
-    D = "D"
-    OUT_PROJ = "out_proj"
-    LM_HEAD = "lm_head"
-    # mamba2 only
-    IN_PROJ_Z = "in_proj_z"
-    IN_PROJ_X = "in_proj_x"
-    IN_PROJ_B = "in_proj_B"
-    IN_PROJ_C = "in_proj_C"
-    IN_PROJ_DT = "in_proj_dt"
-    A_LOG_HEAD = "A_log_head"
-    GATED_NORM = "gated_norm"
-
-
-_SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
+SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
     ("backbone.embedding.weight", Role.EMBEDDING),
     ("lm_head.weight", Role.LM_HEAD),
     ("norm.weight", Role.NORM),
@@ -102,7 +73,7 @@ _SUFFIX_ROLES: tuple[tuple[str, Role], ...] = (
 )
 
 
-_SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
+SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
     ("backbone.embedding.weight", Role.EMBEDDING),
     ("lm_head.weight", Role.LM_HEAD),
     ("mixer.norm.weight", Role.GATED_NORM),
@@ -124,8 +95,8 @@ _SUFFIX_ROLES_MAMBA2: tuple[tuple[str, Role], ...] = (
 
 #: The roles each architecture's parameters have (every Role belongs to at least one).
 ARCH_ROLES: dict[Arch, frozenset[Role]] = {
-    Arch.MAMBA1: frozenset(r for _, r in _SUFFIX_ROLES),
-    Arch.MAMBA2: frozenset(r for _, r in _SUFFIX_ROLES_MAMBA2),
+    Arch.MAMBA1: frozenset(r for _, r in SUFFIX_ROLES),
+    Arch.MAMBA2: frozenset(r for _, r in SUFFIX_ROLES_MAMBA2),
 }
 
 
@@ -135,7 +106,7 @@ def role_of(name: str, arch: Arch | str = Arch.MAMBA1) -> Role:
     The first matching suffix wins (mamba2's ``mixer.norm.weight``, the gated norm, precedes the
     block's pre-norm ``norm.weight``).
     """
-    table = _SUFFIX_ROLES_MAMBA2 if Arch(arch) is Arch.MAMBA2 else _SUFFIX_ROLES
+    table = SUFFIX_ROLES_MAMBA2 if Arch(arch) is Arch.MAMBA2 else SUFFIX_ROLES
     for suffix, role in table:
         if name == suffix or name.endswith("." + suffix):
             return role

@@ -27,10 +27,9 @@ docs/width_rules.md and regenerate the docs table.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -41,14 +40,14 @@ from torch import nn
 from mupt.config import (
     Arch,
     Discretization,
+    Entry,
+    Manifest,
     ModelConfig,
     OptimizerName,
     ParamConfig,
     Scheme,
     atomic_write_text,
     from_dict,
-    read_yaml,
-    write_yaml,
 )
 from mupt.errors import ConfigError
 from mupt.model import ARCH_ROLES, Mamba2Mixer, MambaLM, MambaMixer, Role, default_init_std, role_of
@@ -431,60 +430,6 @@ def _ratio(exp: Exp, r_u: float, r_x: float) -> float:
 
 
 @dataclass
-class Entry:
-    """Manifest row for one parameter."""
-
-    role: str
-    shape: list[int]
-    fan_in: int
-    fan_out: int
-    init_std: float | None
-    lr_mult: float
-    fwd_mult: float
-    weight_decay: float
-
-
-@dataclass
-class Manifest:
-    scheme: str
-    optimizer: str
-    discretization: str
-    base_d_model: int
-    base_d_state: int
-    d_model: int
-    d_state: int
-    params: dict[str, Entry] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        try:
-            params = {k: Entry(**v) for k, v in data["params"].items()}
-            return cls(**{**data, "params": params})
-        except (KeyError, TypeError) as err:
-            raise ConfigError(f"manifest is malformed ({err}); regenerate it with mupt") from None
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.suffix == ".json":
-            atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-        else:
-            write_yaml(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        path = Path(path)
-        if path.suffix == ".json":
-            try:
-                return cls.from_dict(json.loads(path.read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ConfigError(f"{path}: cannot read manifest ({err}); regenerate it") from None
-        return cls.from_dict(read_yaml(path))
-
-
-@dataclass
 class Parametrized:
     param_groups: list[dict[str, Any]]
     manifest: Manifest
@@ -566,8 +511,9 @@ def apply(
             f"(see {DOCS}, section 6, for adding rules)"
         )
     manifest = Manifest(
-        scheme.value, opt.value, cfg.discretization.value, base.d_model, base.d_state, cfg.d_model, cfg.d_state
-    )
+        scheme=scheme, optimizer=opt, discretization=cfg.discretization, base_d_model=base.d_model,
+        base_d_state=base.d_state, d_model=cfg.d_model, d_state=cfg.d_state,
+    )  # fmt: skip
     eps = ADAM_EPS if scheme is Scheme.SP else ADAM_EPS / r_u
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     fwd: dict[Role, float] = {}
@@ -589,7 +535,10 @@ def apply(
             wd_exp = weight_decay_exp(rule, role, scheme, opt, cfg.discretization)
             wd = 0.0 if wd_exp is None else weight_decay * _ratio(wd_exp, r_u, r_x)
             fan_in, fan_out = _fan(p)
-            manifest.params[name] = Entry(role.value, list(p.shape), fan_in, fan_out, std, lr_mult, 0.0, wd)
+            manifest.params[name] = Entry(
+                role=role, shape=list(p.shape), fan_in=fan_in, fan_out=fan_out, init_std=std, lr_mult=lr_mult,
+                fwd_mult=0.0, weight_decay=wd,
+            )  # fmt: skip
             g = groups.setdefault(
                 (lr_mult, wd),
                 {"params": [], "names": [], "lr": lr * lr_mult, "lr_mult": lr_mult, "weight_decay": wd, "eps": eps},
@@ -601,8 +550,10 @@ def apply(
         # its manifest row: no tensor of its own (init and LR are the embedding's), but its own multiplier
         emb = next(e for e in manifest.params.values() if e.role == Role.EMBEDDING.value)
         vocab, width = emb.shape
-        manifest.params[TIED_HEAD] = Entry(Role.LM_HEAD.value, list(emb.shape), width, vocab, None, emb.lr_mult, 0.0,
-                                           emb.weight_decay)  # fmt: skip
+        manifest.params[TIED_HEAD] = Entry(
+            role=Role.LM_HEAD, shape=list(emb.shape), fan_in=width, fan_out=vocab, init_std=None,
+            lr_mult=emb.lr_mult, fwd_mult=0.0, weight_decay=emb.weight_decay,
+        )  # fmt: skip
     fwd[Role.LM_HEAD] *= param.output_mult
     fwd[Role.EMBEDDING] *= param.embedding_mult
     set_forward_multipliers(model, fwd)

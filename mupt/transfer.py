@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -450,7 +451,7 @@ def per_role_frame(recipe: Recipe) -> pd.DataFrame:
     base = recipe.source.get("base_per_role", {})
     records = []
     for role, tgt in recipe.per_role.items():
-        b = base.get(role, {})
+        b: Mapping[str, Any] = base.get(role) or {}
         row: dict[str, Any] = {"role": role}
         for key in ("init_std", "lr", "fwd_mult", "weight_decay"):
             row[f"base_{key}"], row[key] = b.get(key), tgt.get(key)
@@ -543,9 +544,10 @@ def check_ratios(recipe: Recipe) -> list[str]:
         rule = rules[Role(name)]
         for key, exp in (("lr", rule.lr), ("init_std", rule.init)):
             want = expected_ratio(exp, r_u, r_x)
-            if want is None or base[key] is None:
+            b, t = base.get(key), tgt.get(key)
+            if want is None or not isinstance(b, (int, float)) or not isinstance(t, (int, float)):
                 continue
-            got = tgt[key] / base[key]  # type: ignore[operator]
+            got = t / b
             if not math.isclose(got, want, rel_tol=1e-9):
                 bad.append(f"{name}.{key}: ratio {got:.6g}, rule says {want:.6g}")
     return bad

@@ -206,3 +206,27 @@ def test_tied_mup_ssm_shared_readout_passes_and_without_its_multiplier_fails(mon
     monkeypatch.setattr(parametrization, "TIED_READOUT", no_mult)
     unscaled = coord_check(scheme="mup-ssm", **settings)
     assert not unscaled.passed and unscaled.row("head", "logits").slope > 0.25
+
+
+def test_api_and_cli_run_under_the_same_numerics(cli, tmp_path) -> None:
+    """`mupt check coord`, `check all`'s coordinate part and the Python API all call coord_check, which
+    flushes denormals while it measures and restores the caller's mode after: identical RMS, bit for bit."""
+    import torch
+
+    def denormals_kept() -> bool:
+        return torch.tensor([1e-40], dtype=torch.float32).mul(1.0).item() != 0.0
+
+    torch.set_flush_denormal(False)
+    assert denormals_kept()
+    flushed: list[bool] = []
+    api = coord_check(
+        scheme="sp", widths=(16, 128), seeds=1, steps=1, n_layers=1, seq_len=16, backend="reference",
+        on_run=lambda *_: flushed.append(not denormals_kept()),
+    )  # fmt: skip
+    assert flushed == [True, True]  # while measuring (the API too, not only the CLI)
+    assert denormals_kept()  # the caller's mode is back
+    args = ["--scheme", "sp", "--widths", "16,128", "--seeds", "1", "--steps", "1", "--layers", "1", "--seq-len", "16"]
+    code, out, _ = cli("check", "coord", *args, "--backend", "reference", "--out", str(tmp_path / "c"))
+    assert code == 1, out
+    rows = json.loads((tmp_path / "c" / "coord.json").read_text())["rows"]
+    assert [r["rms_seeds"] for r in rows] == [r.rms_seeds for r in api.rows]

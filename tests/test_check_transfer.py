@@ -224,3 +224,18 @@ def test_bad_inputs_exit_2_one_line(cli, tmp_path: Path, flag: str, value: str) 
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert flag in stderr or value.split(",")[-1] in stderr
     assert not (tmp_path / "x" / "points").exists()
+
+
+def test_sweep_spec_is_validated_when_built() -> None:
+    """The transfer-check settings refuse what the sweep cannot use, in one line, before any training."""
+    good = SweepSpec(tiny_base(), [16, 32], [2**-9, 2**-8, 2**-7], ["mup-ssm"], [0])
+    assert good.schemes == [Scheme.MUP_SSM]  # a StrEnum after validation
+    for widths, lrs, schemes, seeds, pattern in [
+        ([16], [2**-9, 2**-8, 2**-7], [Scheme.MUP_SSM], [0], "widths"),
+        ([16, 32], [2**-9, 2**-8], [Scheme.MUP_SSM], [0], "at least 3"),
+        ([16, 32], [2**-9, 2**-8, float("nan")], [Scheme.MUP_SSM], [0], "finite"),
+        ([16, 32], [2**-9, 2**-8, 2**-7], [], [0], "schemes"),
+        ([16, 32], [2**-9, 2**-8, 2**-7], [Scheme.MUP_SSM], [], "seeds"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            SweepSpec(tiny_base(), widths, lrs, schemes, seeds)

@@ -3,8 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mupt.config import BestParams, Recipe, RunConfig, load_yaml, save_yaml, with_overrides
+from mupt.config import BestParams, Recipe, RunConfig, load_recipe, load_yaml, save_yaml, with_overrides
 from mupt.errors import ConfigError
 
 
@@ -23,9 +24,47 @@ def test_recipe_and_best_round_trip(tmp_path: Path) -> None:
     best = BestParams(study="s", trial=3, value=2.5, params={"lr": 0.01}, config=RunConfig())
     save_yaml(tmp_path / "best.yaml", best)
     assert load_yaml(tmp_path / "best.yaml", BestParams) == best
-    recipe = Recipe(run=RunConfig(), per_role={"in_proj": {"lr": 0.1, "init_std": None}})
+    row = {"lr": 0.1, "init_std": None, "fwd_mult": 1.0, "weight_decay": 0.0}
+    recipe = Recipe(run=RunConfig(), per_role={"in_proj": row})
     save_yaml(tmp_path / "r.yaml", recipe)
     assert load_yaml(tmp_path / "r.yaml", Recipe) == recipe
+
+
+@pytest.mark.parametrize(
+    ("edit", "pattern"),
+    [
+        (lambda d: d["per_role"]["in_proj"].pop("fwd_mult"), r"per_role\.in_proj\.fwd_mult: Field required"),
+        (lambda d: d["per_role"]["in_proj"].update(lr="fast"), r"per_role\.in_proj\.lr: .*valid number.*'fast'"),
+        (lambda d: d["per_role"]["in_proj"].update(lr_mult=2.0), r"per_role\.in_proj\.lr_mult: Extra inputs"),
+        (lambda d: d["source"]["ratio"].update(width="x8"), r"source\.ratio\.width: .*'x8'"),
+        (lambda d: d["source"].update(proxy_config={"model": {"d_model": -1}}), r"proxy_config\.model\.d_model"),
+        (lambda d: d["manifest"].update(scheme="mu-p"), r"manifest\.scheme: .*'mu-p'"),
+        (lambda d: d["manifest"]["params"]["w"].update(role="head"), r"manifest\.params\.w\.role: .*'head'"),
+        (lambda d: d.update(launch={"precision": "fp16"}), r"launch\.precision: .*'fp16'"),
+    ],
+)
+def test_every_recipe_section_is_validated_when_loaded(tmp_path: Path, edit, pattern: str) -> None:
+    """A hand-edited recipe is refused at load, naming the field, in every section (never used half-checked)."""
+    row = {"lr": 0.1, "init_std": 0.02, "fwd_mult": 1.0, "weight_decay": 0.0}
+    entry = {"role": "in_proj", "shape": [4, 2], "fan_in": 2, "fan_out": 4, "init_std": 0.02, "lr_mult": 1.0,
+             "fwd_mult": 1.0, "weight_decay": 0.0}  # fmt: skip
+    manifest = {"scheme": "mup-ssm", "optimizer": "adamw", "discretization": "zoh", "base_d_model": 64,
+                "base_d_state": 16, "d_model": 128, "d_state": 16, "params": {"w": entry}}  # fmt: skip
+    good = {
+        "source": {"ratio": {"width": 2.0, "state": 1.0}, "proxy_config": {}, "base_per_role": {"in_proj": row}},
+        "run": {},
+        "per_role": {"in_proj": dict(row)},
+        "manifest": manifest,
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(good))
+    assert load_recipe(path).manifest.params["w"].role == "in_proj"  # the unedited recipe loads
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,11 @@ from expected_rules import expected, expected_adam_l2_wd
 
 from mupt.config import Arch, Discretization, ModelConfig, OptimizerName, ParamConfig, Scheme
 from mupt.errors import ConfigError
-from mupt.model import ARCH_ROLES, MambaLM, Role, role_of
+from mupt.model import ARCH_ROLES, SUFFIX_ROLES, MambaLM, Role, role_of
 from mupt.parametrization import (
     NO_WEIGHT_DECAY,
     RULE_TABLE,
+    TIED_HEAD,
     Manifest,
     apply,
     named_roles,
@@ -46,13 +47,11 @@ CONFIGS = [
 
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_every_parameter_gets_exactly_one_role_and_one_group(kw: dict) -> None:
-    from mupt import model as model_mod
-
     m = model(**kw)
     roles = named_roles(m)
     assert set(roles) == {n for n, _ in m.named_parameters()}
     for name in roles:  # exactly one suffix rule matches (no shadowing, no default)
-        hits = [r for s, r in model_mod._SUFFIX_ROLES if name == s or name.endswith("." + s)]
+        hits = [r for s, r in SUFFIX_ROLES if name == s or name.endswith("." + s)]
         assert len(hits) == 1, (name, hits)
     assert set(roles.values()) >= ARCH_ROLES[Arch.MAMBA1] - ({Role.LM_HEAD} if kw.get("tie_embeddings") else set())
     schemes = list(Scheme)  # tied embeddings too: a shared readout under the µP schemes
@@ -60,9 +59,11 @@ def test_every_parameter_gets_exactly_one_role_and_one_group(kw: dict) -> None:
         par = apply(m, ParamConfig(scheme=scheme), "adamw", 1e-3, reinit=False)
         ids = [id(p) for g in par.param_groups for p in g["params"]]
         assert sorted(ids) == sorted(id(p) for p in m.parameters())  # each exactly once
-        assert set(par.manifest.params) == set(roles)
+        # a tied readout has a manifest row of its own (its multiplier) but no tensor of its own
+        tied = {TIED_HEAD: Role.LM_HEAD} if kw.get("tie_embeddings") else {}
+        assert set(par.manifest.params) == set(roles) | set(tied)
         for name, entry in par.manifest.params.items():
-            assert entry.role == roles[name].value
+            assert entry.role == {**roles, **tied}[name]
 
 
 def test_unknown_parameter_has_no_role() -> None:

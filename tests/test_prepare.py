@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -279,23 +280,33 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_check_coord_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = cli(
+    """SP on the prepared dataset: one global Adam LR makes the block update grow with fan-in from the first
+    step (about +0.6 in log2-log2 at 16..128, section 4 of docs/width_rules.md), so the gate must fail."""
+    code, out, err = cli(
         "check", "coord", "--data", str(bpe_dataset), "--widths", "16,128", "--seeds", "1", "--steps", "1",
-        "--layers", "1", "--out", str(tmp_path / "c"),
+        "--layers", "1", "--scheme", "sp", "--out", str(tmp_path / "c"),
     )  # fmt: skip
-    assert code in (0, 1), err  # a verdict, not a usage error
+    assert code == 1, out + err  # the FAIL verdict, not a usage error
     report = json.loads((tmp_path / "c" / "coord.json").read_text())
-    assert str(bpe_dataset) in json.dumps(report)
+    assert str(bpe_dataset) in json.dumps(report) and report["passed"] is False
+    rows = {r["key"]: r for r in report["rows"]}
+    rms = rows["0.dout"]["rms"]  # independent of the fitted slope: the raw RMS grew by > 2^1.2 over 8x width
+    assert math.log2(rms[1] / rms[0]) / 3 > 0.4 and not rows["0.dout"]["flat"], rms
 
 
 def test_check_transfer_on_a_dataset(bpe_dataset: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = cli(
-        "check", "transfer", "--data", str(bpe_dataset), "--widths", "16,32,128", "--lrs", "2^-8,2^-6,2^-4",
+    """Every point trains on the prepared dataset; at LRs 2^8..2^10 every width diverges (read from the raw
+    points, independent of the gate), so no width has an optimum and the verdict must be FAIL (exit 1)."""
+    code, out, err = cli(
+        "check", "transfer", "--data", str(bpe_dataset), "--widths", "16,32,128", "--lrs", "2^8,2^9,2^10",
         "--seeds", "1", "--steps", "2", "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--workers", "1",
         "--out", str(tmp_path / "t"),
     )  # fmt: skip
-    assert code in (0, 1), err  # a verdict, not a usage error
-    assert str(bpe_dataset) in (tmp_path / "t" / "transfer.json").read_text()
+    points = pd.read_csv(tmp_path / "t" / "points.csv")
+    assert len(points) == 9 and set(points["status"]) == {"diverged"}, points
+    assert code == 1, out + err  # the FAIL verdict, not a usage error (2)
+    report = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert str(bpe_dataset) in json.dumps(report) and report["passed"] is False
 
 
 def test_rank_slices_are_disjoint_and_cover_the_global_batch(bpe_dataset: Path) -> None:

@@ -39,7 +39,8 @@ def test_tensorboard_events_match_metrics_jsonl_and_survive_a_resume(tmp_path: P
         assert tb["lr/base"][step] == pytest.approx(r["lr"], rel=1e-6)
         assert tb["train/tokens_per_s"][step] > 0
     # one LR curve per optimizer group, each = base LR x the group's width-rule multiplier
-    mults = sorted({float(v["lr_mult"]) for v in recipe.manifest["params"].values()})
+    assert recipe.manifest is not None
+    mults = sorted({e.lr_mult for e in recipe.manifest.params.values()})
     groups = sorted(t for t in tb if t.startswith("lr/group"))
     assert sorted(float(t.rsplit("_x", 1)[1]) for t in groups) == mults == [0.5, 1.0]
     for tag in groups:

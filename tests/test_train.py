@@ -58,10 +58,25 @@ def test_schedule_scales_group_lrs_and_keeps_their_ratios() -> None:
     assert t.current_lr() == pytest.approx(cfg.train.lr * f(6))
 
 
-def test_sgd_and_recall_task_train() -> None:
-    res = train(tiny(**{"train.optimizer": "sgd", "train.lr": 0.3, "data.source": "recall", "train.seq_len": 40}))
-    assert res.status == "ok" and all(math.isfinite(x) for x in res.train_loss)
+def test_recall_task_is_learned_beyond_what_ignores_the_context() -> None:
+    """Loss is on the answers only, whose values are uniform over 128 tokens: a model that does not read
+    the context can reach ln 128 = 4.85 nats at best; recalling the queried key's value reaches 0.
+    Measured (AdamW 1e-2, 250 steps, 2 pairs): 2.26 nats (seeds 1-3: 3.29, 2.40, 2.34)."""
+    recall = {"data.source": "recall", "data.recall_pairs": 2, "train.seq_len": 16, "train.batch_size": 16}
+    cfg = tiny(**recall, **{"train.optimizer": "adamw", "train.lr": 1e-2, "train.steps": 250, "train.eval_every": 250})
+    trainer = Trainer(cfg)
+    initial = trainer.evaluate()
+    assert abs(initial - math.log(256)) < 0.6  # untrained: near uniform over the vocabulary
+    res = trainer.run()
+    assert res.status == "ok" and res.final_val_loss is not None
+    assert res.final_val_loss < math.log(128) - 1.0, res.final_val_loss  # it reads the context: recall
     assert res.bytes_per_token is None and res.bits_per_byte(res.final_val_loss) is None
+    # SGD trains on it too (its vector-like roles get the N_u LR rule): the loss falls from near-uniform
+    sgd = train(
+        tiny(**recall, **{"train.optimizer": "sgd", "train.lr": 0.3, "train.steps": 20, "train.eval_every": 20})
+    )
+    assert sgd.status == "ok" and sgd.final_val_loss is not None
+    assert sgd.final_val_loss < initial - 0.2, (initial, sgd.final_val_loss)  # measured 5.70 -> 5.39
 
 
 class Recorder(Hook):

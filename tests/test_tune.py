@@ -100,7 +100,7 @@ def test_tiny_study_finds_lr_in_good_range(tmp_path: Path) -> None:
     back = load_best(path)
     assert isinstance(back, BestParams) and back == bp
     assert back.config.train.lr == bp.params["lr"] and back.config.model.d_model == 32
-    assert back.manifest["scheme"] == "mup-ssm" and back.manifest["base_d_model"] == 32
+    assert back.manifest is not None and back.manifest.scheme == "mup-ssm" and back.manifest.base_d_model == 32
     # reproducibility record on the study
     attrs = study.user_attrs
     assert attrs["proxy_config"]["train"]["steps"] == 30 and attrs["seed"] == 0 and attrs["data_source"] == "builtin"

@@ -44,6 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
 from mupt.check.regret import RegretRow, per_seed, regret_by_width, worst_regret
 from mupt.config import RunConfig, Scheme, atomic_write_text, from_dict, to_dict, with_overrides
 from mupt.errors import ConfigError, StorageError
@@ -177,13 +180,30 @@ class PointCache:
         atomic_write_text(self.path(record["key"]), json.dumps(record, indent=1))
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
 class SweepSpec:
+    """What an LR-transfer check sweeps (typed, validated when built: one-line ConfigError).
+
+    ``base`` is the run every point starts from; ``widths`` are d_model values (the smallest is the base
+    shape, >= 2 distinct); ``lrs`` the base-LR grid (>= 3 positive, finite values, so that a parabola can
+    locate the optimum, docs/ci.md); ``schemes`` the first of which is gated; ``seeds`` per point.
+    """
+
     base: RunConfig
     widths: list[int]
     lrs: list[float]
     schemes: list[Scheme]
     seeds: list[int]
+
+    def __post_init__(self) -> None:
+        if len(set(self.widths)) < 2 or min(self.widths) <= 0:
+            raise ConfigError(f"widths {self.widths}: give at least two distinct positive d_model widths")
+        if len(set(self.lrs)) < 3 or not all(math.isfinite(x) and x > 0 for x in self.lrs):
+            raise ConfigError(f"lrs {self.lrs}: give at least 3 distinct positive, finite learning rates")
+        if not self.schemes or len(set(self.schemes)) != len(self.schemes):
+            raise ConfigError(f"schemes {[s.value for s in self.schemes]}: give one or more distinct schemes")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds {self.seeds}: give one or more distinct seeds")
 
     def configs(self) -> list[RunConfig]:
         bw = min(self.widths)

@@ -126,7 +126,7 @@ def transfer(
     batch_size: BatchOpt = None,
     seq_len: SeqOpt = None,
     schedule: Annotated[
-        str | None,
+        Schedule | None,
         typer.Option(
             "--schedule",
             help="Target LR schedule after warmup: constant, cosine, linear or wsd (warmup-stable-decay); "
@@ -239,8 +239,6 @@ def transfer(
         if to_width is None:
             return
     assert to_width is not None
-    if schedule is not None and schedule not in {x.value for x in Schedule}:
-        raise ConfigError(f"--schedule {schedule!r}: choose one of {', '.join(x.value for x in Schedule)}")
     sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
@@ -284,7 +282,6 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
             "expected regret: unknown (no `mupt check transfer` result with this proxy as its base under --runs-dir; "
             "run one with --vs sp,mup, or pass --check)",
             highlight=False,
-            soft_wrap=True,
         )
         return
 
@@ -298,7 +295,6 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
         f"regret measured by {expected.path} (base {expected.base_width}, {expected.seeds} seeds, {expected.steps} "
         "steps): " + ", ".join(cell(r) for r in expected.rows),
         highlight=False,
-        soft_wrap=True,
     )
     confirm = f"mupt check target {dest if dest is not None else 'RECIPE'}"
     if expected.at_target is not None:
@@ -308,13 +304,11 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
             f"[yellow]the target d_model {expected.target_width} is wider than any width checked (max "
             f"{expected.max_checked}): its regret is not measured[/]; confirm it with `{confirm}`",
             highlight=False,
-            soft_wrap=True,
         )
     else:
         out.print(
             f"the target d_model {expected.target_width} was not checked itself; confirm it with `{confirm}`",
             highlight=False,
-            soft_wrap=True,
         )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -297,7 +298,7 @@ def identity_of(source: TokenSource) -> dict[str, Any]:
             "tokens": None, "corpus_sha256": None}  # fmt: skip
 
 
-def compare_identity(proxy: dict[str, Any], target: dict[str, Any]) -> list[str]:
+def compare_identity(proxy: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
     """Refuse a target whose tokenizer differs from the proxy's; warn when the corpus differs.
 
     Returns the warnings (one line each); raises DataError naming both tokenizers.  Empty
@@ -306,7 +307,7 @@ def compare_identity(proxy: dict[str, Any], target: dict[str, Any]) -> list[str]
     if not proxy or not target:
         return []
 
-    def tok(d: dict[str, Any]) -> str:
+    def tok(d: Mapping[str, Any]) -> str:
         sha = d.get("tokenizer_sha256")
         return f"{d.get('tokenizer')} (sha256 {sha[:12] if sha else '?'}, vocab {d.get('vocab_size')})"
 
