@@ -196,6 +196,21 @@ def resolve_every(recipe: Recipe) -> int:
     return every
 
 
+def describe(recipe: Recipe) -> str:
+    """One line for ``mupt scale --dry-run``: what the health check will compare, or why it is off."""
+    every, ref = resolve_every(recipe), recipe.health
+    if ref is None:
+        return "off (the recipe has no health reference: mupt transfer --health-steps K records one)"
+    if every == 0:
+        return "off (--health-every 0)"
+    width = width_log2(recipe, ref)
+    strict = "; --health-strict: stop at the first" if recipe.launch.health_strict else ""
+    return (
+        f"every {every} steps vs the proxy (d_model {ref.proxy['d_model']}, {len(ref.seeds)} seeds) up to step "
+        f"{ref.steps}; band {ref.tolerance:g} x {width:.2f} + {ref.noise_z:g} seed sd{strict}"
+    )
+
+
 @dataclass(frozen=True)
 class Reading:
     """One quantity at one probe: the wide run's RMS against the proxy's at the same step."""

@@ -56,7 +56,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
-from mupt.health import HealthProbe, resolve_every
+from mupt.health import HealthProbe, describe, resolve_every
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
 from mupt.sinks import SinkLog, Writer, check_installed, group_text, open_writers, parse_sinks
@@ -223,6 +223,7 @@ class Plan:
     memory: MemoryEstimate  # bytes per rank (mupt.memory)
     command: str
     scan_backend: str
+    health: str = "off"  # the live µP health check, in words (mupt.health.describe)
 
     @property
     def params(self) -> int:
@@ -244,6 +245,7 @@ class Plan:
             ("optimizer states (per rank)", format_bytes(m.optimizer)),
             (f"activations (per rank, {act})", format_bytes(m.activations)),
             ("total (per rank)", format_bytes(m.total)),
+            ("µP health check", self.health),
             ("launch command", self.command),
         ]
 
@@ -261,6 +263,7 @@ def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
         cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, world, recipe.launch.fsdp,
         "cuda" if cuda else "cpu", precision, tc.batch_size, tc.seq_len, tc.steps,
         tc.steps * tc.batch_size * tc.seq_len, memory_estimate(cfg, world, recipe.launch.fsdp), command, backend,
+        describe(recipe),
     )  # fmt: skip
 
 
