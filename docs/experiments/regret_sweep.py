@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (a factor)")
     ap.add_argument("--transfer-from", default="mup-ssm", help="scheme whose base optimum is transferred")
+    ap.add_argument("--extra", default="", help="extra points after the base, WIDTH:SCHEME:LOG2LR,... (every seed)")
     ap.add_argument("--cache", default="runs/regret-cache")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -211,6 +212,10 @@ def main() -> int:
                     more = s.needed(losses_of(s.scheme, s.width))
                     if more:
                         pending.append((s.scheme, s.width, more))
+    # 3. extra single points (e.g. the transferred setting and SP's expected best at a wider width)
+    if args.extra:
+        extra = [item.split(":") for item in args.extra.split(",")]
+        run_round([(scheme, int(w_s), [float(x_s)]) for w_s, scheme, x_s in extra])
     pool.shutdown()
     write()
     print(f"done in {time.time() - start:.0f}s -> {args.out}", flush=True)

@@ -282,7 +282,6 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
             "expected regret: unknown (no `mupt check transfer` result with this proxy as its base under --runs-dir; "
             "run one with --vs sp,mup, or pass --check)",
             highlight=False,
-            soft_wrap=True,
         )
         return
 
@@ -296,7 +295,6 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
         f"regret measured by {expected.path} (base {expected.base_width}, {expected.seeds} seeds, {expected.steps} "
         "steps): " + ", ".join(cell(r) for r in expected.rows),
         highlight=False,
-        soft_wrap=True,
     )
     confirm = f"mupt check target {dest if dest is not None else 'RECIPE'}"
     if expected.at_target is not None:
@@ -306,13 +304,11 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
             f"[yellow]the target d_model {expected.target_width} is wider than any width checked (max "
             f"{expected.max_checked}): its regret is not measured[/]; confirm it with `{confirm}`",
             highlight=False,
-            soft_wrap=True,
         )
     else:
         out.print(
             f"the target d_model {expected.target_width} was not checked itself; confirm it with `{confirm}`",
             highlight=False,
-            soft_wrap=True,
         )
 
 
