@@ -173,8 +173,10 @@ def width_log2(recipe: Recipe, ref: HealthReference) -> float:
 def resolve_every(recipe: Recipe) -> int:
     """Probe interval of ``mupt scale`` (0 = off): ``launch.health_every``, default a quarter of the reference.
 
-    Raises :class:`ConfigError` when a probe or ``--health-strict`` is asked of a recipe without a
-    reference, or the interval exceeds the reference's steps (only the init would be compared).
+    Off by default for a run started ``--init-from`` a checkpoint (its changes since init are not the
+    proxy's).  Raises :class:`ConfigError` when a probe or ``--health-strict`` is asked of a recipe
+    without a reference or of an ``--init-from`` run, or the interval exceeds the reference's steps
+    (only the init would be compared).
     """
     ref, lc = recipe.health, recipe.launch
     if ref is None:
@@ -183,6 +185,14 @@ def resolve_every(recipe: Recipe) -> int:
             raise ConfigError(
                 f"{flag}: the recipe has no health reference; regenerate it with mupt transfer "
                 f"(--health-steps {DEFAULT_STEPS}), or drop {flag}"
+            )
+        return 0
+    if recipe.run.train.init_from is not None:  # not from init: the proxy's changes since init say nothing
+        if lc.health_every or lc.health_strict:
+            flag = "--health-strict" if lc.health_strict else f"--health-every {lc.health_every}"
+            raise ConfigError(
+                f"{flag}: the run starts from {recipe.run.train.init_from} (--init-from), not from the width "
+                f"rules' init that the proxy reference was measured from; drop {flag}"
             )
         return 0
     every = max(1, ref.steps // 4) if lc.health_every is None else lc.health_every
@@ -202,6 +212,8 @@ def describe(recipe: Recipe) -> str:
     if ref is None:
         return "off (the recipe has no health reference: mupt transfer --health-steps K records one)"
     if every == 0:
+        if recipe.run.train.init_from is not None:
+            return "off (the run starts from a checkpoint, --init-from)"
         return "off (--health-every 0)"
     width = width_log2(recipe, ref)
     strict = "; --health-strict: stop at the first" if recipe.launch.health_strict else ""

@@ -132,6 +132,10 @@ def test_health_flags_a_recipe_cannot_serve_are_one_line(recipes: dict[str, Path
     assert resolve_every(bare) == 0  # no reference, no flag: off
     with pytest.raises(ConfigError, match="--health-strict: the recipe has no health reference"):
         resolve_every(launch.apply_overrides(bare, health_strict=True))
+    warm = launch.apply_overrides(ok, init_from=tmp_path / "hf")  # continued pre-training: not from init
+    assert resolve_every(warm) == 0
+    with pytest.raises(ConfigError, match="--health-every 2: the run starts from .*hf \\(--init-from\\)"):
+        resolve_every(launch.apply_overrides(warm, health_every=2))
     code, out, _ = cli("scale", str(recipes["ok"]), "--run-dir", str(tmp_path / "x"), "--dry-run", "--health-strict")
     plain = " ".join(re.sub("[│┃]", " ", out).split())  # the table's cell text, however the terminal wraps it
     assert code == 0 and "every 2 steps vs the proxy (d_model 64, 4 seeds) up to step 8" in plain
