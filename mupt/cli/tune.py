@@ -387,6 +387,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     interrupted before any trial finished at the proxy width gets its tables and plots and a line saying so.
     """
     best_path = settings.run_dir / "best.yaml"
+    bp: BestParams | None = load_best(best_path) if best_path.is_file() else None  # a corrupt one: one line, first
     ladder = load_existing(settings, cfg)
     _table(ladder, top)
     if len(ladder.rungs) > 1:
@@ -395,10 +396,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     table_path = write_table(ladder, table_out) if table_out is not None else None
     spent, grid = study_flops(ladder), grid_flops(settings, cfg)
     counts = count_states(ladder)
-    bp: BestParams | None
-    if best_path.is_file():
-        bp = load_best(best_path)
-    else:
+    if bp is None:
         try:
             bp, best_path = write_best(ladder, cfg, settings.run_dir)
         except StorageError:
