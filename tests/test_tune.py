@@ -155,7 +155,10 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
             time.sleep(0.2)
             if not (tmp_path / "proxy-w32" / "journal.log").exists():
                 continue
-            study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
+            try:  # the journal file can exist a moment before the study's first record is in it
+                study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
+            except KeyError:
+                continue
             done = study.get_trials(states=(TrialState.COMPLETE,))
             running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
             if done and running:
