@@ -20,6 +20,10 @@ ROLE is a :class:`mupt.config.Role` value (in_proj_z, in_proj_x, in_proj_B, in_p
 conv1d_weight, conv1d_bias, A_log_head, D, dt_bias, gated_norm, norm, out_proj, embedding, lm_head).
 
     python docs/experiments/mamba2_role_ablation.py --seeds 8 --variants base,freeze:in_proj_C,lr:in_proj_C:-1.5
+
+``--seed-stats coord.json ...`` instead prints, for files that `mupt check coord` wrote, the y and x rows' slopes
+of the mean over seeds (the gate's statistic), of the median and of the geometric mean, and the largest seed's
+RMS over the median seed's per width (docs/width_rules.md, section 9f, finding 3).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from mupt import parametrization, train
-from mupt.check.coord import CoordSettings, coord_check
+from mupt.check.coord import CoordSettings, coord_check, log2_slope
 from mupt.config import Arch, Discretization, RunConfig, Scheme
 from mupt.model import Role
 
@@ -114,8 +120,9 @@ def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | Non
             old = new[role]
             if kind == "init" and old.init is None:
                 raise SystemExit(f"{role.value} has a structured init; it cannot be rescaled")
-            exp = getattr(old, kind)
-            new[role] = dataclasses.replace(old, **{kind: (a, exp[1] if ax is None else ax)})
+            exp: tuple[float, float] = getattr(old, kind)
+            changed: dict[str, Any] = {kind: (a, exp[1] if ax is None else ax)}
+            new[role] = dataclasses.replace(old, **changed)
         parametrization.RULES[key] = new
     try:
         settings = AblationSettings(
@@ -138,6 +145,25 @@ def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | Non
     }
 
 
+def seed_stats(path: str) -> None:
+    """Print the y and x rows' slopes of the mean, median and geometric mean over seeds of a coord.json."""
+    d = json.loads(Path(path).read_text())
+    widths = d["widths"]
+    print(f"{path} (widths {widths}): slope of mean / median / geometric mean; largest/median seed per width")
+    for r in d["rows"]:
+        if r["quantity"] not in ("x", "y"):
+            continue
+        per = r["rms_seeds"]
+        stats = [
+            [sum(s) / len(s) for s in per],
+            [statistics.median(s) for s in per],
+            [math.exp(sum(math.log(v) for v in s) / len(s)) for s in per],
+        ]
+        slopes = " / ".join(f"{log2_slope(widths, m):+.2f}" for m in stats)
+        spread = " ".join(f"{max(s) / statistics.median(s):.1f}" for s in per)
+        print(f"  {r['layer']}.{r['quantity']}: {slopes}; {spread}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--widths", default="64,128,256,512")
@@ -148,7 +174,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="Adam steps (the coordinate check's default: 4)")
     p.add_argument("--variants", default="base", help="comma-separated variants (see the module docstring)")
     p.add_argument("--out", default="runs/mamba2_role_ablation.json", help="JSON, extended run by run")
+    p.add_argument("--seed-stats", nargs="+", metavar="COORD_JSON", help="only print seed statistics of these files")
     args = p.parse_args()
+    if args.seed_stats:
+        for path in args.seed_stats:
+            seed_stats(path)
+        return
     widths = tuple(int(w) for w in args.widths.split(","))
     out_path = Path(args.out)
     out: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
