@@ -13,6 +13,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from typing import Any
 
 from mupt.check.regret import regret_by_width
 
@@ -40,8 +41,25 @@ def loss_table(acc: dict[tuple[int, str, float], list[float | None]], seeds: int
     return "\n".join(lines)
 
 
+def factor_table(doc: dict[str, Any]) -> str:
+    """Markdown of a regret_roles.py JSON: per (group, width) the seed-mean loss at each k, the paired change
+    against k = 0 ± seed s.e. (nats/token) and the best k (parabola vertex, clipped to the measured k)."""
+    ks = [k for k in doc["ks"] if k != 0]
+    head = "| group | d_model | loss at k = 0 | " + " | ".join(f"change at k = {k:+g}" for k in ks) + " | best k |"
+    lines = [head, "|:---|---:|---:|" + "---:|" * len(ks) + "---:|"]
+    for r in doc["rows"]:
+        d = r["delta_vs_k0"]
+        cells = [f"{d[str(k)]['mean']:+.4f} ± {d[str(k)]['se']:.4f}" if str(k) in d else "diverged" for k in ks]
+        bk = "-" if r["best_k"] is None else f"{r['best_k']:+.2f}"
+        lines.append(f"| {r['group']} | {r['width']} | {r['mean']['0.0']:.4f} | " + " | ".join(cells) + f" | {bk} |")
+    return "\n".join(lines)
+
+
 def main(path: str) -> None:
     doc = json.loads(open(path, encoding="utf-8").read())
+    if "rows" in doc:  # a regret_roles.py factor study
+        print(factor_table(doc))
+        return
     points = doc["points"]
     scheme = doc.get("transfer_from", "mup-ssm")
     seeds = len(doc["seeds"])
