@@ -8,7 +8,8 @@ How, without a per-role init knob: ``param.output_mult`` = c multiplies the logi
 effective readout c·W (init c times larger); ``param.role_lr`` = {lm_head: 1/c} makes W's Adam step 1/c, so the
 effective readout's step is the rule's.  Adam is invariant to the gradient's scale (weight decay 0, eps 1e-8
 negligible), so this is exactly the model whose lm_head init rule is r_u^-1/2 with the same LR rule.  At the base
-width c = 1: the base model, hence the transferred LR, is unchanged.
+width c = 1: the base model, hence the transferred LR, is unchanged.  ``--embedding-lr-exponent e`` also scales the
+embedding's Adam LR by (w / base)^e (a candidate embedding rule r_u^e).
 
     OMP_NUM_THREADS=1 nice -n 10 python docs/experiments/regret_readout_init.py --data runs/data-licenses \
         --sweep docs/experiments/regret-licenses.json --out docs/experiments/regret-readout-init-licenses.json
@@ -38,6 +39,7 @@ def main() -> int:
     ap.add_argument("--widths", default="64,256,512", help="the first is the base")
     ap.add_argument("--log2-lr", type=float, default=-7.5, help="the transferred LR (the base optimum)")
     ap.add_argument("--exponent", type=float, default=0.5, help="c = (w / base)^exponent")
+    ap.add_argument("--embedding-lr-exponent", type=float, default=0.0, help="also embedding LR x (w / base)^this")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-batches", type=int, default=64)
@@ -66,7 +68,10 @@ def main() -> int:
     start = time.time()
     for w in widths[1:]:
         c = (w / base_w) ** args.exponent
-        cfg0 = with_overrides(base, {"param.output_mult": c, "param.role_lr": {"lm_head": 1.0 / c}})
+        role_lr = {"lm_head": 1.0 / c}
+        if args.embedding_lr_exponent:
+            role_lr["embedding"] = (w / base_w) ** args.embedding_lr_exponent
+        cfg0 = with_overrides(base, {"param.output_mult": c, "param.role_lr": role_lr})
         for seed in range(args.seeds):
             cfg = point_config(cfg0, Scheme(args.scheme), w, 2.0**args.log2_lr, seed, base_w)
             rec = cache.get(point_key(cfg))
@@ -93,7 +98,8 @@ def main() -> int:
             args.out,
             json.dumps(
                 {"data": args.data, "sweep": args.sweep, "scheme": args.scheme, "log2_lr": args.log2_lr,
-                 "exponent": args.exponent, "widths": widths, "rows": rows, "points": points,
+                 "exponent": args.exponent, "embedding_lr_exponent": args.embedding_lr_exponent, "widths": widths,
+                 "rows": rows, "points": points,
                  "base_config": to_dict(base), "elapsed_s": round(time.time() - start, 1)},
                 indent=1,
             ),

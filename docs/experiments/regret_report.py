@@ -55,8 +55,31 @@ def factor_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def variant_table(doc: dict[str, Any]) -> str:
+    """Markdown of a regret_readout_init.py JSON: per width the variant's loss, its paired change against the rule's
+    transferred setting (nats/token ± seed s.e.) and its regret against best(w) (%, ± seed s.e.)."""
+    lines = [
+        "| d_model | lm_head init x c | embedding LR x | loss | change vs the rule | best (w) | regret % | ± s.e. |",
+        "|---:|---:|---:|---:|---:|:---|---:|---:|",
+    ]
+    e = doc.get("embedding_lr_exponent", 0.0)
+    base = doc["widths"][0]
+    for r in doc["rows"]:
+        emb = f"{(r['width'] / base) ** e:.3f}" if e else "1"
+        lines.append(
+            f"| {r['width']} | {r['c']:.3f} | {emb} | {r['loss']:.4f} | "
+            f"{r['change_vs_rule']:+.4f} ± {r['change_se']:.4f} "
+            f"| {r['best_scheme']} at 2^{r['best_log2_lr']:g}: {r['best_loss']:.4f} | **{r['regret_pct']:.2f}** "
+            f"| {r['se_pct']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(path: str) -> None:
     doc = json.loads(open(path, encoding="utf-8").read())
+    if "exponent" in doc:  # a regret_readout_init.py variant
+        print(variant_table(doc))
+        return
     if "rows" in doc:  # a regret_roles.py factor study
         print(factor_table(doc))
         return
