@@ -14,7 +14,7 @@ import os
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator, with_config
@@ -215,6 +215,33 @@ class TrainConfig(_Strict):
     )
 
 
+class Role(StrEnum):
+    """What a parameter is, for the width rules. Every parameter has exactly one."""
+
+    EMBEDDING = "embedding"
+    NORM = "norm"
+    IN_PROJ = "in_proj"
+    CONV_WEIGHT = "conv1d_weight"
+    CONV_BIAS = "conv1d_bias"
+    X_PROJ_DT = "x_proj_dt"
+    X_PROJ_B = "x_proj_B"
+    X_PROJ_C = "x_proj_C"
+    DT_PROJ = "dt_proj"
+    DT_BIAS = "dt_bias"
+    A_LOG = "A_log"
+    D = "D"
+    OUT_PROJ = "out_proj"
+    LM_HEAD = "lm_head"
+    # mamba2 only
+    IN_PROJ_Z = "in_proj_z"
+    IN_PROJ_X = "in_proj_x"
+    IN_PROJ_B = "in_proj_B"
+    IN_PROJ_C = "in_proj_C"
+    IN_PROJ_DT = "in_proj_dt"
+    A_LOG_HEAD = "A_log_head"
+    GATED_NORM = "gated_norm"
+
+
 class ParamConfig(_Strict):
     """Which width rules to apply, relative to which base shape, plus tunable µP multipliers."""
 
@@ -224,6 +251,11 @@ class ParamConfig(_Strict):
     output_mult: float = Field(1.0, gt=0, description="tunable multiplier on the logits")
     embedding_mult: float = Field(1.0, gt=0, description="tunable multiplier on the embedding output")
     init_scale: float = Field(1.0, gt=0, description="tunable global factor on every init std")
+    role_lr: dict[Role, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="extra LR factor per role at every width, on top of the width rule (0 freezes the role), "
+        "e.g. {embedding: 2.0}: for per-role LR studies and corrections (docs/transfer.md)",
+    )
 
 
 class RunConfig(_Strict):
@@ -398,33 +430,6 @@ class BestParams(_Strict):
     )
 
 
-class Role(StrEnum):
-    """What a parameter is, for the width rules. Every parameter has exactly one."""
-
-    EMBEDDING = "embedding"
-    NORM = "norm"
-    IN_PROJ = "in_proj"
-    CONV_WEIGHT = "conv1d_weight"
-    CONV_BIAS = "conv1d_bias"
-    X_PROJ_DT = "x_proj_dt"
-    X_PROJ_B = "x_proj_B"
-    X_PROJ_C = "x_proj_C"
-    DT_PROJ = "dt_proj"
-    DT_BIAS = "dt_bias"
-    A_LOG = "A_log"
-    D = "D"
-    OUT_PROJ = "out_proj"
-    LM_HEAD = "lm_head"
-    # mamba2 only
-    IN_PROJ_Z = "in_proj_z"
-    IN_PROJ_X = "in_proj_x"
-    IN_PROJ_B = "in_proj_B"
-    IN_PROJ_C = "in_proj_C"
-    IN_PROJ_DT = "in_proj_dt"
-    A_LOG_HEAD = "A_log_head"
-    GATED_NORM = "gated_norm"
-
-
 class Entry(BaseModel):
     """Manifest row for one parameter: its role, shape (torch order), fan-in/fan-out, and what the width
     rules gave it at this width: init std (None: structured init, e.g. A_log), LR multiplier (x the base
@@ -437,7 +442,7 @@ class Entry(BaseModel):
     fan_in: int = Field(gt=0)
     fan_out: int = Field(gt=0)
     init_std: float | None = Field(ge=0)
-    lr_mult: float = Field(gt=0)
+    lr_mult: float = Field(ge=0)
     fwd_mult: float
     weight_decay: float = Field(ge=0)
 

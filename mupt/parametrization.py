@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -488,8 +489,10 @@ def apply(
     (decoupled) and SGD, a different power for plain Adam (L2 added to the gradient); roles in
     NO_WEIGHT_DECAY get none.  Init stds are the base shape's default
     (:func:`mupt.model.default_init_std`) times the rule's ratio times ``param.init_scale``.  Tied
-    embeddings are a shared readout (:data:`TIED_READOUT`).  Raises ConfigError for unknown names or a
-    d_model whose auto dt_rank would not scale.
+    embeddings are a shared readout (:data:`TIED_READOUT`).  ``param.role_lr`` multiplies a role's
+    ``lr_mult`` by a constant at every width (a per-role LR study or correction; docs/transfer.md).
+    Raises ConfigError for unknown names, a ``role_lr`` role this model lacks, or a d_model whose auto
+    dt_rank would not scale.
     """
     cfg = model.cfg
     scheme = Scheme(param.scheme)
@@ -505,6 +508,7 @@ def apply(
     r_u, r_x = cfg.d_inner / base_cfg.d_inner, cfg.d_state / base.d_state
     roles = named_roles(model)
     unruled = sorted({r.value for r in roles.values() if r not in rules})
+    check_role_lr(param.role_lr, set(roles.values()), cfg)
     if unruled:
         raise ConfigError(
             f"arch {cfg.arch.value}: no width rules yet for roles {', '.join(unruled)}; use arch mamba1 "
@@ -530,7 +534,7 @@ def apply(
                 if reinit:  # from the std the weights have now: a second apply() does not compound
                     p.mul_(std / model.init_stds.get(name, own_std))
                     model.init_stds[name] = std
-            lr_mult = _ratio(rule.lr, r_u, r_x)
+            lr_mult = _ratio(rule.lr, r_u, r_x) * param.role_lr.get(role, 1.0)
             fwd[role] = _ratio(rule.fwd, r_u, r_x)
             wd_exp = weight_decay_exp(rule, role, scheme, opt, cfg.discretization)
             wd = 0.0 if wd_exp is None else weight_decay * _ratio(wd_exp, r_u, r_x)
@@ -560,6 +564,24 @@ def apply(
     for entry in manifest.params.values():
         entry.fwd_mult = fwd[Role(entry.role)]
     return Parametrized(list(groups.values()), manifest)
+
+
+def check_role_lr(role_lr: Mapping[Role, float], present: set[Role], cfg: ModelConfig) -> None:
+    """Refuse ``param.role_lr`` keys that name no parameter of this model (a typo would silently change
+    nothing): a role of the other arch, or ``lm_head`` when the readout is tied to the embedding (it has
+    no tensor of its own; set ``embedding``).  Raises ConfigError naming the role and the valid ones.
+    """
+    for role in role_lr:
+        if role is Role.LM_HEAD and cfg.tie_embeddings:
+            raise ConfigError(
+                "param.role_lr.lm_head: the readout is tied to the embedding (tie_embeddings) and has no LR of "
+                "its own; set param.role_lr.embedding instead"
+            )
+        if role not in present:
+            valid = ", ".join(sorted(r.value for r in present))
+            raise ConfigError(
+                f"param.role_lr.{role.value}: no {cfg.arch.value} parameter has that role; use one of {valid}"
+            )
 
 
 def set_forward_multipliers(model: MambaLM, fwd: dict[Role, float]) -> None:

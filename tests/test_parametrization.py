@@ -351,3 +351,49 @@ def test_adam_l2_rule_keeps_the_decay_to_gradient_ratio_flat_where_adamw_rule_do
     # AdamW's rule (wd / lr_mult) used for L2 would tilt it: +1.5 (hidden), +1 (conv)
     assert slope["adamw"]["in_proj"] > 1.2 and slope["adamw"]["out_proj"] > 1.2, slope
     assert slope["adamw"]["conv1d_weight"] > 0.75, slope
+
+
+def test_role_lr_scales_exactly_that_roles_lr_at_every_width() -> None:
+    """param.role_lr multiplies one role's LR by a constant on top of the width rule (the per-role LR study).
+
+    Expected values come from the independent table (expected_rules) times the factor, at r_u = 4."""
+    r_u, r_x = 4.0, 1.0
+    factors = {Role.EMBEDDING: 2.0, Role.X_PROJ_B: 0.5, Role.A_LOG: 0.0}
+    plain = ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D)
+    scaled = ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=BASE_D, role_lr=factors)
+    table = expected(Scheme.MUP_SSM, "adam", Discretization.ZOH)
+    m = model(d_model=BASE_D * 4)
+    par = apply(m, scaled, "adamw", 1e-2)
+    groups = {id(p): g for g in par.param_groups for p in g["params"]}
+    params = dict(m.named_parameters())
+    for name, entry in par.manifest.params.items():
+        role = Role(entry.role)
+        want = power(table[role][1], r_u, r_x) * factors.get(role, 1.0)
+        assert entry.lr_mult == pytest.approx(want, rel=1e-12), name
+        assert groups[id(params[name])]["lr"] == pytest.approx(1e-2 * want, rel=1e-12), name
+    # the inits do not change: only LRs do
+    ref = apply(model(d_model=BASE_D * 4), plain, "adamw", 1e-2).manifest
+    assert {n: e.init_std for n, e in par.manifest.params.items()} == {n: e.init_std for n, e in ref.params.items()}
+    # a factor of 0 freezes the role in real training; the others move
+    opt = torch.optim.AdamW(par.param_groups)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for _ in range(2):
+        x = torch.randint(0, 256, (2, 16))
+        loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in m.named_parameters():
+        frozen = named_roles(m)[name] is Role.A_LOG
+        assert torch.equal(p, before[name]) == frozen, name
+
+
+def test_role_lr_refuses_roles_the_model_lacks() -> None:
+    with pytest.raises(ConfigError, match=r"param.role_lr.in_proj_B: no mamba1 parameter .* use one of .*x_proj_B"):
+        apply(model(), ParamConfig(role_lr={Role.IN_PROJ_B: 2.0}), "adamw", 1e-3)
+    with pytest.raises(ConfigError, match=r"role_lr.lm_head: the readout is tied .* param.role_lr.embedding"):
+        apply(model(tie_embeddings=True), ParamConfig(role_lr={Role.LM_HEAD: 2.0}), "adamw", 1e-3)
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        ParamConfig(role_lr={"embedding": -1.0})
+    with pytest.raises(ValueError, match="role_lr"):
+        ParamConfig(role_lr={"embeddings": 1.0})

@@ -3,9 +3,9 @@
 For one corpus and one set of overrides (a "factor"), this trains
 
 1. the base width (d_model 64; sp, mup and mup-ssm are the same model there) on a half-octave LR grid,
-2. at every wider width and every scheme, 3 LRs on the same half-octave lattice around a guess (the base
-   optimum for mup and mup-ssm, the base optimum - log2(width/base) for sp), extended by half an octave
-   while the seed-mean argmin sits at an edge,
+2. at every wider width and every scheme, 3 LRs on the same half-octave lattice around a guess (the scheme's
+   best at the previous width for mup and mup-ssm, that minus log2(width/previous width) for sp), extended by
+   half an octave while the seed-mean argmin sits at an edge,
 
 with every point run for every seed (same seeds, same data order across widths and schemes).  Points are
 cached (mupt.check.lr_transfer.PointCache) under ``--cache``, so a rerun resumes; the raw points and the
@@ -45,6 +45,32 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "role_lr":
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def reusable(path: str, base_cfg: dict[str, Any]) -> dict[tuple[str, int, float, int], dict[str, Any]]:
+    """Points of an earlier sweep JSON that this sweep would train identically, by (scheme, width, log2 LR, seed).
+
+    The cache keys hash the whole config, so they change whenever a config field is added.  A file counts when
+    its base config equals this sweep's on every field it has; the fields it lacks were added later with a
+    default that reproduces the old behaviour (checked by rerunning a point: same loss to 4 decimals).
+    """
+    doc = json.loads(open(path, encoding="utf-8").read())
+    old, new = flat(doc["base_config"]), flat(base_cfg)
+    differ = sorted(k for k, v in old.items() if new.get(k, object()) != v)
+    if differ:
+        print(f"--reuse {path}: not reused, its config differs in {', '.join(differ)}", flush=True)
+        return {}
+    return {(p["scheme"], p["width"], round(p["log2_lr"], 6), p["seed"]): p for p in doc["points"]}
 
 
 def mean(xs: list[float]) -> float:
@@ -99,6 +125,7 @@ def main() -> int:
     ap.add_argument("--transfer-from", default="mup-ssm", help="scheme whose base optimum is transferred")
     ap.add_argument("--extra", default="", help="extra points after the base, WIDTH:SCHEME:LOG2LR,... (every seed)")
     ap.add_argument("--cache", default="runs/regret-cache")
+    ap.add_argument("--reuse", nargs="*", default=[], help="earlier sweep JSONs: their points count as done")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -114,6 +141,9 @@ def main() -> int:
     )  # fmt: skip
     base = fit_vocab(base)
     cache = PointCache(args.cache)
+    reuse: dict[tuple[str, int, float, int], dict[str, Any]] = {}
+    for path in args.reuse:
+        reuse.update(reusable(path, to_dict(base)))
     points: dict[str, dict[str, Any]] = {}
     start = time.time()
 
@@ -167,6 +197,10 @@ def main() -> int:
                     cfg = cfg_for(scheme, width, x, seed)
                     key = point_key(cfg)
                     rec = cache.get(key)
+                    old = reuse.get((scheme, width, round(x, 6), seed))
+                    if rec is None and old is not None:
+                        rec = {**old, "key": key, "config": to_dict(cfg)}
+                        cache.put(rec)
                     if rec is not None:
                         points[key] = rec
                     elif key not in points:
@@ -198,10 +232,15 @@ def main() -> int:
 
     # 2. every wider width (narrowest first, so each width's regret is complete before the next starts)
     #    and every scheme there, in rounds
+    #    The first guess of a scheme at width w follows its best at the previous width (the base optimum at the
+    #    first wider width): unchanged for the µP schemes, minus log2 of the width ratio for sp (its Adam LR
+    #    optimum falls like 1/width), so the search rarely has to extend.
+    prev_w, prev_best = base_w, {s: x_t for s in schemes}
     for w in widths[1:]:
         searches = []
         for s in schemes:
-            c = x_t - (HALF * round(math.log2(w / base_w) / HALF) if s == "sp" else 0.0)
+            shift = HALF * round(math.log2(w / prev_w) / HALF) if s == "sp" else 0.0
+            c = prev_best[s] - shift
             searches.append(Search(s, w, [c - HALF, c, c + HALF], args.max_points))
         pending = [(s.scheme, s.width, list(s.xs)) for s in searches]
         while pending:
@@ -212,6 +251,11 @@ def main() -> int:
                     more = s.needed(losses_of(s.scheme, s.width))
                     if more:
                         pending.append((s.scheme, s.width, more))
+        for s in searches:
+            got = {x: v for x, v in losses_of(s.scheme, w).items() if v is not None}
+            if got:
+                prev_best[s.scheme] = min(got, key=lambda x: got[x])
+        prev_w = w
     # 3. extra single points (e.g. the transferred setting and SP's expected best at a wider width)
     if args.extra:
         extra = [item.split(":") for item in args.extra.split(",")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -11,7 +11,7 @@ from rich.table import Table
 from mupt.check.target import TargetReport, check_target, spec_from_recipe
 from mupt.cli import check_app, err, out
 from mupt.cli.check_transfer import MAX_REGRET, WorkersOpt, workers_threads
-from mupt.cli.common import ThreadsOpt, check_finite, progress
+from mupt.cli.common import ThreadsOpt, check_finite, point_progress
 from mupt.config import load_recipe
 from mupt.errors import ConfigError
 from mupt.paths import check_output_dir
@@ -102,16 +102,7 @@ def target(
         f"seeds={len(spec.seeds)} steps={spec.steps} runs={total} workers={n_workers} threads={n_threads}",
         highlight=False,
     )
-    with progress() as bar:
-        task = bar.add_task("target", total=total, info="")
-
-        def on_point(rec: dict[str, Any], cached: bool) -> None:
-            loss = rec["final_val_loss"]
-            info = f"{rec['scheme']} lr={rec['lr']:.3g} seed {rec['seed']} " + (
-                "diverged" if loss is None else f"{loss:.4f}"
-            )
-            bar.update(task, advance=1, info=info + (" (cached)" if cached else ""))
-
+    with point_progress("target", total, lambda r: f"{r['scheme']} lr={r['lr']:.3g} seed {r['seed']}") as on_point:
         report = check_target(spec, out_dir, max_regret, n_workers, n_threads, on_point)
     render(report)
     if not report.passed:

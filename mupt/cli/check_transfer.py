@@ -34,6 +34,7 @@ from mupt.cli.common import (
     VocabOpt,
     check_backend,
     check_finite,
+    point_progress,
     progress,
     resolve_config,
 )
@@ -263,16 +264,9 @@ def run_transfer(
         f"threads={threads}",
         highlight=False,
     )
-    with progress() as bar:
-        task = bar.add_task("transfer", total=total, info="")
-
-        def on_point(rec: dict[str, Any], cached: bool) -> None:
-            loss = rec["final_val_loss"]
-            info = f"{rec['scheme']} w={rec['width']} lr=2^{rec['log2_lr']:.3g} " + (
-                "diverged" if loss is None else f"{loss:.3f}"
-            )
-            bar.update(task, advance=1, info=info + (" (cached)" if cached else ""))
-
+    with point_progress(
+        "transfer", total, lambda r: f"{r['scheme']} w={r['width']} lr=2^{r['log2_lr']:.3g}", digits=3
+    ) as on_point:
         report = check_transfer(spec, out_dir, workers, threads, max_drift, tol, on_point, max_regret=max_regret)
     render(report, max_drift)
     return report.passed

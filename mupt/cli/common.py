@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any
@@ -353,3 +355,22 @@ def progress(transient: bool = False, min_interval: float = 0.0, heartbeat: floa
         console=err,
         transient=transient,
     )
+
+
+@contextmanager
+def point_progress(
+    name: str, total: int, describe: Callable[[dict[str, Any]], str], digits: int = 4
+) -> Iterator[Callable[[dict[str, Any], bool], None]]:
+    """A progress bar over a sweep's runs (check transfer, check target); yields the ``on_point(record,
+    cached)`` callback the sweep calls after each run.  ``describe(record)`` names the run (scheme, width,
+    LR...); its final validation loss (nats/token, ``digits`` decimals) or "diverged" follows, and
+    " (cached)" when it came from the cache."""
+    with progress() as bar:
+        task = bar.add_task(name, total=total, info="")
+
+        def on_point(rec: dict[str, Any], cached: bool) -> None:
+            loss = rec["final_val_loss"]
+            info = f"{describe(rec)} " + ("diverged" if loss is None else f"{loss:.{digits}f}")
+            bar.update(task, advance=1, info=info + (" (cached)" if cached else ""))
+
+        yield on_point
