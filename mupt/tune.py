@@ -592,10 +592,10 @@ def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     Width fidelity: rung i at the i-th of :func:`rung_widths` takes ``round(trials / reduction**i)``
     (at least 1) by rank.  A rung below the proxy that would take no more trials than the next
     rung takes is left out: the next rung would take every one of its trials whatever their
-    losses, so it would cost compute and decide nothing (16 trials at reduction 4: 16, 4, 1, 1 ->
-    rungs of 16 and 4 trials, then the proxy).  With ``settings.extrapolate`` (LR searched alone,
-    at least two rungs below the proxy) the proxy-width rung holds one more trial, at the LR
-    extrapolated by :func:`drift_fit`.
+    losses, so it would cost compute and decide nothing (16 trials at the default reduction 8:
+    16, 2, 1, 1 -> rungs of 16 at proxy/8 and 2 at proxy/4, then 1 at the proxy).  With
+    ``settings.extrapolate`` (LR searched alone, at least two rungs below the proxy) the
+    proxy-width rung holds one more trial, at the LR extrapolated by :func:`drift_fit`.
     """
     if settings.fidelity is Fidelity.STEPS:
         return [Rung(0, cfg.model.d_model, settings.trials, settings.study)]
@@ -681,8 +681,8 @@ def drift_fit(ladder: Ladder) -> DriftFit | None:
     """Extrapolate the LR optimum from the rungs below the proxy to the proxy width (issue 16).
 
     µP keeps the optimum LR fixed only as width grows large; between d_model 32 and 256 it drifts
-    (measured in docs/tuning.md: about -0.2 octave per doubling), so the best configuration at a
-    narrow rung sits slightly above the proxy's optimum.  The fit uses the configurations that
+    (measured in docs/tuning.md, "Efficiency": down 0.07-0.21 octave per doubling), so the best
+    configuration at a narrow rung sits slightly above the proxy's optimum.  The fit uses the configurations that
     were promoted into rung 1, measured at every rung below the proxy (rung 0: their rung-0
     losses; rung r >= 1: its COMPLETE trials), so the narrow rungs are compared on the same LRs.
     Per rung, loss = c_r + e_r x + b x^2 with x = log2 LR and one curvature b shared by the
@@ -733,7 +733,7 @@ def drift_fit(ladder: Ladder) -> DriftFit | None:
     low = max(math.log2(lo), float(xs.min()) - 1.0)
     high = min(math.log2(hi), float(xs.max()) + 1.0)
     x = min(max(raw, low), high)
-    return DriftFit(optima, float(slope), x, 2.0**x, x != raw, len(points))
+    return DriftFit(optima, float(slope), x, min(max(2.0**x, lo), hi), x != raw, len(points))
 
 
 # --- study ------------------------------------------------------------------------------------
@@ -761,8 +761,8 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
         if settings.fidelity is Fidelity.WIDTH:
             # one halving on steps, at the first validation from half the run on, keeping about a third (a half at
             # --reduction 2): enough to fill rung 1.  Earlier halvings favour high LRs (they learn fastest at
-            # first): at the README proxy, halving at step 16 of 64 kept two trials at an LR 1.5 octaves above
-            # the optimum at d_model 32 and pruned the ones near it (docs/tuning.md)
+            # first): at the default proxy, halving at step 16 of 64 (keeping a quarter) once kept two trials at an
+            # LR 1.5 octaves above the optimum at d_model 32 and pruned the ones near it (docs/tuning.md)
             first = max(every, cfg.train.steps // 2)
             keep = min(3, settings.reduction)
             return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=keep)
@@ -847,6 +847,27 @@ def open_ladder(settings: TuneSettings, cfg: RunConfig, seed: int | None = None,
     return Ladder(settings, cfg, rungs, studies, storage)
 
 
+def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """ConfigError (one line) when the study's recorded ``keys`` differ from ``attrs`` (this run's flags).
+
+    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate`` (a study made
+    before the default reduction became 8 has rungs of 16, 5, 2, 1: pass ``--reduction 3``).
+    """
+    old = study.user_attrs
+    before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
+    for key in keys:
+        if before.get(key) != attrs[key]:
+            d = first_difference(before.get(key), attrs[key])
+            what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
+            flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials, --reduction, --extrapolate)"}.get(
+                key, key.replace("_", " ")
+            )
+            raise ConfigError(
+                f"study {settings.study!r} was created with a different {flag} ({what}); "
+                f"rerun with the same flags, or pass --study NEW_NAME"
+            )
+
+
 def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
     """Create or resume the study, record/check its attrs, fail dead workers' trials, enqueue the grid.
 
@@ -860,20 +881,8 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
         ladder = open_ladder(settings, cfg, storage=storage)
         study = ladder.study
         attrs = study_attrs(settings, cfg)
-        old = study.user_attrs
-        if "proxy_config" in old:
-            before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
-            for key in ("proxy_config", "search_space", "fidelity", "rungs"):
-                if before[key] != attrs[key]:
-                    d = first_difference(before[key], attrs[key])
-                    what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
-                    flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials)"}.get(
-                        key, key.replace("_", " ")
-                    )
-                    raise ConfigError(
-                        f"study {settings.study!r} was created with a different {flag} ({what}); "
-                        f"rerun with the same flags, or pass --study NEW_NAME"
-                    )
+        if "proxy_config" in study.user_attrs:
+            check_same_study(settings, study, attrs, ("proxy_config", "search_space", "fidelity", "rungs"))
         else:
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
@@ -1306,7 +1315,10 @@ def load_existing(settings: TuneSettings, cfg: RunConfig) -> Ladder:
     if settings.study not in names:
         have = ", ".join(n for n in names if ".rung" not in n) or "none"
         raise StorageError(f"no study named {settings.study!r} in the storage (studies: {have}); run mupt tune first")
-    return open_ladder(settings, cfg, storage=storage)
+    ladder = open_ladder(settings, cfg, storage=storage)
+    if "proxy_config" in ladder.study.user_attrs:  # the rung studies must be read at the widths they ran at
+        check_same_study(settings, ladder.study, study_attrs(settings, cfg), ("fidelity", "rungs"))
+    return ladder
 
 
 # --- results ------------------------------------------------------------------------------------
