@@ -133,7 +133,7 @@ class TuneSettings(BaseModel):
     threads: int = Field(default=1, description="torch threads per worker; small proxies are fastest on one")
     fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
     reduction: int = Field(
-        default=8, description="rung i holds round(trials / reduction**i) of rung i-1's best (16 trials: 16, 2, 1)"
+        default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best (16 trials: 16, 5, 2, 1)"
     )
     extrapolate: bool = Field(
         default=False,
@@ -548,8 +548,8 @@ class Rung:
 
     ``size`` is the number of trials the rung holds: rung 0 samples ``--trials`` configurations,
     rung r takes the best ``round(trials / reduction**r)`` (at least 1) of the rung below by rank
-    (reduction 3: 16 trials give rungs of 16, 5, 2 and 1; the default 8 gives 16, 2 and 1: a rung
-    that would take as many as the rung above it selects nothing and is left out, see
+    (the default reduction 3: 16 trials give rungs of 16, 5, 2 and 1; reduction 8 gives 16, 2 and 1:
+    a rung that would take as many as the rung above it selects nothing and is left out, see
     :func:`rungs_for`).  ``extrapolated`` of them (the proxy-width rung only, 0 or 1) run at the LR
     extrapolated from the optimum's drift across the narrower rungs (:func:`drift_fit`) instead of
     a promoted configuration.
@@ -592,8 +592,8 @@ def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     Width fidelity: rung i at the i-th of :func:`rung_widths` takes ``round(trials / reduction**i)``
     (at least 1) by rank.  A rung below the proxy that would take no more trials than the next
     rung takes is left out: the next rung would take every one of its trials whatever their
-    losses, so it would cost compute and decide nothing (16 trials at the default reduction 8:
-    16, 2, 1, 1 -> rungs of 16 at proxy/8 and 2 at proxy/4, then 1 at the proxy).  With
+    losses, so it would cost compute and decide nothing (16 trials at reduction 8: 16, 2, 1, 1 ->
+    rungs of 16 at proxy/8 and 2 at proxy/4, then 1 at the proxy).  With
     ``settings.extrapolate`` (LR searched alone, at least two rungs below the proxy) the
     proxy-width rung holds one more trial, at the LR extrapolated by :func:`drift_fit`.
     """
@@ -850,8 +850,7 @@ def open_ladder(settings: TuneSettings, cfg: RunConfig, seed: int | None = None,
 def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[str, Any], keys: tuple[str, ...]) -> None:
     """ConfigError (one line) when the study's recorded ``keys`` differ from ``attrs`` (this run's flags).
 
-    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate`` (a study made
-    before the default reduction became 8 has rungs of 16, 5, 2, 1: pass ``--reduction 3``).
+    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate``.
     """
     old = study.user_attrs
     before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}

@@ -301,17 +301,17 @@ def test_rung_schedule_leaves_out_a_rung_that_selects_nothing() -> None:
 
 
 def test_a_study_made_under_another_rung_schedule_is_refused_not_misread(tmp_path: Path) -> None:
-    """A study created with the earlier default (--reduction 3: rungs 32, 64, 128, 256) opened with today's
-    default (rungs 32, 64, 256): resuming and --report both refuse in one line naming the flags, instead of
-    reading rung 2's trials (d_model 128) as the proxy's."""
+    """A study created with --reduction 8 (rungs 32, 64, 256) opened with the default (rungs 32, 64, 128, 256):
+    resuming and --report both refuse in one line naming the flags, instead of reading the proxy rung's
+    trials (d_model 256) as d_model 128's."""
     cfg = with_overrides(proxy_config(), {"model.scan_backend": BACKEND})
-    prepare_study(TuneSettings(study="old", reduction=3, runs_dir=str(tmp_path)), cfg)
-    now = TuneSettings(study="old", runs_dir=str(tmp_path))
+    prepare_study(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg)
+    now = TuneSettings(study="r8", runs_dir=str(tmp_path))
     for call in (prepare_study, load_existing):
         with pytest.raises(ConfigError, match=r"rung schedule \(--trials, --reduction, --extrapolate\)") as e:
             call(now, cfg)
         assert "\n" not in str(e.value)
-    assert len(load_existing(TuneSettings(study="old", reduction=3, runs_dir=str(tmp_path)), cfg).rungs) == 4
+    assert len(load_existing(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg).rungs) == 3
 
 
 def _add(study: optuna.Study, log2_lr: float, loss: float, **attrs: object) -> int:

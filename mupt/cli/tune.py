@@ -146,7 +146,7 @@ def tune(
         typer.Option(
             "--trials",
             "-n",
-            help="Configurations sampled (rung 0); rung i keeps round(trials/reduction^i) of them (16: 16,2,1).",
+            help="Configurations sampled (rung 0); rung i keeps round(trials/reduction^i) of them (16: 16,5,2,1).",
         ),
     ] = 16,
     fidelity: Annotated[
@@ -162,9 +162,9 @@ def tune(
         typer.Option(
             "--reduction",
             help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity); a rung that would keep them all "
-            "is left out. 3 gives the older 16,5,2,1.",
+            "is left out (8: 16,2,1).",
         ),
-    ] = 8,
+    ] = 3,
     extrapolate: Annotated[
         bool,
         typer.Option(
@@ -223,8 +223,8 @@ def tune(
 
     By default most trials run at narrower widths (µP keeps the optimum in place): rungs at
     d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up (16 trials:
-    16 at proxy/8, 2 at proxy/4, 1 at the proxy); the answer is the best trial measured at the
-    proxy width.  Compute is counted in FLOPs.
+    16, 5, 2, 1); the answer is the best trial measured at the proxy width.  Compute is counted
+    in FLOPs.
 
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
