@@ -13,12 +13,53 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from typing import Any
 
 from mupt.check.regret import regret_by_width
 
 
+def loss_table(acc: dict[tuple[int, str, float], list[float | None]], seeds: int, scheme: str, base: int) -> str:
+    """Markdown: one row per (width, LR), one column per scheme, seed mean ± std; the best at each width in bold."""
+    schemes = sorted({k[1] for k in acc}, key=lambda s: (s != scheme, s))
+    bl = {k[2]: statistics.mean(v) for k, v in acc.items() if k[0] == base and k[1] == scheme and None not in v}
+    x_t = min(bl, key=lambda x: (bl[x], x)) if bl else None
+    lines = ["| d_model | LR | " + " | ".join(schemes) + " |", "|---:|---:|" + "---:|" * len(schemes)]
+    for w in sorted({k[0] for k in acc}):
+        full = {k: v for k, v in acc.items() if k[0] == w and len(v) == seeds and None not in v}
+        best = min(full, key=lambda k: statistics.mean(full[k])) if full else None  # type: ignore[arg-type]
+        for x in sorted({k[2] for k in full}):
+            cells = []
+            for s in schemes:
+                v = full.get((w, s, x))
+                if v is None:
+                    cells.append("same model" if w == base and s != scheme else "")
+                    continue
+                txt = f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.3f}"  # type: ignore[arg-type]
+                cells.append(f"**{txt}**" if (w, s, x) == best else txt)
+            mark = " (transferred)" if x == x_t and w != base else ""
+            lines.append(f"| {w}{' (base)' if w == base else ''} | 2^{x:g}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def factor_table(doc: dict[str, Any]) -> str:
+    """Markdown of a regret_roles.py JSON: per (group, width) the seed-mean loss at each k, the paired change
+    against k = 0 ± seed s.e. (nats/token) and the best k (parabola vertex, clipped to the measured k)."""
+    ks = [k for k in doc["ks"] if k != 0]
+    head = "| group | d_model | loss at k = 0 | " + " | ".join(f"change at k = {k:+g}" for k in ks) + " | best k |"
+    lines = [head, "|:---|---:|---:|" + "---:|" * len(ks) + "---:|"]
+    for r in doc["rows"]:
+        d = r["delta_vs_k0"]
+        cells = [f"{d[str(k)]['mean']:+.4f} ± {d[str(k)]['se']:.4f}" if str(k) in d else "diverged" for k in ks]
+        bk = "-" if r["best_k"] is None else f"{r['best_k']:+.2f}"
+        lines.append(f"| {r['group']} | {r['width']} | {r['mean']['0.0']:.4f} | " + " | ".join(cells) + f" | {bk} |")
+    return "\n".join(lines)
+
+
 def main(path: str) -> None:
     doc = json.loads(open(path, encoding="utf-8").read())
+    if "rows" in doc:  # a regret_roles.py factor study
+        print(factor_table(doc))
+        return
     points = doc["points"]
     scheme = doc.get("transfer_from", "mup-ssm")
     seeds = len(doc["seeds"])
@@ -43,6 +84,7 @@ def main(path: str) -> None:
             txt = f"{k[1]} 2^{k[2]:g}: {m:.4f} ± {sd:.4f}"
             cells.append(f"**{txt}**" if k == best else txt)
         print(f"- d_model {w}: " + "; ".join(cells))
+    print("\n" + loss_table(acc, seeds, scheme, min(p["width"] for p in points)))
     print("\n| width | ratio | transferred LR | loss | best scheme | best LR | best loss | regret % | ± seed s.e. |")
     print("|---:|---:|---:|---:|:---|---:|---:|---:|---:|")
     base = min(p["width"] for p in points)

@@ -3,7 +3,8 @@
 For every role group g and every k in ``--ks``, this trains ``--scheme`` at the global LR 2^``--log2-lr`` (the
 base width's optimum: the transferred setting) with ``param.role_lr`` = {every role of g: 2^k} at every width of
 ``--widths``, for every seed (same seeds and data order as the regret sweep; k = 0 is the transferred point
-itself).  The width rules say each role's best multiplier is the same at every width; a group whose best k moves
+itself); a group named output_mult, embedding_mult or init_scale scales that µP multiplier (ParamConfig)
+instead.  The width rules say each role's best multiplier is the same at every width; a group whose best k moves
 between the widths is one whose rule costs loss at the wider one.
 
 Per (group, width) it reports the seed-mean loss at each k, the paired change against k = 0 (same seed: the
@@ -41,6 +42,8 @@ GROUPS: dict[str, list[str]] = {
     "dt path": ["x_proj_dt", "dt_proj"],
     "B/C rows": ["x_proj_B", "x_proj_C"],
 }
+#: the µP multipliers (ParamConfig), the same at every width: a "group" of these scales one of them by 2^k
+MULTIPLIERS = ("output_mult", "embedding_mult", "init_scale")
 
 
 def best_k(ks: list[float], losses: list[float]) -> float:
@@ -76,8 +79,12 @@ def main() -> int:
     base = fit_vocab(
         with_overrides(
             RunConfig(),
-            {"data.source": args.data, "train.steps": args.steps, "train.eval_batches": args.eval_batches,
-             "model.scan_backend": "torch"},
+            {
+                "data.source": args.data,
+                "train.steps": args.steps,
+                "train.eval_batches": args.eval_batches,
+                "model.scan_backend": "torch",
+            },
         )  # fmt: skip
     )
     cache = PointCache(args.cache)
@@ -89,7 +96,12 @@ def main() -> int:
     start = time.time()
 
     def point(group: str, k: float, width: int, seed: int) -> dict[str, Any]:
-        cfg = base if k == 0 else with_overrides(base, {"param.role_lr": {r: 2.0**k for r in GROUPS[group]}})
+        if k == 0:
+            cfg = base
+        elif group in MULTIPLIERS:
+            cfg = with_overrides(base, {f"param.{group}": 2.0**k})
+        else:
+            cfg = with_overrides(base, {"param.role_lr": {r: 2.0**k for r in GROUPS[group]}})
         cfg = point_config(cfg, Scheme(args.scheme), width, 2.0**args.log2_lr, seed, widths[0])
         key = point_key(cfg)
         rec = cache.get(key)
@@ -108,7 +120,7 @@ def main() -> int:
     def write() -> None:
         doc = {
             "data": args.data, "scheme": args.scheme, "log2_lr": args.log2_lr, "widths": widths, "ks": ks,
-            "groups": {g: GROUPS[g] for g in groups}, "seeds": seeds, "steps": args.steps,
+            "groups": {g: GROUPS.get(g, [f"param.{g}"]) for g in groups}, "seeds": seeds, "steps": args.steps,
             "eval_tokens": args.eval_batches * base.train.batch_size * base.train.seq_len,
             "base_config": to_dict(base), "elapsed_s": round(time.time() - start, 1), "rows": rows, "points": points,
         }  # fmt: skip
