@@ -7,7 +7,11 @@ study (journal storage, as ``mupt tune`` does) with several sampler seeds:
     grid       the dense log2 grid itself (fraction 1.0 by definition, listed for its wall time)
     tpe        TPE, every trial at the proxy width to the end      (--fidelity steps --pruner none)
     tpe+asha   TPE with successive-halving pruning on steps         (--fidelity steps --pruner asha)
-    width      the default: rungs at d_model = proxy/8, /4, /2, proxy (--fidelity width)
+    width      the default (--fidelity width, reduction 3): 16, 5, 2, 1 trials at d_model proxy/8, /4, /2, proxy
+    width-r8   reduction 8: 16 trials at proxy/8, the best 2 at proxy/4, the best 1 at the proxy (a proxy/2
+               rung would take its only trial on: left out)
+    width-r5x  reduction 5 (16, 3, 1) plus the drift-extrapolated finalist at the proxy width, run first
+               (--extrapolate); the summary also gives it without either finalist
 
 We count the training FLOPs (trial-steps x FLOPs/token(width) x tokens/step, as recorded by the
 study per trial, in the order trials finished) spent until the first trial AT THE PROXY WIDTH
@@ -15,8 +19,17 @@ that completes with final loss <= (1 + tol) * L*, and report it as a fraction of
 Everything is repeated on a second corpus (a local text directory written from CPython's licence
 file and the docstrings of its standard-library modules, not the builtin pydoc topics).
 
-    python benchmarks/tune_efficiency.py                 # 5 seeds, 2 corpora: ~10-20 minutes on 2 CPU cores
-    python benchmarks/tune_efficiency.py --seeds 8 --corpora builtin
+The proxy is mupt tune's own (mupt.tune.proxy_config: d_model 256, 2 layers, 64 steps of 8 x 64
+tokens) unless flags say otherwise.  The proxy-width searchers (tpe, tpe+asha) stop once they
+reach the target (their "to target" is unchanged; pass --full-spend to run them to their budget);
+the width ladders always run to the end.  Trials are deterministic (fixed seed, one thread), so
+for a ladder with an extrapolated finalist the summary also gives the exact figures without it
+("rank only") and without the rank finalist ("extrapolated only").  ``--drift`` also trains the
+grid at every narrower rung width and reports where each width's optimum sits.
+
+    python benchmarks/tune_efficiency.py --drift                 # everything: ~1.2 CPU-hours
+    python benchmarks/tune_efficiency.py --grid-from benchmarks/results/tune_efficiency.json \
+        --methods width --merge                                  # one method again, reusing the grids
 """
 
 from __future__ import annotations
@@ -32,39 +45,50 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from optuna.trial import TrialState
 
-from mupt.config import RunConfig, with_overrides
+from mupt.config import RunConfig, to_dict, with_overrides
 from mupt.data import load_data
 from mupt.train import Trainer
 from mupt.tune import (
     LR_RANGE,
+    Progress,
     TuneSettings,
     flops_per_trial_step,
     lr_grid,
+    obtained,
+    open_ladder,
     proxy_config,
     run_study,
+    rung_widths,
 )
 
 BACKEND = "auto" if importlib.util.find_spec("mupt.scan.torch_scan") else "reference"
 
-METHODS = {
+METHODS: dict[str, dict[str, Any]] = {
     "tpe": {"fidelity": "steps", "pruner": "none"},
     "tpe+asha": {"fidelity": "steps", "pruner": "asha"},
-    "width": {"fidelity": "width", "pruner": "asha"},  # the default of mupt tune: rungs of 16, 5, 2, 1 trials
-    "width-r4": {"fidelity": "width", "pruner": "asha", "reduction": 4},  # rungs of 16, 4, 1, 1 trials
+    "width": {"fidelity": "width", "pruner": "asha"},  # the default of mupt tune (reduction 3): 16, 5, 2, 1 trials
+    "width-r8": {"fidelity": "width", "pruner": "asha", "reduction": 8},  # 16, 2, 1 (no proxy/2 rung of one trial)
+    "width-r5x": {"fidelity": "width", "pruner": "asha", "reduction": 5, "extrapolate": True},  # 16, 3, 1+1
     "width-noprune": {"fidelity": "width", "pruner": "none"},
 }
 
 
-def bench_proxy(width: int, layers: int, steps: int, eval_every: int, data: str) -> RunConfig:
+class Reached(Exception):
+    """Raised from the progress callback to stop a proxy-width searcher once it reached the target."""
+
+
+def bench_proxy(args: argparse.Namespace, data: str) -> RunConfig:
     return with_overrides(
         proxy_config(),
         {
-            "model.d_model": width, "model.n_layers": layers, "model.scan_backend": BACKEND,
-            "train.steps": steps, "train.seq_len": 32, "train.eval_every": eval_every, "data.source": data,
+            "model.d_model": args.width, "model.n_layers": args.layers, "model.scan_backend": BACKEND,
+            "train.steps": args.steps, "train.seq_len": args.seq_len, "train.eval_every": args.eval_every,
+            "data.source": data,
         },
     )  # fmt: skip
 
@@ -104,89 +128,188 @@ def dense_grid(cfg: RunConfig, low: float, high: float) -> tuple[list[dict], flo
 
 
 def search_cost(
-    cfg: RunConfig, method: str, seed: int, trials: int, target: float, workdir: Path, lr_range: tuple[float, float]
+    cfg: RunConfig,
+    method: str,
+    seed: int,
+    trials: int,
+    target: float,
+    workdir: Path,
+    lr_range: tuple[float, float],
+    stop: bool,
 ) -> dict:
+    """Run one study; its finished trials in the order they finished (rung, state, FLOPs, loss, LR, origin)."""
     s = TuneSettings(
         study=f"{method}-s{seed}", trials=trials, seed=seed, runs_dir=str(workdir), lr_range=lr_range, **METHODS[method]
     )
+
+    def check(p: Progress) -> None:
+        if stop and p.best_value is not None and p.best_value <= target:
+            raise Reached
+
     t0 = time.perf_counter()
-    ladder = run_study(s, cfg)
+    try:
+        run_study(s, cfg, on_progress=check)
+        stopped = False
+    except Reached:
+        stopped = True
     seconds = time.perf_counter() - t0
+    ladder = open_ladder(s, cfg)
     done = [
         (t.datetime_complete, rung.index, t)
         for rung, t in ladder.trials()
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
     ]
     done.sort(key=lambda x: (x[0], x[1], x[2].number))
-    top = len(ladder.rungs) - 1
-    spent, reached, best = 0.0, None, None
-    for _, rung, t in done:
-        spent += float(t.user_attrs.get("flops", 0.0))
-        if rung != top or t.state is not TrialState.COMPLETE:
-            continue
-        if best is None or t.value < best[1]:
-            best = (t.params["lr"], t.value)
-        if reached is None and t.value <= target:
-            reached = {"rung_trial": t.number, "flops": spent, "lr": t.params["lr"], "loss": t.value}
+    seq = [
+        {"rung": r, "d_model": ladder.rungs[r].d_model, "state": t.state.name, "flops": float(t.user_attrs["flops"]),
+         "loss": t.value, "lr": t.params["lr"], "obtained": obtained(t, r)["obtained"]}
+        for _, r, t in done
+    ]  # fmt: skip
+    fit = next((t.user_attrs["extrapolated"] for _, t in ladder.trials() if "extrapolated" in t.user_attrs), None)
     return {
-        "method": method, "seed": seed, "total_flops": spent, "reached": reached, "best": best, "seconds": seconds,
-        "trials": len(done), "rungs": [[r.d_model, r.size] for r in ladder.rungs],
+        "method": method, "seed": seed, "seconds": seconds, "stopped_at_target": stopped,
+        "rungs": [[r.d_model, r.size] for r in ladder.rungs], "top": len(ladder.rungs) - 1, "trials": seq,
+        "drift_fit": fit,
     }  # fmt: skip
 
 
-def run_corpus(args: argparse.Namespace, corpus: str, data: str, workdir: Path) -> dict:
-    cfg = bench_proxy(args.width, args.layers, args.steps, args.eval_every, data)
+def to_target(run: dict, target: float, grid_flops: float, skip: str | None = None) -> dict:
+    """FLOPs until the first proxy-width trial with loss <= target, as a fraction of the grid's; None if never.
+
+    ``skip``: leave out the proxy-width trials obtained that way ("extrapolated" or "promoted"; or
+    "promoted-if-extrapolated": the promoted ones only when an extrapolated one ran), which gives
+    the same study without that finalist (trials are deterministic, so the others are unchanged).
+    """
+    spent, reached, best = 0.0, None, None
+    if skip == "promoted-if-extrapolated":
+        skip = "promoted" if any(t["obtained"] == "extrapolated" for t in run["trials"]) else None
+    for t in run["trials"]:
+        if t["rung"] == run["top"] and t["obtained"] == skip:
+            continue
+        spent += t["flops"]
+        if t["rung"] != run["top"] or t["state"] != "COMPLETE":
+            continue
+        if best is None or t["loss"] < best[1]:
+            best = (t["lr"], t["loss"])
+        if reached is None and t["loss"] <= target:
+            reached = {"flops": spent, "lr": t["lr"], "loss": t["loss"], "obtained": t["obtained"]}
+    return {
+        "reached": reached, "fraction_of_grid": reached["flops"] / grid_flops if reached else None,
+        "total_fraction": spent / grid_flops, "best": best,
+    }  # fmt: skip
+
+
+def variants(method: str) -> list[tuple[str, str | None]]:
+    """(row name, skip) of a method's summary rows: an extrapolating ladder also gives its rank-only and
+    extrapolated-only figures."""
+    if METHODS[method].get("extrapolate"):
+        return [
+            (method, None), (f"{method}:rank-only", "extrapolated"), (f"{method}:extrap-only", "promoted"),
+            (f"{method}:extrap-else-rank", "promoted-if-extrapolated"),
+        ]  # fmt: skip
+    return [(method, None)]
+
+
+def summarize(runs: list[dict], target: float, grid_flops: float) -> dict:
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        for name, skip in variants(method):
+            mine = [r for r in runs if r["method"] == method]
+            res = [to_target(r, target, grid_flops, skip) for r in mine]
+            # a seed that never reached the target counts as its whole spend, at least the grid
+            worst = [x["fraction_of_grid"] if x["reached"] else max(1.0, x["total_fraction"]) for x in res]
+            summary[name] = {
+                "reached": f"{sum(x['reached'] is not None for x in res)}/{len(res)}",
+                "fractions": [x["fraction_of_grid"] for x in res],
+                "median_fraction": statistics.median(worst), "max_fraction": max(worst),
+                "mean_total_fraction": None if any(r["stopped_at_target"] for r in mine)
+                else statistics.fmean(x["total_fraction"] for x in res),
+                "mean_seconds": statistics.fmean(r["seconds"] for r in mine),
+            }  # fmt: skip
+    return summary
+
+
+def drift(cfg: RunConfig, low: float, high: float) -> dict:
+    """The dense grid at every rung width below the proxy (under the proxy's base shape) and each width's optimum:
+    log2 LR at the vertex of the parabola through the best grid point and its two neighbours."""
+    out = {}
+    base = cfg.param.base_d_model or cfg.model.d_model
+    for w in rung_widths(cfg.model.d_model)[:-1]:
+        rows, flops, sec = dense_grid(with_overrides(cfg, {"model.d_model": w, "param.base_d_model": base}), low, high)
+        out[str(w)] = {"grid": rows, "grid_flops": flops, "grid_seconds": sec}
+        print(f"  drift grid d_model={w}: {sec:.0f}s, log2 LR optimum {vertex(rows):+.2f}", flush=True)
+    return out
+
+
+def vertex(rows: list[dict]) -> float:
+    """log2 LR of the parabola's vertex through the best grid point and its neighbours (log2 grid)."""
+    import math
+
+    ok = [r for r in rows if r["loss"] is not None]
+    i = min(range(len(ok)), key=lambda k: ok[k]["loss"])
+    x = math.log2(ok[i]["lr"])
+    if i == 0 or i == len(ok) - 1:
+        return x
+    lo, mid, hi = ok[i - 1]["loss"], ok[i]["loss"], ok[i + 1]["loss"]
+    return x + 0.5 * (lo - hi) / (lo - 2 * mid + hi)
+
+
+def same_setup(a: dict, b: dict) -> bool:
+    keys = ("width", "layers", "steps", "seq_len", "eval_every", "lr_range")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def run_corpus(args: argparse.Namespace, corpus: str, data: str, workdir: Path, old: dict | None) -> dict:
+    """The grid (or the one in ``old``), then every method and seed; ``old`` runs of other methods are kept."""
+    cfg = bench_proxy(args, data)
     lo, hi = (float(x) for x in args.lr_range.split(","))
-    grid, gflops, gsec = dense_grid(cfg, lo, hi)
+    if old is not None and "grid" in old:
+        grid, gflops, gsec = old["grid"], old["grid_flops"], old["grid_seconds"]
+        print(f"\n[{corpus}] grid reused from {args.grid_from}", flush=True)
+    else:
+        grid, gflops, gsec = dense_grid(cfg, lo, hi)
     ok = [g for g in grid if g["loss"] is not None]
     best = min(ok, key=lambda g: g["loss"])
     target = best["loss"] * (1 + args.tol)
+    proxy_trial = args.steps * flops_per_trial_step(cfg)
     print(
-        f"\n[{corpus}] dense log2 grid: {len(grid)} LRs x {args.steps} steps at d_model={args.width} = {gflops:.3g} "
-        f"FLOPs ({gsec:.0f}s); best lr {best['lr']:.3g} loss {best['loss']:.4f}; target <= {target:.4f} "
-        f"(+{args.tol:.0%})",
+        f"[{corpus}] dense log2 grid: {len(grid)} LRs x {args.steps} steps at d_model={args.width} = {gflops:.3g} "
+        f"FLOPs = {gflops / proxy_trial:.2f} proxy trials ({gsec:.0f}s); best lr {best['lr']:.3g} loss "
+        f"{best['loss']:.4f}, log2 LR optimum {vertex(grid):+.2f}; target <= {target:.4f} (+{args.tol:.0%})",
         flush=True,
     )
-    print(f"{'method':<14} {'seed':>4} {'FLOPs to target':>16} {'of grid':>8} {'lr found':>9} {'loss':>7} {'s':>5}")
-    runs = []
-    for method in args.methods.split(","):
+    widths = old.get("drift") if old is not None else None
+    if args.drift and not widths:
+        widths = drift(cfg, lo, hi)
+    print(f"{'method':<14} {'seed':>4} {'to target':>10} {'lr found':>9} {'loss':>7} {'spend':>6} {'s':>5}")
+    methods = args.methods.split(",")
+    runs = [r for r in (old or {}).get("runs", []) if r["method"] not in methods and args.merge]
+    for method in methods:
         trials = args.width_trials if METHODS[method]["fidelity"] == "width" else args.max_trials
+        stop = METHODS[method]["fidelity"] != "width" and not args.full_spend
         for seed in range(args.seeds):
-            r = search_cost(cfg, method, seed, trials, target, workdir / corpus, (lo, hi))
-            hit = r["reached"]
-            r["fraction_of_grid"] = hit["flops"] / gflops if hit else None
-            r["total_fraction"] = r["total_flops"] / gflops
+            r = search_cost(cfg, method, seed, trials, target, workdir / corpus, (lo, hi), stop)
             runs.append(r)
-            frac = f"{r['fraction_of_grid']:.3f}" if hit else "-"
-            spent = f"{hit['flops']:.3g}" if hit else "not reached"
+            x = to_target(r, target, gflops)
+            hit = x["reached"]
             print(
-                f"{method:<14} {seed:>4} {spent:>16} {frac:>8} "
+                f"{method:<14} {seed:>4} {x['fraction_of_grid'] if hit else float('nan'):>10.3f} "
                 f"{hit['lr'] if hit else float('nan'):>9.3g} {hit['loss'] if hit else float('nan'):>7.4f} "
-                f"{r['seconds']:>5.0f}",
+                f"{x['total_fraction']:>6.3f} {r['seconds']:>5.0f}"
+                + (f"  fit {r['drift_fit']}" if r["drift_fit"] else ""),
                 flush=True,
             )
-    summary = {}
-    for method in args.methods.split(","):
-        fr = [r["fraction_of_grid"] for r in runs if r["method"] == method]
-        hits = [f for f in fr if f is not None]
-        # a seed that never reached the target counts as its whole spend (at least the grid) for the max
-        worst = [f if f is not None else max(1.0, r["total_fraction"]) for f, r in
-                 zip(fr, [r for r in runs if r["method"] == method], strict=True)]  # fmt: skip
-        summary[method] = {
-            "reached": f"{len(hits)}/{len(fr)}",
-            "median_fraction": statistics.median(worst) if worst else None,
-            "max_fraction": max(worst) if worst else None,
-            "mean_total_fraction": statistics.fmean(r["total_fraction"] for r in runs if r["method"] == method),
-            "mean_seconds": statistics.fmean(r["seconds"] for r in runs if r["method"] == method),
-        }
-    print(f"\n[{corpus}] {'method':<14} {'reached':>8} {'median':>7} {'max':>6} {'total spend':>12} {'s/seed':>7}")
-    for method, m in summary.items():
+    summary = summarize(runs, target, gflops)
+    print(f"\n[{corpus}] {'method':<24} {'reached':>8} {'median':>7} {'max':>6} {'spend':>6} {'s/seed':>7}")
+    for name, m in summary.items():
+        spend = f"{m['mean_total_fraction']:.3f}" if m["mean_total_fraction"] is not None else "(stop)"
         print(
-            f"[{corpus}] {method:<14} {m['reached']:>8} {m['median_fraction']:>7.3f} {m['max_fraction']:>6.3f} "
-            f"{m['mean_total_fraction']:>12.3f} {m['mean_seconds']:>7.1f}"
+            f"[{corpus}] {name:<24} {m['reached']:>8} {m['median_fraction']:>7.3f} {m['max_fraction']:>6.3f} "
+            f"{spend:>6} {m['mean_seconds']:>7.1f}"
         )
     return {
         "data": data, "grid": grid, "grid_flops": gflops, "grid_seconds": gsec, "grid_best": best, "target": target,
+        "grid_optimum_log2_lr": vertex(grid), "proxy_trial_flops": proxy_trial, "drift": widths,
         "runs": runs, "summary": summary, "lr_range": [lo, hi], "default_lr_range": LR_RANGE["adam"],
     }  # fmt: skip
 
@@ -211,7 +334,8 @@ def range_usage(args: argparse.Namespace) -> dict:
                                  fidelity="steps", pruner="asha")  # fmt: skip
                 trials = run_study(s, cfg).study.get_trials(deepcopy=False)
                 done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-                best = min((t for t in done if t.state is TrialState.COMPLETE), key=lambda t: t.value)
+                ok = [t for t in done if t.state is TrialState.COMPLETE and t.value is not None]
+                best = min(ok, key=lambda t: float(t.value or 0.0))
                 rows.append({
                     "seed": seed, "complete": sum(t.state is TrialState.COMPLETE for t in done),
                     "diverged": sum(t.user_attrs.get("status") == "diverged" for t in done),
@@ -231,20 +355,26 @@ def range_usage(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    proxy = proxy_config()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--width", type=int, default=128, help="proxy d_model (rungs at /8, /4, /2)")
-    ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--width", type=int, default=proxy.model.d_model, help="proxy d_model (rungs at /8, /4, /2)")
+    ap.add_argument("--layers", type=int, default=proxy.model.n_layers)
+    ap.add_argument("--steps", type=int, default=proxy.train.steps)
+    ap.add_argument("--seq-len", type=int, default=proxy.train.seq_len)
+    ap.add_argument("--eval-every", type=int, default=proxy.train.eval_every)
     ap.add_argument("--max-trials", type=int, default=20, help="trials of the proxy-width searchers")
     ap.add_argument("--width-trials", type=int, default=16, help="rung-0 trials of the width ladder")
     ap.add_argument(
         "--lr-range", default="1e-5,1", help="search range of every method and the grid (1e-5,1: the issue's grid)"
     )
     ap.add_argument("--tol", type=float, default=0.01, help="within this fraction of the grid's best loss")
-    ap.add_argument("--methods", default="tpe,tpe+asha,width")
+    ap.add_argument("--methods", default="tpe,tpe+asha,width,width-r8,width-r5x")
     ap.add_argument("--corpora", default="builtin,stdlib-docstrings")
+    ap.add_argument("--full-spend", action="store_true", help="run tpe and tpe+asha to their budget (no stop)")
+    ap.add_argument("--drift", action="store_true", help="also the grid at each narrower rung width")
+    ap.add_argument("--grid-from", type=Path, help="reuse the grids of this earlier result file (same setup)")
+    ap.add_argument("--merge", action="store_true", help="keep --grid-from's runs of the methods not run now")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tune_efficiency.json")
     ap.add_argument("--usage-ranges", default="", help="e.g. 1e-5,1:1e-4,0.1 -> only the LR-range usage measurement")
     ap.add_argument("--usage-seeds", type=int, default=3)
@@ -260,17 +390,24 @@ def main() -> None:
         path.write_text(json.dumps({"ranges": usage, "wall_seconds": wall, "loadavg_start": load0}, indent=1))
         print(f"wrote {path}")
         return
+    previous: dict = {}
+    if args.grid_from is not None:
+        prev = json.loads(args.grid_from.read_text())
+        if not same_setup(prev["config"], vars(args)):
+            raise SystemExit(f"--grid-from {args.grid_from}: measured with another proxy or LR range")
+        previous = prev["corpora"]
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for corpus in args.corpora.split(","):
             data = "builtin" if corpus == "builtin" else str(second_corpus(Path(tmp)))
-            results[corpus] = run_corpus(args, corpus, data, Path(tmp))
+            results[corpus] = run_corpus(args, corpus, data, Path(tmp), previous.get(corpus))
     wall = time.perf_counter() - t0
     print(f"\nwall time {wall:.0f}s; load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
     out = {
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "backend": BACKEND},
+        "proxy": to_dict(bench_proxy(args, "builtin")),
         "corpora": results, "wall_seconds": wall, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "python": sys.version.split()[0], "torch": torch.__version__,
     }  # fmt: skip

@@ -132,7 +132,13 @@ class TuneSettings(BaseModel):
     heartbeat_interval: int = Field(default=30, description="RDB only: seconds between heartbeats")
     threads: int = Field(default=1, description="torch threads per worker; small proxies are fastest on one")
     fidelity: Fidelity = Field(default=Fidelity.WIDTH, description="width: rungs at proxy/8../proxy; steps: one rung")
-    reduction: int = Field(default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best")
+    reduction: int = Field(
+        default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best (16 trials: 16, 5, 2, 1)"
+    )
+    extrapolate: bool = Field(
+        default=False,
+        description="width: the proxy rung also runs the LR extrapolated from the optimum's drift over the rungs",
+    )
     log: str = Field(
         default="", description="per-trial curves: comma-separated mupt.sinks names (jsonl, tensorboard, wandb, mlflow)"
     )
@@ -541,8 +547,12 @@ class Rung:
     """One fidelity level: every trial in it trains the proxy at ``d_model`` for the proxy's steps.
 
     ``size`` is the number of trials the rung holds: rung 0 samples ``--trials`` configurations,
-    rung r takes the best ``round(trials / reduction**r)`` (at least 1) of rung r-1 by rank
-    (default reduction 3: 16 trials give rungs of 16, 5, 2 and 1).
+    rung r takes the best ``round(trials / reduction**r)`` (at least 1) of the rung below by rank
+    (the default reduction 3: 16 trials give rungs of 16, 5, 2 and 1; reduction 8 gives 16, 2 and 1:
+    a rung that would take as many as the rung above it selects nothing and is left out, see
+    :func:`rungs_for`).  ``extrapolated`` of them (the proxy-width rung only, 0 or 1) run at the LR
+    extrapolated from the optimum's drift across the narrower rungs (:func:`drift_fit`) instead of
+    a promoted configuration.
     Each rung is its own Optuna study in the one storage (rung 0 keeps the study's name), so the
     sampler only ever compares results at one fidelity.
     """
@@ -551,6 +561,12 @@ class Rung:
     d_model: int
     size: int
     study_name: str
+    extrapolated: int = 0
+
+    @property
+    def promoted(self) -> int:
+        """How many of the rung's trials are promotions by rank (rung 0: sampled, not promoted)."""
+        return self.size - self.extrapolated
 
 
 def rung_widths(proxy_width: int, multiple: int = 16) -> list[int]:
@@ -571,16 +587,35 @@ def width_multiple(cfg: RunConfig) -> int:
 
 
 def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
-    """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise."""
+    """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise.
+
+    Width fidelity: rung i at the i-th of :func:`rung_widths` takes ``round(trials / reduction**i)``
+    (at least 1) by rank.  A rung below the proxy that would take no more trials than the next
+    rung takes is left out: the next rung would take every one of its trials whatever their
+    losses, so it would cost compute and decide nothing (16 trials at reduction 8: 16, 2, 1, 1 ->
+    rungs of 16 at proxy/8 and 2 at proxy/4, then 1 at the proxy).  With
+    ``settings.extrapolate`` (LR searched alone, at least two rungs below the proxy) the
+    proxy-width rung holds one more trial, at the LR extrapolated by :func:`drift_fit`.
+    """
     if settings.fidelity is Fidelity.STEPS:
         return [Rung(0, cfg.model.d_model, settings.trials, settings.study)]
     widths = rung_widths(cfg.model.d_model, width_multiple(cfg))
     eta = settings.reduction
-    return [
-        Rung(i, w, settings.trials if i == 0 else max(1, round(settings.trials / eta**i)),
-             settings.study if i == 0 else f"{settings.study}.rung{i}")
-        for i, w in enumerate(widths)
-    ]  # fmt: skip
+    sizes = [settings.trials if i == 0 else max(1, round(settings.trials / eta**i)) for i in range(len(widths))]
+    keep = [i for i in range(len(widths)) if i == 0 or i == len(widths) - 1 or sizes[i] > sizes[i + 1]]
+    rungs = [
+        Rung(j, widths[i], sizes[i], settings.study if j == 0 else f"{settings.study}.rung{j}")
+        for j, i in enumerate(keep)
+    ]
+    if extrapolates(settings) and len(rungs) >= 3:
+        top = rungs[-1]
+        rungs[-1] = Rung(top.index, top.d_model, top.size + 1, top.study_name, extrapolated=1)
+    return rungs
+
+
+def extrapolates(settings: TuneSettings) -> bool:
+    """Whether the study runs an extrapolated finalist (width fidelity, ``--extrapolate``, LR searched alone)."""
+    return settings.fidelity is Fidelity.WIDTH and settings.extrapolate and settings.search == ("lr",)
 
 
 def rung_config(cfg: RunConfig, rung: Rung) -> RunConfig:
@@ -608,6 +643,99 @@ def grid_flops(settings: TuneSettings, cfg: RunConfig) -> float:
     return len(lr_grid(lo, hi)) * cfg.train.steps * flops_per_trial_step(cfg)
 
 
+#: Octaves of LR a rung's losses must span to enter :func:`drift_fit`.
+MIN_FIT_SPAN = 1.0
+
+
+def _span(xs: list[float]) -> float:
+    return max(xs) - min(xs) if xs else 0.0
+
+
+@dataclass(frozen=True)
+class DriftFit:
+    """Where the LR optimum sits at each rung below the proxy, and where that puts it at the proxy width.
+
+    ``optima``: d_model -> log2 of the LR at the fitted minimum of that rung's losses; ``slope``:
+    octaves of LR per doubling of d_model (least squares over the rungs); ``log2_lr`` / ``lr``: the
+    line's value at the proxy's d_model, kept within one octave of the LRs measured and inside the
+    search range (``clipped`` says it was moved); ``points``: losses used.
+    """
+
+    optima: dict[int, float]
+    slope: float
+    log2_lr: float
+    lr: float
+    clipped: bool
+    points: int
+
+    def to_attrs(self) -> dict[str, Any]:
+        """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``)."""
+        return {
+            "optima_log2_lr": {str(k): round(v, 4) for k, v in self.optima.items()},
+            "slope_octaves_per_doubling": round(self.slope, 4), "log2_lr": round(self.log2_lr, 4),
+            "clipped": self.clipped, "points": self.points,
+        }  # fmt: skip
+
+
+def drift_fit(ladder: Ladder) -> DriftFit | None:
+    """Extrapolate the LR optimum from the rungs below the proxy to the proxy width (issue 16).
+
+    µP keeps the optimum LR fixed only as width grows large; between d_model 32 and 256 it drifts
+    (measured in docs/tuning.md, "Efficiency": down 0.07-0.21 octave per doubling), so the best
+    configuration at a narrow rung sits slightly above the proxy's optimum.  The fit uses the configurations that
+    were promoted into rung 1, measured at every rung below the proxy (rung 0: their rung-0
+    losses; rung r >= 1: its COMPLETE trials), so the narrow rungs are compared on the same LRs.
+    Per rung, loss = c_r + e_r x + b x^2 with x = log2 LR and one curvature b shared by the
+    rungs (linear least squares); the rung's optimum is x*_r = -e_r / 2b.  A straight line
+    x*_r = a + s log2(d_model_r) (least squares) gives the proxy's optimum; it is kept within one
+    octave of the LRs measured (a trust region) and inside the search range.
+
+    Returns None (no extrapolated trial) when fewer than two rungs below the proxy have losses
+    spanning at least ``MIN_FIT_SPAN`` (one) octave of LR, there are fewer losses than unknowns, or
+    the fitted curvature is not positive.
+    """
+    import numpy as np
+
+    if len(ladder.rungs) < 3:
+        return None
+    lo, hi = search_space(ladder.settings, ladder.cfg)["lr"]
+    below = ladder.rungs[:-1]
+    rung1 = ladder.studies[1].get_trials(deepcopy=False)
+    sources = {_slot(t.user_attrs) for t in rung1 if t.state is not TrialState.FAIL}
+    points: list[tuple[int, float, float]] = []  # (rung, log2 lr, loss)
+    for rung, st in zip(below, ladder.studies, strict=False):
+        for t in st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if rung.index == 0 and t.number not in sources:
+                continue
+            if t.value is not None and math.isfinite(t.value) and "lr" in t.params:
+                points.append((rung.index, math.log2(float(t.params["lr"])), float(t.value)))
+    # a rung whose LRs span less than an octave says little about where its optimum is (TPE often clusters)
+    used = sorted({r for r, _, _ in points if _span([x for q, x, _ in points if q == r]) >= MIN_FIT_SPAN})
+    points = [p for p in points if p[0] in used]
+    if len(used) < 2 or len(points) < 1 + 2 * len(used):
+        return None
+    xs = np.array([x for _, x, _ in points])
+    center = float(xs.mean())
+    a = np.zeros((len(points), 1 + 2 * len(used)))
+    for row, (r, x, _) in enumerate(points):
+        k = used.index(r)
+        a[row, 0] = (x - center) ** 2
+        a[row, 1 + 2 * k] = 1.0
+        a[row, 2 + 2 * k] = x - center
+    coef = np.linalg.lstsq(a, np.array([y for _, _, y in points]), rcond=None)[0]
+    b = float(coef[0])
+    if not b > 0:
+        return None
+    optima = {below[r].d_model: center - float(coef[2 + 2 * k]) / (2 * b) for k, r in enumerate(used)}
+    lw = np.array([math.log2(w) for w in optima])
+    slope, intercept = np.polyfit(lw, np.array(list(optima.values())), 1)
+    raw = float(intercept + slope * math.log2(ladder.rungs[-1].d_model))
+    low = max(math.log2(lo), float(xs.min()) - 1.0)
+    high = min(math.log2(hi), float(xs.max()) + 1.0)
+    x = min(max(raw, low), high)
+    return DriftFit(optima, float(slope), x, min(max(2.0**x, lo), hi), x != raw, len(points))
+
+
 # --- study ------------------------------------------------------------------------------------
 
 
@@ -631,10 +759,13 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
         return optuna.pruners.NopPruner()
     if settings.pruner is PrunerName.ASHA:
         if settings.fidelity is Fidelity.WIDTH:
-            # one halving on steps, at about 1/reduction of the run: about 1/reduction of rung 0 then completes,
-            # enough for rung 1's round(trials / reduction) promotions (two halvings on steps would starve it)
-            first = max(every, cfg.train.steps // settings.reduction)
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=settings.reduction)
+            # one halving on steps, at the first validation from half the run on, keeping about a third (a half at
+            # --reduction 2): enough to fill rung 1.  Earlier halvings favour high LRs (they learn fastest at
+            # first): at the default proxy, halving at step 16 of 64 (keeping a quarter) once kept two trials at an
+            # LR 1.5 octaves above the optimum at d_model 32 and pruned the ones near it (docs/tuning.md)
+            first = max(every, cfg.train.steps // 2)
+            keep = min(3, settings.reduction)
+            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=keep)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
     if settings.pruner is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
@@ -716,6 +847,26 @@ def open_ladder(settings: TuneSettings, cfg: RunConfig, seed: int | None = None,
     return Ladder(settings, cfg, rungs, studies, storage)
 
 
+def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """ConfigError (one line) when the study's recorded ``keys`` differ from ``attrs`` (this run's flags).
+
+    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate``.
+    """
+    old = study.user_attrs
+    before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
+    for key in keys:
+        if before.get(key) != attrs[key]:
+            d = first_difference(before.get(key), attrs[key])
+            what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
+            flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials, --reduction, --extrapolate)"}.get(
+                key, key.replace("_", " ")
+            )
+            raise ConfigError(
+                f"study {settings.study!r} was created with a different {flag} ({what}); "
+                f"rerun with the same flags, or pass --study NEW_NAME"
+            )
+
+
 def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
     """Create or resume the study, record/check its attrs, fail dead workers' trials, enqueue the grid.
 
@@ -729,20 +880,8 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
         ladder = open_ladder(settings, cfg, storage=storage)
         study = ladder.study
         attrs = study_attrs(settings, cfg)
-        old = study.user_attrs
-        if "proxy_config" in old:
-            before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
-            for key in ("proxy_config", "search_space", "fidelity", "rungs"):
-                if before[key] != attrs[key]:
-                    d = first_difference(before[key], attrs[key])
-                    what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
-                    flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials)"}.get(
-                        key, key.replace("_", " ")
-                    )
-                    raise ConfigError(
-                        f"study {settings.study!r} was created with a different {flag} ({what}); "
-                        f"rerun with the same flags, or pass --study NEW_NAME"
-                    )
+        if "proxy_config" in study.user_attrs:
+            check_same_study(settings, study, attrs, ("proxy_config", "search_space", "fidelity", "rungs"))
         else:
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
@@ -861,11 +1000,11 @@ def make_objective(
             trial.set_user_attr("reason", f"duplicate retry: trial {twin} already retries the same failed trial")
             raise _DuplicateRetry
         if rung.index > 0:
-            source = trial.user_attrs.get("promoted_from")
+            source = _slot(trial.user_attrs)
             twins = [
                 t for t in trial.study.get_trials(deepcopy=False)
                 if t.number < trial.number and t.state is not TrialState.FAIL
-                and source is not None and t.user_attrs.get("promoted_from") == source
+                and source is not None and _slot(t.user_attrs) == source
             ]  # fmt: skip
             if source is None or twins:
                 trial.set_user_attr("reason", "no promotion left to run (another worker took it)")
@@ -928,7 +1067,7 @@ def _closed(ladder: Ladder, i: int) -> bool:
         if ladder.settings.sampler is SamplerName.GRID:
             return len(finished) >= ladder.rungs[0].size or not _has_grid_left(st)
         return len(finished) >= ladder.rungs[0].size
-    return _closed(ladder, i - 1) and _next_promotion(ladder, i) is None
+    return _closed(ladder, i - 1) and _next_promotion(ladder, i) is None and _pending_extrapolation(ladder, i) is None
 
 
 def _has_grid_left(study: optuna.Study) -> bool:
@@ -936,8 +1075,8 @@ def _has_grid_left(study: optuna.Study) -> bool:
 
 
 def _next_promotion(ladder: Ladder, i: int) -> FrozenTrial | None:
-    """The best rung-(i-1) trial among the top ``rungs[i].size`` that rung i has not taken yet (rank order)."""
-    chosen = _ranked(ladder.studies[i - 1])[: ladder.rungs[i].size]
+    """The best rung-(i-1) trial among the top ``rungs[i].promoted`` that rung i has not taken yet (rank order)."""
+    chosen = _ranked(ladder.studies[i - 1])[: ladder.rungs[i].promoted]
     taken = {
         t.user_attrs.get("promoted_from")
         for t in ladder.studies[i].get_trials(deepcopy=False)
@@ -946,13 +1085,42 @@ def _next_promotion(ladder: Ladder, i: int) -> FrozenTrial | None:
     return next((t for t in chosen if t.number not in taken), None)
 
 
+def _slot(attrs: dict[str, Any]) -> int | str | None:
+    """Which place of a promoted rung a trial fills: the rung-below trial it was promoted from, or
+    ``"extrapolated"`` for the drift-extrapolated finalist; None for a trial enqueued by nobody we know."""
+    if "extrapolated" in attrs:
+        return "extrapolated"
+    src = attrs.get("promoted_from")
+    return None if src is None else int(src)
+
+
+def _pending_extrapolation(ladder: Ladder, i: int) -> DriftFit | None:
+    """The drift fit to enqueue in rung i, when rung i holds an extrapolated finalist not taken yet
+    (a FAIL one does not count) and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed."""
+    if not ladder.rungs[i].extrapolated:
+        return None
+    taken = any(
+        t.state is not TrialState.FAIL and _slot(t.user_attrs) == "extrapolated"
+        for t in ladder.studies[i].get_trials(deepcopy=False)
+    )
+    return None if taken else drift_fit(ladder)
+
+
 def _pick(ladder: Ladder) -> int | None | str:
-    """Under the lock: the rung to run a trial in next (a promotion is enqueued first), "wait" or None (done)."""
+    """Under the lock: the rung to run a trial in next (a promotion is enqueued first), "wait" or None (done).
+
+    In the proxy-width rung the extrapolated finalist (when the schedule has one) is enqueued before
+    the promotions by rank.
+    """
     for i in range(len(ladder.rungs) - 1, 0, -1):
         st = ladder.studies[i]
         if any(t.state is TrialState.WAITING for t in st.get_trials(deepcopy=False)):
             return i  # a promotion enqueued by a worker that died before running it
         if _closed(ladder, i - 1):
+            fit = _pending_extrapolation(ladder, i)
+            if fit is not None:
+                st.enqueue_trial({"lr": fit.lr}, user_attrs={"extrapolated": fit.to_attrs()})
+                return i
             src = _next_promotion(ladder, i)
             if src is not None:
                 st.enqueue_trial(
@@ -968,6 +1136,13 @@ def _pick(ladder: Ladder) -> int | None | str:
         return 0
     running = any(t.state is TrialState.RUNNING for _, t in ladder.trials())
     return "wait" if running else None
+
+
+def trial_seed(seed_base: int, n: int) -> int:
+    """The sampler's seed for the study's (n+1)-th trial: a hash of (seed, n), so that studies with
+    neighbouring ``--seed`` values draw unrelated points (``seed + n`` made study 1's trial k study
+    0's trial k+1: five benchmark seeds shared most of their random start-up points)."""
+    return zlib.crc32(f"{seed_base}:{n}".encode()) & 0x7FFFFFFF
 
 
 def run_worker(
@@ -1007,7 +1182,7 @@ def run_worker(
         study = ladder.studies[pick]
         if pick == 0:
             # reseed from the history so a resumed study does not replay the same random start-up points
-            study.sampler = make_sampler(settings, seed_base + len(study.get_trials(deepcopy=False)))
+            study.sampler = make_sampler(settings, trial_seed(seed_base, len(study.get_trials(deepcopy=False))))
         skipped = ""
 
         def note(s: optuna.Study, t: FrozenTrial) -> None:
@@ -1054,8 +1229,14 @@ def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
     c = count_states(ladder)
     total = ladder.rungs[0].size  # a rung whose lower rung is closed holds at most that rung's COMPLETE trials
     for i in range(1, len(ladder.rungs)):
-        size = ladder.rungs[i].size
-        total += min(size, len(_ranked(ladder.studies[i - 1]))) if _closed(ladder, i - 1) else size
+        rung = ladder.rungs[i]
+        if not _closed(ladder, i - 1):
+            total += rung.size
+            continue
+        extra = any(_slot(t.user_attrs) == "extrapolated" and t.state is not TrialState.FAIL
+                    for t in ladder.studies[i].get_trials(deepcopy=False))  # fmt: skip
+        total += min(rung.promoted, len(_ranked(ladder.studies[i - 1])))
+        total += 1 if extra or _pending_extrapolation(ladder, i) is not None else 0
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
         c["RUNNING"],
@@ -1140,7 +1321,10 @@ def load_existing(settings: TuneSettings, cfg: RunConfig) -> Ladder:
     if settings.study not in names:
         have = ", ".join(n for n in names if ".rung" not in n) or "none"
         raise StorageError(f"no study named {settings.study!r} in the storage (studies: {have}); run mupt tune first")
-    return open_ladder(settings, cfg, storage=storage)
+    ladder = open_ladder(settings, cfg, storage=storage)
+    if "proxy_config" in ladder.study.user_attrs:  # the rung studies must be read at the widths they ran at
+        check_same_study(settings, ladder.study, study_attrs(settings, cfg), ("fidelity", "rungs"))
+    return ladder
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -1229,6 +1413,15 @@ def lineage(ladder: Ladder, trial: FrozenTrial, rung_index: int) -> list[dict[st
     return chain[::-1]
 
 
+def obtained(trial: FrozenTrial, rung_index: int) -> dict[str, Any]:
+    """How a trial's configuration was obtained: ``{"obtained": "sampled" | "promoted" | "extrapolated"}``,
+    with the :class:`DriftFit` (as stored) for an extrapolated one."""
+    attrs = trial.user_attrs
+    if "extrapolated" in attrs:
+        return {"obtained": "extrapolated", "drift_fit": attrs["extrapolated"]}
+    return {"obtained": "promoted" if rung_index > 0 and "promoted_from" in attrs else "sampled"}
+
+
 def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
     """The best COMPLETE trial at the proxy width as a :class:`BestParams` (with its data's identity).
 
@@ -1262,7 +1455,13 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         fidelity=ladder.settings.fidelity.value,
         finalists=[
-            {"trial": t.number, "value": t.value, "params": dict(t.params), "fidelities": lineage(ladder, t, top)}
+            {
+                "trial": t.number,
+                "value": t.value,
+                "params": dict(t.params),
+                **obtained(t, top),
+                "fidelities": lineage(ladder, t, top),
+            }
             for t in _ranked(ladder.top)
         ],
     )
@@ -1483,6 +1682,7 @@ __all__ = [
     "LR_RANGE",
     "MULT_RANGE",
     "SEARCHABLE",
+    "DriftFit",
     "Fidelity",
     "JournalRepair",
     "Ladder",
@@ -1500,6 +1700,8 @@ __all__ = [
     "code_version",
     "count_states",
     "default_study_name",
+    "drift_fit",
+    "extrapolates",
     "fail_dead_trials",
     "fail_stale_rdb_trials",
     "flops_per_trial_step",
@@ -1509,6 +1711,7 @@ __all__ = [
     "load_existing",
     "lr_grid",
     "open_ladder",
+    "obtained",
     "open_storage",
     "plot_groups",
     "prepare_study",
@@ -1525,6 +1728,7 @@ __all__ = [
     "study_flops",
     "study_lock",
     "trial_rows",
+    "trial_seed",
     "trial_steps",
     "trials_dataframe",
     "write_best",

@@ -6,6 +6,7 @@ Width-fidelity tests use a proxy at d_model 64, whose rungs are d_model 16, 32 a
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import signal
@@ -24,7 +25,9 @@ from mupt.errors import ConfigError, StorageError
 from mupt.tune import (
     TuneSettings,
     coarse_to_fine,
+    drift_fit,
     load_best,
+    load_existing,
     lr_grid,
     open_ladder,
     open_storage,
@@ -33,6 +36,7 @@ from mupt.tune import (
     proxy_config,
     run_study,
     run_worker,
+    rungs_for,
     trial_rows,
     write_best,
     write_plots,
@@ -110,6 +114,18 @@ def test_tiny_study_finds_lr_in_good_range(tmp_path: Path) -> None:
     # resuming with a different proxy is refused (results would mix)
     with pytest.raises(ConfigError, match="train.steps"):
         prepare_study(s, tiny(**{"train.steps": 40}))
+
+
+def test_neighbouring_seeds_draw_unrelated_points(tmp_path: Path) -> None:
+    """--seed 1's trials are not --seed 0's shifted by one (each trial reseeds the sampler from the history:
+    with seed + trial number as its seed, five benchmark seeds shared most of their start-up points)."""
+    cfg = tiny(**{"train.steps": 2, "train.eval_every": 1})
+    lrs = []
+    for seed in (0, 1):
+        s = TuneSettings(study=f"s{seed}", trials=3, seed=seed, runs_dir=str(tmp_path), fidelity="steps", pruner="none")
+        lrs.append([t.params["lr"] for t in run_study(s, cfg).study.trials])
+    assert len(lrs[0]) == len(lrs[1]) == 3
+    assert not set(lrs[0]) & set(lrs[1]), lrs
 
 
 def test_divergent_lr_is_pruned_with_reason(tmp_path: Path) -> None:
@@ -232,7 +248,7 @@ def test_width_ladder_rungs_widths_flops_and_best_at_proxy_width(tmp_path: Path)
 
     torch.set_num_threads(1)
     cfg = with_overrides(proxy_config(), W64)
-    s = TuneSettings(study="ladder", trials=6, runs_dir=str(tmp_path), pruner="none")
+    s = TuneSettings(study="ladder", trials=6, reduction=3, runs_dir=str(tmp_path), pruner="none")
     ladder = run_study(s, cfg)
     assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 6), (32, 2), (64, 1)]
     for rung, study in zip(ladder.rungs, ladder.studies, strict=True):
@@ -263,20 +279,119 @@ def test_width_ladder_rungs_widths_flops_and_best_at_proxy_width(tmp_path: Path)
     assert names == ["history.png", "loss_vs_lr.png", "rungs.png", "compute.png"]
 
 
+def _schedule(cfg: RunConfig, **kw: object) -> list[tuple[int, int, int, str]]:
+    return [(r.d_model, r.size, r.extrapolated, r.study_name) for r in rungs_for(TuneSettings(study="s", **kw), cfg)]
+
+
+def test_rung_schedule_leaves_out_a_rung_that_selects_nothing() -> None:
+    """Rung sizes round(trials / reduction^i); a rung below the proxy that would pass every trial it holds on
+    to the next rung (16 at reduction 4: 16, 4, 1, 1) is left out; --extrapolate adds one proxy-width trial
+    when two rungs lie below the proxy and the LR is searched alone."""
+    cfg = proxy_config()  # d_model 256: rungs at 32, 64, 128, 256
+    assert _schedule(cfg, trials=16, reduction=3) == [
+        (32, 16, 0, "s"), (64, 5, 0, "s.rung1"), (128, 2, 0, "s.rung2"), (256, 1, 0, "s.rung3")]  # fmt: skip
+    assert _schedule(cfg, trials=16, reduction=4) == [(32, 16, 0, "s"), (64, 4, 0, "s.rung1"), (256, 1, 0, "s.rung2")]
+    assert [r[:2] for r in _schedule(cfg, trials=32, reduction=4)] == [(32, 32), (64, 8), (128, 2), (256, 1)]
+    assert [r[:3] for r in _schedule(cfg, trials=16, reduction=4, extrapolate=True)] == [
+        (32, 16, 0), (64, 4, 0), (256, 2, 1)]  # fmt: skip
+    assert [r[:3] for r in _schedule(cfg, trials=4, reduction=4, extrapolate=True)] == [(32, 4, 0), (256, 1, 0)]
+    assert [r[:3] for r in _schedule(cfg, trials=16, reduction=4, extrapolate=True, search="lr,output_mult")] == [
+        (32, 16, 0), (64, 4, 0), (256, 1, 0)]  # fmt: skip
+    assert _schedule(cfg, trials=16, fidelity="steps", extrapolate=True) == [(256, 16, 0, "s")]
+
+
+def test_a_study_made_under_another_rung_schedule_is_refused_not_misread(tmp_path: Path) -> None:
+    """A study created with --reduction 8 (rungs 32, 64, 256) opened with the default (rungs 32, 64, 128, 256):
+    resuming and --report both refuse in one line naming the flags, instead of reading the proxy rung's
+    trials (d_model 256) as d_model 128's."""
+    cfg = with_overrides(proxy_config(), {"model.scan_backend": BACKEND})
+    prepare_study(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg)
+    now = TuneSettings(study="r8", runs_dir=str(tmp_path))
+    for call in (prepare_study, load_existing):
+        with pytest.raises(ConfigError, match=r"rung schedule \(--trials, --reduction, --extrapolate\)") as e:
+            call(now, cfg)
+        assert "\n" not in str(e.value)
+    assert len(load_existing(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg).rungs) == 3
+
+
+def _add(study: optuna.Study, log2_lr: float, loss: float, **attrs: object) -> int:
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)}
+    trial = optuna.trial.create_trial(params={"lr": 2.0**log2_lr}, distributions=dist, value=loss, user_attrs=attrs)
+    study.add_trial(trial)
+    return study.trials[-1].number
+
+
+@pytest.mark.parametrize("drift", [-0.25, -2.0])
+def test_drift_fit_recovers_a_known_drift(tmp_path: Path, drift: float) -> None:
+    """Losses from parabolas in log2 LR (one curvature, as the fit assumes) whose minimum moves by ``drift``
+    octaves per doubling of d_model (at 32: -9): the fit finds both rungs' minima and the line through them,
+    put at the proxy's d_model 256 and kept within one octave of the LRs measured. Rung 0's trials that
+    rung 1 did not take are not used."""
+    cfg = proxy_config()
+    s = TuneSettings(study="fit", trials=16, reduction=4, extrapolate=True, runs_dir=str(tmp_path))
+    ladder = open_ladder(s, cfg)
+    assert [r.d_model for r in ladder.rungs] == [32, 64, 256]
+
+    def opt(width: int) -> float:
+        return -9.0 + drift * math.log2(width / 32)
+
+    promoted = [-10.5, -9.5, -8.5, -7.5]
+    sources = [_add(ladder.studies[0], x, 2.0 + 0.05 * (x - opt(32)) ** 2) for x in promoted]
+    _add(ladder.studies[0], -14.0, 2.05)  # not promoted: a fit that used it would be off
+    for x, src in zip(promoted, sources, strict=True):
+        _add(ladder.studies[1], x, 1.9 + 0.05 * (x - opt(64)) ** 2, promoted_from=src)
+    fit = drift_fit(ladder)
+    assert fit is not None and fit.points == 8
+    assert fit.optima[32] == pytest.approx(opt(32), abs=1e-6) and fit.optima[64] == pytest.approx(opt(64), abs=1e-6)
+    assert fit.slope == pytest.approx(drift, abs=1e-6)
+    if drift == -0.25:
+        assert not fit.clipped and fit.log2_lr == pytest.approx(opt(256), abs=1e-6)
+    else:  # -2 octaves per doubling would put it at -15: one octave below the lowest LR measured is the limit
+        assert fit.clipped and fit.log2_lr == pytest.approx(min(promoted) - 1.0)
+    assert fit.lr == pytest.approx(2.0**fit.log2_lr)
+
+
+def test_drift_fit_declines_a_rung_whose_lrs_span_less_than_an_octave(tmp_path: Path) -> None:
+    cfg = proxy_config()
+    s = TuneSettings(study="fit", trials=16, reduction=4, extrapolate=True, runs_dir=str(tmp_path))
+    ladder = open_ladder(s, cfg)
+    close = [-9.3, -9.1, -8.9, -8.7]  # TPE often clusters like this: 0.6 octave says little about the minimum
+    sources = [_add(ladder.studies[0], x, 2.0 + 0.05 * (x + 9) ** 2) for x in close]
+    for x, src in zip(close, sources, strict=True):
+        _add(ladder.studies[1], x, 1.9 + 0.05 * (x + 9.2) ** 2, promoted_from=src)
+    assert drift_fit(ladder) is None
+
+
 def test_width_ladder_two_workers_no_duplicate_promotions(tmp_path: Path) -> None:
+    """Two worker processes: every rung holds exactly its size, no configuration is promoted twice, and the
+    drift-extrapolated finalist runs once, at the LR the fit of the finished narrow rungs gives; best.yaml
+    says how each finalist was obtained."""
     cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
-    s = TuneSettings(study="par2", trials=6, workers=2, runs_dir=str(tmp_path), pruner="none")
+    s = TuneSettings(study="par2", trials=8, reduction=3, workers=2, runs_dir=str(tmp_path), pruner="none",
+                     sampler="grid", extrapolate=True)  # fmt: skip
     run_study(s, cfg)
     ladder = open_ladder(s, cfg)
+    assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 8), (32, 3), (64, 2)]
     for rung, study in zip(ladder.rungs, ladder.studies, strict=True):
         finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
         assert len(finished) == rung.size, rung
         assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
         if rung.index:
-            sources = [t.user_attrs["promoted_from"] for t in study.get_trials() if t.state is not TrialState.FAIL]
+            sources = [t.user_attrs.get("promoted_from", "extrapolated") for t in study.get_trials()
+                       if t.state is not TrialState.FAIL]  # fmt: skip
             assert len(sources) == len(set(sources)) == rung.size
     workers = {t.user_attrs["worker"] for t in ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))}
     assert len(workers) == 2  # both processes ran trials
+    fit = drift_fit(ladder)
+    extrapolated = [t for t in ladder.studies[-1].get_trials() if "extrapolated" in t.user_attrs]
+    assert fit is not None and len(extrapolated) == 1
+    assert extrapolated[0].params["lr"] == pytest.approx(fit.lr, rel=1e-12)
+    assert extrapolated[0].user_attrs["extrapolated"]["log2_lr"] == pytest.approx(fit.log2_lr, abs=1e-3)
+    bp, _ = write_best(ladder, cfg, s.run_dir)
+    how = {f["obtained"]: f for f in bp.finalists}
+    assert set(how) == {"extrapolated", "promoted"}
+    assert [f["d_model"] for f in how["extrapolated"]["fidelities"]] == [64] and "drift_fit" in how["extrapolated"]
+    assert [f["d_model"] for f in how["promoted"]["fidelities"]] == [16, 32, 64]
 
 
 def test_duplicate_retry_in_the_first_rung_does_not_stop_the_worker(tmp_path: Path) -> None:
@@ -342,10 +457,48 @@ def test_sigkill_in_low_rung_then_rerun_keeps_trials_and_budget(tmp_path: Path) 
     assert after[victim].state is TrialState.FAIL and "died" in after[victim].user_attrs["reason"]
     finished = rung0.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 4  # the budget: exactly --trials finished at rung 0, the killed one not counted
-    for name, size in (("proxy-w64.rung1", 1), ("proxy-w64.rung2", 1)):
-        assert len(_load(s, name).get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == size
+    # 4 trials: rungs of 4 at d_model 16 and 1 at 64 (a rung of 1 at 32 would pass its one trial on: left out)
+    top = _load(s, "proxy-w64.rung1").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(top) == 1 and top[0].user_attrs["d_model"] == 64
     bp = load_best(tmp_path / "proxy-w64" / "best.yaml")
     assert bp.config.model.d_model == 64
+
+
+def test_sigkill_during_the_extrapolated_finalist_then_rerun(tmp_path: Path) -> None:
+    """SIGKILL while the drift-extrapolated finalist trains: the rerun marks it failed, runs it again (same
+    LR: the fit of the unchanged narrow rungs), keeps every narrow trial, and the proxy rung holds exactly 2."""
+    args = ["tune", *W64_FLAGS, "--steps", "20", "--trials", "8", "--reduction", "3", "--sampler", "grid",
+            "--pruner", "none", "--extrapolate", "--runs-dir", str(tmp_path)]  # fmt: skip
+    s = TuneSettings(study="proxy-w64", trials=8, reduction=3, runs_dir=str(tmp_path), sampler="grid", extrapolate=True)
+    proc = mupt(*args)
+    victim, lr = None, None
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            try:
+                running = _load(s, "proxy-w64.rung2").get_trials(states=(TrialState.RUNNING,))
+            except (KeyError, StorageError):
+                continue
+            if running and "extrapolated" in running[0].user_attrs and "d_model" in running[0].user_attrs:
+                victim, lr = running[0].number, running[0].params["lr"]
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None and victim is None:
+            proc.kill()
+        proc.wait()
+    assert victim is not None, "the extrapolated finalist finished before it could be killed"
+    narrow = [(t.number, t.value) for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))]
+    proc = mupt(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert [(t.number, t.value) for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))] == narrow
+    top = _load(s, "proxy-w64.rung2").trials
+    assert top[victim].state is TrialState.FAIL and "died" in top[victim].user_attrs["reason"]
+    again = [t for t in top if "extrapolated" in t.user_attrs and t.state is TrialState.COMPLETE]
+    assert len(again) == 1 and again[0].params["lr"] == lr
+    assert len([t for t in top if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
 
 
 def test_grid_enqueue_once_with_synchronized_starts(tmp_path: Path) -> None:

@@ -158,8 +158,21 @@ def tune(
         ),
     ] = Fidelity.WIDTH,
     reduction: Annotated[
-        int, typer.Option("--reduction", help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity).")
+        int,
+        typer.Option(
+            "--reduction",
+            help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity); a rung that would keep them all "
+            "is left out (8: 16,2,1).",
+        ),
     ] = 3,
+    extrapolate: Annotated[
+        bool,
+        typer.Option(
+            "--extrapolate/--no-extrapolate",
+            help="Width fidelity, LR searched alone: the proxy rung also runs the LR extrapolated from the "
+            "optimum's drift across the narrower rungs (docs/tuning.md).",
+        ),
+    ] = False,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
     threads: ThreadsOpt = None,
     log: Annotated[
@@ -209,8 +222,9 @@ def tune(
     """Tune the proxy's learning rate (and optionally µP multipliers) with Optuna; writes runs/<study>/best.yaml.
 
     By default most trials run at narrower widths (µP keeps the optimum in place): rungs at
-    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up; the answer
-    is the best trial measured at the proxy width.  Compute is counted in FLOPs.
+    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up (16 trials:
+    16, 5, 2, 1); the answer is the best trial measured at the proxy width.  Compute is counted
+    in FLOPs.
 
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
@@ -226,7 +240,7 @@ def tune(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
-        heartbeat_interval=heartbeat, log=log,
+        extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
