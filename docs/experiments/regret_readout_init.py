@@ -27,8 +27,10 @@ from typing import Any
 
 from mupt.check.lr_transfer import PointCache, point_config, point_key, run_point
 from mupt.check.regret import regret_at
-from mupt.config import RunConfig, Scheme, atomic_write_text, to_dict, with_overrides
-from mupt.data import fit_vocab
+from mupt.config import Scheme, atomic_write_text, to_dict, with_overrides
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from regret_sweep import sweep_base  # noqa: E402
 
 
 def main() -> int:
@@ -49,17 +51,7 @@ def main() -> int:
 
     widths = [int(w) for w in args.widths.split(",")]
     base_w = widths[0]
-    base = fit_vocab(
-        with_overrides(
-            RunConfig(),
-            {
-                "data.source": args.data,
-                "train.steps": args.steps,
-                "train.eval_batches": args.eval_batches,
-                "model.scan_backend": "torch",
-            },
-        )
-    )
+    base = sweep_base(args.data, args.steps, args.eval_batches)
     sweep = json.loads(open(args.sweep, encoding="utf-8").read())
     label = f"{args.scheme}+readout-init"
     cache = PointCache(args.cache)

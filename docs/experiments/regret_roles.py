@@ -28,11 +28,10 @@ import time
 from typing import Any
 
 from mupt.check.lr_transfer import PointCache, point_config, point_key, run_point
-from mupt.config import RunConfig, Scheme, atomic_write_text, to_dict, with_overrides
-from mupt.data import fit_vocab
+from mupt.config import Scheme, atomic_write_text, to_dict, with_overrides
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from regret_sweep import reusable  # noqa: E402
+from regret_sweep import reusable, sweep_base  # noqa: E402
 
 GROUPS: dict[str, list[str]] = {
     "vector-like": ["norm", "conv1d_weight", "conv1d_bias", "dt_bias", "A_log", "D"],
@@ -76,17 +75,7 @@ def main() -> int:
     ks = sorted({0.0, *(float(k) for k in args.ks.split(","))})
     groups = [g.strip() for g in args.groups.split(",")]
     seeds = list(range(args.seeds))
-    base = fit_vocab(
-        with_overrides(
-            RunConfig(),
-            {
-                "data.source": args.data,
-                "train.steps": args.steps,
-                "train.eval_batches": args.eval_batches,
-                "model.scan_backend": "torch",
-            },
-        )  # fmt: skip
-    )
+    base = sweep_base(args.data, args.steps, args.eval_batches)
     cache = PointCache(args.cache)
     reuse: dict[tuple[str, int, float, int], dict[str, Any]] = {}
     for path in args.reuse:

@@ -73,6 +73,16 @@ def reusable(path: str, base_cfg: dict[str, Any]) -> dict[tuple[str, int, float,
     return {(p["scheme"], p["width"], round(p["log2_lr"], 6), p["seed"]): p for p in doc["points"]}
 
 
+def sweep_base(data: str, steps: int, eval_batches: int, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run config every regret experiment starts from (the default proxy on ``data``, torch scan)."""
+    cfg = with_overrides(
+        RunConfig(),
+        {"data.source": data, "train.steps": steps, "train.eval_batches": eval_batches,
+         "model.scan_backend": "torch", **(overrides or {})},
+    )  # fmt: skip
+    return fit_vocab(cfg)
+
+
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -134,12 +144,7 @@ def main() -> int:
     schemes = [s.strip() for s in args.schemes.split(",")]
     seeds = list(range(args.seeds))
     overrides = parse_overrides(args.set)
-    base = with_overrides(
-        RunConfig(),
-        {"data.source": args.data, "train.steps": args.steps, "train.eval_batches": args.eval_batches,
-         "model.scan_backend": "torch", **overrides},
-    )  # fmt: skip
-    base = fit_vocab(base)
+    base = sweep_base(args.data, args.steps, args.eval_batches, overrides)
     cache = PointCache(args.cache)
     reuse: dict[tuple[str, int, float, int], dict[str, Any]] = {}
     for path in args.reuse:
