@@ -179,17 +179,17 @@ def resolve_every(recipe: Recipe) -> int:
     (only the init would be compared).
     """
     ref, lc = recipe.health, recipe.launch
+    asked = bool(lc.health_every or lc.health_strict)
+    flag = "--health-strict" if lc.health_strict else f"--health-every {lc.health_every}"
     if ref is None:
-        if lc.health_every or lc.health_strict:
-            flag = "--health-strict" if lc.health_strict else f"--health-every {lc.health_every}"
+        if asked:
             raise ConfigError(
                 f"{flag}: the recipe has no health reference; regenerate it with mupt transfer "
                 f"(--health-steps {DEFAULT_STEPS}), or drop {flag}"
             )
         return 0
     if recipe.run.train.init_from is not None:  # not from init: the proxy's changes since init say nothing
-        if lc.health_every or lc.health_strict:
-            flag = "--health-strict" if lc.health_strict else f"--health-every {lc.health_every}"
+        if asked:
             raise ConfigError(
                 f"{flag}: the run starts from {recipe.run.train.init_from} (--init-from), not from the width "
                 f"rules' init that the proxy reference was measured from; drop {flag}"

@@ -1094,16 +1094,20 @@ def _slot(attrs: dict[str, Any]) -> int | str | None:
     return None if src is None else int(src)
 
 
-def _pending_extrapolation(ladder: Ladder, i: int) -> DriftFit | None:
-    """The drift fit to enqueue in rung i, when rung i holds an extrapolated finalist not taken yet
-    (a FAIL one does not count) and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed."""
-    if not ladder.rungs[i].extrapolated:
-        return None
-    taken = any(
+def _extrapolation_taken(ladder: Ladder, i: int) -> bool:
+    """Rung i already holds its extrapolated finalist (enqueued, running or finished; a FAIL one does not count)."""
+    return any(
         t.state is not TrialState.FAIL and _slot(t.user_attrs) == "extrapolated"
         for t in ladder.studies[i].get_trials(deepcopy=False)
     )
-    return None if taken else drift_fit(ladder)
+
+
+def _pending_extrapolation(ladder: Ladder, i: int) -> DriftFit | None:
+    """The drift fit to enqueue in rung i, when rung i holds an extrapolated finalist not taken yet
+    and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed."""
+    if not ladder.rungs[i].extrapolated or _extrapolation_taken(ladder, i):
+        return None
+    return drift_fit(ladder)
 
 
 def _pick(ladder: Ladder) -> int | None | str:
@@ -1233,10 +1237,8 @@ def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
         if not _closed(ladder, i - 1):
             total += rung.size
             continue
-        extra = any(_slot(t.user_attrs) == "extrapolated" and t.state is not TrialState.FAIL
-                    for t in ladder.studies[i].get_trials(deepcopy=False))  # fmt: skip
         total += min(rung.promoted, len(_ranked(ladder.studies[i - 1])))
-        total += 1 if extra or _pending_extrapolation(ladder, i) is not None else 0
+        total += 1 if _extrapolation_taken(ladder, i) or _pending_extrapolation(ladder, i) is not None else 0
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
         c["RUNNING"],
