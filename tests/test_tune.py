@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import optuna
 import pytest
@@ -63,6 +65,9 @@ def tiny(**extra: object) -> RunConfig:
     return with_overrides(proxy_config(), {**TINY, **extra})
 
 
+T = TypeVar("T")
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -72,6 +77,39 @@ def mupt(*args: str, **kw: object) -> subprocess.Popen[str]:
         [sys.executable, "-m", "mupt", *args], cwd=kw.get("cwd", ROOT), env=env(), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
+
+
+def wait_for(
+    proc: subprocess.Popen[str],
+    probe: Callable[[], T | None],
+    timeout: float,
+    interval: float = 0.2,
+    transient: tuple[type[Exception], ...] = (KeyError, StorageError),
+) -> T | None:
+    """Poll ``probe()`` every ``interval`` s while ``proc`` runs; return its first non-None value, or None when
+    the process ended or ``timeout`` s passed.  ``transient`` errors (the study not in the storage yet: the
+    journal file can exist a moment before the study's first record is in it) count as "not yet"."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(interval)
+        try:
+            found = probe()
+        except transient:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def kill_when(proc: subprocess.Popen[str], probe: Callable[[], T | None], timeout: float, **kw: Any) -> T | None:
+    """SIGKILL ``proc`` as soon as ``probe()`` (see :func:`wait_for`) finds something, and return that; the
+    process is killed and reaped whatever happens (None: it ended, or the time ran out, first)."""
+    try:
+        return wait_for(proc, probe, timeout, **kw)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL
+        proc.wait()
 
 
 def test_proxy_recipe_is_the_builtin_default() -> None:
@@ -163,30 +201,19 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
     args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path),
             "--fidelity", "steps"]  # fmt: skip
     s = TuneSettings(study="proxy-w32", trials=4, runs_dir=str(tmp_path), fidelity="steps")
-    proc = mupt(*args)
-    victim = None
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if not (tmp_path / "proxy-w32" / "journal.log").exists():
-                continue
-            try:  # the journal file can exist a moment before the study's first record is in it
-                study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
-            except KeyError:
-                continue
-            done = study.get_trials(states=(TrialState.COMPLETE,))
-            running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
-            if done and running:
-                victim = running[0].number
-                before = {t.number: t.value for t in done}
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None and victim is None:
-            proc.kill()
-        proc.wait()
-    assert victim is not None, "the worker finished before it could be killed mid-trial"
+    journal = tmp_path / "proxy-w32" / "journal.log"
+
+    def mid_trial() -> tuple[int, dict[int, float]] | None:
+        if not journal.exists():  # do not create it before the tune process does
+            return None
+        study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
+        return (running[0].number, {t.number: t.value for t in done}) if done and running else None
+
+    found = kill_when(mupt(*args), mid_trial, 120, transient=(KeyError,))
+    assert found is not None, "the worker finished before it could be killed mid-trial"
+    victim, before = found
     study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
     assert study.trials[victim].state is TrialState.RUNNING  # left behind by the dead process
 
@@ -423,30 +450,19 @@ def _load(s: TuneSettings, name: str) -> optuna.Study:
 def test_sigkill_in_low_rung_then_rerun_keeps_trials_and_budget(tmp_path: Path) -> None:
     args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
     s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
-    proc = mupt(*args)
-    victim, before = None, {}
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            if not (tmp_path / "proxy-w64" / "journal.log").exists():
-                continue
-            try:
-                study = _load(s, "proxy-w64")
-            except KeyError:
-                continue
-            done = study.get_trials(states=(TrialState.COMPLETE,))
-            running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "d_model" in t.user_attrs]
-            if done and running:
-                victim = running[0].number
-                before = {t.number: t.value for t in done}
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None and victim is None:
-            proc.kill()
-        proc.wait()
-    assert victim is not None, "the worker finished rung 0 before it could be killed there"
+    journal = tmp_path / "proxy-w64" / "journal.log"
+
+    def in_rung0() -> tuple[int, dict[int, float]] | None:
+        if not journal.exists():  # do not create it before the tune process does
+            return None
+        study = _load(s, "proxy-w64")
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "d_model" in t.user_attrs]
+        return (running[0].number, {t.number: t.value for t in done}) if done and running else None
+
+    found = kill_when(mupt(*args), in_rung0, 180, transient=(KeyError,))
+    assert found is not None, "the worker finished rung 0 before it could be killed there"
+    victim, before = found
 
     proc = mupt(*args)
     _, err = proc.communicate(timeout=300)
@@ -470,25 +486,16 @@ def test_sigkill_during_the_extrapolated_finalist_then_rerun(tmp_path: Path) -> 
     args = ["tune", *W64_FLAGS, "--steps", "20", "--trials", "8", "--reduction", "3", "--sampler", "grid",
             "--pruner", "none", "--extrapolate", "--runs-dir", str(tmp_path)]  # fmt: skip
     s = TuneSettings(study="proxy-w64", trials=8, reduction=3, runs_dir=str(tmp_path), sampler="grid", extrapolate=True)
-    proc = mupt(*args)
-    victim, lr = None, None
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            try:
-                running = _load(s, "proxy-w64.rung2").get_trials(states=(TrialState.RUNNING,))
-            except (KeyError, StorageError):
-                continue
-            if running and "extrapolated" in running[0].user_attrs and "d_model" in running[0].user_attrs:
-                victim, lr = running[0].number, running[0].params["lr"]
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        if proc.poll() is None and victim is None:
-            proc.kill()
-        proc.wait()
-    assert victim is not None, "the extrapolated finalist finished before it could be killed"
+
+    def extrapolated_running() -> tuple[int, float] | None:
+        running = _load(s, "proxy-w64.rung2").get_trials(states=(TrialState.RUNNING,))
+        if running and "extrapolated" in running[0].user_attrs and "d_model" in running[0].user_attrs:
+            return running[0].number, running[0].params["lr"]
+        return None
+
+    found = kill_when(mupt(*args), extrapolated_running, 180, interval=0.1)
+    assert found is not None, "the extrapolated finalist finished before it could be killed"
+    victim, lr = found
     narrow = [(t.number, t.value) for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))]
     proc = mupt(*args)
     _, err = proc.communicate(timeout=300)
@@ -569,14 +576,7 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
             "--runs-dir", str(tmp_path)]  # fmt: skip
     s = TuneSettings(study="proxy-w32", trials=20, runs_dir=str(tmp_path), fidelity="steps")
     proc = mupt(*args)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-        try:
-            if len(_load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE,))) >= 2:
-                break
-        except (KeyError, StorageError):
-            continue
+    wait_for(proc, lambda: len(_load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE,))) >= 2 or None, 180, 0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -601,14 +601,7 @@ def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) ->
     args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
     s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
     proc = mupt(*args)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            if _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)):
-                break
-        except (KeyError, StorageError):
-            continue
+    wait_for(proc, lambda: _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)) or None, 180)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
