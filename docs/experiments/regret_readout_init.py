@@ -96,8 +96,9 @@ def main() -> int:
                 indent=1,
             ),
         )  # fmt: skip
+        rule_txt = f"{statistics.mean(plain):.4f}" if plain else "not in the sweep"
         print(
-            f"w={w}: loss {row['loss']:.4f} (rule: {statistics.mean(plain):.4f}), best {row['best_scheme']} "
+            f"w={w}: loss {row['loss']:.4f} (rule: {rule_txt}), best {row['best_scheme']} "
             f"{row['best_loss']:.4f}, regret {row['regret_pct']:.2f}% ± {row['se_pct']:.2f}",
             flush=True,
         )

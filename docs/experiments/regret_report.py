@@ -66,9 +66,9 @@ def variant_table(doc: dict[str, Any]) -> str:
     base = doc["widths"][0]
     for r in doc["rows"]:
         emb = f"{(r['width'] / base) ** e:.3f}" if e else "1"
+        change = f"{r['change_vs_rule']:+.4f} ± {r['change_se']:.4f}" if "change_vs_rule" in r else "rule not swept"
         lines.append(
-            f"| {r['width']} | {r['c']:.3f} | {emb} | {r['loss']:.4f} | "
-            f"{r['change_vs_rule']:+.4f} ± {r['change_se']:.4f} "
+            f"| {r['width']} | {r['c']:.3f} | {emb} | {r['loss']:.4f} | {change} "
             f"| {r['best_scheme']} at 2^{r['best_log2_lr']:g}: {r['best_loss']:.4f} | **{r['regret_pct']:.2f}** "
             f"| {r['se_pct']:.2f} |"
         )
