@@ -1800,6 +1800,7 @@ __all__ = [
     "run_worker",
     "search_space",
     "sqlalchemy_url",
+    "study_attrs",
     "study_flops",
     "study_lock",
     "trial_rows",
