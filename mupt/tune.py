@@ -76,18 +76,6 @@ class Fidelity(StrEnum):
     STEPS = "steps"
 
 
-class Promotion(StrEnum):
-    """How a width-fidelity rung ranks the trials it passes on to the next, wider rung.
-
-    ``loss``: by final validation loss (ties by trial number).  ``lower-lr-ties``: by loss, but trials whose
-    losses are within :data:`TIE_TOLERANCE` of each other count as a tie, resolved by the lower LR
-    (:func:`promotion_order`; docs/tuning.md, "Ties go to the lower LR").
-    """
-
-    LOSS = "loss"
-    LOWER_LR_TIES = "lower-lr-ties"
-
-
 class PrunerName(StrEnum):
     ASHA = "asha"
     MEDIAN = "median"
@@ -109,11 +97,6 @@ MULT_RANGE: dict[str, tuple[float, float]] = {
     "init_scale": (0.25, 4.0),
 }
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-#: ``--promotion lower-lr-ties``: final losses within this fraction of the rung's best loss are a tie.  Fixed a
-#: priori, not fitted to any benchmark: half the 1% band the tuner is judged by, and below the seed-to-seed
-#: standard deviation of one final loss at the proxy (~0.015 nats of ~2 nats, ~0.7%; docs/transfer.md,
-#: "Measurement noise"), so a difference this small is noise, not a ranking.
-TIE_TOLERANCE = 0.005
 
 
 def proxy_config() -> RunConfig:
@@ -152,10 +135,6 @@ class TuneSettings(BaseModel):
     reduction: int = Field(
         default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best (16 trials: 16, 5, 2, 1)"
     )
-    promotion: Promotion = Field(
-        default=Promotion.LOSS,
-        description="width: rank a rung by loss, or by loss with ties (within TIE_TOLERANCE) going to the lower LR",
-    )
     extrapolate: bool = Field(
         default=False,
         description="width: the proxy rung also runs the LR extrapolated from the optimum's drift over the rungs",
@@ -164,13 +143,11 @@ class TuneSettings(BaseModel):
         default="", description="per-trial curves: comma-separated mupt.sinks names (jsonl, tensorboard, wandb, mlflow)"
     )
 
-    @field_validator("sampler", "pruner", "fidelity", "promotion", mode="before")
+    @field_validator("sampler", "pruner", "fidelity", mode="before")
     @classmethod
     def _choice(cls, v: Any, info: ValidationInfo) -> Any:
         """One line naming the flag and its choices, instead of pydantic's enum error."""
-        enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity, "promotion": Promotion}[
-            str(info.field_name)
-        ]
+        enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity}[str(info.field_name)]
         return _enum(enum, v, f"--{info.field_name}")
 
     @field_validator("log")
@@ -803,14 +780,6 @@ def _load_rung(settings: TuneSettings, cfg: RunConfig, rung: Rung, seed: int, st
     )  # fmt: skip
 
 
-def promotion_attr(settings: TuneSettings) -> dict[str, Any] | None:
-    """The promotion rule as the study records it (None for ``--fidelity steps``: nothing is promoted)."""
-    if settings.fidelity is not Fidelity.WIDTH:
-        return None
-    rule = settings.promotion
-    return {"rule": rule.value, "tie_tolerance": TIE_TOLERANCE if rule is Promotion.LOWER_LR_TIES else None}
-
-
 def study_attrs(settings: TuneSettings, cfg: RunConfig) -> dict[str, Any]:
     """What makes the study reproducible; stored as the (rung-0) study's user_attrs."""
     rungs = rungs_for(settings, cfg)
@@ -819,7 +788,6 @@ def study_attrs(settings: TuneSettings, cfg: RunConfig) -> dict[str, Any]:
         "search_space": {k: list(v) for k, v in search_space(settings, cfg).items()},
         "fidelity": settings.fidelity.value,
         "rungs": [[r.d_model, r.size] for r in rungs] if settings.fidelity is Fidelity.WIDTH else None,
-        "promotion": promotion_attr(settings),
         "flops_formula": "trial-steps x (6 x non-embedding params + 27 x n_layers x N_u x N_x) x batch_size x seq_len",
         "seed": settings.seed,
         "data_source": cfg.data.source,
@@ -882,19 +850,17 @@ def open_ladder(settings: TuneSettings, cfg: RunConfig, seed: int | None = None,
 def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[str, Any], keys: tuple[str, ...]) -> None:
     """ConfigError (one line) when the study's recorded ``keys`` differ from ``attrs`` (this run's flags).
 
-    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate``.  A width study recorded
-    before the promotion rule was stored ranked by loss.
+    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate``.
     """
     old = study.user_attrs
-    fidelity = old.get("fidelity", Fidelity.STEPS.value)
-    loss_rule = {"rule": Promotion.LOSS.value, "tie_tolerance": None} if fidelity == Fidelity.WIDTH.value else None
-    before = {**old, "fidelity": fidelity, "rungs": old.get("rungs"), "promotion": old.get("promotion", loss_rule)}
+    before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
     for key in keys:
         if before.get(key) != attrs[key]:
             d = first_difference(before.get(key), attrs[key])
             what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
-            flags = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials, --reduction, --extrapolate)"}
-            flag = {**flags, "promotion": "--promotion"}.get(key, key.replace("_", " "))
+            flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials, --reduction, --extrapolate)"}.get(
+                key, key.replace("_", " ")
+            )
             raise ConfigError(
                 f"study {settings.study!r} was created with a different {flag} ({what}); "
                 f"rerun with the same flags, or pass --study NEW_NAME"
@@ -915,7 +881,7 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
         study = ladder.study
         attrs = study_attrs(settings, cfg)
         if "proxy_config" in study.user_attrs:
-            check_same_study(settings, study, attrs, ("proxy_config", "search_space", "fidelity", "rungs", "promotion"))
+            check_same_study(settings, study, attrs, ("proxy_config", "search_space", "fidelity", "rungs"))
         else:
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
@@ -1090,40 +1056,6 @@ def _ranked(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(done, key=lambda t: (t.value, t.number))  # type: ignore[arg-type,return-value]
 
 
-def promotion_order(study: optuna.Study, rule: Promotion) -> list[FrozenTrial]:
-    """COMPLETE trials of a rung in the order the next rung takes them (pruned and diverged ones never).
-
-    ``loss``: best final validation loss first, ties by trial number.  ``lower-lr-ties``: a rank where a
-    loss difference inside the noise is a tie resolved by the lower LR: the next in the order is the lowest
-    ``lr`` (the learning rate alone, also when multipliers are searched; then loss, then trial number)
-    among the trials not yet ordered whose loss is within ``TIE_TOLERANCE x |best loss of the rung|`` of the
-    best loss not yet ordered.  Losses further apart than that keep their loss order.
-
-    Why the lower LR, decided before any benchmark of the rule (docs/tuning.md, "Ties go to the lower LR"):
-    at these finite widths the optimum LR moves DOWN as d_model grows (0.07-0.21 octave per doubling between
-    d_model 32 and 256), so a rung's near-optimal LR already sits at or above the optimum of the next, wider
-    rung; and the loss rises about 2.5x faster above the optimum than below it (docs/transfer.md: +1 octave
-    costs ~2.5x what -1 octave does), so when two LRs cannot be told apart the lower one risks less.  The
-    tolerance (:data:`TIE_TOLERANCE`, 0.5%) is fixed, not fitted.  The order is a pure function of the
-    stored trials (computed under the study lock by every worker, also after a resume): deterministic.
-    """
-    ranked = sorted(
-        study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-        key=lambda t: (t.value, t.number),  # type: ignore[arg-type,return-value]
-    )
-    if rule is Promotion.LOSS or len(ranked) < 2:
-        return ranked
-    band = TIE_TOLERANCE * abs(float(ranked[0].value))  # type: ignore[arg-type]
-    order: list[FrozenTrial] = []
-    while ranked:
-        edge = float(ranked[0].value) + band  # type: ignore[arg-type]
-        tied = [t for t in ranked if float(t.value) <= edge]  # type: ignore[arg-type]
-        pick = min(tied, key=lambda t: (float(t.params["lr"]), float(t.value), t.number))  # type: ignore[arg-type]
-        order.append(pick)
-        ranked.remove(pick)
-    return order
-
-
 def _closed(ladder: Ladder, i: int) -> bool:
     """Rung i holds every trial it will ever hold, all finished."""
     st = ladder.studies[i]
@@ -1143,9 +1075,8 @@ def _has_grid_left(study: optuna.Study) -> bool:
 
 
 def _next_promotion(ladder: Ladder, i: int) -> FrozenTrial | None:
-    """The first rung-(i-1) trial among the first ``rungs[i].promoted`` of :func:`promotion_order` that rung i
-    has not taken yet."""
-    chosen = promotion_order(ladder.studies[i - 1], ladder.settings.promotion)[: ladder.rungs[i].promoted]
+    """The best rung-(i-1) trial among the top ``rungs[i].promoted`` that rung i has not taken yet (rank order)."""
+    chosen = _ranked(ladder.studies[i - 1])[: ladder.rungs[i].promoted]
     taken = {
         t.user_attrs.get("promoted_from")
         for t in ladder.studies[i].get_trials(deepcopy=False)
@@ -1759,12 +1690,10 @@ __all__ = [
     "Ladder",
     "Prepared",
     "Progress",
-    "Promotion",
     "PrunerName",
     "Rung",
     "RungSummary",
     "SamplerName",
-    "TIE_TOLERANCE",
     "TuneSettings",
     "apply_params",
     "best_params",
@@ -1788,8 +1717,6 @@ __all__ = [
     "open_storage",
     "plot_groups",
     "prepare_study",
-    "promotion_attr",
-    "promotion_order",
     "proxy_config",
     "repair_journal",
     "rung_config",
@@ -1800,7 +1727,6 @@ __all__ = [
     "run_worker",
     "search_space",
     "sqlalchemy_url",
-    "study_attrs",
     "study_flops",
     "study_lock",
     "trial_rows",

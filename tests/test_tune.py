@@ -25,8 +25,6 @@ from optuna.trial import TrialState
 from mupt.config import BestParams, RunConfig, load_yaml, with_overrides
 from mupt.errors import ConfigError, StorageError
 from mupt.tune import (
-    TIE_TOLERANCE,
-    Promotion,
     TuneSettings,
     coarse_to_fine,
     drift_fit,
@@ -37,12 +35,10 @@ from mupt.tune import (
     open_storage,
     plot_groups,
     prepare_study,
-    promotion_order,
     proxy_config,
     run_study,
     run_worker,
     rungs_for,
-    study_attrs,
     trial_rows,
     write_best,
     write_plots,
@@ -243,7 +239,6 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path: Path) -> None:
         "bad storage url": (["tune", *TINY_FLAGS, "--storage", f"sqlite:///{tmp_path}/nope/x.db"], "nope"),
         "corrupt best.yaml": (["tune", *TINY_FLAGS, "--report", "--runs-dir", str(tmp_path / "runs")], "best.yaml"),
         "bad search": (["tune", *TINY_FLAGS, "--search", "lr,momentum"], "momentum"),
-        "unknown promotion": (["tune", *TINY_FLAGS, "--promotion", "lower-lr"], "lower-lr"),
     }
     procs = {name: mupt(*args) for name, (args, _) in cases.items()}
     for name, proc in procs.items():
@@ -394,92 +389,13 @@ def test_drift_fit_declines_a_rung_whose_lrs_span_less_than_an_octave(tmp_path: 
     assert drift_fit(ladder) is None
 
 
-def _add_mult(study: optuna.Study, log2_lr: float, mult: float, loss: float) -> None:
-    dist: dict[str, optuna.distributions.BaseDistribution] = {
-        "lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True),
-        "output_mult": optuna.distributions.FloatDistribution(1 / 16, 16.0, log=True),
-    }
-    params = {"lr": 2.0**log2_lr, "output_mult": mult}
-    study.add_trial(optuna.trial.create_trial(params=params, distributions=dist, value=loss))
-
-
-def test_promotion_order_resolves_ties_within_half_a_percent_by_the_lower_lr(tmp_path: Path) -> None:
-    """--promotion lower-lr-ties: losses within 0.5% of the rung's best (2.000 -> 0.010 nats) of the best loss not
-    yet ordered are a tie, taken lowest LR first (the LR alone; output_mult plays no part); losses further apart
-    keep their order; pruned trials never enter.  The order is the same when read back from the storage."""
-    s = TuneSettings(study="ties", trials=8, reduction=8, search="lr,output_mult", runs_dir=str(tmp_path))
-    ladder = open_ladder(s, proxy_config())
-    st = ladder.studies[0]
-    rows = [  # (log2 lr, output_mult, loss)
-        (-8.0, 1.0, 2.000),  # the best loss
-        (-9.5, 8.0, 2.003),  # +0.15%: tied with the best at a lower LR -> first
-        (-7.0, 0.1, 2.006),  # +0.3%: tied with the best, higher LR -> after it
-        (-9.0, 1.0, 2.012),  # +0.6%: not tied with the best, but with 2.006 once that leads -> before it
-        (-12.0, 1.0, 2.045),  # further apart: loss order
-        (-6.0, 1.0, 2.030),
-    ]
-    for x, mult, loss in rows:
-        _add_mult(st, x, mult, loss)
-    pruned = st.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)})
-    st.tell(pruned, state=TrialState.PRUNED)  # never promoted, whatever its LR
-    for study in (st, open_ladder(s, proxy_config()).studies[0]):
-        ties = promotion_order(study, Promotion.LOWER_LR_TIES)
-        assert [math.log2(t.params["lr"]) for t in ties] == pytest.approx([-9.5, -8.0, -9.0, -7.0, -6.0, -12.0])
-        by_loss = promotion_order(study, Promotion.LOSS)
-        assert [math.log2(t.params["lr"]) for t in by_loss] == pytest.approx([-8.0, -9.5, -7.0, -9.0, -6.0, -12.0])
-    assert TIE_TOLERANCE == 0.005
-
-
-def test_a_real_ladder_promotes_the_lower_lr_of_a_tie(tmp_path: Path) -> None:
-    """Rung 0 (d_model 16) holds six finished trials whose three best losses lie within 0.5% of each other at LRs
-    2^-5, 2^-6, 2^-7: lower-lr-ties trains 2^-7 and 2^-6 at d_model 32 (ranking by loss would take 2^-5 and
-    2^-6), then the finalist at d_model 64 is the lower LR when the two d_model-32 losses are within 0.5%, else
-    the lower loss.  The d_model-32 and 64 trials are trained for real.  Resuming under the other rule is
-    refused in one line naming the flag."""
-    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
-    flags: dict[str, Any] = {"study": "tie", "trials": 6, "reduction": 3, "runs_dir": str(tmp_path), "pruner": "none"}
-    s = TuneSettings(**flags, promotion="lower-lr-ties")
-    ladder = prepare_study(s, cfg).ladder
-    assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 6), (32, 2), (64, 1)]
-    rung0 = {x: _add(ladder.studies[0], x, loss) for x, loss in
-             [(-5, 2.500), (-6, 2.505), (-7, 2.511), (-8, 2.530), (-9, 2.600), (-4, 2.700)]}  # fmt: skip
-    run_worker(s, cfg)
-    after = open_ladder(s, cfg)
-    took = after.studies[1].get_trials(states=(TrialState.COMPLETE,))
-    assert [t.user_attrs["promoted_from"] for t in took] == [rung0[-7], rung0[-6]]  # in promotion order
-    (lo, hi) = sorted(took, key=lambda t: t.params["lr"])
-    assert lo.value is not None and hi.value is not None
-    tie = abs(lo.value - hi.value) <= 0.005 * min(lo.value, hi.value)
-    winner = lo if tie else min((lo, hi), key=lambda t: (t.value, t.number))
-    (final,) = after.studies[2].get_trials(states=(TrialState.COMPLETE,))
-    assert final.user_attrs["promoted_from"] == winner.number
-    assert after.study.user_attrs["promotion"] == {"rule": "lower-lr-ties", "tie_tolerance": 0.005}
-    with pytest.raises(ConfigError, match="--promotion") as e:
-        prepare_study(TuneSettings(**flags, promotion="loss"), cfg)
-    assert "\n" not in str(e.value)
-
-
-def test_a_width_study_recorded_before_the_promotion_rule_resumes_as_ranked_by_loss(tmp_path: Path) -> None:
-    """A width study whose attrs predate the promotion rule (no "promotion") ranked by loss: it resumes under
-    --promotion loss and is refused under lower-lr-ties."""
-    cfg = with_overrides(proxy_config(), {"model.scan_backend": BACKEND})
-    s = TuneSettings(study="old", runs_dir=str(tmp_path), promotion="loss")
-    ladder = open_ladder(s, cfg)
-    for k, v in study_attrs(s, cfg).items():
-        if k != "promotion":
-            ladder.study.set_user_attr(k, v)
-    prepare_study(s, cfg)
-    with pytest.raises(ConfigError, match="--promotion"):
-        prepare_study(TuneSettings(study="old", runs_dir=str(tmp_path), promotion=Promotion.LOWER_LR_TIES), cfg)
-
-
 def test_width_ladder_two_workers_no_duplicate_promotions(tmp_path: Path) -> None:
     """Two worker processes: every rung holds exactly its size, no configuration is promoted twice, and the
     drift-extrapolated finalist runs once, at the LR the fit of the finished narrow rungs gives; best.yaml
     says how each finalist was obtained."""
     cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
     s = TuneSettings(study="par2", trials=8, reduction=3, workers=2, runs_dir=str(tmp_path), pruner="none",
-                     sampler="grid", extrapolate=True, promotion="lower-lr-ties")  # fmt: skip
+                     sampler="grid", extrapolate=True)  # fmt: skip
     run_study(s, cfg)
     ladder = open_ladder(s, cfg)
     assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 8), (32, 3), (64, 2)]

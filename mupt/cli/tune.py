@@ -43,7 +43,6 @@ from mupt.tune import (
     Fidelity,
     Ladder,
     Progress,
-    Promotion,
     PrunerName,
     SamplerName,
     TuneSettings,
@@ -166,14 +165,6 @@ def tune(
             "is left out (8: 16,2,1).",
         ),
     ] = 3,
-    promotion: Annotated[
-        Promotion,
-        typer.Option(
-            "--promotion",
-            help="Width fidelity: how a rung picks the trials it passes up. loss: best final loss first; "
-            "lower-lr-ties: losses within 0.5% of each other are a tie, won by the lower LR (docs/tuning.md).",
-        ),
-    ] = Promotion.LOSS,
     extrapolate: Annotated[
         bool,
         typer.Option(
@@ -249,7 +240,7 @@ def tune(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
-        promotion=promotion, extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log,
+        extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
