@@ -30,6 +30,8 @@ grid at every narrower rung width and reports where each width's optimum sits.
     python benchmarks/tune_efficiency.py --drift                 # everything: ~1.2 CPU-hours
     python benchmarks/tune_efficiency.py --grid-from benchmarks/results/tune_efficiency.json \
         --methods width --merge                                  # one method again, reusing the grids
+    python benchmarks/tune_efficiency.py --grid-from benchmarks/results/tune_efficiency.json \
+        --methods width,width-r8 --seed-list 5-9 --merge         # more seeds; the stored seeds 0-4 are kept
 """
 
 from __future__ import annotations
@@ -71,10 +73,10 @@ BACKEND = "auto" if importlib.util.find_spec("mupt.scan.torch_scan") else "refer
 METHODS: dict[str, dict[str, Any]] = {
     "tpe": {"fidelity": "steps", "pruner": "none"},
     "tpe+asha": {"fidelity": "steps", "pruner": "asha"},
-    "width": {"fidelity": "width", "pruner": "asha"},  # the default of mupt tune (reduction 3): 16, 5, 2, 1 trials
+    "width": {"fidelity": "width", "pruner": "asha", "reduction": 3},  # 16, 5, 2, 1 trials
     "width-r8": {"fidelity": "width", "pruner": "asha", "reduction": 8},  # 16, 2, 1 (no proxy/2 rung of one trial)
     "width-r5x": {"fidelity": "width", "pruner": "asha", "reduction": 5, "extrapolate": True},  # 16, 3, 1+1
-    "width-noprune": {"fidelity": "width", "pruner": "none"},
+    "width-noprune": {"fidelity": "width", "pruner": "none", "reduction": 3},
 }
 
 
@@ -146,7 +148,7 @@ def search_cost(
         if stop and p.best_value is not None and p.best_value <= target:
             raise Reached
 
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     try:
         run_study(s, cfg, on_progress=check)
         stopped = False
@@ -167,7 +169,7 @@ def search_cost(
     ]  # fmt: skip
     fit = next((t.user_attrs["extrapolated"] for _, t in ladder.trials() if "extrapolated" in t.user_attrs), None)
     return {
-        "method": method, "seed": seed, "seconds": seconds, "stopped_at_target": stopped,
+        "method": method, "seed": seed, "seconds": seconds, "stopped_at_target": stopped, "loadavg": load,
         "rungs": [[r.d_model, r.size] for r in ladder.rungs], "top": len(ladder.rungs) - 1, "trials": seq,
         "drift_fit": fit,
     }  # fmt: skip
@@ -201,8 +203,9 @@ def to_target(run: dict, target: float, grid_flops: float, skip: str | None = No
 
 def variants(method: str) -> list[tuple[str, str | None]]:
     """(row name, skip) of a method's summary rows: an extrapolating ladder also gives its rank-only and
-    extrapolated-only figures."""
-    if METHODS[method].get("extrapolate"):
+    extrapolated-only figures.  A method stored in --grid-from's file but no longer defined here (width-r8-tie:
+    docs/tuning.md) is summarized as it stands."""
+    if METHODS.get(method, {}).get("extrapolate"):
         return [
             (method, None), (f"{method}:rank-only", "extrapolated"), (f"{method}:extrap-only", "promoted"),
             (f"{method}:extrap-else-rank", "promoted-if-extrapolated"),
@@ -259,8 +262,20 @@ def same_setup(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
+def seed_list(args: argparse.Namespace) -> list[int]:
+    """``--seed-list`` ("5-9", "0,3,7") or else ``range(--seeds)``."""
+    if not args.seed_list:
+        return list(range(args.seeds))
+    out: list[int] = []
+    for part in args.seed_list.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def run_corpus(args: argparse.Namespace, corpus: str, data: str, workdir: Path, old: dict | None) -> dict:
-    """The grid (or the one in ``old``), then every method and seed; ``old`` runs of other methods are kept."""
+    """The grid (or the one in ``old``), then every method and seed; with --merge, ``old`` runs of the
+    (method, seed)s not run now are kept."""
     cfg = bench_proxy(args, data)
     lo, hi = (float(x) for x in args.lr_range.split(","))
     if old is not None and "grid" in old:
@@ -283,11 +298,13 @@ def run_corpus(args: argparse.Namespace, corpus: str, data: str, workdir: Path, 
         widths = drift(cfg, lo, hi)
     print(f"{'method':<14} {'seed':>4} {'to target':>10} {'lr found':>9} {'loss':>7} {'spend':>6} {'s':>5}")
     methods = args.methods.split(",")
-    runs = [r for r in (old or {}).get("runs", []) if r["method"] not in methods and args.merge]
+    seeds = seed_list(args)
+    now = {(m, s) for m in methods for s in seeds}
+    runs = [r for r in (old or {}).get("runs", []) if (r["method"], r["seed"]) not in now and args.merge]
     for method in methods:
         trials = args.width_trials if METHODS[method]["fidelity"] == "width" else args.max_trials
         stop = METHODS[method]["fidelity"] != "width" and not args.full_spend
-        for seed in range(args.seeds):
+        for seed in seeds:
             r = search_cost(cfg, method, seed, trials, target, workdir / corpus, (lo, hi), stop)
             runs.append(r)
             x = to_target(r, target, gflops)
@@ -358,6 +375,7 @@ def main() -> None:
     proxy = proxy_config()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed-list", default="", help="seeds to run instead of 0..SEEDS-1, e.g. 5-9 or 0,3")
     ap.add_argument("--width", type=int, default=proxy.model.d_model, help="proxy d_model (rungs at /8, /4, /2)")
     ap.add_argument("--layers", type=int, default=proxy.model.n_layers)
     ap.add_argument("--steps", type=int, default=proxy.train.steps)
@@ -374,7 +392,7 @@ def main() -> None:
     ap.add_argument("--full-spend", action="store_true", help="run tpe and tpe+asha to their budget (no stop)")
     ap.add_argument("--drift", action="store_true", help="also the grid at each narrower rung width")
     ap.add_argument("--grid-from", type=Path, help="reuse the grids of this earlier result file (same setup)")
-    ap.add_argument("--merge", action="store_true", help="keep --grid-from's runs of the methods not run now")
+    ap.add_argument("--merge", action="store_true", help="keep --grid-from's runs of the (method, seed)s not run now")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tune_efficiency.json")
     ap.add_argument("--usage-ranges", default="", help="e.g. 1e-5,1:1e-4,0.1 -> only the LR-range usage measurement")
     ap.add_argument("--usage-seeds", type=int, default=3)
