@@ -18,15 +18,20 @@ from typing import Any
 from mupt.check.regret import regret_by_width
 
 
+def known(v: list[float | None]) -> list[float]:
+    """The finite losses of a point's seeds (a diverged seed is None)."""
+    return [x for x in v if x is not None]
+
+
 def loss_table(acc: dict[tuple[int, str, float], list[float | None]], seeds: int, scheme: str, base: int) -> str:
     """Markdown: one row per (width, LR), one column per scheme, seed mean ± std; the best at each width in bold."""
     schemes = sorted({k[1] for k in acc}, key=lambda s: (s != scheme, s))
-    bl = {k[2]: statistics.mean(v) for k, v in acc.items() if k[0] == base and k[1] == scheme and None not in v}
+    bl = {k[2]: statistics.mean(known(v)) for k, v in acc.items() if k[0] == base and k[1] == scheme and None not in v}
     x_t = min(bl, key=lambda x: (bl[x], x)) if bl else None
     lines = ["| d_model | LR | " + " | ".join(schemes) + " |", "|---:|---:|" + "---:|" * len(schemes)]
     for w in sorted({k[0] for k in acc}):
         full = {k: v for k, v in acc.items() if k[0] == w and len(v) == seeds and None not in v}
-        best = min(full, key=lambda k: statistics.mean(full[k])) if full else None  # type: ignore[arg-type]
+        best = min(full, key=lambda k: statistics.mean(known(full[k]))) if full else None
         for x in sorted({k[2] for k in full}):
             cells = []
             for s in schemes:
@@ -34,7 +39,7 @@ def loss_table(acc: dict[tuple[int, str, float], list[float | None]], seeds: int
                 if v is None:
                     cells.append("same model" if w == base and s != scheme else "")
                     continue
-                txt = f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.3f}"  # type: ignore[arg-type]
+                txt = f"{statistics.mean(known(v)):.4f} ± {statistics.stdev(known(v)):.3f}"
                 cells.append(f"**{txt}**" if (w, s, x) == best else txt)
             mark = " (transferred)" if x == x_t and w != base else ""
             lines.append(f"| {w}{' (base)' if w == base else ''} | 2^{x:g}{mark} | " + " | ".join(cells) + " |")
@@ -96,14 +101,14 @@ def main(path: str) -> None:
         if not full:
             continue
         ok = {k: v for k, v in full.items() if all(x is not None for x in v)}
-        best = min(ok, key=lambda k: statistics.mean(ok[k])) if ok else None  # type: ignore[arg-type]
+        best = min(ok, key=lambda k: statistics.mean(known(ok[k]))) if ok else None
         cells = []
         for k in sorted(full, key=lambda k: (k[1], k[2])):
             v = full[k]
             if k not in ok:
                 cells.append(f"{k[1]} 2^{k[2]:g}: diverged")
                 continue
-            m, sd = statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0  # type: ignore[arg-type]
+            m, sd = statistics.mean(known(v)), statistics.stdev(known(v)) if len(v) > 1 else 0.0
             txt = f"{k[1]} 2^{k[2]:g}: {m:.4f} ± {sd:.4f}"
             cells.append(f"**{txt}**" if k == best else txt)
         print(f"- d_model {w}: " + "; ".join(cells))
