@@ -4,13 +4,20 @@ Torch's intra-op pool defaults to every core of the machine in every process; wi
 processes (``tune --workers``, ``check transfer --workers``) or a machine shared with other jobs,
 that oversubscribes the cores and small models run several times slower (issue 14 measured 12.4 s
 vs 2.56 s for eight steps at d_model 256 on a loaded 2-core machine).  The default here gives each
-of ``workers`` processes ``cores // workers`` threads (at least 1), so workers x threads <= cores;
+of ``workers`` processes ``idle cores // workers`` threads (at least 1), so workers x threads <= cores;
 ``$OMP_NUM_THREADS``, when set, is taken as the user's explicit per-process choice.
-``benchmarks/threads.py`` measures the effect.
+
+Cores that other jobs keep busy count as taken: a torch thread that the scheduler takes off its core
+stalls the whole intra-op pool at the next barrier, so on 2 cores with two other busy processes a
+training step at d_model 32 took 2.44 s with 2 threads and 0.028 s with 1 (87x;
+``benchmarks/threads.py`` part 3 measures it with busy competitor processes).  The default therefore
+uses the idle cores, read once from the 1-minute load average when the command starts
+(:func:`idle_cores`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -19,8 +26,8 @@ from mupt.errors import ConfigError
 
 #: How the default is shown in ``--help``.
 THREADS_HELP = (
-    "Torch threads per worker process; the default ($OMP_NUM_THREADS when set, else usable cores // workers) "
-    "never oversubscribes (workers x threads <= cores)."
+    "Torch threads per worker process; the default ($OMP_NUM_THREADS when set, else the idle cores // workers: "
+    "usable cores minus the load average of other jobs) never oversubscribes (workers x threads <= cores)."
 )
 
 
@@ -43,10 +50,30 @@ def env_threads() -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def default_threads(workers: int = 1) -> int:
-    """Threads per worker process: ``$OMP_NUM_THREADS`` when set, else ``usable_cores() // workers``
-    (at least 1), so that ``workers * threads <= usable_cores()``."""
-    return env_threads() or max(1, usable_cores() // max(1, workers))
+def idle_cores(load: float | None = None) -> int:
+    """Usable cores that other jobs are not keeping busy (at least 1).
+
+    ``load``: runnable processes on the whole machine, by default the 1-minute load average
+    (``os.getloadavg()``, read at the call; where it is unavailable every usable core counts as idle).
+    The machine's load is shared out over its ``os.cpu_count()`` cores, so a process confined to some
+    of them (affinity, a container's cpuset) counts its share: idle = usable - load x usable / cpu_count,
+    rounded to the nearest core, within [1, usable].
+    """
+    cores = usable_cores()
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # pragma: no cover - no load average on this platform
+            return cores
+    busy = max(0.0, load) * cores / max(cores, os.cpu_count() or cores)
+    return max(1, min(cores, math.floor(cores - busy + 0.5)))
+
+
+def default_threads(workers: int = 1, load: float | None = None) -> int:
+    """Threads per worker process: ``$OMP_NUM_THREADS`` when set, else ``idle_cores(load) // workers``
+    (at least 1), so that ``workers * threads`` fits in the cores other jobs leave idle (and never
+    exceeds ``usable_cores()``).  ``load`` as :func:`idle_cores` (default: the 1-minute load average)."""
+    return env_threads() or max(1, idle_cores(load) // max(1, workers))
 
 
 def resolve_threads(threads: int | None, workers: int = 1, flag: str = "--threads") -> int:

@@ -51,6 +51,7 @@ from mupt.check.regret import RegretRow, per_seed, regret_by_width, worst_regret
 from mupt.config import RunConfig, Scheme, atomic_write_text, from_dict, to_dict, with_overrides
 from mupt.errors import ConfigError, StorageError
 from mupt.tables import write_beside
+from mupt.threads import default_threads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -235,10 +236,6 @@ class SweepRun:
 
 
 PointCallback = Callable[[dict[str, Any], bool], None]  # (record, from_cache)
-
-
-def default_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def run_sweep(
