@@ -225,7 +225,20 @@ def _enum(cls: type[StrEnum], value: Any, flag: str) -> Any:
 
 
 def default_study_name(cfg: RunConfig) -> str:
-    return f"proxy-w{cfg.model.d_model}"
+    """``proxy-w<d_model>`` on the built-in corpus, ``proxy-w<d_model>-<data name>`` on other data.
+
+    The data's last path component (``data/corpus`` -> ``proxy-w256-corpus``, ``recall`` ->
+    ``proxy-w256-recall``) keeps a study on your own data from colliding with the README's
+    Quickstart study on the built-in corpus (a study refuses another proxy config); the built-in
+    corpus keeps the plain name so that existing default studies resume.
+    """
+    import re
+
+    base = f"proxy-w{cfg.model.d_model}"
+    if cfg.data.source == "builtin":
+        return base
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.data.source).name).strip("-.")
+    return f"{base}-{slug or 'data'}"
 
 
 def search_space(settings: TuneSettings, cfg: RunConfig) -> dict[str, tuple[float, float]]:
