@@ -273,10 +273,17 @@ def apply_params(cfg: RunConfig, params: dict[str, float]) -> RunConfig:
 
 
 def validate_proxy(cfg: RunConfig) -> None:
-    """Fail fast (ConfigError) on a proxy the width rules cannot take, before any trial runs."""
+    """Fail fast, before any storage or study is created: ConfigError on a proxy the width rules cannot
+    take, DataError on data that cannot be read (a missing ``--data`` path, no .txt files, a bad dataset).
+
+    A refused command leaves nothing behind (README, "mupt tune"), and a bad ``--data`` on an existing
+    study is reported as such rather than as a different proxy config.
+    """
+    from mupt.data import load_data
     from mupt.train import build_model
 
     build_model(cfg)
+    load_data(cfg.data)
 
 
 def code_version() -> str:

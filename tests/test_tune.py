@@ -650,3 +650,18 @@ def test_storage_messages_and_no_deprecated_callback(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         open_storage(TuneSettings(study="x", storage=f"sqlite:///{tmp_path}/x.db"))
+
+
+def test_a_refused_data_path_creates_nothing_and_is_named_on_an_existing_study(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (1, 2): a missing --data is refused before any storage is created, so the name
+    stays free; on an existing study the same flag gets the missing-path error, not "different proxy config"."""
+    missing = str(tmp_path / "nonexistent" / "dir")
+    runs = tmp_path / "runs"
+    prepare_study(TuneSettings(study="old", trials=2, runs_dir=str(runs)), tiny())  # an existing study, no trials
+    fresh = mupt("tune", *TINY_FLAGS, "--data", missing, "--study", "s2", "--runs-dir", str(runs))
+    existing = mupt("tune", *TINY_FLAGS, "--data", missing, "--study", "old", "--runs-dir", str(runs))
+    for proc in (fresh, existing):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "no such file or directory" in err and "different proxy config" not in err, err
+    assert not (runs / "s2").exists()
