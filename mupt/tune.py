@@ -225,7 +225,20 @@ def _enum(cls: type[StrEnum], value: Any, flag: str) -> Any:
 
 
 def default_study_name(cfg: RunConfig) -> str:
-    return f"proxy-w{cfg.model.d_model}"
+    """``proxy-w<d_model>`` on the built-in corpus, ``proxy-w<d_model>-<data name>`` on other data.
+
+    The data's last path component (``data/corpus`` -> ``proxy-w256-corpus``, ``recall`` ->
+    ``proxy-w256-recall``) keeps a study on your own data from colliding with the README's
+    Quickstart study on the built-in corpus (a study refuses another proxy config); the built-in
+    corpus keeps the plain name so that existing default studies resume.
+    """
+    import re
+
+    base = f"proxy-w{cfg.model.d_model}"
+    if cfg.data.source == "builtin":
+        return base
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(cfg.data.source).name).strip("-.")
+    return f"{base}-{slug or 'data'}"
 
 
 def search_space(settings: TuneSettings, cfg: RunConfig) -> dict[str, tuple[float, float]]:
@@ -273,10 +286,17 @@ def apply_params(cfg: RunConfig, params: dict[str, float]) -> RunConfig:
 
 
 def validate_proxy(cfg: RunConfig) -> None:
-    """Fail fast (ConfigError) on a proxy the width rules cannot take, before any trial runs."""
+    """Fail fast, before any storage or study is created: ConfigError on a proxy the width rules cannot
+    take, DataError on data that cannot be read (a missing ``--data`` path, no .txt files, a bad dataset).
+
+    A refused command leaves nothing behind (README, "mupt tune"), and a bad ``--data`` on an existing
+    study is reported as such rather than as a different proxy config.
+    """
+    from mupt.data import load_data
     from mupt.train import build_model
 
     build_model(cfg)
+    load_data(cfg.data)
 
 
 def code_version() -> str:

@@ -650,3 +650,41 @@ def test_storage_messages_and_no_deprecated_callback(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         open_storage(TuneSettings(study="x", storage=f"sqlite:///{tmp_path}/x.db"))
+
+
+def test_a_refused_data_path_creates_nothing_and_is_named_on_an_existing_study(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (1, 2): a missing --data is refused before any storage is created, so the name
+    stays free; on an existing study the same flag gets the missing-path error, not "different proxy config"."""
+    missing = str(tmp_path / "nonexistent" / "dir")
+    runs = tmp_path / "runs"
+    prepare_study(TuneSettings(study="old", trials=2, runs_dir=str(runs)), tiny())  # an existing study, no trials
+    fresh = mupt("tune", *TINY_FLAGS, "--data", missing, "--study", "s2", "--runs-dir", str(runs))
+    existing = mupt("tune", *TINY_FLAGS, "--data", missing, "--study", "old", "--runs-dir", str(runs))
+    for proc in (fresh, existing):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "no such file or directory" in err and "different proxy config" not in err, err
+    assert not (runs / "s2").exists()
+
+
+def test_default_study_name_keeps_own_data_apart_and_help_counts_every_trial(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (6, 7): the README's "Your own data" step after its Quickstart gets its own study
+    (the builtin one keeps proxy-w<width>, so it resumes); --help's trial total is the schedule's."""
+    from mupt.tune import default_study_name
+
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "a.txt").write_text("some text of the user's own " * 400)
+    builtin = tiny()
+    own = with_overrides(builtin, {"data.source": str(corpus) + "/"})
+    assert default_study_name(builtin) == "proxy-w32"
+    assert default_study_name(own) == "proxy-w32-corpus"
+    runs = tmp_path / "runs"
+    prepare_study(TuneSettings(study=default_study_name(builtin), trials=2, runs_dir=str(runs)), builtin)
+    prepare_study(TuneSettings(study=default_study_name(own), trials=2, runs_dir=str(runs)), own)  # no refusal
+    assert sorted(p.name for p in runs.iterdir()) == ["proxy-w32", "proxy-w32-corpus"]
+    proc = mupt("tune", "--help")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    total = sum(r.size for r in rungs_for(TuneSettings(study="x"), with_overrides(proxy_config(), {})))
+    assert f"{total} trials in all" in " ".join(out.split()), out

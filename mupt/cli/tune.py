@@ -139,14 +139,20 @@ def tune(
         int | None, typer.Option("--eval-every", help="Steps between validation losses (pruning points).")
     ] = None,
     study: Annotated[
-        str | None, typer.Option("--study", help="Study name; default proxy-w<width>. Same name = resume.")
+        str | None,
+        typer.Option(
+            "--study",
+            help="Study name; default proxy-w<width> on the builtin corpus, proxy-w<width>-<name of --data> on "
+            "other data. Same name = resume.",
+        ),
     ] = None,
     trials: Annotated[
         int,
         typer.Option(
             "--trials",
             "-n",
-            help="Configurations sampled (rung 0); rung i keeps round(trials/reduction^i) of them (16: 16,5,2,1).",
+            help="Configurations sampled at rung 0; rung i keeps round(trials/reduction^i) of them (16: rungs of "
+            "16, 5, 2, 1 = 24 trials in all).",
         ),
     ] = 16,
     fidelity: Annotated[
@@ -211,7 +217,11 @@ def tune(
     ] = 30,
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs/<study>/ goes.")] = Path("runs"),
     report: Annotated[
-        bool, typer.Option("--report", help="Run no trials: show the study's table, write its plots, print best.yaml.")
+        bool,
+        typer.Option(
+            "--report",
+            help="Run no trials: print the study's tables and summary, write its plots (and best.yaml when missing).",
+        ),
     ] = False,
     table_out: Annotated[
         Path | None,
@@ -222,9 +232,9 @@ def tune(
     """Tune the proxy's learning rate (and optionally µP multipliers) with Optuna; writes runs/<study>/best.yaml.
 
     By default most trials run at narrower widths (µP keeps the optimum in place): rungs at
-    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up (16 trials:
-    16, 5, 2, 1); the answer is the best trial measured at the proxy width.  Compute is counted
-    in FLOPs.
+    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up (16 sampled at
+    rung 0, then 5, 2 and 1: 24 trials in all); the answer is the best trial measured at the proxy
+    width.  Compute is counted in FLOPs.
 
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
