@@ -10,10 +10,12 @@ ends the run with ``status="diverged"`` and a reason instead of an exception.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mupt.config import OptimizerName, RunConfig, Schedule, TrainConfig
+from mupt.config import OptimizerName, RunConfig, Schedule, TrainConfig, load_yaml, to_dict
 from mupt.data import IGNORE_INDEX, TokenSource, load_data, vocab_mismatch
 from mupt.data.dataset import padded_vocab
-from mupt.errors import ConfigError
+from mupt.errors import ConfigError, MuptError
 from mupt.model import MambaLM
 from mupt.parametrization import Parametrized, apply
 
@@ -59,6 +61,63 @@ class TrainResult:
         if nats is None or self.bytes_per_token is None:
             return None
         return nats / math.log(2) / self.bytes_per_token
+
+
+#: Statuses of a ``mupt train`` metrics.json whose run ended by itself (not interrupted).
+FINISHED = ("ok", "diverged", "stopped")
+
+
+@dataclass
+class PreviousRun:
+    """What a ``mupt train`` run directory already holds (its ``config.yaml`` and ``metrics.json``).
+
+    ``status``: metrics.json's status (``ok``, ``diverged``, ``stopped``, ``interrupted``), None when the
+    directory has a config.yaml but no metrics (killed hard, or still running); ``steps``: steps recorded
+    there; ``same_config``: config.yaml equals the config about to run.
+    """
+
+    status: str | None
+    steps: int | None
+    same_config: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def describe(self, planned_steps: int) -> str:
+        """E.g. "a finished run (ok, 300 steps) of another config", "an interrupted run (12 of 300 steps)"."""
+        other = "" if self.same_config else " of another config"
+        if self.status is None:
+            return f"a run without metrics.json (killed, or still running){other}"
+        if self.finished:
+            return f"a finished run ({self.status}, {self.steps} steps){other}"
+        of = f" of {planned_steps}" if self.same_config else ""
+        return f"an {self.status} run ({self.steps}{of} steps){other}"
+
+
+def previous_run(run_dir: str | Path, cfg: RunConfig) -> PreviousRun | None:
+    """The run that ``mupt train`` left in ``run_dir`` (None when it holds neither config.yaml nor metrics.json).
+
+    Never raises for unreadable files: an unreadable config.yaml counts as another config, an unreadable
+    metrics.json as a run without metrics.  The caller decides (``mupt train`` never overwrites finished
+    work without ``--overwrite``; README, "Where results go").
+    """
+    run_dir = Path(run_dir)
+    config_file, metrics_file = run_dir / "config.yaml", run_dir / "metrics.json"
+    if not config_file.exists() and not metrics_file.exists():
+        return None
+    try:
+        same = to_dict(load_yaml(config_file, RunConfig)) == to_dict(cfg)
+    except (MuptError, OSError):
+        same = False
+    status: str | None = None
+    steps: int | None = None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        status, steps = str(metrics.get("status")), int(metrics.get("steps") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return PreviousRun(status, steps, same)
 
 
 @contextlib.contextmanager

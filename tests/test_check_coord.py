@@ -228,5 +228,6 @@ def test_api_and_cli_run_under_the_same_numerics(cli, tmp_path) -> None:
     args = ["--scheme", "sp", "--widths", "16,128", "--seeds", "1", "--steps", "1", "--layers", "1", "--seq-len", "16"]
     code, out, _ = cli("check", "coord", *args, "--backend", "reference", "--out", str(tmp_path / "c"))
     assert code == 1, out
+    assert "note: 1 seed(s) per width" in out and "rerun with --seeds 24" in out  # one seed: no s.e., no verdict
     rows = json.loads((tmp_path / "c" / "coord.json").read_text())["rows"]
     assert [r["rms_seeds"] for r in rows] == [r.rms_seeds for r in api.rows]

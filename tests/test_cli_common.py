@@ -210,3 +210,24 @@ def test_transfer_to_a_smaller_width_warns(cli, tmp_path: Path) -> None:
     code, _, err = cli("transfer", "--lr", "3e-3", "--width", "64", "--to-width", "32", "--out", str(tmp_path / "r"))
     assert code == 0, err
     assert "SMALLER than the proxy's (0.5x)" in " ".join(err.split())
+
+
+def test_piped_output_is_not_cut_to_80_columns(tmp_path: Path) -> None:
+    """Rich cuts tables to 80 columns when stdout is a pipe ("0.00…" for a best LR); piped output gets
+    mupt.cli.PIPE_WIDTH columns unless $COLUMNS says otherwise (the fresh-user walkthrough found `mupt tune
+    ... | tee log` unreadable)."""
+    code = (
+        "from rich.table import Table; from mupt.cli import out\n"
+        "t = Table(*[f'column number {i}' for i in range(8)])\n"
+        "t.add_row(*[f'{1e-3 * (i + 1):.6e}' for i in range(8)])\n"
+        "out.print(t)"
+    )
+    bare = {k: v for k, v in env().items() if k != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bare, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "…" not in piped.stdout and "8.000000e-03" in piped.stdout
+    assert 80 < max(len(line) for line in piped.stdout.splitlines()) <= 160
+    narrow = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**bare, "COLUMNS": "80"}, timeout=120
+    )
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80 and "…" in narrow.stdout

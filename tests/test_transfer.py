@@ -306,6 +306,22 @@ def test_cli_lr_directly(tmp_path: Path) -> None:
     assert r.per_role["out_proj"]["lr"] == 0.01 / 4
 
 
+def test_cli_threads_flag_and_header_before_health_reference(tmp_path: Path) -> None:
+    """--threads exists (like every command that trains) and the header line precedes the health reference's
+    progress lines, so the user knows what the bar is for."""
+    save_yaml(tmp_path / "runs" / "s" / "best.yaml", best(proxy(**{"train.steps": 4})))
+    args = ("--to-width", "128", "--health-steps", "1", "--health-seeds", "2", "--out", "r.yaml")
+    res = run_cli(*args, "--threads", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert load_recipe(tmp_path / "r.yaml").health is not None
+    lines = res.stderr.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("mupt transfer from"))
+    health = next(i for i, line in enumerate(lines) if "health reference" in line)
+    assert header < health, res.stderr
+    bad = run_cli(*args, "--threads", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--threads 0" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 # --- end to end -----------------------------------------------------------------------------------
 
 

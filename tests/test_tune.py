@@ -38,6 +38,7 @@ from mupt.tune import (
     proxy_config,
     run_study,
     run_worker,
+    rung_summaries,
     rungs_for,
     trial_rows,
     write_best,
@@ -583,6 +584,7 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     assert "Traceback" not in err and "Traceback" not in out
     assert "rerun the same command to resume" in err
     assert len(re.findall(r"^tune \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
+    assert not re.findall(r"^tune \d+/20 trials finished, \d+ running", err, flags=re.M)  # one worker: no count
     bp = load_best(tmp_path / "proxy-w32" / "best.yaml")
     done = _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert bp.trial in {t.number for t in done} and 2 <= len(done) < 20
@@ -603,10 +605,21 @@ def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) ->
     proc = mupt(*args)
     wait_for(proc, lambda: _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)) or None, 180)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     run_dir = tmp_path / "proxy-w64"
     assert not (run_dir / "best.yaml").exists()
+    # the interrupted case says so plainly: no pruning reasons or --lr-range advice, the same failed count as
+    # the rungs table, and the trial stopped mid-run counted as interrupted (fresh-user walkthrough, 4)
+    summary = " ".join(out.split())
+    assert "interrupted before a trial finished at the proxy width" in summary, out
+    assert "--lr-range" not in summary and "pruned by" not in summary, out
+    ladder = load_existing(s, with_overrides(proxy_config(), {**W64, "train.steps": 40}))
+    stopped = [t for _, t in ladder.trials() if t.state is TrialState.FAIL]
+    assert stopped and all("interrupted" in t.user_attrs["reason"] for t in stopped)
+    sums = rung_summaries(ladder)
+    assert sum(x.failed for x in sums) == sum(x.interrupted for x in sums) == len(stopped)
+    assert f"{len(stopped)} failed (all interrupted by Ctrl-C" in summary, out
     finished = {t.number for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))}
     assert finished
     proc = mupt(*args, "--report")
@@ -650,3 +663,41 @@ def test_storage_messages_and_no_deprecated_callback(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         open_storage(TuneSettings(study="x", storage=f"sqlite:///{tmp_path}/x.db"))
+
+
+def test_a_refused_data_path_creates_nothing_and_is_named_on_an_existing_study(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (1, 2): a missing --data is refused before any storage is created, so the name
+    stays free; on an existing study the same flag gets the missing-path error, not "different proxy config"."""
+    missing = str(tmp_path / "nonexistent" / "dir")
+    runs = tmp_path / "runs"
+    prepare_study(TuneSettings(study="old", trials=2, runs_dir=str(runs)), tiny())  # an existing study, no trials
+    fresh = mupt("tune", *TINY_FLAGS, "--data", missing, "--study", "s2", "--runs-dir", str(runs))
+    existing = mupt("tune", *TINY_FLAGS, "--data", missing, "--study", "old", "--runs-dir", str(runs))
+    for proc in (fresh, existing):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "no such file or directory" in err and "different proxy config" not in err, err
+    assert not (runs / "s2").exists()
+
+
+def test_default_study_name_keeps_own_data_apart_and_help_counts_every_trial(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (6, 7): the README's "Your own data" step after its Quickstart gets its own study
+    (the builtin one keeps proxy-w<width>, so it resumes); --help's trial total is the schedule's."""
+    from mupt.tune import default_study_name
+
+    corpus = tmp_path / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "a.txt").write_text("some text of the user's own " * 400)
+    builtin = tiny()
+    own = with_overrides(builtin, {"data.source": str(corpus) + "/"})
+    assert default_study_name(builtin) == "proxy-w32"
+    assert default_study_name(own) == "proxy-w32-corpus"
+    runs = tmp_path / "runs"
+    prepare_study(TuneSettings(study=default_study_name(builtin), trials=2, runs_dir=str(runs)), builtin)
+    prepare_study(TuneSettings(study=default_study_name(own), trials=2, runs_dir=str(runs)), own)  # no refusal
+    assert sorted(p.name for p in runs.iterdir()) == ["proxy-w32", "proxy-w32-corpus"]
+    proc = mupt("tune", "--help")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    total = sum(r.size for r in rungs_for(TuneSettings(study="x"), with_overrides(proxy_config(), {})))
+    assert f"{total} trials in all" in " ".join(out.split()), out

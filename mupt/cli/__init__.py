@@ -48,8 +48,18 @@ class _Console(Console):
         raise StdoutClosed()
 
 
-out = _Console()
-err = Console(stderr=True)
+#: Width of output that goes to a pipe or file (Rich's default there is 80 columns, which cuts the tables'
+#: numbers to "0.00…"); a terminal's own width, or $COLUMNS when set, wins.
+PIPE_WIDTH = 160
+
+
+def _width(stream: object) -> int | None:
+    isatty = getattr(stream, "isatty", None)
+    return None if os.environ.get("COLUMNS") or (isatty is not None and isatty()) else PIPE_WIDTH
+
+
+out = _Console(width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

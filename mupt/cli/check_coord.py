@@ -212,4 +212,15 @@ def coord(
         highlight=False,
         soft_wrap=True,
     )
+    # a slope within 3 seed s.e. of the tolerance (or of unknown s.e.: one seed) is not a verdict yet
+    gate_seeds = CoordSettings.model_fields["seeds"].default
+    unsure = [r for r in res.failing if not abs(r.slope) - tolerance >= 3 * r.slope_se]
+    if unsure and seeds < gate_seeds:
+        out.print(
+            f"note: {seeds} seed(s) per width leave {', '.join(r.key for r in unsure)} within 3 seed s.e. of "
+            f"±{tolerance:g} (or with no s.e.: one seed); the gate's default is {gate_seeds} seeds (y's mean over a "
+            f"few seeds moves by ~0.2): rerun with --seeds {gate_seeds} before reading them as a wrong width rule",
+            highlight=False,
+            soft_wrap=True,
+        )
     raise typer.Exit(1)

@@ -37,11 +37,12 @@ from mupt.cli.common import (
     scale_lr,
 )
 from mupt.config import atomic_write_text, check_lr_scale, json_text, save_yaml, with_overrides
+from mupt.errors import StorageError
 from mupt.export import WEIGHTS, save_weights
 from mupt.paths import check_output_dir, default_run_dir
 from mupt.report import key_values
 from mupt.threads import resolve_threads, set_threads
-from mupt.train import Trainer, TrainResult
+from mupt.train import Trainer, TrainResult, previous_run
 
 
 @app.command()
@@ -77,6 +78,14 @@ def train(
             "as stored, per-group LRs from the width rules; the model shape must match it.",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the run already in --run-dir (finished or interrupted). Without it such a run is kept: "
+            "the same config, finished, is reported as done; anything else is refused.",
+        ),
+    ] = False,
 ) -> None:
     """Train one Mamba LM on the builtin corpus (or --data) and report train/val loss.
 
@@ -102,6 +111,19 @@ def train(
     dest = check_output_dir(
         run_dir if run_dir is not None else default_run_dir(f"train-w{cfg.model.d_model}"), "--run-dir"
     )
+    prev = None if overwrite else previous_run(dest, cfg)
+    if prev is not None and prev.finished and prev.same_config:
+        out.print(
+            f"{dest} already holds this run, finished ({prev.status}, {prev.steps} steps): nothing to do; its "
+            f"results are in {dest / 'metrics.json'} (--overwrite trains it again)",
+            highlight=False,
+        )
+        return
+    if prev is not None:
+        raise StorageError(
+            f"--run-dir {dest} holds {prev.describe(cfg.train.steps)}: pass another --run-dir, or --overwrite "
+            "to replace it"
+        )
     set_threads(n_threads)
     trainer = Trainer(cfg)  # loads the data and builds the model: bad data fails here, before any file
     save_yaml(dest / "config.yaml", cfg)

@@ -29,6 +29,7 @@ from mupt.cli.common import (
     SeqOpt,
     StateOpt,
     StepsOpt,
+    ThreadsOpt,
     VocabOpt,
     WidthOpt,
     progress,
@@ -40,6 +41,7 @@ from mupt.health import DEFAULT_SEEDS, DEFAULT_STEPS, measure_reference
 from mupt.paths import check_output_file
 from mupt.report import format_bytes, key_values, table
 from mupt.tables import SUFFIXES, parquet_available, write_table
+from mupt.threads import resolve_threads, set_threads
 from mupt.transfer import (
     FAR_FEWER,
     SCAN_FWD_FLOPS,
@@ -158,6 +160,7 @@ def transfer(
         int,
         typer.Option("--health-seeds", min=2, help="Proxy seeds of the health reference (their spread sets the band)."),
     ] = DEFAULT_SEEDS,
+    threads: ThreadsOpt = None,
     out_path: Annotated[
         Path | None,
         typer.Option(
@@ -219,6 +222,7 @@ def transfer(
         raise ConfigError(f"--table-out {table_out}: Parquet needs pyarrow; pip install 'mupt[parquet]' or use .csv")
     if to_width is None and not explain_rules:
         raise ConfigError("--to-width is required: the target d_model, e.g. --to-width 4096 (or use --explain)")
+    n_threads = resolve_threads(threads)
     try:
         best, path = _source(from_, lr, runs_dir, config, proxy_flags)
     except StorageError:
@@ -247,13 +251,15 @@ def transfer(
     expected = _expected(check_result, runs_dir, proxy, to_width)
     if expected is not None:
         recipe.source["expected_regret"] = expected.to_dict()
+    _header(recipe, path)  # before the health reference: the user sees what its progress bar is for
     if dest is not None and health_steps > 0:
+        set_threads(n_threads)
         recipe.health = _health_reference(recipe, health_steps, health_seeds)
     if dest is not None:
         save_recipe(dest, recipe)  # first: a closed pipe (`| head`) or a narrow terminal cannot lose it
     if table_out is not None:
         write_table(per_role_frame(recipe), table_out)
-    _show(recipe, path)
+    _show(recipe)
     _summary(recipe)
     if compare:
         _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
@@ -322,7 +328,7 @@ def _health_reference(recipe: Recipe, steps: int, seeds: int) -> HealthReference
         return measure_reference(recipe, steps, seeds, on_run)
 
 
-def _show(recipe: Recipe, path: Path | None) -> None:
+def _header(recipe: Recipe, path: Path | None) -> None:
     s = recipe.source
     run = recipe.run
     origin = f"{path} (study {s.get('study')}, trial {s.get('trial')})" if path else f"--lr {s['params']['lr']:g}"
@@ -332,6 +338,11 @@ def _show(recipe: Recipe, path: Path | None) -> None:
         f"optimizer {run.train.optimizer.value}, B {run.model.discretization.value}",
         highlight=False,
     )
+
+
+def _show(recipe: Recipe) -> None:
+    s = recipe.source
+    run = recipe.run
     base = s["base_per_role"]
     rows = []
     for role, tgt in recipe.per_role.items():
