@@ -924,6 +924,20 @@ def count_states(study: optuna.Study | Ladder) -> dict[str, int]:
     return counts
 
 
+#: Reasons of FAIL trials a worker closed without training (they cost nothing and are not shown as failed).
+SKIPPED = ("over budget", "no promotion", "duplicate retry")
+
+
+def was_skipped(t: FrozenTrial) -> bool:
+    """A FAIL trial a worker closed without running it (over budget, promotion taken, duplicate retry)."""
+    return t.state is TrialState.FAIL and str(t.user_attrs.get("reason", "")).startswith(SKIPPED)
+
+
+def was_interrupted(t: FrozenTrial) -> bool:
+    """A FAIL trial stopped by Ctrl-C (SIGINT) mid-run; a rerun samples a new trial in its place."""
+    return t.state is TrialState.FAIL and str(t.user_attrs.get("reason", "")).startswith("interrupted")
+
+
 def n_finished(study: optuna.Study | Ladder) -> int:
     c = count_states(study)
     return c["COMPLETE"] + c["PRUNED"]
@@ -1212,8 +1226,7 @@ def run_worker(
         def note(s: optuna.Study, t: FrozenTrial) -> None:
             nonlocal skipped
             reason = str(t.user_attrs.get("reason", ""))
-            skips = ("over budget", "no promotion", "duplicate retry")
-            skipped = next((k for k in skips if reason.startswith(k)), "") if t.state is TrialState.FAIL else ""
+            skipped = next((k for k in SKIPPED if reason.startswith(k)), "") if t.state is TrialState.FAIL else ""
             if on_trial is not None and not skipped:
                 on_trial(s, t)
 
@@ -1362,7 +1375,7 @@ def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
         if t.state in (TrialState.WAITING, TrialState.RUNNING):
             continue
         reason = t.user_attrs.get("reason")
-        if t.state is TrialState.FAIL and str(reason).startswith(("over budget", "no promotion", "duplicate retry")):
+        if was_skipped(t):
             continue
         last_step = max(t.intermediate_values) if t.intermediate_values else None
         rows.append(
@@ -1454,13 +1467,20 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
 
     best = best_trial(ladder)
     if best is None:
-        counts = count_states(ladder.top)
-        reasons = [str(t.user_attrs["reason"]) for _, t in ladder.trials() if "reason" in t.user_attrs]
-        why = f"; e.g. {reasons[0]}" if reasons else ""
+        ran = [t for t in ladder.top.get_trials(deepcopy=False) if t.state in FINISHED or _failed(t)]
         where = f" at the proxy width d_model={ladder.rungs[-1].d_model}" if len(ladder.rungs) > 1 else ""
+        if not ran or all(was_interrupted(t) for t in ran):
+            stopped = " (interrupted)" if ran else ""
+            raise StorageError(
+                f"study {ladder.settings.study!r} has no finished trial{where} yet{stopped}; "
+                "rerun the same command to resume"
+            )
+        pruned = sum(t.state is TrialState.PRUNED for t in ran)
+        reasons = [str(t.user_attrs["reason"]) for t in ran if "reason" in t.user_attrs]
+        why = f"; e.g. {reasons[0]}" if reasons else ""
         raise StorageError(
-            f"study {ladder.settings.study!r} has no completed trial{where} ({counts['PRUNED']} pruned, "
-            f"{counts['FAIL']} failed{why}); rerun the same command to resume, or narrow --lr-range"
+            f"study {ladder.settings.study!r} has no completed trial{where} ({pruned} pruned, "
+            f"{len(ran) - pruned} failed{why}); rerun the same command to resume, or narrow --lr-range"
         )
     tuned = apply_params(cfg, dict(best.params))
     _, par = build_model(tuned)
@@ -1509,12 +1529,20 @@ class RungSummary:
     flops: float
     best_value: float | None
     best_lr: float | None
+    interrupted: int = 0
+
+
+def _failed(t: FrozenTrial) -> bool:
+    """A trial that started training and failed (Ctrl-C, its worker died, an error), not a skipped one."""
+    return t.state is TrialState.FAIL and not was_skipped(t)
 
 
 def rung_summaries(ladder: Ladder) -> list[RungSummary]:
+    """Per rung: trials planned, complete, pruned, failed (started training and failed: ``interrupted`` of
+    them by Ctrl-C; trials closed without training are not counted), FLOPs spent, best loss and LR."""
     out = []
     for rung, st in zip(ladder.rungs, ladder.studies, strict=True):
-        ts = [t for t in st.get_trials(deepcopy=False) if t.state is not TrialState.FAIL or "flops" in t.user_attrs]
+        ts = [t for t in st.get_trials(deepcopy=False) if t.state in FINISHED or _failed(t)]
         ranked = _ranked(st)
         out.append(
             RungSummary(
@@ -1522,6 +1550,7 @@ def rung_summaries(ladder: Ladder) -> list[RungSummary]:
                 sum(t.state is TrialState.COMPLETE for t in ts), sum(t.state is TrialState.PRUNED for t in ts),
                 sum(t.state is TrialState.FAIL for t in ts), sum(float(t.user_attrs.get("flops", 0.0)) for t in ts),
                 ranked[0].value if ranked else None, ranked[0].params.get("lr") if ranked else None,
+                sum(was_interrupted(t) for t in ts),
             )
         )  # fmt: skip
     return out
@@ -1661,13 +1690,18 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
     for rung in ladder.rungs:
         color = cmap(rung.index / max(1, n - 1))
         ok = [(r["lr"], r["value"]) for r in rows if r["rung"] == rung.index and r["state"] == "COMPLETE"]
-        bad = [r["lr"] for r in rows if r["rung"] == rung.index and r["state"] != "COMPLETE" and r.get("lr")]
+        bad = [r["lr"] for r in rows if r["rung"] == rung.index and r["state"] == "PRUNED" and r.get("lr")]
+        failed = [r for r in rows if r["rung"] == rung.index and r["state"] == "FAIL" and r.get("lr")]
         if ok:
             ax.scatter([p[0] for p in ok], [p[1] for p in ok], color=color, s=22,
                        label=f"rung {rung.index}: d_model={rung.d_model} (complete)")  # fmt: skip
         if bad:
             ax.scatter(bad, [top_edge] * len(bad), color=color, marker="x", s=22,
                        label=f"rung {rung.index}: pruned/diverged (top edge)")  # fmt: skip
+        if failed:
+            what = "interrupted" if all(str(r["reason"]).startswith("interrupted") for r in failed) else "failed"
+            ax.scatter([r["lr"] for r in failed], [top_edge] * len(failed), edgecolors=[color], marker="s", s=22,
+                       facecolors="none", label=f"rung {rung.index}: {what} (top edge)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")
@@ -1713,6 +1747,7 @@ __all__ = [
     "PrunerName",
     "Rung",
     "RungSummary",
+    "SKIPPED",
     "SamplerName",
     "TuneSettings",
     "apply_params",
@@ -1753,6 +1788,8 @@ __all__ = [
     "trial_seed",
     "trial_steps",
     "trials_dataframe",
+    "was_interrupted",
+    "was_skipped",
     "write_best",
     "write_plots",
     "write_table",

@@ -38,6 +38,7 @@ from mupt.tune import (
     proxy_config,
     run_study,
     run_worker,
+    rung_summaries,
     rungs_for,
     trial_rows,
     write_best,
@@ -583,6 +584,7 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     assert "Traceback" not in err and "Traceback" not in out
     assert "rerun the same command to resume" in err
     assert len(re.findall(r"^tune \d+/20 trials finished", err, flags=re.M)) >= 2  # progress lines in logs
+    assert not re.findall(r"^tune \d+/20 trials finished, \d+ running", err, flags=re.M)  # one worker: no count
     bp = load_best(tmp_path / "proxy-w32" / "best.yaml")
     done = _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert bp.trial in {t.number for t in done} and 2 <= len(done) < 20
@@ -603,10 +605,21 @@ def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) ->
     proc = mupt(*args)
     wait_for(proc, lambda: _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)) or None, 180)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
     run_dir = tmp_path / "proxy-w64"
     assert not (run_dir / "best.yaml").exists()
+    # the interrupted case says so plainly: no pruning reasons or --lr-range advice, the same failed count as
+    # the rungs table, and the trial stopped mid-run counted as interrupted (fresh-user walkthrough, 4)
+    summary = " ".join(out.split())
+    assert "interrupted before a trial finished at the proxy width" in summary, out
+    assert "--lr-range" not in summary and "pruned by" not in summary, out
+    ladder = load_existing(s, with_overrides(proxy_config(), {**W64, "train.steps": 40}))
+    stopped = [t for _, t in ladder.trials() if t.state is TrialState.FAIL]
+    assert stopped and all("interrupted" in t.user_attrs["reason"] for t in stopped)
+    sums = rung_summaries(ladder)
+    assert sum(x.failed for x in sums) == sum(x.interrupted for x in sums) == len(stopped)
+    assert f"{len(stopped)} failed (all interrupted by Ctrl-C" in summary, out
     finished = {t.number for t in _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,))}
     assert finished
     proc = mupt(*args, "--report")

@@ -39,6 +39,7 @@ from mupt.paths import check_output_dir
 from mupt.report import fmt, key_values, table
 from mupt.threads import resolve_threads
 from mupt.tune import (
+    FINISHED,
     SEARCHABLE,
     Fidelity,
     Ladder,
@@ -46,6 +47,7 @@ from mupt.tune import (
     PrunerName,
     SamplerName,
     TuneSettings,
+    best_trial,
     count_states,
     default_study_name,
     eval_noise,
@@ -288,7 +290,7 @@ def tune(
             lines = isinstance(bar, LineProgress)  # a log: say more per line than a live bar has room for
 
             def on_progress(p: Progress) -> None:
-                info = _log_text(p) if lines else _best_text(p)
+                info = _log_text(p, settings.workers) if lines else _best_text(p)
                 bar.update(task, completed=min(p.done, p.total), total=p.total, info=info)
 
             run_study(settings, cfg, on_progress)
@@ -302,14 +304,27 @@ def _best_text(p: Progress) -> str:
     return f"best {p.best_value:.4f} @ lr {p.best_params.get('lr', 0):.3g}" if p.best_value is not None else ""
 
 
-def _log_text(p: Progress) -> str:
-    """One log line's worth: trials running, best so far at the proxy width, the last finished trial."""
-    text = f"trials finished, {p.running} running, {_best_text(p) or 'no trial at the proxy width yet'}"
+def _log_text(p: Progress, workers: int) -> str:
+    """One log line's worth: trials running (several workers), best so far at the proxy width, the last finished
+    trial.  One worker runs one trial at a time and reports between trials: no running count."""
+    running = f"{p.running} running, " if workers > 1 else ""
+    text = f"trials finished, {running}{_best_text(p) or 'no trial at the proxy width yet'}"
     t = p.last
     if t is not None:
         value = f"{t.value:.4f}" if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
         text += f"; last: rung {t.user_attrs.get('rung', 0)} d_model {t.user_attrs.get('d_model', '-')} "
         text += f"trial {t.number}: {value}"
+    return text
+
+
+def _trial_counts(ladder: Ladder) -> str:
+    """'C complete, P pruned, F failed' over every rung, as in the rungs table (trials closed without training
+    are not counted), with how many of the failed ones Ctrl-C stopped."""
+    sums = rung_summaries(ladder)
+    failed, stopped = sum(s.failed for s in sums), sum(s.interrupted for s in sums)
+    text = f"{sum(s.complete for s in sums)} complete, {sum(s.pruned for s in sums)} pruned, {failed} failed"
+    if stopped:
+        text += f" ({'all' if stopped == failed else stopped} interrupted by Ctrl-C; a rerun samples new ones)"
     return text
 
 
@@ -329,13 +344,16 @@ def _finish(
     except StorageError as e:
         if not interrupted:
             raise
-        bp, path, note = None, None, str(e)
+        bp, path = None, None
+        note = str(e)
+        if best_trial(ladder) is None and not any(t.state in FINISHED for t in ladder.top.get_trials(deepcopy=False)):
+            note = f"interrupted before a trial finished at the proxy width (d_model {cfg.model.d_model})"
     else:
         note = ""
     spent, grid = study_flops(ladder), grid_flops(settings, cfg)
     rows: list[tuple[str, Any]] = [
         ("study", settings.study),
-        ("finished trials", f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"),
+        ("trials", _trial_counts(ladder)),
     ]
     if bp is not None:
         extra = ", ".join(f"{k} {fmt(v)}" for k, v in bp.params.items() if k != "lr")
@@ -419,15 +437,12 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     plots = write_plots(ladder, settings.run_dir)
     table_path = write_table(ladder, table_out) if table_out is not None else None
     spent, grid = study_flops(ladder), grid_flops(settings, cfg)
-    counts = count_states(ladder)
     if bp is None:
         try:
             bp, best_path = write_best(ladder, cfg, settings.run_dir)
         except StorageError:
             bp = None
-    rows: list[tuple[str, Any]] = [
-        ("finished trials", f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed")
-    ]
+    rows: list[tuple[str, Any]] = [("trials", _trial_counts(ladder))]
     if bp is not None:
         rows += [
             ("best trial", bp.trial),
