@@ -96,6 +96,17 @@ def test_analyze_drift_and_monotone_pass() -> None:
     assert analyze(t, "mup-ssm", max_drift=0.5).passed is False  # 0.543 > 0.5
 
 
+def test_analyze_optimum_at_the_grid_edge_is_not_a_pass() -> None:
+    """Loss still falling at the grid's last LR at every width: drift 0 between two bounds, not a measurement."""
+    r = analyze(table_of({64: [3.0, 2.8, 2.6, 2.4, 2.2], 128: [2.9, 2.7, 2.5, 2.3, 2.1]}), "mup-ssm")
+    assert r.drift == 0.0 and r.monotone_at_base_opt and all(w.at_edge for w in r.widths)
+    assert not r.passed
+    assert any("grid edge for width(s) [64, 128]" in why and "widen --lrs" in why for why in r.reasons)
+    # one width at the edge is enough: its optimum (and so the drift) is unknown
+    r1 = analyze(table_of({64: [3.0, 2.5, 2.2, 2.4, 2.9], 128: [2.9, 2.7, 2.5, 2.3, 2.1]}), "mup-ssm", max_drift=9)
+    assert not r1.passed and [w.width for w in r1.widths if w.at_edge] == [128]
+
+
 def test_analyze_drift_and_non_monotone_fail() -> None:
     t = table_of(
         {
@@ -130,27 +141,36 @@ def test_analyze_diverged_wider_point_is_worse() -> None:
 
 def test_cli_tiny_sweep_end_to_end(cli, tmp_path: Path) -> None:
     out = tmp_path / "tr"
-    # 4 steps cannot resolve 1% of loss: this test is about the drift gate (regret: tests/test_regret.py)
-    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-7", "--vs", "sp", "--workers", "2",
+    # 4 steps cannot resolve 1% of loss: this test is about the drift gate (regret: tests/test_regret.py).
+    # At 4 steps the optimum is large: mup-ssm's lies at 2^-4 at both widths, inside this grid
+    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-6..2^-3", "--vs", "sp", "--workers", "2",
             "--max-regret", "100"]  # fmt: skip
     code, stdout, stderr = cli(*args, *TINY, "--out", str(out))
     assert code == 0, stderr
     doc = json.loads((out / "transfer.json").read_text())
     assert doc["gate"] == "mup-ssm" and doc["passed"] is True
-    assert len(doc["points"]) == 2 * 2 * 3 and doc["trained"] == 12
+    assert len(doc["points"]) == 2 * 2 * 4 and doc["trained"] == 16
     assert set(doc["results"]) == {"mup-ssm", "sp"}
     assert all(p["status"] == "ok" and p["final_val_loss"] > 0 for p in doc["points"])
     # same data and seed: at the base width both schemes are the same model -> identical losses
     base = {(p["scheme"], p["log2_lr"]): p["final_val_loss"] for p in doc["points"] if p["width"] == 16}
-    assert base[("mup-ssm", -8.0)] == pytest.approx(base[("sp", -8.0)], abs=1e-6)
+    assert base[("mup-ssm", -4.0)] == pytest.approx(base[("sp", -4.0)], abs=1e-6)
     assert (out / "transfer.png").stat().st_size > 1000
     assert "## mupt check transfer: PASS" in (out / "summary.md").read_text()
-    assert len(list((out / "points").glob("*.json"))) == 12
+    assert len(list((out / "points").glob("*.json"))) == 16
     assert "log2 lr*" in stdout
     # a gate that cannot pass (wider must be 10 nats better) exits 1, reusing every cached point
     code, stdout, _ = cli(*args, *TINY, "--out", str(out), "--monotone-tol", "-10")
     assert code == 1
-    assert "12 cached, 0 trained" in stdout
+    assert "16 cached, 0 trained" in stdout
+    # a grid that stops below the optimum (2^-6..2^-4: the argmin is 2^-4, its edge, at every width) cannot
+    # measure the drift: not a PASS (it read "drift 0.00 -> PASS" before), exit 1 with the reason and the fix
+    edge_args = [a if a != "2^-6..2^-3" else "2^-6..2^-4" for a in args]
+    code, stdout, _ = cli(*edge_args, *TINY, "--out", str(out))
+    flat = " ".join(stdout.split())
+    assert code == 1, stdout
+    assert "12 cached, 0 trained" in flat and "grid edge for width(s) [16, 32]" in flat and "widen --lrs" in flat
+    assert json.loads((out / "transfer.json").read_text())["results"]["mup-ssm"]["drift"] == 0.0
 
 
 def test_resume_after_interruption_reuses_points(tmp_path: Path) -> None:
@@ -178,9 +198,9 @@ def test_resume_after_interruption_reuses_points(tmp_path: Path) -> None:
 
 def test_diverged_points_recorded_and_plotted_as_missing(cli, tmp_path: Path) -> None:
     out = tmp_path / "div"
-    # the passing sweep of test_cli_tiny_sweep_end_to_end plus one LR at which every width diverges
+    # a passing sweep (mup-ssm's optimum 2^-4 inside) plus one LR at which every width diverges
     code, stdout, stderr = cli(
-        "check", "transfer", "--widths", "16,32", "--lrs", "2^-9,2^-8,2^-7,2^6", "--workers", "1", *TINY,
+        "check", "transfer", "--widths", "16,32", "--lrs", "2^-5,2^-4,2^-3,2^6", "--workers", "1", *TINY,
         "--max-regret", "100", "--out", str(out),
     )  # fmt: skip
     doc = json.loads((out / "transfer.json").read_text())

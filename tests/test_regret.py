@@ -78,7 +78,7 @@ def test_regret_diverged_or_missing_transferred_setting() -> None:
 
 def test_check_transfer_regret_and_gate_exit_codes(cli, tmp_path: Path) -> None:
     out = tmp_path / "tr"
-    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-9..2^-6", "--vs", "sp,mup", "--seeds", "2",
+    args = ["check", "transfer", "--widths", "16,32", "--lrs", "2^-6..2^-3", "--vs", "sp,mup", "--seeds", "2",
             "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference",
             "--workers", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
     code, stdout, stderr = cli(*args, "--max-regret", "1000")
@@ -101,7 +101,7 @@ def test_check_transfer_regret_and_gate_exit_codes(cli, tmp_path: Path) -> None:
     assert "regret of the transferred setting" in stdout and "measurement noise" in stdout
     assert "regret of mup-ssm's transferred setting" in (out / "summary.md").read_text()
     # the gate: a max just below the measured regret fails (exit 1), just above passes; every point cached
-    assert expected > 1  # 6 steps: sp's best beats the transferred mup-ssm LR clearly (measured 14.8%)
+    assert expected > 1  # 6 steps: another scheme/LR beats the transferred mup-ssm LR clearly at width 32
     code, stdout, _ = cli(*args, "--max-regret", f"{expected * 0.99:.6f}")
     assert code == 1 and "48 cached, 0 trained" in stdout
     assert json.loads((out / "transfer.json").read_text())["regret_passed"] is False

@@ -23,8 +23,9 @@ Definitions (also in docs/ci.md):
 * regret(w) (mupt.check.regret): loss at width w of the gated scheme at the base width's grid-argmin LR
   (multipliers unchanged) / the best seed-mean loss at w over every scheme swept - 1, in %, with a
   seed standard error (per-seed ratios); reported for every width above the base.
-* passed: drift <= ``max_drift``, monotone at the base optimum, and regret <= ``max_regret`` % at every
-  width (a diverged transferred setting fails).
+* passed: no width's optimum at the grid's edge (its drift would be unknown), drift <= ``max_drift``,
+  monotone at the base optimum, and regret <= ``max_regret`` % at every width (a diverged transferred
+  setting fails).
 
 Nothing here prints; the CLI renders tables and progress.
 """
@@ -417,10 +418,14 @@ def analyze(table: LossTable, scheme: str, max_drift: float = 1.0, monotone_tol:
     mono_each = _monotone([r.best_loss for r in per], monotone_tol)
     if base_res.opt_log2_lr is not None and not mono_base:
         reasons.append("loss does not improve monotonically with width at the base optimum")
+    # an argmin at the grid's edge is a bound, not an optimum: the drift is unknown, so the gate cannot pass
     edges = [r.width for r in per if r.at_edge]
-    passed = drift is not None and drift <= max_drift and mono_base
+    passed = drift is not None and drift <= max_drift and mono_base and not edges
     if edges:
-        reasons.append(f"optimum at the grid edge for width(s) {edges}: widen --lrs")
+        reasons.append(
+            f"optimum at the grid edge for width(s) {edges}: the drift is unknown (the optimum may lie outside "
+            "the grid); widen --lrs"
+        )
     return SchemeResult(scheme, per, drift, mono_base, mono_each, base_res.opt_log2_lr, passed, reasons)
 
 
