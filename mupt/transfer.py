@@ -287,6 +287,51 @@ def transfer(
     return recipe
 
 
+def check_transfer_command(
+    proxy: RunConfig, to_width: int, source: Path | None = None, runs_dir: str | Path = "runs"
+) -> str:
+    """A ``mupt check transfer`` command whose transfer.json :func:`mupt.check.regret.find_expected_regret`
+    finds for ``proxy`` (its rule: base width = the proxy's d_model, gated scheme = its scheme, same model
+    shape but width, data and optimizer; docs/transfer.md).
+
+    Widths: the proxy's d_model, then doublings up to ``to_width`` (at most 4x, so the sweep stays a CPU job),
+    plus ``to_width`` itself when it lies inside that span.  ``source`` (the best.yaml the proxy came from) is
+    passed as ``-c`` so every model and data field matches; without it the flags that differ from mupt's
+    defaults are spelled out.  ``--out`` lands under ``runs_dir``, where ``mupt transfer`` looks.
+    """
+    w = proxy.model.d_model
+    widths = [w]
+    while widths[-1] * 2 <= min(4 * w, max(to_width, 2 * w)):
+        widths.append(widths[-1] * 2)
+    if w < to_width <= 4 * w and to_width not in widths:
+        widths = sorted([*widths, to_width])
+    parts = ["mupt check transfer"]
+    defaults = RunConfig()
+    if source is not None:
+        parts.append(f"-c {source}")
+    else:
+        m, d = proxy.model, defaults.model
+        for flag, value, default in (
+            ("--arch", m.arch.value, d.arch.value), ("--layers", m.n_layers, d.n_layers),
+            ("--d-state", m.d_state, d.d_state), ("--discretization", m.discretization.value, d.discretization.value),
+            ("--headdim", m.headdim, d.headdim), ("--ngroups", m.ngroups, d.ngroups),
+            ("--data", proxy.data.source, defaults.data.source),
+            ("--vocab-size", proxy.data.vocab_size, defaults.data.vocab_size),
+        ):  # fmt: skip
+            if value != default:
+                parts.append(f"{flag} {value}")
+    parts.append("--widths " + ",".join(map(str, widths)))
+    scheme = Scheme(proxy.param.scheme)
+    if scheme is not Scheme.MUP_SSM:
+        parts.append(f"--scheme {scheme.value}")
+    if proxy.train.optimizer != defaults.train.optimizer:  # check transfer passes its own default otherwise
+        parts.append(f"--optimizer {proxy.train.optimizer.value}")
+    parts.append("--vs " + ",".join(s.value for s in (Scheme.SP, Scheme.MUP) if s is not scheme))
+    if Path(runs_dir) != Path("runs"):
+        parts.append(f"--out {Path(runs_dir) / 'check-transfer'}")
+    return " ".join(parts)
+
+
 def data_identity(data: DataConfig, strict: bool = False) -> dict[str, Any]:
     """Identity of ``data`` (:func:`mupt.data.identity_of`); ``{}`` when it cannot be opened, unless ``strict``."""
     from mupt.data import identity_of, load_data

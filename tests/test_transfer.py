@@ -32,6 +32,7 @@ from mupt.model import ARCH_ROLES, Role, role_of
 from mupt.train import Trainer, build_model
 from mupt.transfer import (
     check_ratios,
+    check_transfer_command,
     explain,
     load_recipe,
     save_recipe,
@@ -320,6 +321,44 @@ def test_cli_threads_flag_and_header_before_health_reference(tmp_path: Path) -> 
     assert header < health, res.stderr
     bad = run_cli(*args, "--threads", "0", cwd=tmp_path)
     assert bad.returncode == 2 and "--threads 0" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_check_transfer_command_spells_out_what_differs_from_the_defaults() -> None:
+    cfg = proxy(**{"model.n_layers": 1, "model.d_state": 8, "param.scheme": "sp", "train.optimizer": "adam"})
+    assert check_transfer_command(cfg, 4096, None, "elsewhere") == (
+        "mupt check transfer --layers 1 --d-state 8 --widths 64,128,256 --scheme sp --optimizer adam --vs mup "
+        "--out elsewhere/check-transfer"
+    )
+    # a target inside the 4x span is swept itself; a best.yaml source is passed whole
+    assert check_transfer_command(proxy(), 192, Path("runs/s/best.yaml")) == (
+        "mupt check transfer -c runs/s/best.yaml --widths 64,128,192 --vs sp,mup"
+    )
+
+
+def test_cli_regret_hint_is_a_check_command_that_matches(tmp_path: Path) -> None:
+    """The "expected regret: unknown" hint names a `mupt check transfer` whose result this transfer then finds
+    (base width = the proxy's, not check transfer's default 64)."""
+    save_yaml(tmp_path / "runs" / "p" / "best.yaml", best(proxy(**{"model.d_model": 32, "model.n_layers": 1})))
+    args = ("--to-width", "256", "--health-steps", "0", "--out", "r.yaml")
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    flat = " ".join(res.stdout.split())
+    hint = re.search(r"expected regret: unknown .*measure it with `(mupt check transfer [^`]*)`", flat)
+    assert hint is not None, flat
+    command = hint.group(1).split()
+    assert command[command.index("--widths") + 1] == "32,64,128"  # the proxy's width is the base
+    # the suggested sweep, made tiny (later flags win), then the same transfer finds and prints its regret
+    tiny = ["--lrs", "2^-5..2^-3", "--seeds", "1", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+            "--vs", "sp", "--workers", "1", "--threads", "1", "--backend", "reference"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    sweep = subprocess.run([sys.executable, "-m", "mupt", *command[1:], *tiny], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=300)  # fmt: skip
+    assert sweep.returncode in (0, 1), sweep.stderr  # a verdict either way; the regret rows are written
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    flat = " ".join(res.stdout.split())
+    assert "regret measured by runs/check-transfer/transfer.json (base 32" in flat, flat
+    assert "wider than any width checked (max 128)" in flat, flat
 
 
 # --- end to end -----------------------------------------------------------------------------------

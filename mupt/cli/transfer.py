@@ -48,6 +48,7 @@ from mupt.transfer import (
     TOKENS_PER_PARAM,
     TRAIN_FLOP_FACTOR,
     VERIFIED_RATIO,
+    check_transfer_command,
     default_recipe_path,
     explain,
     explain_notes,
@@ -263,7 +264,7 @@ def transfer(
     _summary(recipe)
     if compare:
         _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
-    _print_expected(expected, dest)
+    _print_expected(expected, dest, check_transfer_command(proxy, to_width, path, runs_dir))
     if dest is not None:
         out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
     else:
@@ -282,11 +283,11 @@ def _expected(check: Path | None, runs_dir: Path, proxy: RunConfig, to_width: in
     return expected_regret(check / "transfer.json" if check.is_dir() else check, proxy, to_width)
 
 
-def _print_expected(expected: ExpectedRegret | None, dest: Path | None) -> None:
+def _print_expected(expected: ExpectedRegret | None, dest: Path | None, measure: str) -> None:
     if expected is None:
         out.print(
             "expected regret: unknown (no `mupt check transfer` result with this proxy as its base under --runs-dir; "
-            "run one with --vs sp,mup, or pass --check)",
+            f"measure it with `{measure}`, or pass --check)",
             highlight=False,
         )
         return
