@@ -867,6 +867,19 @@ def open_ladder(settings: TuneSettings, cfg: RunConfig, seed: int | None = None,
     return Ladder(settings, cfg, rungs, studies, storage)
 
 
+def _schedule_words(rungs: Any) -> str:
+    """A recorded rung schedule in words: [[32, 4], [256, 1]] -> "rungs 32x4, 256x1" (d_model x trials)."""
+    if not rungs:
+        return "one rung at the proxy width (--fidelity steps)"
+    return "rungs " + ", ".join(f"{w}x{n}" for w, n in rungs)
+
+
+def study_dirs(runs_dir: str | Path) -> list[str]:
+    """Names of the studies kept under ``runs_dir`` (each in ``<name>/journal.log``, the default storage)."""
+    root = Path(runs_dir)
+    return sorted(d.name for d in root.iterdir() if (d / "journal.log").is_file()) if root.is_dir() else []
+
+
 def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[str, Any], keys: tuple[str, ...]) -> None:
     """ConfigError (one line) when the study's recorded ``keys`` differ from ``attrs`` (this run's flags).
 
@@ -877,7 +890,10 @@ def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[st
     for key in keys:
         if before.get(key) != attrs[key]:
             d = first_difference(before.get(key), attrs[key])
-            what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
+            if key == "rungs":
+                what = f"{_schedule_words(before.get(key))} then, {_schedule_words(attrs[key])} now"
+            else:
+                what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
             flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials, --reduction, --extrapolate)"}.get(
                 key, key.replace("_", " ")
             )
@@ -912,6 +928,11 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
             for i in coarse_to_fine(len(grid))[: settings.trials]:
                 study.enqueue_trial({"lr": grid[i]}, user_attrs={"grid_index": i})
     return Prepared(ladder, stale, repaired)
+
+
+def is_complete(ladder: Ladder) -> bool:
+    """Every rung holds every trial it will ever hold, all finished: a rerun has nothing to run."""
+    return _closed(ladder, len(ladder.rungs) - 1)
 
 
 def count_states(study: optuna.Study | Ladder) -> dict[str, int]:
@@ -1350,7 +1371,19 @@ def run_study(
 
 
 def load_existing(settings: TuneSettings, cfg: RunConfig) -> Ladder:
-    """Load a study that must already exist (for reports)."""
+    """Load a study that must already exist (for reports); creates nothing.
+
+    Raises StorageError naming the studies there are: with the default storage (one journal per study,
+    ``runs_dir/<study>/journal.log``) the study directories under ``runs_dir``, else the storage's studies.
+    """
+    if settings.storage is None and not settings.journal_path.is_file():
+        have = ", ".join(study_dirs(settings.runs_dir)) or "none"
+        raise StorageError(
+            f"no study {settings.study!r} in {settings.runs_dir} (studies there: {have}); run mupt tune first, "
+            "or pass --study NAME / --runs-dir DIR"
+        )
+    if not settings.is_rdb and not settings.journal_path.is_file():
+        raise StorageError(f"--storage {settings.journal_path}: no such journal file; run mupt tune first")
     storage = open_storage(settings)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if settings.study not in names:
@@ -1763,10 +1796,12 @@ __all__ = [
     "fail_stale_rdb_trials",
     "flops_per_trial_step",
     "grid_flops",
+    "is_complete",
     "lineage",
     "load_best",
     "load_existing",
     "lr_grid",
+    "n_finished",
     "open_ladder",
     "obtained",
     "open_storage",
@@ -1783,6 +1818,7 @@ __all__ = [
     "search_space",
     "sqlalchemy_url",
     "study_flops",
+    "study_dirs",
     "study_lock",
     "trial_rows",
     "trial_seed",

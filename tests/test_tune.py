@@ -339,6 +339,7 @@ def test_a_study_made_under_another_rung_schedule_is_refused_not_misread(tmp_pat
         with pytest.raises(ConfigError, match=r"rung schedule \(--trials, --reduction, --extrapolate\)") as e:
             call(now, cfg)
         assert "\n" not in str(e.value)
+        assert "rungs 32x16, 64x2, 256x1 then, rungs 32x16, 64x5, 128x2, 256x1 now" in str(e.value)  # in words
     assert len(load_existing(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg).rungs) == 3
 
 
@@ -701,3 +702,25 @@ def test_default_study_name_keeps_own_data_apart_and_help_counts_every_trial(tmp
     assert proc.returncode == 0, err
     total = sum(r.size for r in rungs_for(TuneSettings(study="x"), with_overrides(proxy_config(), {})))
     assert f"{total} trials in all" in " ".join(out.split()), out
+
+
+def test_report_of_a_missing_study_lists_the_study_dirs_and_a_finished_study_says_so(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (8): --report of a study that is not there names the studies under --runs-dir
+    (each has its own journal) and creates nothing; rerunning a finished study says it is already complete."""
+    runs = tmp_path / "runs"
+    args = ["tune", *TINY_FLAGS, "--steps", "10", "--trials", "2", "--fidelity", "steps", "--pruner", "none",
+            "--runs-dir", str(runs)]  # fmt: skip
+    first = mupt(*args)
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 0 and "already complete" not in err, err
+    again = mupt(*args)
+    missing = mupt("tune", "--width", "512", "--report", "--runs-dir", str(runs))
+    out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    assert "study proxy-w32 is already complete (2 finished trials)" in " ".join(err.split()), err
+    assert "best val loss" in out  # its results are still shown
+    assert len(_load(TuneSettings(study="proxy-w32", runs_dir=str(runs)), "proxy-w32").trials) == 2  # none added
+    _, err = missing.communicate(timeout=120)
+    assert missing.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "studies there: proxy-w32" in err, err
+    assert not (runs / "proxy-w512").exists()

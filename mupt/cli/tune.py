@@ -52,10 +52,11 @@ from mupt.tune import (
     default_study_name,
     eval_noise,
     grid_flops,
+    is_complete,
     load_best,
     load_existing,
-    open_ladder,
-    open_storage,
+    n_finished,
+    prepare_study,
     proxy_config,
     repair_journal,
     run_study,
@@ -269,10 +270,9 @@ def tune(
                 f"kept in {fixed.saved_to.name}) left by a crash; every complete trial is kept",
                 highlight=False,
             )
-    open_storage(settings)
+    ladder = prepare_study(settings, cfg).ladder  # another proxy config or rung schedule is refused here
     m = cfg.model
     where = settings.storage if settings.is_rdb else str(settings.journal_path)
-    ladder = open_ladder(settings, cfg)
     rungs = " ".join(f"{r.d_model}x{r.size}" for r in ladder.rungs)
     err.print(
         f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
@@ -282,6 +282,15 @@ def tune(
         f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
     )
+    if is_complete(ladder):
+        err.print(
+            f"study {settings.study} is already complete ({n_finished(ladder)} finished trials): nothing to run, "
+            "its results follow; pass --study NEW_NAME for a new study",
+            highlight=False,
+            soft_wrap=True,
+        )
+        _finish(settings, cfg, top, table_out, 0.0, False)
+        return
     start = time.perf_counter()
     interrupted = False
     try:
