@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mupt.config import OptimizerName, RunConfig, Schedule, TrainConfig, load_yaml, to_dict
-from mupt.data import IGNORE_INDEX, TokenSource, load_data, vocab_mismatch
+from mupt.data import IGNORE_INDEX, TokenSource, load_data, val_windows, vocab_mismatch
 from mupt.data.dataset import padded_vocab
 from mupt.errors import ConfigError, MuptError
 from mupt.model import MambaLM
@@ -46,7 +46,8 @@ class TrainResult:
     #: Standard error (nats/token) of the last evaluation: std of its per-window mean losses / sqrt(windows),
     #: how much another draw of as many validation windows would move the final validation loss.
     final_val_se: float | None = None
-    #: Validation tokens of the last evaluation (``final_eval_tokens`` rounded up to whole batches).
+    #: Validation tokens of the last evaluation (``final_eval_tokens`` rounded up to whole batches, at most the
+    #: validation split's size: each token counted once).
     final_val_tokens: int = 0
 
     @property
@@ -365,8 +366,12 @@ class Trainer:
         self.val_set = self.data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
         #: The last evaluation's windows (:func:`final_eval_shape`): the same fixed draw as :attr:`val_set`,
         #: continued, in bigger batches; the same in every run of this data and seq_len.
+        #: A validation split smaller than that is read once, whole, in non-overlapping windows: drawing more
+        #: windows would re-read the same tokens and understate the noise (README, "Your own data").
         n, rows = final_eval_shape(tc)
-        self.final_val_set = self.data.val_batches(n, rows, tc.seq_len)
+        split = self.data.val_tokens
+        tiled = split is not None and n * rows >= val_windows(split, tc.seq_len)
+        self.final_val_set = self.data.val_batches(n, rows, tc.seq_len, tiled=tiled)
         self.step = 0
         self.bound = diverge_bound(cfg)
         self.last_grad_norm = math.nan

@@ -182,3 +182,29 @@ def test_final_evaluation_on_32k_tokens_with_its_standard_error() -> None:
     # the final windows continue the intermediate evaluation's fixed draw: its windows come first
     first = torch.cat([x for x, _ in trainer.val_set])
     assert torch.equal(trainer.final_val_set[0][0][: first.shape[0]], first)
+
+
+def test_a_small_validation_split_is_read_once_not_resampled(tmp_path: Any) -> None:
+    """A validation split smaller than the last evaluation's request (here 32,768 tokens asked, 1,000 held) is
+    read once, whole, in non-overlapping windows, and the tokens counted are the split's, not the request."""
+    import torch
+
+    text = bytes(range(32, 127)) * 105  # 9,975 bytes of text; val_fraction 0.1 -> the last 997 bytes
+    (tmp_path / "small.txt").write_bytes(text)
+    cfg = tiny(**{"data.source": str(tmp_path / "small.txt"), "train.steps": 300, "model.n_layers": 1})
+    trainer = Trainer(cfg)
+    val = text[len(text) - int(len(text) * 0.1) :]
+    assert len(val) == 997 and trainer.data.val_tokens == 997
+    windows = (997 - 1) // 64  # 15 windows of 64 targets: tokens [64k, 64k + 64]
+    xs = torch.cat([x for x, _ in trainer.final_val_set])
+    ys = torch.cat([y for _, y in trainer.final_val_set])
+    assert xs.shape == (windows, 64)
+    for k in range(windows):
+        assert bytes(xs[k].tolist()) == val[64 * k : 64 * k + 64]
+        assert bytes(ys[k].tolist()) == val[64 * k + 1 : 64 * k + 65]
+    loss, se, tokens = trainer.evaluate_final()
+    assert tokens == windows * 64 <= len(val) and se is not None and math.isfinite(loss)
+    # a split larger than the request keeps its fixed random draw (the windows every earlier result read)
+    big = Trainer(tiny(**{"train.steps": 4, "model.n_layers": 1}))
+    assert big.data.val_tokens is not None and big.data.val_tokens > 4 * 8 * 64 * 4
+    assert big.evaluate_final()[2] == 4 * 8 * 64

@@ -40,7 +40,14 @@ class TokenSource(Protocol):
         self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1
     ) -> tuple[Tensor, Tensor]: ...
 
-    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]: ...
+    @property
+    def val_tokens(self) -> int | None:
+        """Tokens in the validation split; None when validation windows are drawn fresh (a synthetic task)."""
+        ...
+
+    def val_batches(
+        self, n: int, batch_size: int, seq_len: int, tiled: bool = False
+    ) -> list[tuple[Tensor, Tensor]]: ...
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -60,9 +67,25 @@ def train_starts(n_tokens: int, seq_len: int, batch_size: int, seed: int, step: 
     return torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=step_generator(seed, step))
 
 
-def val_starts(n_tokens: int, seq_len: int, n: int, batch_size: int) -> Tensor:
-    """Start offsets ``(n, batch_size)`` of the ``n`` fixed validation batches (the same in every run)."""
-    return torch.randint(0, n_tokens - seq_len - 1, (n, batch_size), generator=step_generator(VAL_SEED, 0))
+def val_starts(n_tokens: int, seq_len: int, n: int, batch_size: int, tiled: bool = False) -> list[Tensor]:
+    """Start offsets of the fixed validation batches (the same in every run), one ``(rows,)`` tensor per batch.
+
+    Default: ``n`` batches of ``batch_size`` windows at random offsets (drawn with replacement; for splits
+    much longer than ``n * batch_size * seq_len``).  ``tiled``: non-overlapping windows from the split's
+    start, ``k * seq_len`` for k < min(n * batch_size, :func:`val_windows`), in batches of ``batch_size``
+    (the last may be smaller): no token is read twice, so a split smaller than the request is read once,
+    whole, and the count of tokens evaluated is the count of distinct tokens.
+    """
+    if not tiled:
+        return list(torch.randint(0, n_tokens - seq_len - 1, (n, batch_size), generator=step_generator(VAL_SEED, 0)))
+    windows = min(n * batch_size, val_windows(n_tokens, seq_len))
+    return list((torch.arange(windows) * seq_len).split(batch_size))
+
+
+def val_windows(n_tokens: int, seq_len: int) -> int:
+    """Non-overlapping windows of ``seq_len`` targets a split of ``n_tokens`` holds: ``(n_tokens - 1) // seq_len``
+    (window k reads tokens ``[k * seq_len, (k + 1) * seq_len]``: inputs and their shifted targets)."""
+    return max(0, (n_tokens - 1) // seq_len)
 
 
 class TextCorpus:
@@ -113,9 +136,16 @@ class TextCorpus:
         starts = train_starts(len(self.train), seq_len, batch_size, seed, step)
         return self._windows(self.train, starts[rank::world], seq_len)
 
-    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+    @property
+    def val_tokens(self) -> int:
+        """Bytes (= tokens) in the validation split."""
+        return len(self.val)
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int, tiled: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """The fixed validation batches, int64 ``(rows, seq_len)`` x and y (:func:`val_starts`)."""
         self._check(self.val, seq_len, "validation")
-        return [self._windows(self.val, s, seq_len) for s in val_starts(len(self.val), seq_len, n, batch_size)]
+        starts = val_starts(len(self.val), seq_len, n, batch_size, tiled)
+        return [self._windows(self.val, s, seq_len) for s in starts]
 
 
 class RecallTask:
@@ -161,7 +191,11 @@ class RecallTask:
         x, y = self._make(step_generator(seed, step, salt=1), batch_size, seq_len)
         return x[rank::world], y[rank::world]
 
-    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
+    #: Every validation sequence is drawn fresh from the task: no finite split.
+    val_tokens: int | None = None
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int, tiled: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """``n`` fixed batches of fresh sequences (``tiled`` changes nothing: no sequence is read twice anyway)."""
         g = step_generator(VAL_SEED, 0, salt=1)
         return [self._make(g, batch_size, seq_len) for _ in range(n)]
 

@@ -161,12 +161,17 @@ class MemmapTokens:
             self.train.prefetch(int(s), seq_len + 1)
         return batch
 
-    def val_batches(self, n: int, batch_size: int, seq_len: int) -> list[tuple[Tensor, Tensor]]:
-        """``n`` fixed validation batches (same windows in every run)."""
+    @property
+    def val_tokens(self) -> int:
+        """Tokens in the validation split."""
+        return len(self.val)
+
+    def val_batches(self, n: int, batch_size: int, seq_len: int, tiled: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """The fixed validation batches (same windows in every run; :func:`mupt.data.val_starts`)."""
         from mupt.data import val_starts
 
         self._check(self.val, seq_len, "validation")
-        return [self._windows(self.val, s, seq_len) for s in val_starts(len(self.val), seq_len, n, batch_size)]
+        return [self._windows(self.val, s, seq_len) for s in val_starts(len(self.val), seq_len, n, batch_size, tiled)]
 
 
 def read_meta(path: Path) -> dict[str, Any]:
