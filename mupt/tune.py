@@ -1291,10 +1291,22 @@ def _worker_entry(settings_d: dict[str, Any], cfg_d: dict[str, Any], index: int,
     import torch
 
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, _interrupt_once)
     try:
         run_worker(TuneSettings.from_dict(settings_d), RunConfig.model_validate(cfg_d), index)
     except KeyboardInterrupt:  # the parent saw Ctrl-C too; the trial was closed as FAIL by Optuna
         sys.exit(130)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: KeyboardInterrupt once, then ignore SIGINT while the trial is closed.
+
+    Ctrl-C in a terminal (or ``timeout -s INT``) signals the whole process group and the parent forwards
+    it too; a second KeyboardInterrupt inside the first one's cleanup left the trial FAIL without its
+    "interrupted" reason (or cut a journal record).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 @dataclass

@@ -5,6 +5,7 @@ Width-fidelity tests use a proxy at d_model 64, whose rungs are d_model 16, 32 a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -749,3 +750,34 @@ def test_asha_leaves_failed_trials_out_of_the_competition(tmp_path: Path) -> Non
     assert third.should_prune()  # behind the COMPLETE one: pruned, as by Optuna's ASHA
     study.tell(third, state=TrialState.PRUNED)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
+
+
+def test_ctrl_c_to_the_process_group_with_two_workers_records_every_trial_as_interrupted(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (3, 4): Ctrl-C in a terminal signals the whole process group and the parent
+    forwards it to its workers: each running trial ends FAIL with its "interrupted" reason (never PRUNED,
+    never a reason-less failure from a second KeyboardInterrupt in the first one's cleanup)."""
+    args = ["tune", *W64_FLAGS, "--steps", "200", "--trials", "4", "--workers", "2", "--threads", "1",
+            "--runs-dir", str(tmp_path)]  # fmt: skip
+    s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mupt", *args], cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+
+    def both_training() -> bool | None:
+        running = _load(s, "proxy-w64").get_trials(states=(TrialState.RUNNING,))
+        return True if len([t for t in running if t.intermediate_values]) == 2 else None
+
+    assert wait_for(proc, both_training, 180, 0.2), "the two workers did not both reach a validation"
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does; the parent forwards one more
+    for _ in range(40):  # more SIGINTs while the workers close their trials (Ctrl-C pressed again, the forward)
+        time.sleep(0.002)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    trials = _load(s, "proxy-w64").trials
+    assert len(trials) == 2 and all(t.state is TrialState.FAIL for t in trials)
+    assert all(t.user_attrs.get("reason", "").startswith("interrupted") for t in trials), [t.user_attrs for t in trials]
