@@ -772,6 +772,33 @@ def make_sampler(settings: TuneSettings, seed: int) -> optuna.samplers.BaseSampl
     return optuna.samplers.RandomSampler(seed=seed)  # grid: every trial is an enqueued grid point
 
 
+class _WithoutFailed:
+    """A study as the step pruner sees it: every trial but the FAIL ones (read-through otherwise)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.state is not TrialState.FAIL]
+
+
+class HalvingPruner(optuna.pruners.SuccessiveHalvingPruner):
+    """Optuna's ASHA (:class:`optuna.pruners.SuccessiveHalvingPruner`) with FAIL trials left out of the competition.
+
+    Optuna compares a trial's value at a halving step with every trial that reached that step, in any
+    state; a trial stopped by Ctrl-C, or whose worker died, after the halving step then keeps raising the
+    bar for the rest of the rung although it never finishes (a rerun samples a new trial in its place,
+    and an RDB retry reports its own values).  Clean studies have no FAIL trials: the same decisions.
+    """
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return super().prune(_WithoutFailed(study), trial)  # type: ignore[arg-type]
+
+
 def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna.pruners.BasePruner:
     """The step pruner inside rung 0; promoted rungs train every finalist to the end (no pruning)."""
     every = cfg.train.eval_every
@@ -785,8 +812,8 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
             # LR 1.5 octaves above the optimum at d_model 32 and pruned the ones near it (docs/tuning.md)
             first = max(every, cfg.train.steps // 2)
             keep = min(3, settings.reduction)
-            return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=keep)
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=3)
+            return HalvingPruner(min_resource=first, reduction_factor=keep)
+        return HalvingPruner(min_resource=every, reduction_factor=3)
     if settings.pruner is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
     return optuna.pruners.NopPruner()
@@ -1739,7 +1766,8 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")
     ax.set_title(f"{ladder.settings.study}: trials per rung")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a study interrupted before any trial finished has none
+        ax.legend(fontsize=7)
     fig.tight_layout()
     paths = [_savefig(fig, out_dir / "rungs.png")]
     plt.close(fig)
@@ -1773,6 +1801,7 @@ __all__ = [
     "SEARCHABLE",
     "DriftFit",
     "Fidelity",
+    "HalvingPruner",
     "JournalRepair",
     "Ladder",
     "Prepared",

@@ -724,3 +724,28 @@ def test_report_of_a_missing_study_lists_the_study_dirs_and_a_finished_study_say
     assert missing.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert "studies there: proxy-w32" in err, err
     assert not (runs / "proxy-w512").exists()
+
+
+def test_asha_leaves_failed_trials_out_of_the_competition(tmp_path: Path) -> None:
+    """Fresh-user walkthrough (3): a trial stopped by Ctrl-C after rung 0's halving step is FAIL (not PRUNED) and
+    its value there no longer raises the bar for the trials sampled in its place (Optuna's ASHA counts every
+    state); among finished trials the decisions are Optuna's own."""
+    from mupt.tune import make_pruner
+
+    settings = TuneSettings(study="asha", runs_dir=str(tmp_path))
+    cfg = tiny(**{"train.steps": 64, "train.eval_every": 16})  # the halving step is 32
+    pruner = make_pruner(settings, cfg)
+    study = optuna.create_study(storage=open_storage(settings), study_name="asha", pruner=pruner)
+    stopped = study.ask()
+    stopped.report(1.0, 32)
+    assert not stopped.should_prune()  # the first to arrive is kept
+    study.tell(stopped, state=TrialState.FAIL)  # then Ctrl-C (what Optuna records for a KeyboardInterrupt)
+    later = study.ask()
+    later.report(2.0, 32)
+    assert not later.should_prune()  # alone among unfailed trials: kept (Optuna's own ASHA prunes it: 2.0 > 1.0)
+    study.tell(later, 2.0)
+    third = study.ask()
+    third.report(3.0, 32)
+    assert third.should_prune()  # behind the COMPLETE one: pruned, as by Optuna's ASHA
+    study.tell(third, state=TrialState.PRUNED)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
