@@ -252,7 +252,11 @@ def transfer(
         data_cfg = proxy.data.model_copy(update={"source": to_data})
         if data_cfg.vocab_size is None and proxy_data.get("tokenizer") is None:
             data_cfg = data_cfg.model_copy(update={"vocab_size": proxy_data.get("vocab_size")})
-        target_data = data_identity(data_cfg, strict=True)
+        try:
+            target_data = data_identity(data_cfg, strict=True)
+        except DataError as e:  # the data layer names the proxy's flag; the user gave --to-data
+            msg = str(e)
+            raise DataError("--to-data " + msg.removeprefix("--data ") if msg.startswith("--data ") else msg) from None
         data_warnings = compare_identity(proxy_data, target_data)
         target = target.model_copy(update={"data": data_cfg})
     info = shape_info(target)

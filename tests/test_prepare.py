@@ -411,3 +411,26 @@ def test_tune_transfer_scale_on_a_dataset(
     assert sorted(after) == list(range(1, 61))
     for step, loss in reference.items():  # 2 ranks x half batch == the 1-process global batch, step for step
         assert after[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
+def test_small_validation_split_of_a_dataset_is_read_once(bpe_dataset: Path) -> None:
+    """The last evaluation on a prepared dataset whose validation split is smaller than the request reads
+    each of its tokens once (non-overlapping windows from its start, compared with the val shards' tokens)."""
+    from mupt.config import with_overrides
+    from mupt.train import Trainer
+
+    meta = json.loads((bpe_dataset / "meta.json").read_text())
+    val = np.concatenate([np.fromfile(p, dtype=meta["dtype"]) for p in sorted(bpe_dataset.glob("val-*.bin"))])
+    seq = 16
+    cfg = with_overrides(RunConfig(), {
+        "data.source": str(bpe_dataset), "model.vocab_size": 2048, "model.d_model": 32, "model.n_layers": 1,
+        "model.d_state": 8,
+        "train.batch_size": 4, "train.seq_len": seq, "train.steps": 1000, "train.final_eval_tokens": 100 * len(val),
+    })  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.data.val_tokens == len(val) and 4 * seq * 1000 > len(val)  # the request exceeds the split
+    xs = torch.cat([x for x, _ in trainer.final_val_set]).numpy()
+    windows = (len(val) - 1) // seq
+    assert xs.shape == (windows, seq)
+    assert np.array_equal(xs.reshape(-1), val[: windows * seq])
+    assert trainer.evaluate_final()[2] == windows * seq <= len(val)

@@ -286,6 +286,8 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
         (["--to-width", "256", "--from", "runs/s/best.yaml", "--width", "128"], "--width describes the proxy"),
         (["--from", "runs/s/best.yaml"], "--to-width is required"),
         (["--to-width", "256", "--from", "runs/s/best.yaml", "--table-out", "t.xlsx"], "--table-out t.xlsx"),
+        # the target's data: named by its own flag, and the fix names every kind of data (a prepared dataset first)
+        (["--to-width", "256", "--from", "runs/s/best.yaml", "--to-data", "nope"], "--to-data nope: no such file"),
     ]
     for args, msg in cases:
         cwd = tmp_path / "empty" if args == ["--to-width", "256"] else tmp_path
@@ -297,6 +299,8 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
         assert lines[0].startswith("error:") and msg in res.stderr, (args, res.stderr)
         assert len(lines) == 1 or "errors" in lines[0], (args, res.stderr)
         assert "Traceback" not in res.stderr
+        if "--to-data" in args:
+            assert "mupt prepare" in res.stderr and "--data nope" not in res.stderr, res.stderr
 
 
 def test_cli_lr_directly(tmp_path: Path) -> None:

@@ -209,7 +209,10 @@ def builtin_text() -> bytes:
 
 def _read_text_path(path: Path) -> bytes:
     if not path.exists():
-        raise DataError(f"--data {path}: no such file or directory; pass a .txt file or a directory of .txt files")
+        raise DataError(
+            f"--data {path}: no such file or directory; pass a dataset directory written by `mupt prepare`, "
+            "a .bin/.npy token file, a .txt file or a directory of .txt files (or builtin)"
+        )
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"--data {path}: the directory holds no .txt files; add some or pass a file")
