@@ -8,9 +8,10 @@ the default on an idle machine, usable cores // workers; part 3: at the load it 
 2. ``W`` worker processes at once (``tune --workers W``, ``check transfer --workers W``), each training
    the same proxy: aggregate throughput with threads = cores // W (mupt's default: never
    oversubscribed) vs threads = cores (torch's default in every process: W x cores threads);
-3. a machine shared with other jobs: ``C`` busy competitor processes (a pure-Python spin loop each,
-   C = 0, 1, ..., cores) run while one process times its steps at each thread count; the row mupt's
-   default would take at load C (``default_threads(1, load=C)``: the idle cores) is the baseline.
+3. a machine shared with other jobs: ``C`` busy competitor processes (C = 0, 1, ..., cores; ``--competitor
+   torch``: small matmuls on torch's default threads, like another training job; ``spin``: a pure-Python
+   loop) run while one process times its steps at each thread count; the row mupt's default would take at
+   load C (``default_threads(1, load=C)``: the idle cores) is the baseline.
 
 The model is the default proxy (``mupt.config``: d_model 256, 2 layers, d_state 16, batch 8 x seq 64)
 at the widths given; every measurement is the median over repeats of the time of ``--steps`` steps
@@ -85,16 +86,23 @@ def time_workers(width: int, workers: int, threads: int, steps: int) -> float:
     return max(times)
 
 
-def _spin(stop: Any) -> None:
+def _compete(stop: Any, kind: str) -> None:
+    """A competitor: ``spin`` is a pure-Python loop; ``torch`` small matmuls on torch's own default threads
+    (every core), as another training job started with torch's defaults would run."""
+    if kind == "spin":
+        while not stop.is_set():
+            pass
+        return
+    a = torch.randn(128, 128)
     while not stop.is_set():
-        pass
+        a = torch.tanh(a @ a)
 
 
-def time_loaded(width: int, threads: int, steps: int, competitors: int) -> float:
-    """Seconds for ``steps`` steps with ``threads`` torch threads while ``competitors`` spin-loop processes run."""
+def time_loaded(width: int, threads: int, steps: int, competitors: int, kind: str = "torch") -> float:
+    """Seconds for ``steps`` steps with ``threads`` torch threads while ``competitors`` processes of ``kind`` run."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(competitors)]
+    procs = [ctx.Process(target=_compete, args=(stop, kind), daemon=True) for _ in range(competitors)]
     for p in procs:
         p.start()
     try:
@@ -115,6 +123,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--loaded-steps", type=int, default=3, help="steps per measurement of part 3 (one repeat)")
     ap.add_argument("--loaded-only", action="store_true", help="run part 3 only")
+    ap.add_argument("--competitor", choices=("torch", "spin"), default="torch", help="part 3's busy processes")
     ap.add_argument("--out", help="default: benchmarks/results/threads.json (threads_loaded.json with --loaded-only)")
     args = ap.parse_args()
     results = ROOT / "benchmarks" / "results"
@@ -169,14 +178,14 @@ def main() -> None:
     loaded: list[dict[str, Any]] = []
     for w in widths:
         for c in range(cores + 1):
-            secs = {t: time_loaded(w, t, args.loaded_steps, c) for t in counts}
+            secs = {t: time_loaded(w, t, args.loaded_steps, c, args.competitor) for t in counts}
             pick = default_threads(1, load=float(c))
             for t in counts:
                 loaded.append({
                     "width": w, "competitors": c, "threads": t, "default": t == pick,
                     "seconds_per_step": secs[t] / args.loaded_steps, "speed_vs_default": secs[pick] / secs[t],
                 })  # fmt: skip
-    print(f"\n3. one process beside C busy competitor processes, {args.loaded_steps} steps (one repeat)")
+    print(f"\n3. one process beside C busy {args.competitor} processes, {args.loaded_steps} steps (one repeat)")
     print(f"{'width':>6} {'C':>3} {'threads':>8} {'s/step':>9} {'vs default':>11}")
     for r in loaded:
         mark = " (default at load C)" if r["default"] else ""
@@ -187,7 +196,7 @@ def main() -> None:
     result = {
         "benchmark": "threads", "cores": cores, "load_average_1min": load, "steps": args.steps,
         "repeats": args.repeats, "tokens_per_step": tokens, "torch": torch.__version__,
-        "single_process": single, "workers": multi, "loaded": loaded,
+        "single_process": single, "workers": multi, "loaded": loaded, "competitor": args.competitor,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

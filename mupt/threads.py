@@ -8,11 +8,11 @@ of ``workers`` processes ``idle cores // workers`` threads (at least 1), so work
 ``$OMP_NUM_THREADS``, when set, is taken as the user's explicit per-process choice.
 
 Cores that other jobs keep busy count as taken: a torch thread that the scheduler takes off its core
-stalls the whole intra-op pool at the next barrier, so on 2 cores with two other busy processes a
-training step at d_model 32 took 2.44 s with 2 threads and 0.028 s with 1 (87x;
-``benchmarks/threads.py`` part 3 measures it with busy competitor processes).  The default therefore
-uses the idle cores, read once from the 1-minute load average when the command starts
-(:func:`idle_cores`).
+stalls the whole intra-op pool at the next barrier, so on 2 cores beside two other training jobs a
+step at d_model 32 took 2.44 s with 2 threads and 0.028 s with 1 (87x, measured 2026-11-30; with
+synthetic competitors, ``benchmarks/threads.py`` part 3, 2 threads beside one busy core ran 0.44-0.54x
+as fast as 1).  The default therefore uses the idle cores, read once from the 1-minute load average
+when the command starts (:func:`idle_cores`).
 """
 
 from __future__ import annotations
