@@ -103,6 +103,26 @@ def wait_for(
     return None
 
 
+def _load(s: TuneSettings, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(s))
+
+
+def mid_trial(s: TuneSettings, name: str, attr: str) -> Callable[[], tuple[int, dict[int, float]] | None]:
+    """A :func:`wait_for` probe of study ``name``: (a RUNNING trial's number, {COMPLETE trial: value}) once
+    it has both; a RUNNING trial counts once its user_attrs hold ``attr`` (set when its worker started it)."""
+    journal = Path(s.runs_dir) / name / "journal.log"
+
+    def probe() -> tuple[int, dict[int, float]] | None:
+        if not journal.exists():  # do not create it before the tune process does
+            return None
+        study = _load(s, name)
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if attr in t.user_attrs]
+        return (running[0].number, {t.number: t.value for t in done}) if done and running else None
+
+    return probe
+
+
 def kill_when(proc: subprocess.Popen[str], probe: Callable[[], T | None], timeout: float, **kw: Any) -> T | None:
     """SIGKILL ``proc`` as soon as ``probe()`` (see :func:`wait_for`) finds something, and return that; the
     process is killed and reaped whatever happens (None: it ended, or the time ran out, first)."""
@@ -203,17 +223,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
     args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path),
             "--fidelity", "steps"]  # fmt: skip
     s = TuneSettings(study="proxy-w32", trials=4, runs_dir=str(tmp_path), fidelity="steps")
-    journal = tmp_path / "proxy-w32" / "journal.log"
-
-    def mid_trial() -> tuple[int, dict[int, float]] | None:
-        if not journal.exists():  # do not create it before the tune process does
-            return None
-        study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
-        done = study.get_trials(states=(TrialState.COMPLETE,))
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
-        return (running[0].number, {t.number: t.value for t in done}) if done and running else None
-
-    found = kill_when(mupt(*args), mid_trial, 120, transient=(KeyError,))
+    found = kill_when(mupt(*args), mid_trial(s, "proxy-w32", "worker"), 120, transient=(KeyError,))
     assert found is not None, "the worker finished before it could be killed mid-trial"
     victim, before = found
     study = optuna.load_study(study_name="proxy-w32", storage=open_storage(s))
@@ -446,24 +456,10 @@ def test_duplicate_retry_in_the_first_rung_does_not_stop_the_worker(tmp_path: Pa
         assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == rung.size, rung
 
 
-def _load(s: TuneSettings, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(s))
-
-
 def test_sigkill_in_low_rung_then_rerun_keeps_trials_and_budget(tmp_path: Path) -> None:
     args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
     s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
-    journal = tmp_path / "proxy-w64" / "journal.log"
-
-    def in_rung0() -> tuple[int, dict[int, float]] | None:
-        if not journal.exists():  # do not create it before the tune process does
-            return None
-        study = _load(s, "proxy-w64")
-        done = study.get_trials(states=(TrialState.COMPLETE,))
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "d_model" in t.user_attrs]
-        return (running[0].number, {t.number: t.value for t in done}) if done and running else None
-
-    found = kill_when(mupt(*args), in_rung0, 180, transient=(KeyError,))
+    found = kill_when(mupt(*args), mid_trial(s, "proxy-w64", "d_model"), 180, transient=(KeyError,))
     assert found is not None, "the worker finished rung 0 before it could be killed there"
     victim, before = found
 
