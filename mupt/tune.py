@@ -981,9 +981,32 @@ def was_skipped(t: FrozenTrial) -> bool:
     return t.state is TrialState.FAIL and str(t.user_attrs.get("reason", "")).startswith(SKIPPED)
 
 
+#: Reason prefix of a trial stopped by Ctrl-C (SIGINT) while a worker held it.
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
 def was_interrupted(t: FrozenTrial) -> bool:
     """A FAIL trial stopped by Ctrl-C (SIGINT) mid-run; a rerun samples a new trial in its place."""
-    return t.state is TrialState.FAIL and str(t.user_attrs.get("reason", "")).startswith("interrupted")
+    return t.state is TrialState.FAIL and str(t.user_attrs.get("reason", "")).startswith(INTERRUPTED)
+
+
+def close_interrupted(study: optuna.Study, since: int) -> list[int]:
+    """After Ctrl-C: mark FAIL, with the :data:`INTERRUPTED` reason, the trials this worker left RUNNING.
+
+    Those are the trials numbered ``since`` or later that are RUNNING and either carry this process's
+    ``worker`` attribute (Ctrl-C landed in Optuna's bookkeeping after the objective returned) or none at all
+    (it landed inside ``study.ask``, before the objective ran).  Without this a trial nobody owns would stay
+    RUNNING and make every later worker wait for it.  Returns the trial numbers closed.
+    """
+    me, closed = worker_id(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number < since or t.user_attrs.get("worker", me) != me:
+            continue
+        with contextlib.suppress(Exception):  # closed meanwhile (by Optuna or another worker)
+            study._storage.set_trial_user_attr(t._trial_id, "reason", f"{INTERRUPTED} outside training")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            closed.append(t.number)
+    return closed
 
 
 def n_finished(study: optuna.Study | Ladder) -> int:
@@ -1073,6 +1096,14 @@ def make_objective(
     final_step = rcfg.train.steps
 
     def objective(trial: optuna.Trial) -> float:
+        held: dict[str, Trainer] = {}
+        try:
+            return train_trial(trial, held)
+        except KeyboardInterrupt:  # anywhere in the trial, set-up included: the trial is still RUNNING here
+            trial.set_user_attr("reason", f"{INTERRUPTED} at step {held['trainer'].step if held else 0}")
+            raise
+
+    def train_trial(trial: optuna.Trial, held: dict[str, Trainer]) -> float:
         trial.set_user_attr("worker", worker_id())
         if rung.index == 0 and _over_budget(trial.study, trial.number, rung.size):
             trial.set_user_attr("reason", "over budget: other workers already filled the trial budget")
@@ -1094,7 +1125,7 @@ def make_objective(
         for k, v in (("rung", rung.index), ("d_model", rung.d_model), ("flops_per_step", per_step)):
             trial.set_user_attr(k, v)
         params = _suggest(trial, space)
-        trainer = Trainer(apply_params(rcfg, params), data=tokens)
+        trainer = held["trainer"] = Trainer(apply_params(rcfg, params), data=tokens)
         curves = trial_log(settings, rung, trial.number, params)
 
         def on_eval(step: int, val: float) -> None:
@@ -1108,9 +1139,6 @@ def make_objective(
 
         try:
             result = trainer.run(on_eval=on_eval, hooks=[curves] if curves is not None else [])
-        except KeyboardInterrupt:
-            trial.set_user_attr("reason", f"interrupted (Ctrl-C) at step {trainer.step}")
-            raise
         finally:
             if curves is not None:
                 curves.close()  # a pruned trial leaves run() by an exception: its curve ends there
@@ -1278,7 +1306,12 @@ def run_worker(
             if on_trial is not None and not skipped:
                 on_trial(s, t)
 
-        study.optimize(objectives[pick], n_trials=1, catch=(_OverBudget, _NoWork, _DuplicateRetry), callbacks=[note])
+        since, skips = len(study.get_trials(deepcopy=False)), (_OverBudget, _NoWork, _DuplicateRetry)
+        try:
+            study.optimize(objectives[pick], n_trials=1, catch=skips, callbacks=[note])
+        except KeyboardInterrupt:
+            close_interrupted(study, since)
+            raise
         if skipped == "over budget":  # the first rung's budget is full: nothing left to start (a skipped
             break  # duplicate retry or a promotion another worker took leaves work to do: go on)
         ran += 0 if skipped else 1
@@ -1771,7 +1804,7 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
             ax.scatter(bad, [top_edge] * len(bad), color=color, marker="x", s=22,
                        label=f"rung {rung.index}: pruned/diverged (top edge)")  # fmt: skip
         if failed:
-            what = "interrupted" if all(str(r["reason"]).startswith("interrupted") for r in failed) else "failed"
+            what = "interrupted" if all(str(r["reason"]).startswith(INTERRUPTED) for r in failed) else "failed"
             ax.scatter([r["lr"] for r in failed], [top_edge] * len(failed), edgecolors=[color], marker="s", s=22,
                        facecolors="none", label=f"rung {rung.index}: {what} (top edge)")  # fmt: skip
     ax.set_xscale("log")
@@ -1866,6 +1899,8 @@ __all__ = [
     "trial_steps",
     "trials_dataframe",
     "was_interrupted",
+    "close_interrupted",
+    "INTERRUPTED",
     "was_skipped",
     "write_best",
     "write_plots",

@@ -253,7 +253,7 @@ def test_tied_embeddings_are_a_shared_readout(scheme: Scheme, optimizer: str) ->
     assert head.lr_mult == entry.lr_mult and head.shape == entry.shape
     assert entry.init_std == pytest.approx(0.02)  # Θ(1): the embedding's rule, not the readout's 1/N_u
     assert entry.lr_mult == pytest.approx(1.0 if optimizer == "adamw" else r_u)
-    assert float(m.backbone.embedding.weight.std()) == pytest.approx(0.02, rel=0.05)
+    assert float(m.backbone.embedding.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
     assert m.mult_output == pytest.approx(3.0 / r_u)
     untied = model(d_model=256)
     apply(untied, ParamConfig(scheme=scheme, base_d_model=BASE_D, output_mult=3.0), optimizer, 1e-3)

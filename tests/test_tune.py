@@ -26,12 +26,15 @@ from optuna.trial import TrialState
 from mupt.config import BestParams, RunConfig, load_yaml, with_overrides
 from mupt.errors import ConfigError, StorageError
 from mupt.tune import (
+    INTERRUPTED,
     TuneSettings,
+    close_interrupted,
     coarse_to_fine,
     drift_fit,
     load_best,
     load_existing,
     lr_grid,
+    make_objective,
     open_ladder,
     open_storage,
     plot_groups,
@@ -42,6 +45,7 @@ from mupt.tune import (
     rung_summaries,
     rungs_for,
     trial_rows,
+    worker_id,
     write_best,
     write_plots,
 )
@@ -592,6 +596,54 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     proc = mupt(*args, "--report")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+
+
+class _CtrlCInSetUp:
+    """Real builtin tokens whose validation read raises KeyboardInterrupt: Ctrl-C landing while a trial's
+    Trainer is being built, before its first step (the window the CI flake of the test above hit)."""
+
+    def __init__(self, tokens: Any) -> None:
+        self.tokens = tokens
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokens, name)
+
+    def val_batches(self, *args: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_training_still_records_the_trial_as_interrupted(tmp_path: Path) -> None:
+    """Ctrl-C anywhere in a trial (here: the Trainer's set-up) closes it FAIL with the interrupted reason;
+    before, only Ctrl-C inside the training loop did, and the trial failed without a reason."""
+    from mupt.data import load_data
+
+    cfg = tiny()
+    s = TuneSettings(study="cc", trials=2, runs_dir=str(tmp_path), fidelity="steps", pruner="none")
+    study = optuna.create_study(study_name="cc", storage=open_storage(s))
+    objective = make_objective(s, cfg, data=_CtrlCInSetUp(load_data(cfg.data)))
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1)
+    (t,) = study.get_trials()
+    assert t.state is TrialState.FAIL
+    assert t.user_attrs["reason"] == f"{INTERRUPTED} at step 0"
+
+
+def test_close_interrupted_fails_only_this_workers_running_trials(tmp_path: Path) -> None:
+    """Ctrl-C inside Optuna's own code (``study.ask`` before the objective, or the tell after it) leaves the
+    trial RUNNING; the worker closes its own such trials (and ones no worker has claimed yet), not another
+    live worker's, nor any from before it started."""
+    s = TuneSettings(study="ci", trials=4, runs_dir=str(tmp_path), fidelity="steps")
+    study = optuna.create_study(study_name="ci", storage=open_storage(s))
+    old = study.ask()  # RUNNING before this worker's attempt began: not its business
+    since = len(study.get_trials())
+    unclaimed, mine, other = study.ask(), study.ask(), study.ask()
+    mine.set_user_attr("worker", worker_id())
+    other.set_user_attr("worker", "elsewhere:1:1")
+    assert sorted(close_interrupted(study, since)) == [unclaimed.number, mine.number]
+    states = {t.number: (t.state, t.user_attrs.get("reason", "")) for t in study.get_trials()}
+    assert states[old.number][0] is TrialState.RUNNING and states[other.number][0] is TrialState.RUNNING
+    for n in (unclaimed.number, mine.number):
+        assert states[n][0] is TrialState.FAIL and states[n][1].startswith(INTERRUPTED)
 
 
 def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) -> None:
