@@ -39,7 +39,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.data import compare_identity
-from mupt.errors import ConfigError, DataError, StorageError
+from mupt.errors import ConfigError, DataError, MuptError, StorageError
 from mupt.memory import memory_estimate, meta_model
 from mupt.model import ARCH_ROLES, Role
 from mupt.parametrization import (
@@ -516,10 +516,63 @@ def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     return path
 
 
-def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path = "recipes") -> Path:
-    """``recipes/<scheme>-<d_model>.yaml`` for a recipe (or its target run config)."""
+def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path) -> Path:
+    """``<directory>/<scheme>-<d_model>.yaml`` for a recipe (or its target run config).
+
+    ``mupt transfer`` passes the directory of the best.yaml it read (``runs/<study>/``), or ``--runs-dir``
+    with ``--lr``: a recipe lands next to the study it came from, never over the examples in ``recipes/``.
+    """
     run = recipe.run if isinstance(recipe, Recipe) else recipe
     return Path(directory) / f"{Scheme(run.param.scheme).value}-{run.model.d_model}.yaml"
+
+
+#: Recipe fields that do not make it another recipe: when it was written, the measured expected regret and
+#: the warnings (annotations that a later ``mupt check transfer`` or release may change), and the health
+#: reference (re-measured from the same proxy and settings).
+_VOLATILE_SOURCE = ("created", "expected_regret", "warnings")
+
+
+def _identity(recipe: Recipe) -> dict[str, Any]:
+    data = to_dict(recipe)
+    data.pop("health", None)
+    for key in _VOLATILE_SOURCE:
+        data["source"].pop(key, None)
+    return data
+
+
+@dataclass(frozen=True)
+class ExistingRecipe:
+    """What an output path already holds before ``mupt transfer`` writes its recipe there.
+
+    ``same``: it is this very recipe (same source, target run, per-role values, manifest, launch and data;
+    only its creation time, expected regret, warnings or health reference may differ), so replacing it
+    loses nothing.  ``what`` describes it for a one-line refusal.
+    """
+
+    same: bool
+    what: str
+
+
+def existing_recipe(path: str | Path, recipe: Recipe) -> ExistingRecipe | None:
+    """What ``path`` holds compared with ``recipe`` (None when there is no file).  Never raises for an
+    unreadable file: it counts as a file that is not a recipe.  The caller decides (``mupt transfer``
+    replaces anything but the same recipe only with ``--overwrite``; README, "Where results go")."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        old = load_recipe(path)
+    except (MuptError, OSError):
+        return ExistingRecipe(False, "a file that is not a mupt recipe")
+    if _identity(old) == _identity(recipe):
+        return ExistingRecipe(True, "this recipe")
+    s, m = old.source, old.run.model
+    origin = f"study {s.get('study')} trial {s.get('trial')}" if s.get("kind") == "study" else "an --lr transfer"
+    return ExistingRecipe(
+        False,
+        f"another recipe (from {origin}, d_model {m.d_model}, {old.run.train.steps} steps, created "
+        f"{s.get('created', '?')})",
+    )
 
 
 # --- explain --------------------------------------------------------------------------------------
@@ -603,11 +656,13 @@ def check_ratios(recipe: Recipe) -> list[str]:
 
 
 __all__ = [
+    "ExistingRecipe",
     "RoleValues",
     "RuleExplanation",
     "Summary",
     "check_ratios",
     "default_recipe_path",
+    "existing_recipe",
     "explain",
     "explain_notes",
     "format_exp",

@@ -257,13 +257,13 @@ def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None
     save_yaml(tmp_path / "runs" / "new" / "best.yaml", bp.model_copy(update={"study": "new"}))
     res = run_cli("--to-width", "1024", "--explain", "--compare", "--table-out", "roles.csv", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert not (tmp_path / "recipes").exists(), "--explain/--compare must write nothing"
+    assert not list((tmp_path / "runs").glob("*/*-1024.yaml")), "--explain/--compare must write nothing"
     assert "no recipe written" in res.stderr
     for text in ("rule-b-rows", "x_proj_B", "N_u^-1 N_x^1/2", "Summary", "sp LR"):
         assert text in res.stdout, text
     res = run_cli("--to-width", "1024", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    recipe = load_recipe(tmp_path / "recipes" / "mup-ssm-1024.yaml")
+    recipe = load_recipe(tmp_path / "runs" / "new" / "mup-ssm-1024.yaml")  # next to the best.yaml it came from
     roles = pd.read_csv(tmp_path / "roles.csv").set_index("role")  # the per-role table as data
     assert list(roles.index) == list(recipe.per_role)
     assert roles.loc["in_proj", "lr"] == pytest.approx(LR / 16) and roles.loc["in_proj", "base_lr"] == LR
@@ -271,6 +271,44 @@ def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None
     assert recipe.source["study"] == "new" and recipe.source["path"] == str(Path("runs/new/best.yaml"))
     assert recipe.run.model.d_model == 1024 and recipe.per_role["in_proj"]["lr"] == LR / 16
     assert "recipe written" in res.stdout
+
+
+def test_cli_never_replaces_another_recipe_without_overwrite(cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The default recipe lands next to its study, not over the examples in recipes/; an existing file at --out
+    is replaced only when it holds the same recipe, or with --overwrite (as `mupt train --run-dir`)."""
+    monkeypatch.chdir(tmp_path)
+    save_yaml(tmp_path / "runs" / "s" / "best.yaml", best())
+    example = tmp_path / "recipes" / "mup-ssm-256.yaml"  # the checkout's tracked example
+    save_recipe(example, transfer(best(proxy(**{"model.d_model": 32})), 256))
+    before = example.read_bytes()
+    args = ("transfer", "--to-width", "256", "--health-steps", "0")
+    code, stdout, stderr = cli(*args)
+    assert code == 0, stderr
+    dest = tmp_path / "runs" / "s" / "mup-ssm-256.yaml"
+    assert load_recipe(dest).source["study"] == "unit" and example.read_bytes() == before
+    assert f"recipe written: {Path('runs/s/mup-ssm-256.yaml')}" in stdout
+    code, stdout, stderr = cli(*args)  # the same recipe again: replaced, and said so
+    assert code == 0 and "it held this same recipe" in " ".join(stdout.split()), stderr
+    first = dest.read_bytes()
+    for extra, held in (
+        (["--steps", "80"], "another recipe (from study unit trial 7, d_model 256, 40 steps, created "),
+        (["--out", str(example)], "another recipe (from study unit trial 7, d_model 256, 40 steps, created "),
+        (["--out", "notes.txt"], "a file that is not a mupt recipe"),
+    ):
+        (tmp_path / "notes.txt").write_text("mine\n")
+        code, _, stderr = cli(*args, *extra)
+        assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+        out = extra[1] if extra[0] == "--out" else str(Path("runs/s/mup-ssm-256.yaml"))
+        assert f"error: --out {out} holds {held}" in stderr and "or --overwrite to replace it" in stderr, stderr
+        assert dest.read_bytes() == first and example.read_bytes() == before  # nothing touched
+        assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    code, _, stderr = cli(*args, "--steps", "80", "--overwrite")
+    assert code == 0, stderr
+    assert load_recipe(dest).run.train.steps == 80
+    # --lr has no study: the recipe goes under --runs-dir
+    code, _, stderr = cli("transfer", "--lr", "3e-3", "--width", "64", "--to-width", "128", "--health-steps", "0")
+    assert code == 0, stderr
+    assert load_recipe(tmp_path / "runs" / "mup-ssm-128.yaml").source["kind"] == "lr"
 
 
 def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ from mupt.transfer import (
     VERIFIED_RATIO,
     check_transfer_command,
     default_recipe_path,
+    existing_recipe,
     explain,
     explain_notes,
     latest_best,
@@ -167,11 +168,21 @@ def transfer(
         typer.Option(
             "--out",
             "-o",
-            help="Recipe file to write; checked before any work. With --explain/--compare nothing is written "
-            "unless --out is given.",
-            show_default="recipes/<scheme>-<to-width>.yaml",
+            help="Recipe file to write; checked before any work. An existing file is replaced only when it holds "
+            "this same recipe, or with --overwrite. With --explain/--compare nothing is written unless --out is "
+            "given.",
+            show_default="<scheme>-<to-width>.yaml next to the best.yaml read (runs/<study>/), or in --runs-dir "
+            "with --lr",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace what --out already holds (another recipe, or any file). Without it such a file is kept "
+            "and the command refused; the same recipe re-derived is replaced.",
+        ),
+    ] = False,
     table_out: Annotated[
         Path | None,
         typer.Option(
@@ -208,7 +219,8 @@ def transfer(
 
     The source is --from runs/<study>/best.yaml, the newest runs/*/best.yaml, or --lr X (the proxy
     then comes from --config and --width/--layers/--d-state/...).  --steps/--batch-size/--seq-len
-    set the TARGET run's length (default: the proxy's).
+    set the TARGET run's length (default: the proxy's).  The recipe goes next to the best.yaml
+    (runs/<study>/<scheme>-<to-width>.yaml) unless --out says where.
 
     Example: [bold]mupt transfer --to-width 4096[/]   [bold]mupt transfer --explain[/]
     """
@@ -235,20 +247,28 @@ def transfer(
     write = out_path is not None or not (explain_rules or compare)
     dest: Path | None = None
     if to_width is not None and write:
-        dest = out_path if out_path is not None else default_recipe_path(target_config(proxy, to_width, scheme=scheme))
+        if out_path is not None:
+            dest = out_path
+        else:  # next to its study, never over the examples in recipes/ (README, "Where results go")
+            dest = default_recipe_path(
+                target_config(proxy, to_width, scheme=scheme), path.parent if path is not None else runs_dir
+            )
         check_output_file(dest, "--out")  # before any table is printed
     if table_out is not None:
         check_output_file(table_out, "--table-out")
-    if explain_rules:
+    if to_width is None:
         _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
-        if to_width is None:
-            return
-    assert to_width is not None
+        return
     sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
         source_path=path, to_data=to_data, schedule=sched,
     )  # fmt: skip
+    prev = None if dest is None or overwrite else existing_recipe(dest, recipe)
+    if prev is not None and not prev.same:  # like `mupt train --run-dir`: finished work is never replaced silently
+        raise StorageError(f"--out {dest} holds {prev.what}: pass another --out PATH, or --overwrite to replace it")
+    if explain_rules:
+        _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
     expected = _expected(check_result, runs_dir, proxy, to_width)
     if expected is not None:
         recipe.source["expected_regret"] = expected.to_dict()
@@ -266,7 +286,8 @@ def transfer(
         _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
     _print_expected(expected, dest, check_transfer_command(proxy, to_width, path, runs_dir))
     if dest is not None:
-        out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
+        again = " (it held this same recipe)" if prev is not None else ""
+        out.print(f"[bold green]recipe written:[/] {dest}{again}   launch with: mupt scale {dest}", highlight=False)
     else:
         flags = " and ".join(f for f, on in (("--explain", explain_rules), ("--compare", compare)) if on)
         verb = "print" if explain_rules and compare else "prints"
