@@ -439,19 +439,22 @@ def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: Shap
             )
     tokens = recipe.source["proxy"]["tokens"]
     need = TOKENS_PER_PARAM * proxy_info.num_params
-    if tokens < FAR_FEWER * need:
-        out.append(
-            f"proxy trained on {tokens:,} tokens = {tokens / proxy_info.num_params:.3g} tokens/parameter; the "
-            f"recommended minimum is {TOKENS_PER_PARAM:g} tokens/parameter (Chinchilla) = {need:,.0f}; an optimum "
-            "from a short proxy run tends to overestimate the LR of a long run"
-        )
-    if (cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len) != (
-        proxy.train.steps, proxy.train.batch_size, proxy.train.seq_len,
-    ):  # fmt: skip
-        out.append(
-            "the target's training length/batch differ from the proxy's; µP transfers the LR across width, "
-            "not across horizon or batch size, so re-tune the proxy at the target's steps and batch if you can"
-        )
+    shape = (cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len)
+    proxy_shape = (proxy.train.steps, proxy.train.batch_size, proxy.train.seq_len)
+    if shape != proxy_shape:
+        text = (
+            "the target's training length/batch ({} steps x {} x {}) differ from the proxy's ({} x {} x {}); "
+            "µP transfers the LR across width, not across horizon or batch size, so re-tune the proxy at the "
+            "target's steps and batch if you can"
+        ).format(*shape, *proxy_shape)
+        # a short proxy only misleads when the target trains longer than it: then its optimum is an extrapolation
+        if tokens < FAR_FEWER * need and math.prod(shape) > tokens:
+            text += (
+                f"; the proxy saw only {tokens / proxy_info.num_params:.3g} tokens/parameter (recommended minimum "
+                f"{TOKENS_PER_PARAM:g}, Chinchilla: {need:,.0f} tokens), and an optimum from a short proxy run "
+                "tends to overestimate the LR of a longer run"
+            )
+        out.append(text)
     if Scheme(cfg.param.scheme) is not Scheme(proxy.param.scheme):
         out.append(
             f"the proxy was tuned under {Scheme(proxy.param.scheme).value}, this recipe uses "
@@ -483,13 +486,25 @@ def recipe_header(recipe: Recipe) -> str:
     else:
         origin = "an LR given directly (--lr)"
     tuned = ", ".join(f"{k}={v:.4g}" for k, v in s.get("params", {}).items())
+    t = recipe.run.train
+    length = f"train: {t.steps} steps x {t.batch_size} x {t.seq_len} tokens"
+    if target_length_is_the_proxys(recipe):
+        length += ", the proxy's length (mupt transfer --steps N sets the target's; mupt scale --steps overrides it)"
     return (
         f"mupt transfer: recipe for d_model={m.d_model} d_state={m.d_state} n_layers={m.n_layers} "
         f"under {Scheme(recipe.run.param.scheme).value}\n"
         f"from {origin}\n"
         f"proxy d_model={p.get('d_model')} d_state={p.get('d_state')} ({p.get('scheme')}); tuned {tuned}\n"
+        f"{length}\n"
         f"created {s.get('created')}; launch with: mupt scale <this file>"
     )
+
+
+def target_length_is_the_proxys(recipe: Recipe) -> bool:
+    """True when the target run trains exactly as many steps as the proxy did (``--steps`` not given, or
+    given equal): a proxy's length (e.g. 64 steps) is rarely what a wide run should train."""
+    proxy_train = (recipe.source.get("proxy_config") or {}).get("train") or {}
+    return proxy_train.get("steps") == recipe.run.train.steps
 
 
 def per_role_frame(recipe: Recipe) -> pd.DataFrame:
@@ -675,6 +690,7 @@ __all__ = [
     "shape_info",
     "summarize",
     "target_config",
+    "target_length_is_the_proxys",
     "train_flops_per_token",
     "transfer",
     "warnings",

@@ -210,8 +210,13 @@ def test_summary_memory_flops_and_warnings() -> None:
     assert any("128x is outside" in w for w in s.warnings)
     # 400 x 8 x 64 = 204,800 proxy tokens >= 10% of 20 tokens x 98,240 proxy params; 40 steps are not
     assert s.proxy_params == 98_240 and not any("tokens/parameter" in w for w in s.warnings)
-    short = transfer(best(), 256)
-    assert any("tokens/parameter" in w and "Chinchilla" in w for w in short.source["warnings"])
+    # a short proxy (40 steps) only warns when the target trains longer than it did: its optimum is extrapolated
+    assert transfer(best(), 256).source["warnings"] == []  # the default: the proxy's own length, nothing to say
+    longer = transfer(best(), 256, steps=400).source["warnings"]
+    assert len(longer) == 1 and "(400 steps x 8 x 64) differ from the proxy's (40 x 8 x 64)" in longer[0]
+    assert "0.208 tokens/parameter" in longer[0] and "Chinchilla: 1,964,800 tokens" in longer[0]
+    shorter = transfer(best(), 256, steps=20).source["warnings"]  # shorter: the horizon warning, no extrapolation
+    assert len(shorter) == 1 and "tokens/parameter" not in shorter[0]
 
 
 def test_explain_is_the_rule_data_with_reasons_and_derivations() -> None:
@@ -347,6 +352,24 @@ def test_cli_lr_directly(tmp_path: Path) -> None:
     r = load_recipe(tmp_path / "r.yaml")
     assert r.source["kind"] == "lr" and r.run.param.base_d_model == 128 and r.run.train.lr == 0.01
     assert r.per_role["out_proj"]["lr"] == 0.01 / 4
+
+
+def test_cli_default_transfer_is_quiet_and_says_where_the_target_steps_came_from(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The default transfer (the proxy's own length) prints no warning, but the summary and the recipe's header
+    say its steps are the proxy's and how to set them; --steps longer than a short proxy warns once."""
+    args = ("transfer", "--lr", "3e-3", "--width", "64", "--to-width", "128", "--health-steps", "0")
+    code, stdout, stderr = cli(*args, "--out", str(tmp_path / "a.yaml"))
+    assert code == 0 and "warning" not in stderr, stderr
+    flat = " ".join(stdout.replace("│", " ").split())  # the summary's cells wrap inside the table
+    assert "64 x 8 x 64 = 32,768" in flat and "64 steps is the proxy's length: set the target's with --steps" in flat
+    header = (tmp_path / "a.yaml").read_text().split("\nsource:")[0]
+    assert "# train: 64 steps x 8 x 64 tokens, the proxy's length (mupt transfer --steps N sets" in header
+    code, stdout, stderr = cli(*args, "--steps", "400", "--out", str(tmp_path / "b.yaml"))
+    assert code == 0 and load_recipe(tmp_path / "b.yaml").run.train.steps == 400, stderr
+    flat_err = " ".join(stderr.split())
+    assert flat_err.count("warning:") == 1 and "tokens/parameter" in flat_err and "overestimate the LR" in flat_err
+    assert "proxy's length" not in " ".join(stdout.replace("│", " ").split())
+    assert "proxy's length" not in (tmp_path / "b.yaml").read_text().split("\nsource:")[0]
 
 
 def test_cli_threads_flag_and_header_before_health_reference(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from mupt.cli.common import (
     ArchOpt,
     BackendOpt,
     BaseOpt,
-    BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
@@ -26,9 +25,7 @@ from mupt.cli.common import (
     OptimOpt,
     SchemeOpt,
     SeedOpt,
-    SeqOpt,
     StateOpt,
-    StepsOpt,
     ThreadsOpt,
     VocabOpt,
     WidthOpt,
@@ -48,6 +45,7 @@ from mupt.transfer import (
     TOKENS_PER_PARAM,
     TRAIN_FLOP_FACTOR,
     VERIFIED_RATIO,
+    Summary,
     check_transfer_command,
     default_recipe_path,
     existing_recipe,
@@ -59,6 +57,7 @@ from mupt.transfer import (
     save_recipe,
     summarize,
     target_config,
+    target_length_is_the_proxys,
 )
 from mupt.transfer import transfer as do_transfer
 
@@ -126,9 +125,25 @@ def transfer(
     vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
-    steps: StepsOpt = None,
-    batch_size: BatchOpt = None,
-    seq_len: SeqOpt = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            help="Optimizer steps of the TARGET run. The proxy's by default, which is rarely what a wide run should "
+            "train (the summary shows its tokens per parameter); mupt scale --steps can still override it.",
+            show_default="the proxy's",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Sequences per step of the TARGET run (global batch).", show_default="the proxy's"
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option("--seq-len", help="Tokens per sequence of the TARGET run.", show_default="the proxy's"),
+    ] = None,
     schedule: Annotated[
         Schedule | None,
         typer.Option(
@@ -417,12 +432,12 @@ def _summary(recipe: Recipe) -> None:
             "  of which the scan",
             f"{sm.scan_flops_per_token:.4g} ({TRAIN_FLOP_FACTOR:g} x {SCAN_FWD_FLOPS:g} · layers · N_u · N_x)",
         ),
-        ("target tokens (steps x batch x seq)", f"{sm.train_tokens:,}"),
+        ("target tokens (steps x batch x seq)", _target_tokens(recipe, sm)),
         ("target training FLOPs", f"{sm.train_flops:.4g}"),
         (
             "proxy tokens / recommended minimum",
             f"{sm.proxy_tokens:,} / {sm.recommended_proxy_tokens:,.0f} ({TOKENS_PER_PARAM:g} tokens per proxy "
-            f"parameter; warn below {FAR_FEWER:.0%})",
+            f"parameter; a warning when below {FAR_FEWER:.0%} and the target trains longer)",
         ),
     ]
     d = recipe.dataset
@@ -438,6 +453,15 @@ def _summary(recipe: Recipe) -> None:
     out.print(key_values("Summary", items))
     for w in sm.warnings:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _target_tokens(recipe: Recipe, sm: Summary) -> str:
+    t = recipe.run.train
+    per_param = sm.train_tokens / sm.params
+    text = f"{t.steps:,} x {t.batch_size} x {t.seq_len} = {sm.train_tokens:,} ({per_param:.3g} per parameter)"
+    if target_length_is_the_proxys(recipe):
+        text += f"; {t.steps:,} steps is the proxy's length: set the target's with --steps"
+    return text
 
 
 def _compare(
