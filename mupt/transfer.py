@@ -39,7 +39,7 @@ from mupt.config import (
     to_dict,
 )
 from mupt.data import compare_identity
-from mupt.errors import ConfigError, DataError, StorageError
+from mupt.errors import ConfigError, DataError, MuptError, StorageError
 from mupt.memory import memory_estimate, meta_model
 from mupt.model import ARCH_ROLES, Role
 from mupt.parametrization import (
@@ -439,19 +439,22 @@ def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: Shap
             )
     tokens = recipe.source["proxy"]["tokens"]
     need = TOKENS_PER_PARAM * proxy_info.num_params
-    if tokens < FAR_FEWER * need:
-        out.append(
-            f"proxy trained on {tokens:,} tokens = {tokens / proxy_info.num_params:.3g} tokens/parameter; the "
-            f"recommended minimum is {TOKENS_PER_PARAM:g} tokens/parameter (Chinchilla) = {need:,.0f}; an optimum "
-            "from a short proxy run tends to overestimate the LR of a long run"
-        )
-    if (cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len) != (
-        proxy.train.steps, proxy.train.batch_size, proxy.train.seq_len,
-    ):  # fmt: skip
-        out.append(
-            "the target's training length/batch differ from the proxy's; µP transfers the LR across width, "
-            "not across horizon or batch size, so re-tune the proxy at the target's steps and batch if you can"
-        )
+    shape = (cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len)
+    proxy_shape = (proxy.train.steps, proxy.train.batch_size, proxy.train.seq_len)
+    if shape != proxy_shape:
+        text = (
+            "the target's training length/batch ({} steps x {} x {}) differ from the proxy's ({} x {} x {}); "
+            "µP transfers the LR across width, not across horizon or batch size, so re-tune the proxy at the "
+            "target's steps and batch if you can"
+        ).format(*shape, *proxy_shape)
+        # a short proxy only misleads when the target trains longer than it: then its optimum is an extrapolation
+        if tokens < FAR_FEWER * need and math.prod(shape) > tokens:
+            text += (
+                f"; the proxy saw only {tokens / proxy_info.num_params:.3g} tokens/parameter (recommended minimum "
+                f"{TOKENS_PER_PARAM:g}, Chinchilla: {need:,.0f} tokens), and an optimum from a short proxy run "
+                "tends to overestimate the LR of a longer run"
+            )
+        out.append(text)
     if Scheme(cfg.param.scheme) is not Scheme(proxy.param.scheme):
         out.append(
             f"the proxy was tuned under {Scheme(proxy.param.scheme).value}, this recipe uses "
@@ -483,13 +486,25 @@ def recipe_header(recipe: Recipe) -> str:
     else:
         origin = "an LR given directly (--lr)"
     tuned = ", ".join(f"{k}={v:.4g}" for k, v in s.get("params", {}).items())
+    t = recipe.run.train
+    length = f"train: {t.steps} steps x {t.batch_size} x {t.seq_len} tokens"
+    if target_length_is_the_proxys(recipe):
+        length += ", the proxy's length (mupt transfer --steps N sets the target's; mupt scale --steps overrides it)"
     return (
         f"mupt transfer: recipe for d_model={m.d_model} d_state={m.d_state} n_layers={m.n_layers} "
         f"under {Scheme(recipe.run.param.scheme).value}\n"
         f"from {origin}\n"
         f"proxy d_model={p.get('d_model')} d_state={p.get('d_state')} ({p.get('scheme')}); tuned {tuned}\n"
+        f"{length}\n"
         f"created {s.get('created')}; launch with: mupt scale <this file>"
     )
+
+
+def target_length_is_the_proxys(recipe: Recipe) -> bool:
+    """True when the target run trains exactly as many steps as the proxy did (``--steps`` not given, or
+    given equal): a proxy's length (e.g. 64 steps) is rarely what a wide run should train."""
+    proxy_train = (recipe.source.get("proxy_config") or {}).get("train") or {}
+    return proxy_train.get("steps") == recipe.run.train.steps
 
 
 def per_role_frame(recipe: Recipe) -> pd.DataFrame:
@@ -516,10 +531,63 @@ def save_recipe(path: str | Path, recipe: Recipe) -> Path:
     return path
 
 
-def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path = "recipes") -> Path:
-    """``recipes/<scheme>-<d_model>.yaml`` for a recipe (or its target run config)."""
+def default_recipe_path(recipe: Recipe | RunConfig, directory: str | Path) -> Path:
+    """``<directory>/<scheme>-<d_model>.yaml`` for a recipe (or its target run config).
+
+    ``mupt transfer`` passes the directory of the best.yaml it read (``runs/<study>/``), or ``--runs-dir``
+    with ``--lr``: a recipe lands next to the study it came from, never over the examples in ``recipes/``.
+    """
     run = recipe.run if isinstance(recipe, Recipe) else recipe
     return Path(directory) / f"{Scheme(run.param.scheme).value}-{run.model.d_model}.yaml"
+
+
+#: Recipe fields that do not make it another recipe: when it was written, the measured expected regret and
+#: the warnings (annotations that a later ``mupt check transfer`` or release may change), and the health
+#: reference (re-measured from the same proxy and settings).
+_VOLATILE_SOURCE = ("created", "expected_regret", "warnings")
+
+
+def _identity(recipe: Recipe) -> dict[str, Any]:
+    data = to_dict(recipe)
+    data.pop("health", None)
+    for key in _VOLATILE_SOURCE:
+        data["source"].pop(key, None)
+    return data
+
+
+@dataclass(frozen=True)
+class ExistingRecipe:
+    """What an output path already holds before ``mupt transfer`` writes its recipe there.
+
+    ``same``: it is this very recipe (same source, target run, per-role values, manifest, launch and data;
+    only its creation time, expected regret, warnings or health reference may differ), so replacing it
+    loses nothing.  ``what`` describes it for a one-line refusal.
+    """
+
+    same: bool
+    what: str
+
+
+def existing_recipe(path: str | Path, recipe: Recipe) -> ExistingRecipe | None:
+    """What ``path`` holds compared with ``recipe`` (None when there is no file).  Never raises for an
+    unreadable file: it counts as a file that is not a recipe.  The caller decides (``mupt transfer``
+    replaces anything but the same recipe only with ``--overwrite``; README, "Where results go")."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        old = load_recipe(path)
+    except (MuptError, OSError):
+        return ExistingRecipe(False, "a file that is not a mupt recipe")
+    if _identity(old) == _identity(recipe):
+        return ExistingRecipe(True, "this recipe")
+    s, m = old.source, old.run.model
+    origin = f"study {s.get('study')} trial {s.get('trial')}" if s.get("kind") == "study" else "an --lr transfer"
+    return ExistingRecipe(
+        False,
+        f"another recipe (from {origin}, d_model {m.d_model}, {old.run.train.steps} steps, created "
+        f"{s.get('created', '?')})",
+    )
 
 
 # --- explain --------------------------------------------------------------------------------------
@@ -603,11 +671,13 @@ def check_ratios(recipe: Recipe) -> list[str]:
 
 
 __all__ = [
+    "ExistingRecipe",
     "RoleValues",
     "RuleExplanation",
     "Summary",
     "check_ratios",
     "default_recipe_path",
+    "existing_recipe",
     "explain",
     "explain_notes",
     "format_exp",
@@ -620,6 +690,7 @@ __all__ = [
     "shape_info",
     "summarize",
     "target_config",
+    "target_length_is_the_proxys",
     "train_flops_per_token",
     "transfer",
     "warnings",

@@ -210,8 +210,13 @@ def test_summary_memory_flops_and_warnings() -> None:
     assert any("128x is outside" in w for w in s.warnings)
     # 400 x 8 x 64 = 204,800 proxy tokens >= 10% of 20 tokens x 98,240 proxy params; 40 steps are not
     assert s.proxy_params == 98_240 and not any("tokens/parameter" in w for w in s.warnings)
-    short = transfer(best(), 256)
-    assert any("tokens/parameter" in w and "Chinchilla" in w for w in short.source["warnings"])
+    # a short proxy (40 steps) only warns when the target trains longer than it did: its optimum is extrapolated
+    assert transfer(best(), 256).source["warnings"] == []  # the default: the proxy's own length, nothing to say
+    longer = transfer(best(), 256, steps=400).source["warnings"]
+    assert len(longer) == 1 and "(400 steps x 8 x 64) differ from the proxy's (40 x 8 x 64)" in longer[0]
+    assert "0.208 tokens/parameter" in longer[0] and "Chinchilla: 1,964,800 tokens" in longer[0]
+    shorter = transfer(best(), 256, steps=20).source["warnings"]  # shorter: the horizon warning, no extrapolation
+    assert len(shorter) == 1 and "tokens/parameter" not in shorter[0]
 
 
 def test_explain_is_the_rule_data_with_reasons_and_derivations() -> None:
@@ -257,13 +262,13 @@ def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None
     save_yaml(tmp_path / "runs" / "new" / "best.yaml", bp.model_copy(update={"study": "new"}))
     res = run_cli("--to-width", "1024", "--explain", "--compare", "--table-out", "roles.csv", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert not (tmp_path / "recipes").exists(), "--explain/--compare must write nothing"
+    assert not list((tmp_path / "runs").glob("*/*-1024.yaml")), "--explain/--compare must write nothing"
     assert "no recipe written" in res.stderr
     for text in ("rule-b-rows", "x_proj_B", "N_u^-1 N_x^1/2", "Summary", "sp LR"):
         assert text in res.stdout, text
     res = run_cli("--to-width", "1024", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    recipe = load_recipe(tmp_path / "recipes" / "mup-ssm-1024.yaml")
+    recipe = load_recipe(tmp_path / "runs" / "new" / "mup-ssm-1024.yaml")  # next to the best.yaml it came from
     roles = pd.read_csv(tmp_path / "roles.csv").set_index("role")  # the per-role table as data
     assert list(roles.index) == list(recipe.per_role)
     assert roles.loc["in_proj", "lr"] == pytest.approx(LR / 16) and roles.loc["in_proj", "base_lr"] == LR
@@ -271,6 +276,44 @@ def test_cli_writes_recipe_from_newest_best_and_explains(tmp_path: Path) -> None
     assert recipe.source["study"] == "new" and recipe.source["path"] == str(Path("runs/new/best.yaml"))
     assert recipe.run.model.d_model == 1024 and recipe.per_role["in_proj"]["lr"] == LR / 16
     assert "recipe written" in res.stdout
+
+
+def test_cli_never_replaces_another_recipe_without_overwrite(cli, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The default recipe lands next to its study, not over the examples in recipes/; an existing file at --out
+    is replaced only when it holds the same recipe, or with --overwrite (as `mupt train --run-dir`)."""
+    monkeypatch.chdir(tmp_path)
+    save_yaml(tmp_path / "runs" / "s" / "best.yaml", best())
+    example = tmp_path / "recipes" / "mup-ssm-256.yaml"  # the checkout's tracked example
+    save_recipe(example, transfer(best(proxy(**{"model.d_model": 32})), 256))
+    before = example.read_bytes()
+    args = ("transfer", "--to-width", "256", "--health-steps", "0")
+    code, stdout, stderr = cli(*args)
+    assert code == 0, stderr
+    dest = tmp_path / "runs" / "s" / "mup-ssm-256.yaml"
+    assert load_recipe(dest).source["study"] == "unit" and example.read_bytes() == before
+    assert f"recipe written: {Path('runs/s/mup-ssm-256.yaml')}" in stdout
+    code, stdout, stderr = cli(*args)  # the same recipe again: replaced, and said so
+    assert code == 0 and "it held this same recipe" in " ".join(stdout.split()), stderr
+    first = dest.read_bytes()
+    for extra, held in (
+        (["--steps", "80"], "another recipe (from study unit trial 7, d_model 256, 40 steps, created "),
+        (["--out", str(example)], "another recipe (from study unit trial 7, d_model 256, 40 steps, created "),
+        (["--out", "notes.txt"], "a file that is not a mupt recipe"),
+    ):
+        (tmp_path / "notes.txt").write_text("mine\n")
+        code, _, stderr = cli(*args, *extra)
+        assert code == 2 and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+        out = extra[1] if extra[0] == "--out" else str(Path("runs/s/mup-ssm-256.yaml"))
+        assert f"error: --out {out} holds {held}" in stderr and "or --overwrite to replace it" in stderr, stderr
+        assert dest.read_bytes() == first and example.read_bytes() == before  # nothing touched
+        assert (tmp_path / "notes.txt").read_text() == "mine\n"
+    code, _, stderr = cli(*args, "--steps", "80", "--overwrite")
+    assert code == 0, stderr
+    assert load_recipe(dest).run.train.steps == 80
+    # --lr has no study: the recipe goes under --runs-dir
+    code, _, stderr = cli("transfer", "--lr", "3e-3", "--width", "64", "--to-width", "128", "--health-steps", "0")
+    assert code == 0, stderr
+    assert load_recipe(tmp_path / "runs" / "mup-ssm-128.yaml").source["kind"] == "lr"
 
 
 def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
@@ -309,6 +352,24 @@ def test_cli_lr_directly(tmp_path: Path) -> None:
     r = load_recipe(tmp_path / "r.yaml")
     assert r.source["kind"] == "lr" and r.run.param.base_d_model == 128 and r.run.train.lr == 0.01
     assert r.per_role["out_proj"]["lr"] == 0.01 / 4
+
+
+def test_cli_default_transfer_is_quiet_and_says_where_the_target_steps_came_from(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The default transfer (the proxy's own length) prints no warning, but the summary and the recipe's header
+    say its steps are the proxy's and how to set them; --steps longer than a short proxy warns once."""
+    args = ("transfer", "--lr", "3e-3", "--width", "64", "--to-width", "128", "--health-steps", "0")
+    code, stdout, stderr = cli(*args, "--out", str(tmp_path / "a.yaml"))
+    assert code == 0 and "warning" not in stderr, stderr
+    flat = " ".join(stdout.replace("│", " ").split())  # the summary's cells wrap inside the table
+    assert "64 x 8 x 64 = 32,768" in flat and "64 steps is the proxy's length: set the target's with --steps" in flat
+    header = (tmp_path / "a.yaml").read_text().split("\nsource:")[0]
+    assert "# train: 64 steps x 8 x 64 tokens, the proxy's length (mupt transfer --steps N sets" in header
+    code, stdout, stderr = cli(*args, "--steps", "400", "--out", str(tmp_path / "b.yaml"))
+    assert code == 0 and load_recipe(tmp_path / "b.yaml").run.train.steps == 400, stderr
+    flat_err = " ".join(stderr.split())
+    assert flat_err.count("warning:") == 1 and "tokens/parameter" in flat_err and "overestimate the LR" in flat_err
+    assert "proxy's length" not in " ".join(stdout.replace("│", " ").split())
+    assert "proxy's length" not in (tmp_path / "b.yaml").read_text().split("\nsource:")[0]
 
 
 def test_cli_threads_flag_and_header_before_health_reference(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from mupt.cli.common import (
     ArchOpt,
     BackendOpt,
     BaseOpt,
-    BatchOpt,
     ConfigOpt,
     DataOpt,
     DiscOpt,
@@ -26,9 +25,7 @@ from mupt.cli.common import (
     OptimOpt,
     SchemeOpt,
     SeedOpt,
-    SeqOpt,
     StateOpt,
-    StepsOpt,
     ThreadsOpt,
     VocabOpt,
     WidthOpt,
@@ -48,8 +45,10 @@ from mupt.transfer import (
     TOKENS_PER_PARAM,
     TRAIN_FLOP_FACTOR,
     VERIFIED_RATIO,
+    Summary,
     check_transfer_command,
     default_recipe_path,
+    existing_recipe,
     explain,
     explain_notes,
     latest_best,
@@ -58,6 +57,7 @@ from mupt.transfer import (
     save_recipe,
     summarize,
     target_config,
+    target_length_is_the_proxys,
 )
 from mupt.transfer import transfer as do_transfer
 
@@ -125,9 +125,25 @@ def transfer(
     vocab_size: VocabOpt = None,
     seed: SeedOpt = None,
     backend: BackendOpt = None,
-    steps: StepsOpt = None,
-    batch_size: BatchOpt = None,
-    seq_len: SeqOpt = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            help="Optimizer steps of the TARGET run. The proxy's by default, which is rarely what a wide run should "
+            "train (the summary shows its tokens per parameter); mupt scale --steps can still override it.",
+            show_default="the proxy's",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Sequences per step of the TARGET run (global batch).", show_default="the proxy's"
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option("--seq-len", help="Tokens per sequence of the TARGET run.", show_default="the proxy's"),
+    ] = None,
     schedule: Annotated[
         Schedule | None,
         typer.Option(
@@ -167,11 +183,21 @@ def transfer(
         typer.Option(
             "--out",
             "-o",
-            help="Recipe file to write; checked before any work. With --explain/--compare nothing is written "
-            "unless --out is given.",
-            show_default="recipes/<scheme>-<to-width>.yaml",
+            help="Recipe file to write; checked before any work. An existing file is replaced only when it holds "
+            "this same recipe, or with --overwrite. With --explain/--compare nothing is written unless --out is "
+            "given.",
+            show_default="<scheme>-<to-width>.yaml next to the best.yaml read (runs/<study>/), or in --runs-dir "
+            "with --lr",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace what --out already holds (another recipe, or any file). Without it such a file is kept "
+            "and the command refused; the same recipe re-derived is replaced.",
+        ),
+    ] = False,
     table_out: Annotated[
         Path | None,
         typer.Option(
@@ -208,7 +234,8 @@ def transfer(
 
     The source is --from runs/<study>/best.yaml, the newest runs/*/best.yaml, or --lr X (the proxy
     then comes from --config and --width/--layers/--d-state/...).  --steps/--batch-size/--seq-len
-    set the TARGET run's length (default: the proxy's).
+    set the TARGET run's length (default: the proxy's).  The recipe goes next to the best.yaml
+    (runs/<study>/<scheme>-<to-width>.yaml) unless --out says where.
 
     Example: [bold]mupt transfer --to-width 4096[/]   [bold]mupt transfer --explain[/]
     """
@@ -235,20 +262,28 @@ def transfer(
     write = out_path is not None or not (explain_rules or compare)
     dest: Path | None = None
     if to_width is not None and write:
-        dest = out_path if out_path is not None else default_recipe_path(target_config(proxy, to_width, scheme=scheme))
+        if out_path is not None:
+            dest = out_path
+        else:  # next to its study, never over the examples in recipes/ (README, "Where results go")
+            dest = default_recipe_path(
+                target_config(proxy, to_width, scheme=scheme), path.parent if path is not None else runs_dir
+            )
         check_output_file(dest, "--out")  # before any table is printed
     if table_out is not None:
         check_output_file(table_out, "--table-out")
-    if explain_rules:
+    if to_width is None:
         _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
-        if to_width is None:
-            return
-    assert to_width is not None
+        return
     sched = {"schedule": schedule, "warmup_steps": warmup, "decay_fraction": decay_fraction, "grad_accum": grad_accum}
     recipe = do_transfer(
         best, to_width, to_state, to_layers, scheme, steps=steps, batch_size=batch_size, seq_len=seq_len,
         source_path=path, to_data=to_data, schedule=sched,
     )  # fmt: skip
+    prev = None if dest is None or overwrite else existing_recipe(dest, recipe)
+    if prev is not None and not prev.same:  # like `mupt train --run-dir`: finished work is never replaced silently
+        raise StorageError(f"--out {dest} holds {prev.what}: pass another --out PATH, or --overwrite to replace it")
+    if explain_rules:
+        _explain(proxy, Scheme(scheme) if scheme else Scheme(proxy.param.scheme))
     expected = _expected(check_result, runs_dir, proxy, to_width)
     if expected is not None:
         recipe.source["expected_regret"] = expected.to_dict()
@@ -266,7 +301,8 @@ def transfer(
         _compare(best, to_width, to_state, to_layers, steps, batch_size, seq_len)
     _print_expected(expected, dest, check_transfer_command(proxy, to_width, path, runs_dir))
     if dest is not None:
-        out.print(f"[bold green]recipe written:[/] {dest}   launch with: mupt scale {dest}", highlight=False)
+        again = " (it held this same recipe)" if prev is not None else ""
+        out.print(f"[bold green]recipe written:[/] {dest}{again}   launch with: mupt scale {dest}", highlight=False)
     else:
         flags = " and ".join(f for f, on in (("--explain", explain_rules), ("--compare", compare)) if on)
         verb = "print" if explain_rules and compare else "prints"
@@ -396,12 +432,12 @@ def _summary(recipe: Recipe) -> None:
             "  of which the scan",
             f"{sm.scan_flops_per_token:.4g} ({TRAIN_FLOP_FACTOR:g} x {SCAN_FWD_FLOPS:g} · layers · N_u · N_x)",
         ),
-        ("target tokens (steps x batch x seq)", f"{sm.train_tokens:,}"),
+        ("target tokens (steps x batch x seq)", _target_tokens(recipe, sm)),
         ("target training FLOPs", f"{sm.train_flops:.4g}"),
         (
             "proxy tokens / recommended minimum",
             f"{sm.proxy_tokens:,} / {sm.recommended_proxy_tokens:,.0f} ({TOKENS_PER_PARAM:g} tokens per proxy "
-            f"parameter; warn below {FAR_FEWER:.0%})",
+            f"parameter; a warning when below {FAR_FEWER:.0%} and the target trains longer)",
         ),
     ]
     d = recipe.dataset
@@ -417,6 +453,15 @@ def _summary(recipe: Recipe) -> None:
     out.print(key_values("Summary", items))
     for w in sm.warnings:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _target_tokens(recipe: Recipe, sm: Summary) -> str:
+    t = recipe.run.train
+    per_param = sm.train_tokens / sm.params
+    text = f"{t.steps:,} x {t.batch_size} x {t.seq_len} = {sm.train_tokens:,} ({per_param:.3g} per parameter)"
+    if target_length_is_the_proxys(recipe):
+        text += f"; {t.steps:,} steps is the proxy's length: set the target's with --steps"
+    return text
 
 
 def _compare(
