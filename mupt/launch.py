@@ -776,11 +776,33 @@ class ScaleResult:
     signal: int | None = None  # the signal that stopped the run (status "terminated")
     health_stop: str | None = None  # the µP health reading that stopped the run (status "unhealthy")
     losses: list[tuple[int, float]] = field(default_factory=list)
+    #: The run dir's checkpoint had already reached ``steps``: nothing was trained (no throughput to report;
+    #: summary.json keeps the results of the run that trained).
+    already_finished: bool = False
 
     def summary(self) -> dict[str, Any]:
+        """summary.json's fields: everything but the per-step losses and ``already_finished``."""
         d = asdict(self)
         d.pop("losses")
+        d.pop("already_finished")
         return d
+
+
+def _already_finished(run_dir: Path, step: int, tokens_per_step: int, best_val: float | None, world: int,
+                      checkpoint: Path) -> ScaleResult:  # fmt: skip
+    """The result of a rerun whose checkpoint is at the last step: the losses from the summary.json of the run
+    that finished (when it is readable and of that step), no time or throughput of its own."""
+    last = final = None
+    try:
+        prev = json.loads((run_dir / "summary.json").read_text())
+        if prev.get("steps") == step:
+            last, final = prev.get("last_loss"), prev.get("final_val_loss")
+    except (OSError, ValueError, AttributeError):
+        pass
+    return ScaleResult(
+        "ok", None, step, step, step * tokens_per_step, 0, 0.0, 0.0, best_val, final, last, world, str(run_dir),
+        str(checkpoint), already_finished=True,
+    )  # fmt: skip
 
 
 class Autocast(nn.Module):
@@ -1099,6 +1121,8 @@ def _run(
             "mode": "fsdp2" if lc.fsdp else "ddp" if world > 1 else "single",
         })  # fmt: skip
 
+    if latest is not None and trainer.step >= tc.steps:  # nothing to train: keep the finished run's summary.json
+        return _already_finished(run_dir, trainer.step, trainer.tokens_per_step, best_val, world, latest)
     start_step = trainer.step
     ckpt = Checkpointing(run_dir, lc.ckpt_every, best_val, latest)
     hooks: list[Hook] = [GroupAudit(), MetricsLog(metrics, lc.log_every, on_log), stop]

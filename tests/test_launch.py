@@ -222,9 +222,25 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(trained: tuple[Path, 
 def test_a_dangling_latest_pointer_is_not_needed(trained: tuple[Path, Path], cli) -> None:
     recipe, run_dir = trained
     (run_dir / "checkpoints" / "latest").write_text("step_000099\n")
-    code, _, stderr = cli("scale", str(recipe))
+    code, stdout, stderr = cli("scale", str(recipe))
     assert code == 0, stderr
-    assert json.loads((run_dir / "summary.json").read_text())["start_step"] == 6
+    assert "resumed from" in stdout and "step_000006" in stdout and "already finished at step 6" in stdout
+
+
+def test_rerun_of_a_finished_run_trains_nothing_and_reports_no_throughput(trained: tuple[Path, Path], cli) -> None:
+    """Rerunning a finished run says so, shows no wall time or throughput (nothing was trained), and leaves the
+    summary.json of the run that trained as it was."""
+    recipe, run_dir = trained
+    before = (run_dir / "summary.json").read_bytes()
+    last_loss = json.loads(before)["last_loss"]
+    code, stdout, stderr = cli("scale", str(recipe))
+    assert code == 0, stderr
+    flat = " ".join(stdout.replace("│", " ").split())
+    assert "already finished at step 6: nothing trained" in flat and "nothing to train" in flat, flat
+    assert "throughput" not in flat and "tokens/s" not in flat and "wall time" not in flat, flat
+    assert f"last train loss (nats) {last_loss:.4g}" in flat, flat  # the finished run's, not "-"
+    assert (run_dir / "summary.json").read_bytes() == before
+    assert sorted(losses(run_dir)) == list(range(1, 7))  # metrics.jsonl untouched too
 
 
 @pytest.mark.parametrize("damage", ["garble", "dcp-metadata"])

@@ -217,8 +217,9 @@ def _run_worker(recipe: launch.Recipe, resume: bool | None, reschedule: bool) ->
         raise
 
 
-def _print_summary(s: dict[str, Any], bpt: float | None) -> None:
-    rows = [
+def _print_summary(s: dict[str, Any], bpt: float | None, already_finished: bool = False) -> None:
+    """The summary table; for a rerun of a finished run (nothing trained) no wall time or throughput."""
+    rows: list[tuple[str, Any]] = [
         ("status", s["status"] + (f" ({s['reason']})" if s.get("reason") else "")),
         ("processes", s["world"]),
         ("steps (resumed from)", f"{s['steps']} ({s['start_step']})"),
@@ -231,6 +232,9 @@ def _print_summary(s: dict[str, Any], bpt: float | None) -> None:
         ("checkpoint", s["checkpoint"]),
         ("run dir", s["run_dir"]),
     ]
+    if already_finished:
+        rows[0] = ("status", f"already finished at step {s['steps']}: nothing trained")
+        rows = [r for r in rows if r[0] not in ("steps (resumed from)", "wall time (s)", "throughput (tokens/s)")]
     out.print(key_values("Scale summary", rows))
 
 
@@ -279,7 +283,13 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> N
             result = launch.run(
                 recipe, resume, on_log=on_log, on_start=on_start, reschedule=reschedule, on_health=on_health
             )
-        _print_summary(result.summary(), bytes_per_token(cfg.data))
+        _print_summary(result.summary(), bytes_per_token(cfg.data), result.already_finished)
+        if result.already_finished:
+            out.print(
+                f"{recipe.launch.run_dir} already finished at step {result.steps} (checkpoint {result.checkpoint}): "
+                f"nothing to train; summary.json keeps its results (train further: --steps N --reschedule)",
+                highlight=False,
+            )
     if result.status == "diverged":
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
         raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
