@@ -512,7 +512,8 @@ def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tm
     rows = launch.worker_failures({0: peer, 1: killed})
     assert [(w.rank, w.signal, w.peer_lost) for w in rows] == [(1, 9, False), (0, None, True)]
     assert rows[0].signal_name() == "SIGKILL" and rows[0].message == "" and rows[0].error_file == ""
-    assert rows[1].message.startswith("PeerLostError: rank 0 stopped") and rows[1].error_file == str(tmp_path / "0.json")
+    assert rows[1].message.startswith("PeerLostError: rank 0 stopped")
+    assert rows[1].error_file == str(tmp_path / "0.json")
 
     # a rank that raised on its own: the cause, with its exception as one line; first by time among causes
     own = failure(2, 1, ValueError("bad batch\nsecond line"), stamp=5)
