@@ -18,7 +18,10 @@ renamed, then ``latest`` is rewritten atomically.  SIGTERM or SIGINT sets a flag
 checkpoints and returns.  A corrupt checkpoint or one for another model raises :class:`CheckpointError`.
 
 :func:`launch_distributed` hands N processes to PyTorch's elastic launcher
-(``torch.distributed.run``), exactly as ``torchrun`` would.  Nothing here prints.
+(``torch.distributed.run``), exactly as ``torchrun`` would, and returns torchrun's per-rank failure
+records with the cause first: a rank that died (a signal) or raised on its own comes before the
+ranks that stopped because it died (:class:`PeerLostError`, exit code :data:`EXIT_PEER_LOST`, their
+tracebacks only in torchrun's error files).  Nothing here prints.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from mupt.config import (
     save_yaml,
     to_dict,
 )
-from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from mupt.errors import CheckpointError, ConfigError, CorruptCheckpointError, MuptError
 from mupt.health import HealthProbe, describe, resolve_every
 from mupt.memory import MemoryEstimate, memory_estimate
 from mupt.report import format_bytes
@@ -184,11 +187,110 @@ def stop_with_launcher(sig: int = signal.SIGTERM) -> bool:
         return False
 
 
-def launch_distributed(argv: list[str]) -> int:
-    """Run ``torch.distributed.run`` with ``argv`` (as torchrun would); returns the exit code.
+#: Exit code of a worker whose failure was caused by another rank: a collective failed after the launcher
+#: (torchrun's agent) had started stopping the group because some rank had died.  75 is sysexits.h's
+#: EX_TEMPFAIL: nothing is wrong in this rank; rerunning the command resumes from the last checkpoint.
+EXIT_PEER_LOST = 75
+
+#: Seconds a failed worker of a multi-rank run waits for the agent's SIGTERM before it calls its own error the
+#: cause.  torchrun's agent polls its workers every 0.1 s (``--monitor-interval``) and sends SIGTERM to the
+#: survivors as soon as one has died, so a rank whose collective failed because a peer died gets it well
+#: within this; a rank with an error of its own gets none (its peers are alive, waiting in a collective).
+PEER_GRACE_S = 5.0
+
+
+class PeerLostError(RuntimeError):
+    """A rank stopped because another rank died: its collective failed after the launcher began stopping the
+    group (it got SIGTERM).  The original error is the ``__cause__``; :attr:`rank` is this rank."""
+
+    def __init__(self, rank: int, signum: int) -> None:
+        super().__init__(f"rank {rank} stopped: another rank died (the launcher sent signal {signum})")
+        self.rank, self.signum = rank, signum
+
+
+def record_failure(exc: BaseException) -> None:
+    """Write ``exc`` (with the traceback being handled) to this worker's torchrun error file.
+
+    torchrun gives each worker a ``TORCHELASTIC_ERROR_FILE``; the agent reads it back into the
+    :class:`~torch.distributed.elastic.multiprocessing.errors.ProcessFailure` of that rank (message,
+    traceback, timestamp), which :func:`launch_distributed` reports.  Outside torchrun it does nothing.
+    Call it inside the ``except`` block (it records ``traceback.format_exc()``).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """One failed rank of a torchrun job, from torchrun's own record of it (``ProcessFailure``).
+
+    ``exitcode`` is negative for a rank killed by a signal (``-9``: SIGKILL, e.g. the out-of-memory killer
+    or ``kill -9``); :data:`EXIT_PEER_LOST` for a rank that stopped because another died.  ``message`` is the
+    recorded exception (``"Type: text"``, first line) and ``error_file`` holds its traceback; both empty
+    when the rank recorded none (a signal, or an error mupt already printed as one line).  ``timestamp``:
+    seconds since the epoch, when the error was recorded or, without a record, when the agent noticed.
+    """
+
+    rank: int
+    exitcode: int
+    timestamp: int
+    message: str = ""
+    error_file: str = ""
+
+    @property
+    def signal(self) -> int | None:
+        return -self.exitcode if self.exitcode < 0 else None
+
+    @property
+    def peer_lost(self) -> bool:
+        return self.exitcode == EXIT_PEER_LOST
+
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(-self.exitcode).name
+        except ValueError:
+            return "unknown signal"
+
+
+def worker_failures(failures: dict[int, Any]) -> list[WorkerFailure]:
+    """torchrun's ``ChildFailedError.failures`` (global rank -> ``ProcessFailure``) as :class:`WorkerFailure`
+    rows, the cause first: ranks that failed on their own before those that stopped because a peer died
+    (:data:`EXIT_PEER_LOST`), then by timestamp (torchrun's "first observed failure"), then by rank."""
+    rows = []
+    for rank, f in failures.items():
+        data = f.message if isinstance(f.message, dict) else {}
+        recorded = bool(data) and f.error_file not in ("", "<N/A>", os.devnull)
+        message = str(data.get("message", "")).strip().splitlines() if recorded else []
+        rows.append(WorkerFailure(int(rank), int(f.exitcode), int(f.timestamp), message[0] if message else "",
+                                  f.error_file if recorded else ""))  # fmt: skip
+    return sorted(rows, key=lambda w: (w.peer_lost, w.timestamp, w.rank))
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What :func:`launch_distributed` returns: the exit code for the user and the failed ranks, cause first.
+
+    ``code``: 0 when every rank finished; ``128 + signal`` when the launcher itself got SIGTERM/SIGINT (the
+    workers checkpointed and stopped); else the cause's own positive exit code (2: a user error it
+    printed), or 1 (a rank killed by a signal, a rank that raised, or only ranks that lost a peer).
+    """
+
+    code: int
+    failures: list[WorkerFailure] = field(default_factory=list)
+
+    @property
+    def cause(self) -> WorkerFailure | None:
+        return self.failures[0] if self.failures else None
+
+
+def launch_distributed(argv: list[str]) -> LaunchResult:
+    """Run ``torch.distributed.run`` with ``argv`` (as torchrun would); returns the outcome.
 
     A SIGTERM/SIGINT to this process is forwarded to the workers by the elastic agent (they
-    checkpoint and stop); it comes back here as ``128 + signal``.
+    checkpoint and stop); it comes back here as ``128 + signal``.  When workers fail, torchrun's
+    per-rank records (exit code or signal, error file) are returned, the cause first
+    (:func:`worker_failures`).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -198,11 +300,12 @@ def launch_distributed(argv: list[str]) -> int:
     try:
         elastic_run(parse_args(argv))
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        return next((c for c in codes if c and c > 0), 1)
+        failures = worker_failures(e.failures)
+        own = failures[0].exitcode
+        return LaunchResult(own if 0 < own != EXIT_PEER_LOST else 1, failures)
     except SignalException as e:
-        return 128 + int(e.sigval)
-    return 0
+        return LaunchResult(128 + int(e.sigval))
+    return LaunchResult(0)
 
 
 @dataclass
@@ -751,6 +854,13 @@ class SignalStop(Hook):
     def should_stop(self, trainer: Trainer) -> str | None:
         return None if self.signal is None else f"signal {self.signal}"
 
+    def wait(self, seconds: float) -> int | None:
+        """Wait up to ``seconds`` for a signal (returns at once if one came already); its number, or None."""
+        deadline = time.monotonic() + seconds
+        while self.signal is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the handler runs between sleeps
+        return self.signal
+
 
 class MetricsLog(Hook):
     """Rank 0 appends one strict-JSON line per logged step to ``metrics.jsonl`` and calls ``on_log``.
@@ -854,7 +964,9 @@ def run(
     (``--steps``, schedule, warmup) raises :class:`ConfigError` unless ``reschedule``.  The
     recipe is checked with :func:`validate_recipe` first.  Raises :class:`ConfigError` or
     :class:`CheckpointError` (one line) for a bad recipe, a checkpoint of another model, or a run
-    dir whose checkpoints are all corrupt.
+    dir whose checkpoints are all corrupt.  In a torchrun job of several ranks, an error that follows the
+    agent's SIGTERM (sent, or arriving within :data:`PEER_GRACE_S`) is raised as :class:`PeerLostError`
+    (another rank died; this one's collective was cut short), anything else as it came.
 
     ``on_start`` (rank 0) gets the set-up once the model is wrapped and any checkpoint loaded;
     ``on_log`` (rank 0) gets every metrics record; ``on_health`` (rank 0) each µP health warning
@@ -887,7 +999,17 @@ def run(
         started_pg = True
     try:
         with SignalStop() as stop:  # installed before set-up: a signal then stops after the first step
-            return _run(recipe, resume, on_log, on_start, rank, world, device, stop, reschedule, on_health)
+            try:
+                return _run(recipe, resume, on_log, on_start, rank, world, device, stop, reschedule, on_health)
+            except MuptError:
+                raise
+            except Exception as e:
+                # A peer died: torchrun's agent SIGTERMs the survivors at once, so a SIGTERM by now (or within
+                # the grace) means this error (a collective cut short) is the consequence, not the cause.
+                signum = stop.wait(PEER_GRACE_S) if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ else None
+                if signum is not None:
+                    raise PeerLostError(rank, signum) from e
+                raise
     finally:
         if started_pg:
             dist.destroy_process_group()

@@ -105,6 +105,8 @@ def test_analyze_optimum_at_the_grid_edge_is_not_a_pass() -> None:
     # one width at the edge is enough: its optimum (and so the drift) is unknown
     r1 = analyze(table_of({64: [3.0, 2.5, 2.2, 2.4, 2.9], 128: [2.9, 2.7, 2.5, 2.3, 2.1]}), "mup-ssm", max_drift=9)
     assert not r1.passed and [w.width for w in r1.widths if w.at_edge] == [128]
+    # the verdict names the part that failed: not drift or monotonicity, the grid
+    assert r.verdicts(1.0) == {"drift": "unknown", "monotonicity": "PASS", "optimum inside the grid": "FAIL"}
 
 
 def test_analyze_drift_and_non_monotone_fail() -> None:
@@ -124,6 +126,9 @@ def test_analyze_drift_and_non_monotone_fail() -> None:
     assert r.monotone_at_each_opt  # best losses 2.2 -> 2.0 -> 2.0: equal is "not worse"
     assert not r.passed
     assert any("drifts" in why for why in r.reasons) and any("edge" in why for why in r.reasons)
+    assert r.verdicts(1.0) == {"drift": "unknown", "monotonicity": "FAIL", "optimum inside the grid": "FAIL"}
+    interior = analyze(table_of({64: [3.0, 2.5, 2.2, 2.4, 2.9], 128: [2.1, 2.0, 2.15, 2.4, 2.9]}), "sp", max_drift=0.5)
+    assert interior.verdicts(0.5) == {"drift": "FAIL", "monotonicity": "PASS", "optimum inside the grid": "PASS"}
 
 
 def test_analyze_diverged_wider_point_is_worse() -> None:
@@ -170,6 +175,8 @@ def test_cli_tiny_sweep_end_to_end(cli, tmp_path: Path) -> None:
     flat = " ".join(stdout.split())
     assert code == 1, stdout
     assert "12 cached, 0 trained" in flat and "grid edge for width(s) [16, 32]" in flat and "widen --lrs" in flat
+    assert "mup-ssm: drift unknown, monotonicity PASS, optimum inside the grid FAIL, regret" in flat  # not "drift
+    # and monotonicity FAIL" (the walkthrough's complaint: both had printed True above it)
     assert json.loads((out / "transfer.json").read_text())["results"]["mup-ssm"]["drift"] == 0.0
 
 

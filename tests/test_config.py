@@ -160,3 +160,22 @@ def test_the_default_proxy_is_defined_once() -> None:
     )  # fmt: skip
     assert cfg.train.optimizer is c.DEFAULT_OPTIMIZER
     assert load_yaml(Path(__file__).resolve().parent.parent / "recipes" / "proxy.yaml") == cfg
+
+
+def test_a_best_yaml_cut_short_is_refused_not_read_with_defaults(tmp_path: Path) -> None:
+    """A best.yaml cut inside its config (a full disk, an interrupted copy) is still valid YAML, and every
+    field has a default: it loaded silently with the scheme, the multipliers and the manifest at their
+    defaults.  Now one line names what is missing and how to write it again."""
+    from mupt.config import load_best, load_run_config
+
+    proxy = with_overrides(RunConfig(), {"model.d_model": 64, "train.lr": 0.02, "param.scheme": "sp"})
+    whole = tmp_path / "best.yaml"
+    save_yaml(whole, BestParams(study="s", trial=1, value=2.0, params={"lr": 0.02}, config=proxy))
+    assert load_best(whole).config.param.scheme.value == "sp"
+    text = whole.read_text()
+    cut = tmp_path / "cut.yaml"
+    cut.write_text(text[: text.index("\n  param:")])  # ends inside config.train
+    for load in (load_best, load_run_config):
+        with pytest.raises(ConfigError, match=r"incomplete best.yaml \(no manifest, .*config.param\)") as e:
+            load(cut)
+        assert "mupt tune --study NAME --report" in str(e.value) and "\n" not in str(e.value)

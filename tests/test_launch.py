@@ -486,3 +486,37 @@ def test_lr_scale_multiplies_every_group_lr(tmp_path: Path, cli) -> None:
     assert rows[0]["lr"] == pytest.approx(2 * base.run.train.lr / 4)  # warmup step 1 of 4
     msg = one_line_error(cli, "scale", str(recipe), "--steps", "2")  # the same run dir at the unscaled LR
     assert "another model" in msg and "lr" in msg
+
+
+def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tmp_path: Path, monkeypatch) -> None:
+    """torchrun's own per-rank records (real ``ProcessFailure`` reading real error files written by torch's
+    ``ErrorHandler``): a rank killed by a signal or failing on its own is the cause; a rank that stopped
+    because a peer died (:data:`launch.EXIT_PEER_LOST`) comes last even when its record is older."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, exitcode: int, error: BaseException | None, stamp: int) -> ProcessFailure:
+        path = tmp_path / f"{rank}.json"
+        if error is not None:
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+            try:
+                raise error
+            except type(error) as e:
+                launch.record_failure(e)
+            data = json.loads(path.read_text())
+            data["message"]["extraInfo"]["timestamp"] = str(stamp)
+            path.write_text(json.dumps(data))
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(path))
+
+    peer = failure(0, launch.EXIT_PEER_LOST, launch.PeerLostError(0, signal.SIGTERM), stamp=1)  # older record
+    killed = failure(1, -signal.SIGKILL, None, stamp=0)  # no error file: stamped when the agent noticed (now)
+    rows = launch.worker_failures({0: peer, 1: killed})
+    assert [(w.rank, w.signal, w.peer_lost) for w in rows] == [(1, 9, False), (0, None, True)]
+    assert rows[0].signal_name() == "SIGKILL" and rows[0].message == "" and rows[0].error_file == ""
+    assert rows[1].message.startswith("PeerLostError: rank 0 stopped")
+    assert rows[1].error_file == str(tmp_path / "0.json")
+
+    # a rank that raised on its own: the cause, with its exception as one line; first by time among causes
+    own = failure(2, 1, ValueError("bad batch\nsecond line"), stamp=5)
+    later = failure(3, 1, KeyError("x"), stamp=7)
+    rows = launch.worker_failures({3: later, 0: peer, 2: own})
+    assert [w.rank for w in rows] == [2, 3, 0] and rows[0].message == "ValueError: bad batch"

@@ -116,6 +116,15 @@ def test_check_transfer_regret_and_gate_exit_codes(cli, tmp_path: Path) -> None:
     assert f"expected regret of this recipe: d_model 32: {row['regret_pct']:.2f}% ± {row['se_pct']:.2f}" in flat
     recipe = load_recipe(tmp_path / "r32.yaml")
     assert recipe.source["expected_regret"]["at_target"]["regret_pct"] == pytest.approx(row["regret_pct"])
+    # the check ran 6 steps per point, the proxy trains longer: said, and no "FAILED" for a passing check
+    steps = recipe.source["expected_regret"]["caveats"]
+    assert steps == [f"it trained 6 steps per point, the proxy {recipe.source['proxy_config']['train']['steps']}"]
+    assert f"caveat: {steps[0]}" in flat and "FAILED" not in flat
+    # a failed check's regret is still shown, marked as such
+    code, _, _ = cli(*args, "--max-regret", f"{expected * 0.99:.6f}")
+    assert code == 1
+    code, stdout, _ = cli(*proxy, "--to-width", "32", "--out", str(tmp_path / "r32f.yaml"))
+    assert code == 0 and "caveat: the check FAILED" in " ".join(stdout.split())
     code, stdout, _ = cli(*proxy, "--to-width", "128", "--out", str(tmp_path / "r128.yaml"))
     flat = " ".join(stdout.split())
     assert code == 0 and "d_model 128 is wider than any width checked (max 32)" in flat

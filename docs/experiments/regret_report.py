@@ -1,6 +1,11 @@
 """Markdown tables of a regret sweep (docs/experiments/regret_sweep.py's JSON): losses and the regret rows.
 
     python docs/experiments/regret_report.py docs/experiments/regret-builtin.json
+    python docs/experiments/regret_report.py docs/experiments/regret-builtin-480.json \
+        docs/experiments/regret-builtin-480-mup.json
+
+Several sweep JSONs of the same corpus, length and seeds (e.g. a scheme added later with ``--reuse``) are merged
+point by point: (scheme, width, log2 LR, seed) once, the first file's header.
 
 Prints, per width, the seed-mean final validation loss (nats/token) of every scheme at every LR measured
 (± seed std, best per width in bold), then the regret of the transferred setting (mupt.check.regret).
@@ -80,8 +85,25 @@ def variant_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(path: str) -> None:
-    doc = json.loads(open(path, encoding="utf-8").read())
+def merged(paths: list[str]) -> dict[str, Any]:
+    """The first sweep JSON with the points of all of them, each (scheme, width, log2 LR, seed) once.
+
+    Raises SystemExit when the files differ in steps, seeds or validation tokens (not the same measurement)."""
+    docs = [json.loads(open(p, encoding="utf-8").read()) for p in paths]
+    doc = docs[0]
+    same = ("steps", "seeds", "eval_tokens")
+    for p, d in zip(paths[1:], docs[1:], strict=True):
+        if "points" not in d or any(d[k] != doc[k] for k in same):
+            raise SystemExit(f"{p}: not the same measurement as {paths[0]} ({', '.join(same)} differ)")
+    points: dict[tuple[str, int, float, int], dict[str, Any]] = {}
+    for d in docs:
+        for pt in d["points"]:
+            points.setdefault((pt["scheme"], pt["width"], round(pt["log2_lr"], 6), pt["seed"]), pt)
+    return {**doc, "points": list(points.values())}
+
+
+def main(paths: list[str]) -> None:
+    doc = merged(paths)
     if "exponent" in doc:  # a regret_readout_init.py variant
         print(variant_table(doc))
         return
@@ -128,4 +150,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

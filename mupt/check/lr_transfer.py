@@ -376,6 +376,15 @@ class SchemeResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def verdicts(self, max_drift: float) -> dict[str, str]:
+        """The gate's parts, each "PASS", "FAIL" or "unknown": drift (<= ``max_drift`` log2), monotonicity
+        (loss at the base optimum improves with width) and whether every optimum lies inside the LR grid
+        (an argmin at an edge is a bound, so the drift is then unknown)."""
+        edge = any(w.at_edge for w in self.widths)
+        drift = "unknown" if self.drift is None or edge else "PASS" if self.drift <= max_drift else "FAIL"
+        mono = "unknown" if self.base_opt_log2_lr is None else "PASS" if self.monotone_at_base_opt else "FAIL"
+        return {"drift": drift, "monotonicity": mono, "optimum inside the grid": "FAIL" if edge else "PASS"}
+
 
 def _monotone(values: Sequence[float | None], tol: float) -> bool:
     for narrow, wide in zip(values, values[1:], strict=False):

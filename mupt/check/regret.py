@@ -189,6 +189,9 @@ class ExpectedRegret:
     steps: int
     at_target: dict[str, Any] | None  # the row at the target width, when it was checked
     wider_than_checked: bool
+    #: why the numbers may not hold for this recipe, one phrase each: the check failed (its reasons), it ran
+    #: one seed, or another training length than the proxy's
+    caveats: list[str] = field(default_factory=list)
 
     @property
     def max_checked(self) -> int:
@@ -245,7 +248,15 @@ def expected_regret(path: str | Path, proxy: RunConfig, target_width: int) -> Ex
     checked = max([base_width, *(int(r["width"]) for r in rows)])
     seeds = len({int(p["seed"]) for p in result["points"]})
     steps = int(result.get("meta", {}).get("steps", 0))
-    return ExpectedRegret(str(path), base_width, rows, target_width, seeds, steps, at, target_width > checked)
+    caveats = []
+    if result.get("passed") is False:
+        reasons = result.get("results", {}).get(result.get("gate"), {}).get("reasons") or []
+        caveats.append("the check FAILED" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    if seeds == 1:
+        caveats.append("1 seed: no standard error")
+    if steps and steps != proxy.train.steps:
+        caveats.append(f"it trained {steps} steps per point, the proxy {proxy.train.steps}")
+    return ExpectedRegret(str(path), base_width, rows, target_width, seeds, steps, at, target_width > checked, caveats)
 
 
 def find_expected_regret(runs_dir: str | Path, proxy: RunConfig, target_width: int) -> ExpectedRegret | None:

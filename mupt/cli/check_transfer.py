@@ -235,10 +235,10 @@ def render(report: TransferReport, max_drift: float) -> None:
             parts.append(f"seed std ±{noise['seed_std_median']:.4f}")
         out.print("measurement noise (nats, median over points): " + ", ".join(parts), highlight=False)
     colour = "green" if report.passed else "red"
-    drift_ok = report.results[report.gate].passed
-    regret = "not gated" if report.max_regret is None else "PASS" if report.regret_passed else "FAIL"
+    verdict = report.results[report.gate].verdicts(max_drift)
+    verdict["regret"] = "not gated" if report.max_regret is None else "PASS" if report.regret_passed else "FAIL"
     out.print(
-        f"{report.gate}: drift and monotonicity {'PASS' if drift_ok else 'FAIL'}, regret {regret} -> "
+        f"{report.gate}: " + ", ".join(f"{k} {v}" for k, v in verdict.items()) + " -> "
         f"[bold {colour}]{'PASS' if report.passed else 'FAIL'}[/]",
         highlight=False,
     )

@@ -15,6 +15,7 @@ from mupt.cli import app, err, fail, out
 from mupt.cli.common import ThreadsOpt, progress
 from mupt.config import Precision, load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
+from mupt.errors import MuptError
 from mupt.health import resolve_every
 from mupt.paths import check_output_dir
 from mupt.report import key_values
@@ -138,7 +139,7 @@ def scale(
     flags = [*launch.worker_flags(recipe, resume, lr_scale, reschedule), "--threads", str(n_threads)]
     if launch.is_worker():
         set_threads(n_threads)
-        _run_here(recipe, resume, reschedule)
+        _run_worker(recipe, resume, reschedule)
         return
     distributed = nproc > 1 or nnodes > 1 or recipe.launch.fsdp
     if distributed:
@@ -156,7 +157,8 @@ def scale(
         _run_here(recipe, resume, reschedule)
         return
     err.print(f"[bold]mupt scale[/] launching {nproc * nnodes} processes: {command}", highlight=False)
-    code = launch.launch_distributed(argv)
+    result = launch.launch_distributed(argv)
+    code = result.code
     if code > 128:
         latest = launch.find_latest(Path(recipe.launch.run_dir))
         err.print(
@@ -165,10 +167,54 @@ def scale(
         if code - 128 == signal.SIGINT:
             raise typer.Exit(130)
         return
-    if code == 1 and recipe.launch.health_strict:
+    cause = result.cause
+    if code == 1 and recipe.launch.health_strict and cause is not None and cause.exitcode == 1 and not cause.message:
         raise fail("stopped by --health-strict (the warning is above); the workers wrote a checkpoint", code=1)
     if code:
-        raise fail(f"a worker exited with code {code} (its error is above); fix it and rerun to resume", code=code)
+        raise fail(_failure_line(result, Path(recipe.launch.run_dir)), code=code)
+
+
+def _failure_line(result: launch.LaunchResult, run_dir: Path) -> str:
+    """One line: which rank failed first and how, what is kept, what to do."""
+    latest = launch.find_latest(run_dir)
+    kept = (
+        f"checkpoints up to step {int(latest.name.split('_')[-1])} are kept in {latest.parent}"
+        if latest is not None
+        else "no checkpoint had been written yet"
+    )
+    cause = result.cause
+    if cause is None:  # torchrun failed without a worker record (e.g. the rendezvous)
+        return f"the launcher failed with exit code {result.code} (its error is above); {kept}; fix it and rerun"
+    if cause.signal is not None:
+        why = ", e.g. out of memory or kill -9" if cause.signal == signal.SIGKILL else ""
+        what = f"was killed by signal {cause.signal} ({cause.signal_name()}{why})"
+        return f"rank {cause.rank} {what}; the other ranks stopped with it; {kept}; rerun the same command to resume"
+    if cause.peer_lost:  # every failed rank here lost a peer: the one that died is elsewhere (another node)
+        return (
+            f"rank {cause.rank} lost contact with another rank ({cause.message or 'a collective failed'}; traceback "
+            f"in {cause.error_file or 'its log'}); see the log of the node whose rank died first; {kept}; rerun the "
+            "same command to resume"
+        )
+    what = f"failed with {cause.message} (traceback above)" if cause.message else f"exited with code {cause.exitcode}"
+    return f"rank {cause.rank} {what}; {kept}; fix it and rerun the same command to resume"
+
+
+def _run_worker(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> None:
+    """One torchrun rank: train; an error goes into torchrun's error file for the launcher's report.
+
+    A rank that stopped because another died exits with :data:`launch.EXIT_PEER_LOST` and prints nothing
+    (its traceback, a collective cut short, is only in the error file): the launcher names the rank that died.
+    """
+    try:
+        _run_here(recipe, resume, reschedule)
+    except launch.PeerLostError as e:
+        launch.record_failure(e)
+        raise typer.Exit(launch.EXIT_PEER_LOST) from None
+    except (MuptError, typer.Exit):
+        raise  # one line printed by the CLI (or an exit code chosen here): nothing to record
+    except Exception as e:
+        launch.record_failure(e)
+        raise
 
 
 def _print_summary(s: dict[str, Any], bpt: float | None, already_finished: bool = False) -> None:

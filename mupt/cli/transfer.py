@@ -339,6 +339,8 @@ def _print_expected(expected: ExpectedRegret | None, dest: Path | None, measure:
         "steps): " + ", ".join(cell(r) for r in expected.rows),
         highlight=False,
     )
+    for why in expected.caveats:
+        out.print(f"  [yellow]caveat:[/] {why}", highlight=False)
     confirm = f"mupt check target {dest if dest is not None else 'RECIPE'}"
     if expected.at_target is not None:
         out.print(f"expected regret of this recipe: [bold]{cell(expected.at_target)}[/]", highlight=False)
