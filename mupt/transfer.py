@@ -252,11 +252,7 @@ def transfer(
         data_cfg = proxy.data.model_copy(update={"source": to_data})
         if data_cfg.vocab_size is None and proxy_data.get("tokenizer") is None:
             data_cfg = data_cfg.model_copy(update={"vocab_size": proxy_data.get("vocab_size")})
-        try:
-            target_data = data_identity(data_cfg, strict=True)
-        except DataError as e:  # the data layer names the proxy's flag; the user gave --to-data
-            msg = str(e)
-            raise DataError("--to-data " + msg.removeprefix("--data ") if msg.startswith("--data ") else msg) from None
+        target_data = data_identity(data_cfg, strict=True, flag="--to-data")
         data_warnings = compare_identity(proxy_data, target_data)
         target = target.model_copy(update={"data": data_cfg})
     info = shape_info(target)
@@ -336,12 +332,13 @@ def check_transfer_command(
     return " ".join(parts)
 
 
-def data_identity(data: DataConfig, strict: bool = False) -> dict[str, Any]:
-    """Identity of ``data`` (:func:`mupt.data.identity_of`); ``{}`` when it cannot be opened, unless ``strict``."""
+def data_identity(data: DataConfig, strict: bool = False, flag: str = "--data") -> dict[str, Any]:
+    """Identity of ``data`` (:func:`mupt.data.identity_of`); ``{}`` when it cannot be opened, unless ``strict``
+    (then the DataError, naming ``flag``: the flag that gave ``data.source``)."""
     from mupt.data import identity_of, load_data
 
     try:
-        return identity_of(load_data(data))
+        return identity_of(load_data(data, flag))
     except DataError:
         if strict:
             raise

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mupt.config import DataConfig
-from mupt.data import IGNORE_INDEX, RecallTask, TextCorpus, builtin_text, load_data
+from mupt.data import IGNORE_INDEX, RecallTask, TextCorpus, builtin_text, data_vocab, load_data
 from mupt.errors import DataError
 
 
@@ -61,6 +62,36 @@ def test_bad_data_paths_are_clear_errors(tmp_path: Path) -> None:
     short.write_text("tiny")
     with pytest.raises(DataError, match="seq_len"):
         load_data(DataConfig(source=str(short))).train_batch(0, 2, 64, 0)
+
+
+def test_data_errors_name_the_flag_that_gave_the_path(tmp_path: Path) -> None:
+    """Every one-line error about a data path names the flag the caller passes (mupt transfer: --to-data), for
+    each kind of source: missing path, empty directory, bad text, token files without a vocab, truncated,
+    with ids outside the vocab, or not .npy."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe not utf8")
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02")  # 3 bytes: not whole uint16 tokens
+    np.array([1, 2, 300], dtype=np.uint16).tofile(tmp_path / "big.bin")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    cases = [
+        (DataConfig(source=str(tmp_path / "missing")), "no such file"),
+        (DataConfig(source=str(tmp_path / "empty")), "no .txt files"),
+        (DataConfig(source=str(tmp_path / "bad.txt")), "not UTF-8"),
+        (DataConfig(source=str(tmp_path / "big.bin")), "needs --vocab-size"),
+        (DataConfig(source=str(tmp_path / "odd.bin"), vocab_size=256), "not a whole number"),
+        (DataConfig(source=str(tmp_path / "big.bin"), vocab_size=256), "token id 300 at position 2"),
+        (DataConfig(source=str(tmp_path / "junk.npy"), vocab_size=256), "not a readable .npy"),
+    ]
+    for cfg, msg in cases:
+        for flag in ("--data", "--to-data"):
+            with pytest.raises(DataError) as info:
+                load_data(cfg, flag)
+            text = str(info.value)
+            assert text.startswith(f"{flag} {tmp_path}") and msg in text and "\n" not in text, (flag, text)
+        with pytest.raises(DataError, match="^--data "):
+            load_data(cfg)  # the default flag
+    with pytest.raises(DataError, match="^--to-data .*needs --vocab-size"):
+        data_vocab(DataConfig(source=str(tmp_path / "big.bin")), "--to-data")
 
 
 def test_recall_targets_are_the_queried_values() -> None:

@@ -207,31 +207,35 @@ def builtin_text() -> bytes:
     return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
-def _read_text_path(path: Path) -> bytes:
+def _read_text_path(path: Path, flag: str = "--data") -> bytes:
     if not path.exists():
         raise DataError(
-            f"--data {path}: no such file or directory; pass a dataset directory written by `mupt prepare`, "
+            f"{flag} {path}: no such file or directory; pass a dataset directory written by `mupt prepare`, "
             "a .bin/.npy token file, a .txt file or a directory of .txt files (or builtin)"
         )
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
-        raise DataError(f"--data {path}: the directory holds no .txt files; add some or pass a file")
+        raise DataError(f"{flag} {path}: the directory holds no .txt files; add some or pass a file")
     parts = []
     for f in files:
         try:
             parts.append(f.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise DataError(f"--data {f}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+            raise DataError(f"{flag} {f}: not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
         except OSError as err:
-            raise DataError(f"--data {f}: cannot read ({err.strerror}); check permissions") from None
+            raise DataError(f"{flag} {f}: cannot read ({err.strerror}); check permissions") from None
     if not any(p.strip() for p in parts):
         what = "is empty" if path.is_file() else "holds only empty .txt files"
-        raise DataError(f"--data {path}: {what}; pass a text file with at least a few KB of text")
+        raise DataError(f"{flag} {path}: {what}; pass a text file with at least a few KB of text")
     return "\n\n".join(parts).encode("utf-8")
 
 
-def load_data(cfg: DataConfig) -> TokenSource:
-    """The token source ``cfg.source`` names (see the module docstring); raises DataError."""
+def load_data(cfg: DataConfig, flag: str = "--data") -> TokenSource:
+    """The token source ``cfg.source`` names (see the module docstring); raises DataError.
+
+    ``flag`` is the command-line flag that gave ``cfg.source`` (``--data``, or ``mupt transfer --to-data``): the
+    one-line errors about the path name it, so the user is told which flag to fix.
+    """
     if cfg.source == "builtin":
         return TextCorpus(builtin_text(), "builtin", cfg.val_fraction)
     if cfg.source == "recall":
@@ -240,10 +244,10 @@ def load_data(cfg: DataConfig) -> TokenSource:
 
     path = Path(cfg.source)
     if path.suffix in (".bin", ".npy"):
-        return dataset.open_token_file(path, cfg.vocab_size, cfg.val_fraction)
+        return dataset.open_token_file(path, cfg.vocab_size, cfg.val_fraction, flag)
     if path.is_dir() and ((path / dataset.META).exists() or _looks_like_dataset(path)):
         return dataset.open_dataset(path)
-    return TextCorpus(_read_text_path(path), str(path), cfg.val_fraction)
+    return TextCorpus(_read_text_path(path, flag), str(path), cfg.val_fraction)
 
 
 def _looks_like_dataset(path: Path) -> bool:
@@ -253,8 +257,9 @@ def _looks_like_dataset(path: Path) -> bool:
     return (path / PLAN).exists() or any(path.glob("*.bin"))
 
 
-def data_vocab(cfg: DataConfig) -> int:
-    """The vocabulary size of ``cfg``'s tokens without reading them (meta.json or ``vocab_size``)."""
+def data_vocab(cfg: DataConfig, flag: str = "--data") -> int:
+    """The vocabulary size of ``cfg``'s tokens without reading them (meta.json or ``vocab_size``); errors name
+    ``flag`` (see :func:`load_data`)."""
     from mupt.data import dataset
 
     if cfg.source in ("builtin", "recall"):
@@ -262,7 +267,7 @@ def data_vocab(cfg: DataConfig) -> int:
     path = Path(cfg.source)
     if path.suffix in (".bin", ".npy"):
         if cfg.vocab_size is None:
-            raise DataError(f"--data {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
+            raise DataError(f"{flag} {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
         return cfg.vocab_size
     if path.is_dir() and ((path / dataset.META).exists() or _looks_like_dataset(path)):
         return int(dataset.read_meta(path)["vocab_size"])

@@ -269,23 +269,23 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _map_token_file(path: Path, vocab_size: int) -> tuple[np.ndarray, mmap.mmap | None]:
+def _map_token_file(path: Path, vocab_size: int, flag: str = "--data") -> tuple[np.ndarray, mmap.mmap | None]:
     if not path.is_file():
-        raise DataError(f"--data {path}: no such file; pass a .bin or .npy token file")
+        raise DataError(f"{flag} {path}: no such file; pass a .bin or .npy token file")
     mm = None
     if path.suffix == ".npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise DataError(f"--data {path}: not a readable .npy file ({e}); save it with numpy.save") from None
+            raise DataError(f"{flag} {path}: not a readable .npy file ({e}); save it with numpy.save") from None
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise DataError(f"--data {path}: expected a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
+            raise DataError(f"{flag} {path}: expected a 1-D integer array, got {arr.dtype} of shape {arr.shape}")
     else:
         dtype = token_dtype(vocab_size)
         size = path.stat().st_size
         if size % dtype.itemsize:
             raise DataError(
-                f"--data {path}: {size} bytes is not a whole number of {dtype.name} tokens; the file is truncated"
+                f"{flag} {path}: {size} bytes is not a whole number of {dtype.name} tokens; the file is truncated"
             )
         arr, mm = map_tokens(path, dtype)
     for lo in range(0, len(arr), 1 << 24):  # bounded memory: 16M tokens at a time
@@ -295,28 +295,31 @@ def _map_token_file(path: Path, vocab_size: int) -> tuple[np.ndarray, mmap.mmap 
             bad = top if top >= vocab_size else low
             at = lo + int(np.argmax(block == bad))
             raise DataError(
-                f"--data {path}: token id {bad} at position {at} is outside --vocab-size {vocab_size}; "
+                f"{flag} {path}: token id {bad} at position {at} is outside --vocab-size {vocab_size}; "
                 "pass the tokenizer's vocabulary size"
             )
     return arr, mm
 
 
-def open_token_file(path: str | Path, vocab_size: int | None, val_fraction: float) -> MemmapTokens:
+def open_token_file(
+    path: str | Path, vocab_size: int | None, val_fraction: float, flag: str = "--data"
+) -> MemmapTokens:
     """Open a nanoGPT-style ``.bin`` (uint16, or uint32 above 65536 ids) or ``.npy`` token file.
 
     ``train.bin`` with a sibling ``val.bin`` uses it for validation; otherwise the last
     ``val_fraction`` of the tokens is the validation split.  Every id is checked against
-    ``vocab_size`` (a streaming pass in 16M-token blocks).  Raises DataError.
+    ``vocab_size`` (a streaming pass in 16M-token blocks).  Raises DataError naming ``flag``, the flag that
+    gave the path (:func:`mupt.data.load_data`).
     """
     path = Path(path)
     if vocab_size is None:
-        raise DataError(f"--data {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
-    arr, mm = _map_token_file(path, vocab_size)
+        raise DataError(f"{flag} {path}: a plain token file needs --vocab-size (the tokenizer's number of ids)")
+    arr, mm = _map_token_file(path, vocab_size, flag)
     sibling = path.with_name("val" + path.suffix)
     train_map = (mm, 0) if mm is not None else None
     if path.stem == "train" and sibling.is_file():
         train = arr
-        val, val_mm = _map_token_file(sibling, vocab_size)
+        val, val_mm = _map_token_file(sibling, vocab_size, flag)
         val_map = (val_mm, 0) if val_mm is not None else None
         digest = _file_sha256(path) + _file_sha256(sibling)
     else:
