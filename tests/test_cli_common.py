@@ -128,6 +128,7 @@ def test_help_shows_the_shared_defaults(cli, monkeypatch: pytest.MonkeyPatch) ->
     assert "--run-dir" in out and "[default: adamw]" in out
     code, out, _ = cli("check", "coord", "--help")
     assert "--run-dir" in out and "[default: adamw]" in out and "--threads" in out
+    assert "--config" not in out and "[default: (builtin)]" in out  # no --config: its --data default is mupt's own
     code, out, _ = cli("check", "all", "--help")
     assert "--coord-widths" in out and "LR-transfer part" in out
     assert "--config" not in out and "(16)" in out  # check all has no --config: its defaults are mupt's own

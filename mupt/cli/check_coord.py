@@ -11,7 +11,16 @@ from rich.table import Table
 
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
-from mupt.cli.common import BackendOpt, DataOpt, ThreadsOpt, VocabOpt, check_backend, check_finite, progress
+from mupt.cli.common import (
+    BackendOpt,
+    DataOpt,
+    ThreadsOpt,
+    VocabOpt,
+    check_backend,
+    check_finite,
+    progress,
+    without_config,
+)
 from mupt.config import (
     DEFAULT_OPTIMIZER,
     Arch,
@@ -145,7 +154,7 @@ def coord(
     tie_embeddings: Annotated[
         bool, typer.Option("--tie-embeddings/--untie-embeddings", help="LM head shares the embedding's tensor.")
     ] = False,
-    data: DataOpt = None,
+    data: Annotated[str | None, without_config(DataOpt)] = None,  # check coord has no --config
     vocab_size: VocabOpt = None,
     out_dir: Annotated[
         Path,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -38,6 +37,7 @@ from mupt.cli.common import (
     point_progress,
     progress,
     resolve_config,
+    without_config,
 )
 from mupt.config import (
     DEFAULT_OPTIMIZER,
@@ -332,14 +332,6 @@ def transfer(
 # --- mupt check all -------------------------------------------------------------------------
 
 
-def _no_config(opt: Any) -> Any:
-    """The typer option of ``opt`` (a shared model option) with its default shown without "or --config's":
-    check all has no --config."""
-    info = copy.copy(get_args(opt)[1])
-    info.show_default = str(info.show_default).replace(", or --config's", "")
-    return info
-
-
 CI_WIDTHS = "32,64,128,256"
 CI_LRS = "2^-12..2^-5"
 CI_STEPS = 60
@@ -407,10 +399,10 @@ def check_all(
     ] = ",".join(map(str, CI_COORD_WIDTHS)),
     lrs: LrsOpt = CI_LRS,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per LR-transfer point.")] = CI_STEPS,
-    arch: Annotated[Arch | None, _no_config(ArchOpt)] = None,
-    headdim: Annotated[int | None, _no_config(HeaddimOpt)] = None,
-    ngroups: Annotated[int | None, _no_config(NgroupsOpt)] = None,
-    d_state: Annotated[int | None, _no_config(StateOpt)] = None,
+    arch: Annotated[Arch | None, without_config(ArchOpt)] = None,
+    headdim: Annotated[int | None, without_config(HeaddimOpt)] = None,
+    ngroups: Annotated[int | None, without_config(NgroupsOpt)] = None,
+    d_state: Annotated[int | None, without_config(StateOpt)] = None,
     backend: BackendOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,

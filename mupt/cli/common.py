@@ -7,6 +7,7 @@ show them in ``--help``.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -169,6 +170,16 @@ RunDirOpt = Annotated[
         help="The directory this run writes (--out is the same flag). See README, 'Where results go'.",
     ),
 ]
+
+
+def without_config(opt: Any) -> Any:
+    """The typer option of the shared option type ``opt`` (e.g. :data:`ArchOpt`) for a command that has no
+    ``--config``: the same flag and help, its default shown without "or --config's".
+
+    Use as ``Annotated[Arch | None, without_config(ArchOpt)]`` (mypy needs the type spelled out)."""
+    info = copy.copy(get_args(opt)[1])
+    info.show_default = str(info.show_default).replace(_OR_CONFIG, "")
+    return info
 
 
 def check_backend(backend: str | None) -> str:
