@@ -604,7 +604,7 @@ def test_ctrl_c_again_while_the_results_are_written_exits_130_in_one_line(tmp_pa
     """Ctrl-C, then Ctrl-C pressed again and again once the results are being written (the trials table is out,
     plots and best.yaml follow): exit 130 with one line, no traceback, no temp file left, best.yaml whole or
     absent; --report then writes them."""
-    args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "20", "--pruner", "none", "--fidelity", "steps",
+    args = ["tune", *TINY_FLAGS, "--steps", "20", "--trials", "20", "--pruner", "none", "--fidelity", "steps",
             "--runs-dir", str(tmp_path)]  # fmt: skip
     s = TuneSettings(study="proxy-w32", trials=20, runs_dir=str(tmp_path), fidelity="steps")
     proc = subprocess.Popen(
