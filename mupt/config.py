@@ -100,7 +100,8 @@ class ModelConfig(_Strict):
     ``arch`` picks the mixer: mamba1 (selective scan) or mamba2 (SSD, mamba_ssm's Mamba2 layout:
     ``nheads = d_inner / headdim`` heads, ``ngroups`` B/C groups shared by ``nheads / ngroups``
     heads, ``chunk_size`` steps per SSD chunk).  ``headdim``, ``ngroups`` and ``chunk_size`` only
-    apply to mamba2; ``dt_rank`` and ``discretization`` only to mamba1.
+    apply to mamba2; ``dt_rank`` and ``discretization`` only to mamba1 (mamba2 with a discretization
+    other than the default zoh is refused: it would be recorded but ignored).
     """
 
     arch: Arch = Arch.MAMBA1
@@ -140,6 +141,11 @@ class ModelConfig(_Strict):
         if self.dt_min >= self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must be below dt_max ({self.dt_max})")
         if self.arch is Arch.MAMBA2:
+            if self.discretization is not Discretization.ZOH:
+                raise ValueError(
+                    f"discretization {self.discretization.value} applies to mamba1 only (Mamba-2's SSD has its own "
+                    "discretization); drop --discretization (model.discretization) or use --arch mamba1"
+                )
             if self.d_inner % self.headdim:
                 raise ValueError(
                     f"mamba2 needs d_inner = expand*d_model = {self.d_inner} divisible by headdim={self.headdim}; "

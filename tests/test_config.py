@@ -160,3 +160,24 @@ def test_the_default_proxy_is_defined_once() -> None:
     )  # fmt: skip
     assert cfg.train.optimizer is c.DEFAULT_OPTIMIZER
     assert load_yaml(Path(__file__).resolve().parent.parent / "recipes" / "proxy.yaml") == cfg
+
+
+def test_mamba2_refuses_a_discretization_it_would_ignore(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """Mamba-2's SSD ignores --discretization: a non-default one is a one-line error (exit 2), from a flag and from
+    a config file, before anything is written; the default (zoh, what every saved mamba2 config carries) loads;
+    --help says mamba1 only."""
+    out = tmp_path / "run"
+    flags = ["--arch", "mamba2", "--width", "64", "--headdim", "32", "--layers", "1", "--steps", "1"]
+    code, _, err = cli("train", *flags, "--discretization", "euler", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "discretization euler applies to mamba1 only" in err and "--arch mamba1" in err, err
+    assert not out.exists()
+    path = tmp_path / "m2.yaml"
+    path.write_text("model: {arch: mamba2, d_model: 64, headdim: 32, discretization: euler}")
+    with pytest.raises(ConfigError, match="model: .*mamba1 only") as info:
+        load_yaml(path)
+    assert "\n" not in str(info.value)
+    path.write_text("model: {arch: mamba2, d_model: 64, headdim: 32, discretization: zoh}")
+    assert load_yaml(path).model.discretization.value == "zoh"
+    code, text, _ = cli("train", "--help")
+    assert code == 0 and "mamba1 only" in " ".join(text.split())
