@@ -176,6 +176,17 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
 
+    @field_validator("source")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        """A relative path that exists from the current directory becomes absolute, so best.yaml, recipes
+        and run configs written from it work from any directory (a batch job rarely starts where
+        ``mupt prepare`` ran).  Names (builtin, recall) and paths that do not exist here stay as given, so
+        an error names what was typed."""
+        if v in ("builtin", "recall") or os.path.isabs(v) or not os.path.exists(v):
+            return v
+        return os.path.abspath(v)
+
 
 class TrainConfig(_Strict):
     steps: int = Field(PROXY_STEPS, gt=0)

@@ -179,3 +179,19 @@ def test_a_best_yaml_cut_short_is_refused_not_read_with_defaults(tmp_path: Path)
         with pytest.raises(ConfigError, match=r"incomplete best.yaml \(no manifest, .*config.param\)") as e:
             load(cut)
         assert "mupt tune --study NAME --report" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_relative_data_path_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """best.yaml, recipes and run configs written from `--data data/corpus` must work from any directory
+    (the walkthrough's batch job, started elsewhere, failed on the relative path)."""
+    corpus = tmp_path / "work" / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = with_overrides(RunConfig(), {"data.source": "data/corpus"})
+    assert cfg.data.source == str(corpus)
+    save_yaml(tmp_path / "config.yaml", cfg)
+    monkeypatch.chdir(tmp_path)
+    assert load_yaml(tmp_path / "config.yaml").data.source == str(corpus)
+    # names and paths that do not exist here stay as typed (an error then names what the user wrote)
+    for kept in ("builtin", "recall", "data/corpus"):
+        assert with_overrides(RunConfig(), {"data.source": kept}).data.source == kept
