@@ -182,6 +182,17 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
 
+    @field_validator("source")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        """A relative path that exists from the current directory becomes absolute, so best.yaml, recipes
+        and run configs written from it work from any directory (a batch job rarely starts where
+        ``mupt prepare`` ran).  Names (builtin, recall) and paths that do not exist here stay as given, so
+        an error names what was typed."""
+        if v in ("builtin", "recall") or os.path.isabs(v) or not os.path.exists(v):
+            return v
+        return os.path.abspath(v)
+
 
 class TrainConfig(_Strict):
     steps: int = Field(PROXY_STEPS, gt=0)
@@ -697,7 +708,28 @@ def load_best(path: str | Path) -> BestParams:
     path = Path(path)
     if not path.is_file():
         raise StorageError(f"{path}: no such best-params file; run `mupt tune` first or pass the right path")
-    return load_yaml(path, BestParams)
+    return best_from_dict(read_yaml(path), str(path))
+
+
+def best_from_dict(data: Any, where: str) -> BestParams:
+    """A :class:`BestParams` from a best.yaml's mapping, which must hold every field ``mupt tune`` writes.
+
+    Every field of the file has a default, so a file cut short (a full disk, a copy interrupted) would
+    otherwise load with the missing sections at their defaults, e.g. another scheme, and transfer wrong.
+
+    Raises ConfigError (one line) naming the missing fields and how to write the file again.
+    """
+    if isinstance(data, dict):
+        raw = data.get("config")
+        config: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        missing = [k for k in BestParams.model_fields if k not in data]
+        missing += [f"config.{k}" for k in RunConfig.model_fields if "config" in data and k not in config]
+        if missing:
+            raise ConfigError(
+                f"{where}: incomplete best.yaml (no {', '.join(missing)}): cut short or edited; write it again "
+                "with `mupt tune --study NAME --report` (same --runs-dir)"
+            )
+    return from_dict(BestParams, data, where=where)
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -748,5 +780,5 @@ def load_run_config(path: str | Path) -> RunConfig:
     if isinstance(data, dict) and "run" in data and "model" not in data:
         return from_dict(Recipe, data, where=f"{path} (recipe)").run
     if isinstance(data, dict) and "config" in data and "model" not in data:
-        return from_dict(BestParams, data, where=f"{path} (best.yaml)").config
+        return best_from_dict(data, f"{path} (best.yaml)").config
     return from_dict(RunConfig, data, where=str(path))

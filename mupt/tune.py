@@ -395,6 +395,41 @@ def open_storage(settings: TuneSettings) -> optuna.storages.BaseStorage:
         ) from None
 
 
+#: Optuna's ``JournalFileOpenLock`` keeps ``<journal>.lock`` only while it appends a record (milliseconds), and
+#: force-releases one that has not changed for its grace period (30 s by default) -- counted from when the
+#: waiting process first saw it, so a lock left by a process killed mid-write stalls every start for 30 s,
+#: silently (mupt logs Optuna at ERROR).  Lock files older than this are removed up front instead.
+JOURNAL_LOCK_GRACE = 30.0
+
+
+def clear_stale_journal_lock(journal: Path, grace: float = JOURNAL_LOCK_GRACE) -> tuple[Path, float] | None:
+    """Remove Optuna's lock file of ``journal`` when it is older than ``grace`` seconds (left by a process
+    killed while appending a record, e.g. ``kill -9``); returns (lock file, its age in s) or None.
+
+    Checked and removed under the study's ``fcntl`` lock (:func:`study_lock`'s file), so two mupt processes
+    starting together cannot remove a lock that the first one has just taken.  A younger lock file is left
+    to Optuna's own grace period (a live worker may hold it).
+    """
+    import fcntl
+
+    lock = journal.with_name(journal.name + ".lock")  # optuna.storages.journal: <file> + ".lock"
+    if not lock.exists():
+        return None
+    with open(journal.with_name(journal.name + ".mupt-lock"), "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            if age < grace:
+                return None
+            lock.unlink(missing_ok=True)
+            return lock, age
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 @dataclass
 class JournalRepair:
     """What :func:`repair_journal` cut: bytes of the partial last record and where they were saved."""
@@ -1834,9 +1869,14 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
 
 
 def _savefig(fig: Any, path: Path) -> Path:
+    """Save ``fig`` as ``path`` via a temp file and rename: never half-written, no temp file left on Ctrl-C."""
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -1847,6 +1887,7 @@ __all__ = [
     "DriftFit",
     "Fidelity",
     "HalvingPruner",
+    "JOURNAL_LOCK_GRACE",
     "JournalRepair",
     "Ladder",
     "Prepared",
@@ -1860,6 +1901,7 @@ __all__ = [
     "apply_params",
     "best_params",
     "best_trial",
+    "clear_stale_journal_lock",
     "coarse_to_fine",
     "code_version",
     "count_states",

@@ -181,3 +181,38 @@ def test_mamba2_refuses_a_discretization_it_would_ignore(tmp_path: Path, cli) ->
     assert load_yaml(path).model.discretization.value == "zoh"
     code, text, _ = cli("train", "--help")
     assert code == 0 and "mamba1 only" in " ".join(text.split())
+
+
+def test_a_best_yaml_cut_short_is_refused_not_read_with_defaults(tmp_path: Path) -> None:
+    """A best.yaml cut inside its config (a full disk, an interrupted copy) is still valid YAML, and every
+    field has a default: it loaded silently with the scheme, the multipliers and the manifest at their
+    defaults.  Now one line names what is missing and how to write it again."""
+    from mupt.config import load_best, load_run_config
+
+    proxy = with_overrides(RunConfig(), {"model.d_model": 64, "train.lr": 0.02, "param.scheme": "sp"})
+    whole = tmp_path / "best.yaml"
+    save_yaml(whole, BestParams(study="s", trial=1, value=2.0, params={"lr": 0.02}, config=proxy))
+    assert load_best(whole).config.param.scheme.value == "sp"
+    text = whole.read_text()
+    cut = tmp_path / "cut.yaml"
+    cut.write_text(text[: text.index("\n  param:")])  # ends inside config.train
+    for load in (load_best, load_run_config):
+        with pytest.raises(ConfigError, match=r"incomplete best.yaml \(no manifest, .*config.param\)") as e:
+            load(cut)
+        assert "mupt tune --study NAME --report" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_relative_data_path_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """best.yaml, recipes and run configs written from `--data data/corpus` must work from any directory
+    (the walkthrough's batch job, started elsewhere, failed on the relative path)."""
+    corpus = tmp_path / "work" / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = with_overrides(RunConfig(), {"data.source": "data/corpus"})
+    assert cfg.data.source == str(corpus)
+    save_yaml(tmp_path / "config.yaml", cfg)
+    monkeypatch.chdir(tmp_path)
+    assert load_yaml(tmp_path / "config.yaml").data.source == str(corpus)
+    # names and paths that do not exist here stay as typed (an error then names what the user wrote)
+    for kept in ("builtin", "recall", "data/corpus"):
+        assert with_overrides(RunConfig(), {"data.source": kept}).data.source == kept

@@ -245,6 +245,17 @@ def test_bad_inputs_one_line_exit_2_nothing_left(
     raw = train.read_bytes()
     train.write_bytes(raw[:-2])
     one_line(cli("train", "--data", str(ds), "--steps", "1"), "train-00000.bin", "truncated")
+    # same size, but every 100th id outside the vocabulary (damaged after prepare): one line, not the embedding's
+    # IndexError traceback
+    meta = json.loads((ds / "meta.json").read_text())
+    ids = np.frombuffer(raw, dtype=np.dtype(meta["dtype"]).newbyteorder("<")).copy()
+    ids[::100] = np.iinfo(ids.dtype).max
+    assert ids.max() >= meta["vocab_size"]
+    train.write_bytes(ids.tobytes())
+    one_line(
+        cli("train", "--data", str(ds), "--steps", "1", "--run-dir", str(tmp_path / "oov")),
+        f"token id {np.iinfo(ids.dtype).max} at train token", "outside the vocabulary", "mupt prepare",
+    )  # fmt: skip
     train.write_bytes(raw)
     (ds / "meta.json").unlink()
     one_line(cli("train", "--data", str(ds), "--steps", "1"), "no meta.json")

@@ -27,7 +27,9 @@ from mupt.config import BestParams, RunConfig, load_yaml, with_overrides
 from mupt.errors import ConfigError, StorageError
 from mupt.tune import (
     INTERRUPTED,
+    JOURNAL_LOCK_GRACE,
     TuneSettings,
+    clear_stale_journal_lock,
     close_interrupted,
     coarse_to_fine,
     drift_fit,
@@ -596,6 +598,71 @@ def test_ctrl_c_writes_results_and_says_how_to_resume(tmp_path: Path) -> None:
     proc = mupt(*args, "--report")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+
+
+def test_ctrl_c_again_while_the_results_are_written_exits_130_in_one_line(tmp_path: Path) -> None:
+    """Ctrl-C, then Ctrl-C pressed again and again once the results are being written (the trials table is out,
+    plots and best.yaml follow): exit 130 with one line, no traceback, no temp file left, best.yaml whole or
+    absent; --report then writes them."""
+    args = ["tune", *TINY_FLAGS, "--steps", "60", "--trials", "20", "--pruner", "none", "--fidelity", "steps",
+            "--runs-dir", str(tmp_path)]  # fmt: skip
+    s = TuneSettings(study="proxy-w32", trials=20, runs_dir=str(tmp_path), fidelity="steps")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mupt", *args], cwd=ROOT, env={**env(), "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    wait_for(proc, lambda: _load(s, "proxy-w32").get_trials(states=(TrialState.COMPLETE,)) or None, 180, 0.3)
+    proc.send_signal(signal.SIGINT)
+    head = []
+    for line in proc.stdout:  # the results start with the trials table on stdout
+        head.append(line)
+        if line.startswith("Top "):
+            break
+    assert head and head[-1].startswith("Top "), "".join(head)
+    while proc.poll() is None:  # pressed again, and again, while the plots and best.yaml are written
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=60)
+    # 130; or, when a press lands in the interpreter's last moments (Python restores the default handler as it
+    # exits), the signal itself ends it, which a shell reports as 130 as well
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err + out, err
+    messages = [x for x in err.splitlines() if x.strip() and not x.startswith("tune ")]  # no progress lines
+    assert messages[-1].startswith("interrupted while writing the results") and "--report" in messages[-1], err
+    run_dir = tmp_path / "proxy-w32"
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    if (run_dir / "best.yaml").exists():
+        load_best(run_dir / "best.yaml")  # whole, never half-written
+    report = mupt(*args, "--report")
+    _, err = report.communicate(timeout=120)
+    assert report.returncode == 0, err
+    assert load_best(run_dir / "best.yaml").study == "proxy-w32" and (run_dir / "history.png").is_file()
+
+
+def test_a_journal_lock_left_by_a_killed_process_is_removed_with_one_line(tmp_path: Path) -> None:
+    """A process killed while appending a journal record leaves Optuna's <journal>.lock (an empty file made with
+    O_EXCL): the next run removes it at once with one line instead of waiting Optuna's grace period out in
+    silence; a lock younger than the grace period (a live worker's) is left alone."""
+    args = ["tune", *TINY_FLAGS, "--steps", "10", "--trials", "1", "--pruner", "none", "--fidelity", "steps",
+            "--runs-dir", str(tmp_path)]  # fmt: skip
+    proc = mupt(*args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    journal = tmp_path / "proxy-w32" / "journal.log"
+    lock = journal.with_name("journal.log.lock")
+    lock.touch()
+    assert clear_stale_journal_lock(journal) is None and lock.exists()  # fresh: maybe a live worker's
+    old = time.time() - JOURNAL_LOCK_GRACE - 60
+    os.utime(lock, (old, old))  # what a kill -9 inside the write leaves, a minute later
+    for extra in ([], ["--report"]):
+        proc = mupt(*args, *extra)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        assert f"removed {lock}: a journal lock left" in " ".join(err.split()), err
+        assert not lock.exists()
+        lock.touch()
+        os.utime(lock, (old, old))
 
 
 class _CtrlCInSetUp:

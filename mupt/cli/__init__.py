@@ -8,6 +8,7 @@ module and registers itself on :data:`app`; :func:`main` turns every user error
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except _ABORTS:
         err.print("[bold red]aborted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C where no command handles it (they say what they kept): one line, no traceback
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # ending: Ctrl-C again must not break the exit
+        err.print("[bold red]interrupted[/] (Ctrl-C)")
         sys.exit(130)
     except _CLICK_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # help was asked for by giving no arguments

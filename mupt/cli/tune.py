@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +49,7 @@ from mupt.tune import (
     SamplerName,
     TuneSettings,
     best_trial,
+    clear_stale_journal_lock,
     count_states,
     default_study_name,
     eval_noise,
@@ -263,6 +265,7 @@ def tune(
     validate_proxy(cfg)  # a width the rules cannot take, or an unusable storage, fails here before any output
     check_output_dir(settings.run_dir, "--runs-dir")
     if not settings.is_rdb:
+        _clear_stale_lock(settings)
         fixed = repair_journal(settings.journal_path)
         if fixed is not None:
             err.print(
@@ -309,6 +312,18 @@ def tune(
     _finish(settings, cfg, top, table_out, seconds, interrupted)
 
 
+def _clear_stale_lock(settings: TuneSettings) -> None:
+    """Remove a journal lock file left by a killed process (else Optuna waits 30 s for it, silently): one line."""
+    stale = clear_stale_journal_lock(settings.journal_path)
+    if stale is not None:
+        err.print(
+            f"[yellow]removed[/] {stale[0]}: a journal lock left {stale[1]:.0f} s ago by a process killed while "
+            "writing a record (no live worker holds a lock that long)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _best_text(p: Progress) -> str:
     return f"best {p.best_value:.4f} @ lr {p.best_params.get('lr', 0):.3g}" if p.best_value is not None else ""
 
@@ -340,7 +355,29 @@ def _trial_counts(ladder: Ladder) -> str:
 def _finish(
     settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
 ) -> None:
-    """Table, plots, best.yaml and summary for the finished trials; on Ctrl-C also the resume line and exit 130."""
+    """Table, plots, best.yaml and summary for the finished trials; on Ctrl-C also the resume line and exit 130.
+
+    A Ctrl-C while they are written (pressed again after the first) ends the command with one line and exit
+    130: every file is written atomically (best.yaml whole or not at all) and ``--report`` writes them later.
+    """
+    try:
+        _results(settings, cfg, top, table_out, seconds, interrupted)
+    except KeyboardInterrupt:
+        # the command is ending: Ctrl-C pressed again must not break the exit (a Python-level no-op handler, unlike
+        # SIG_IGN, is not inherited by child processes)
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        err.print(
+            "interrupted while writing the results: the finished trials are kept in the study; rerun the same "
+            "command to resume, or add --report to write best.yaml and the plots",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+
+
+def _results(
+    settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
+) -> None:
     ladder = load_existing(settings, cfg)
     _table(ladder, top)
     if len(ladder.rungs) > 1:
@@ -439,6 +476,8 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     """
     best_path = settings.run_dir / "best.yaml"
     bp: BestParams | None = load_best(best_path) if best_path.is_file() else None  # a corrupt one: one line, first
+    if not settings.is_rdb:
+        _clear_stale_lock(settings)
     ladder = load_existing(settings, cfg)
     _table(ladder, top)
     if len(ladder.rungs) > 1:

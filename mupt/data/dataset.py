@@ -142,9 +142,21 @@ class MemmapTokens:
                 "use more data or a shorter --seq-len"
             )
 
-    @staticmethod
-    def _windows(split: TokenArray, starts: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    def _windows(self, split: TokenArray, starts: Tensor, seq_len: int, which: str) -> tuple[Tensor, Tensor]:
+        """int64 ``(len(starts), seq_len)`` inputs and targets read at ``starts``.
+
+        Raises DataError when a window holds an id outside the vocabulary (a shard damaged after prepare):
+        the embedding would fail with an IndexError deep in the model.  Only the windows read are checked,
+        at the cost of one max/min per batch; opening a dataset does not scan it."""
         chunk = torch.from_numpy(np.stack([split.window(int(s), seq_len + 1) for s in starts.tolist()]))
+        top, low = int(chunk.max()), int(chunk.min())
+        if top >= self.vocab_size or low < 0:
+            bad = top if top >= self.vocab_size else low
+            row, col = (int(i) for i in (chunk == bad).nonzero()[0])
+            raise DataError(
+                f"{self.name}: token id {bad} at {which} token {int(starts[row]) + col} is outside the vocabulary "
+                f"({self.vocab_size}); the dataset is damaged: prepare it again (mupt prepare)"
+            )
         return chunk[:, :-1], chunk[:, 1:]
 
     def train_batch(
@@ -155,7 +167,7 @@ class MemmapTokens:
 
         self._check(self.train, seq_len, "train")
         starts = train_starts(len(self.train), seq_len, batch_size, seed, step)
-        batch = self._windows(self.train, starts[rank::world], seq_len)
+        batch = self._windows(self.train, starts[rank::world], seq_len, "train")
         upcoming = train_starts(len(self.train), seq_len, batch_size, seed, step + 1)
         for s in upcoming[rank::world].tolist():  # the kernel reads the next step's pages while this one trains
             self.train.prefetch(int(s), seq_len + 1)
@@ -171,7 +183,8 @@ class MemmapTokens:
         from mupt.data import val_starts
 
         self._check(self.val, seq_len, "validation")
-        return [self._windows(self.val, s, seq_len) for s in val_starts(len(self.val), seq_len, n, batch_size, tiled)]
+        starts = val_starts(len(self.val), seq_len, n, batch_size, tiled)
+        return [self._windows(self.val, s, seq_len, "validation") for s in starts]
 
 
 def read_meta(path: Path) -> dict[str, Any]:
