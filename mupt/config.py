@@ -100,7 +100,8 @@ class ModelConfig(_Strict):
     ``arch`` picks the mixer: mamba1 (selective scan) or mamba2 (SSD, mamba_ssm's Mamba2 layout:
     ``nheads = d_inner / headdim`` heads, ``ngroups`` B/C groups shared by ``nheads / ngroups``
     heads, ``chunk_size`` steps per SSD chunk).  ``headdim``, ``ngroups`` and ``chunk_size`` only
-    apply to mamba2; ``dt_rank`` and ``discretization`` only to mamba1.
+    apply to mamba2; ``dt_rank`` and ``discretization`` only to mamba1 (mamba2 with a discretization
+    other than the default zoh is refused: it would be recorded but ignored).
     """
 
     arch: Arch = Arch.MAMBA1
@@ -140,6 +141,11 @@ class ModelConfig(_Strict):
         if self.dt_min >= self.dt_max:
             raise ValueError(f"dt_min ({self.dt_min}) must be below dt_max ({self.dt_max})")
         if self.arch is Arch.MAMBA2:
+            if self.discretization is not Discretization.ZOH:
+                raise ValueError(
+                    f"discretization {self.discretization.value} applies to mamba1 only (Mamba-2's SSD has its own "
+                    "discretization); drop --discretization (model.discretization) or use --arch mamba1"
+                )
             if self.d_inner % self.headdim:
                 raise ValueError(
                     f"mamba2 needs d_inner = expand*d_model = {self.d_inner} divisible by headdim={self.headdim}; "
@@ -175,6 +181,17 @@ class DataConfig(_Strict):
     vocab_size: int | None = Field(default=None, gt=1, description="vocabulary of a plain .bin/.npy token file")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     recall_pairs: int = Field(8, gt=0, description="associative recall: key/value pairs per sequence")
+
+    @field_validator("source")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        """A relative path that exists from the current directory becomes absolute, so best.yaml, recipes
+        and run configs written from it work from any directory (a batch job rarely starts where
+        ``mupt prepare`` ran).  Names (builtin, recall) and paths that do not exist here stay as given, so
+        an error names what was typed."""
+        if v in ("builtin", "recall") or os.path.isabs(v) or not os.path.exists(v):
+            return v
+        return os.path.abspath(v)
 
 
 class TrainConfig(_Strict):

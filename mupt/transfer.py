@@ -249,7 +249,7 @@ def transfer(
     data_warnings: list[str] = []
     target_data = proxy_data
     if to_data is not None:
-        data_cfg = proxy.data.model_copy(update={"source": to_data})
+        data_cfg = DataConfig.model_validate({**proxy.data.model_dump(), "source": to_data})  # validated: made absolute
         if data_cfg.vocab_size is None and proxy_data.get("tokenizer") is None:
             data_cfg = data_cfg.model_copy(update={"vocab_size": proxy_data.get("vocab_size")})
         target_data = data_identity(data_cfg, strict=True, flag="--to-data")

@@ -162,6 +162,27 @@ def test_the_default_proxy_is_defined_once() -> None:
     assert load_yaml(Path(__file__).resolve().parent.parent / "recipes" / "proxy.yaml") == cfg
 
 
+def test_mamba2_refuses_a_discretization_it_would_ignore(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """Mamba-2's SSD ignores --discretization: a non-default one is a one-line error (exit 2), from a flag and from
+    a config file, before anything is written; the default (zoh, what every saved mamba2 config carries) loads;
+    --help says mamba1 only."""
+    out = tmp_path / "run"
+    flags = ["--arch", "mamba2", "--width", "64", "--headdim", "32", "--layers", "1", "--steps", "1"]
+    code, _, err = cli("train", *flags, "--discretization", "euler", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "discretization euler applies to mamba1 only" in err and "--arch mamba1" in err, err
+    assert not out.exists()
+    path = tmp_path / "m2.yaml"
+    path.write_text("model: {arch: mamba2, d_model: 64, headdim: 32, discretization: euler}")
+    with pytest.raises(ConfigError, match="model: .*mamba1 only") as info:
+        load_yaml(path)
+    assert "\n" not in str(info.value)
+    path.write_text("model: {arch: mamba2, d_model: 64, headdim: 32, discretization: zoh}")
+    assert load_yaml(path).model.discretization.value == "zoh"
+    code, text, _ = cli("train", "--help")
+    assert code == 0 and "mamba1 only" in " ".join(text.split())
+
+
 def test_a_best_yaml_cut_short_is_refused_not_read_with_defaults(tmp_path: Path) -> None:
     """A best.yaml cut inside its config (a full disk, an interrupted copy) is still valid YAML, and every
     field has a default: it loaded silently with the scheme, the multipliers and the manifest at their
@@ -179,3 +200,19 @@ def test_a_best_yaml_cut_short_is_refused_not_read_with_defaults(tmp_path: Path)
         with pytest.raises(ConfigError, match=r"incomplete best.yaml \(no manifest, .*config.param\)") as e:
             load(cut)
         assert "mupt tune --study NAME --report" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_relative_data_path_is_recorded_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """best.yaml, recipes and run configs written from `--data data/corpus` must work from any directory
+    (the walkthrough's batch job, started elsewhere, failed on the relative path)."""
+    corpus = tmp_path / "work" / "data" / "corpus"
+    corpus.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = with_overrides(RunConfig(), {"data.source": "data/corpus"})
+    assert cfg.data.source == str(corpus)
+    save_yaml(tmp_path / "config.yaml", cfg)
+    monkeypatch.chdir(tmp_path)
+    assert load_yaml(tmp_path / "config.yaml").data.source == str(corpus)
+    # names and paths that do not exist here stay as typed (an error then names what the user wrote)
+    for kept in ("builtin", "recall", "data/corpus"):
+        assert with_overrides(RunConfig(), {"data.source": kept}).data.source == kept

@@ -118,6 +118,21 @@ def test_zoh_model_is_refused_in_one_line(tmp_path: Path, cli) -> None:
         assert not (tmp_path / fmt).exists()
 
 
+def test_help_and_readme_say_mamba1_and_euler_from_the_start(cli) -> None:  # type: ignore[no-untyped-def]
+    """A user who wants an exportable large run learns before tuning that export takes Mamba-1, Euler-B runs
+    only and that the discretization must be chosen at tuning time (the LR belongs to it)."""
+    code, text, _ = cli("export", "--help")
+    assert code == 0
+    text = " ".join(text.replace("│", " ").split())
+    assert "Mamba-1 runs only: Mamba-2 runs (--arch mamba2) are refused" in text, text
+    assert "ZOH runs, mupt's default, are refused" in text and "tune and transfer with --discretization euler" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = " ".join(readme.split("### `mupt export`", 1)[1].split("\n### ", 1)[0].split())
+    assert "Mamba-2 run (`--arch mamba2`) is refused" in section
+    assert "a ZOH run (mupt's default `--discretization zoh`) is refused" in section
+    assert "`mupt tune --discretization euler`" in section and "The tuned LR belongs to the discretization" in section
+
+
 @pytest.fixture(scope="module")
 def euler_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("recipe")

@@ -443,6 +443,7 @@ def edited_recipe(tmp_path: Path, edit: Any) -> Path:
         ("d_model", lambda d: d["run"]["model"].update(d_model=48), "d_model"),
         ("base width", lambda d: d["run"]["param"].update(base_d_model=8), "base"),
         ("manifest", lambda d: d["manifest"]["params"]["lm_head.weight"].update(lr_mult=1.0), "lm_head.weight lr_mult"),
+        ("data", lambda d: d["run"]["data"].update(source="no/such/corpus"), "no/such/corpus"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -261,6 +261,35 @@ def test_bad_inputs_one_line_exit_2_nothing_left(
     one_line(cli("train", "--data", str(ds), "--steps", "1"), "no meta.json")
 
 
+def test_files_of_unread_kinds_in_a_directory_are_counted_and_named(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """Extensionless texts in a source directory are not read: the CLI warns with their number, names and the fix;
+    hidden files (.git/) are not listed; the data module returns the list, the summary line counts them."""
+    from mupt.data.prepare import PrepareSettings, prepare
+
+    corpus = tmp_path / "corpus"
+    (corpus / "licenses").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    (corpus / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    docs = topics()[:8]
+    for i, d in enumerate(docs):
+        (corpus / f"doc{i}.txt").write_text(d, encoding="utf-8")
+    for i in range(5):
+        (corpus / "licenses" / f"LICENSE-{i}").write_text(f"license {i}: permission is hereby granted")
+    code, out, err = cli("prepare", str(corpus), "--val-fraction", "0.2", "--out", str(tmp_path / "ds"))
+    assert code == 0, err
+    warning = " ".join(err.split())
+    assert "warning: skipped 5 files" in warning and "only .txt, .jsonl, .jsonl.gz and .parquet are read" in warning
+    assert str(corpus / "licenses" / "LICENSE-0") in warning and "and 2 more" in warning and ".git" not in warning
+    assert "8 sources (5 files skipped)" in " ".join(out.split())
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert len(meta["sources"]) == 8 and meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 8
+    # the data module returns the list (a rerun: already prepared, still the same list), and prints nothing
+    again = prepare(PrepareSettings(sources=[str(corpus)], out=tmp_path / "ds", val_fraction=0.2))
+    assert again.already_done and again.skipped == [str(corpus / "licenses" / f"LICENSE-{i}") for i in range(5)]
+    # alone, such a directory is an error (one line, exit 2), as before
+    one_line(cli("prepare", str(corpus / "licenses"), "--out", str(tmp_path / "ds2")), "holds no .txt")
+
+
 def scale_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="200")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):

@@ -112,7 +112,11 @@ def coord(
         typer.Option("--optimizer", help="adamw, adam or sgd (adam and adamw are identical here: weight decay 0)."),
     ] = DEFAULT_OPTIMIZER,
     discretization: Annotated[
-        Discretization, typer.Option("--discretization", help="B discretization: zoh or euler (mamba_ssm).")
+        Discretization,
+        typer.Option(
+            "--discretization",
+            help="mamba1 only: B discretization, zoh or euler (mamba_ssm; the one mupt export needs).",
+        ),
     ] = Discretization.ZOH,
     widths: Annotated[str, typer.Option("--widths", help="Comma list of d_model widths spanning >= 8x.")] = ",".join(
         map(str, DEFAULT_WIDTHS)

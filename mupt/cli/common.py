@@ -94,7 +94,9 @@ NgroupsOpt = Annotated[
 DiscOpt = Annotated[
     Discretization | None,
     typer.Option(
-        "--discretization", help="B discretization: zoh or euler (mamba_ssm).", show_default="zoh" + _OR_CONFIG
+        "--discretization",
+        help="mamba1 only: B discretization, zoh or euler (mamba_ssm; the one mupt export needs).",
+        show_default="zoh" + _OR_CONFIG,
     ),
 ]
 StepsOpt = Annotated[

@@ -39,8 +39,10 @@ def export(
 
     The logits equal mupt's (fp32, within 1e-5).  µP's forward multipliers (output_mult, embedding_mult,
     the width rules' multipliers) are folded into the weights; the dataset's tokenizer.json is copied
-    when the run trained on a prepared dataset.  Only Euler-B models can be written exactly (both
-    libraries compute Δ·B); ZOH-B models are refused.
+    when the run trained on a prepared dataset.  Mamba-1 runs only: Mamba-2 runs (--arch mamba2) are
+    refused.  Euler-B only (both libraries compute Δ·B): ZOH runs, mupt's default, are refused, and the
+    tuned LR belongs to the discretization, so tune and transfer with --discretization euler from the
+    start for a run you mean to export.
 
     Example: [bold]mupt export runs/scale --format hf --out hf-model[/], then
     MambaForCausalLM.from_pretrained("hf-model").

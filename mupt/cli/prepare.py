@@ -21,8 +21,9 @@ def prepare_cmd(
         list[str] | None,
         typer.Argument(
             metavar="SOURCES...",
-            help="Text: .txt files (one document each), directories, .jsonl/.jsonl.gz (one per line), .parquet "
-            "(one per row; needs pyarrow), or builtin.",
+            help="Text: .txt files (one document each), directories (their .txt/.jsonl/.jsonl.gz/.parquet files; "
+            "others are skipped with a warning), .jsonl/.jsonl.gz (one per line), .parquet (one per row; needs "
+            "pyarrow), or builtin.",
             show_default=False,
         ),
     ] = None,
@@ -95,6 +96,16 @@ def prepare_cmd(
         result = prepare(settings, on_progress)
     meta = result.meta
     tok = meta["tokenizer"]
+    if result.skipped:
+        n = len(result.skipped)
+        shown = ", ".join(result.skipped[:3]) + (f" and {n - 3} more" if n > 3 else "")
+        err.print(
+            f"[bold yellow]warning:[/] skipped {n} file{'s' if n > 1 else ''} in the source directories, not a kind "
+            f"prepare reads ({shown}); only .txt, .jsonl, .jsonl.gz and .parquet are read: rename plain text to "
+            ".txt (one document each) to include it",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.already_done:
         err.print(f"{out_dir}: already prepared from these inputs; nothing to do", highlight=False)
     rows = []
@@ -113,7 +124,8 @@ def prepare_cmd(
     mb = sum(s["bytes"] for s in meta["sources"]) / 2**20
     if not result.already_done:
         out.print(
-            f"{len(meta['sources'])} sources, {mb:.1f} MiB in {result.seconds:.1f} s "
+            f"{len(meta['sources'])} sources{f' ({len(result.skipped)} files skipped)' if result.skipped else ''}, "
+            f"{mb:.1f} MiB in {result.seconds:.1f} s "
             f"({mb / max(result.seconds, 1e-9):.2f} MiB/s); shards written {result.shards_written}, "
             f"reused {result.shards_reused}",
             highlight=False,

@@ -149,6 +149,7 @@ def scale(
         command = shlex.join(["mupt", "scale", str(recipe_path), *flags])
     if dry_run:
         launch.validate_recipe(recipe)  # what the real launch would refuse, refused here too
+        data_identity(recipe.run.data, strict=True)  # and data it could not open (a path from another directory)
         plan = launch.make_plan(recipe, nproc * nnodes, command)
         out.print(key_values("mupt scale plan (dry run)", plan.rows()))
         return

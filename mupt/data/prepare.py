@@ -1,7 +1,8 @@
 """``mupt prepare``: text sources -> a tokenized, memory-mappable dataset directory.
 
 Sources are ``.txt`` files (one document each), directories (searched recursively for the
-supported kinds, sorted), ``.jsonl`` / ``.jsonl.gz`` (one document per line, in ``text_field``),
+supported kinds, sorted; other files there are skipped and returned in ``PrepareResult.skipped``),
+``.jsonl`` / ``.jsonl.gz`` (one document per line, in ``text_field``),
 ``.parquet`` (one document per row of column ``text_field``; needs the ``parquet`` extra,
 pyarrow), and ``builtin`` (the builtin corpus, one document per pydoc topic).
 
@@ -75,12 +76,16 @@ class PrepareSettings:
 
 @dataclass
 class PrepareResult:
+    """What :func:`prepare` did: the dataset's meta, the time it took (s), shards written / reused (a resume),
+    and the files it found in directory sources but did not read (``skipped``: not one of :data:`KINDS`)."""
+
     meta: dict[str, Any]
     out: Path
     seconds: float
     shards_written: int
     shards_reused: int
     already_done: bool = False
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def expand_sources(specs: list[str], split: str, text_field: str) -> list[Source]:
-    """Resolve files, directories and ``builtin`` into sources (size, sha256); raises DataError."""
+def expand_sources(specs: list[str], split: str, text_field: str) -> tuple[list[Source], list[str]]:
+    """Resolve files, directories and ``builtin`` into sources (size, sha256); raises DataError.
+
+    Returns ``(sources, skipped)``: ``skipped`` are the files found inside a directory source without one of
+    the kinds read (:data:`KINDS`), sorted; hidden ones (a path part under the directory starts with ``.``,
+    e.g. ``.git/``) are not listed.  A directory with no readable file at all raises DataError.
+    """
     from mupt.data import builtin_text
 
     flag = "--val" if split == "val" else "SOURCES"
     out: list[Source] = []
+    skipped: list[str] = []
     for spec in specs:
         if spec == "builtin":
             text = builtin_text()
@@ -125,7 +136,12 @@ def expand_sources(specs: list[str], split: str, text_field: str) -> list[Source
         if not path.exists():
             raise DataError(f"{flag} {spec}: no such file or directory")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            files = [p for p in found if _kind(p) is not None]
+            skipped += [
+                str(p) for p in found
+                if _kind(p) is None and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]  # fmt: skip
             if not files:
                 raise DataError(f"{flag} {spec}: the directory holds no .txt, .jsonl, .jsonl.gz or .parquet files")
         else:
@@ -141,7 +157,7 @@ def expand_sources(specs: list[str], split: str, text_field: str) -> list[Source
             if kind == "parquet":
                 _parquet_column_check(f, text_field)
             out.append(Source(str(f), kind, split, size, _sha256(f)))
-    return out
+    return out, skipped
 
 
 def _pyarrow() -> Any:
@@ -318,21 +334,23 @@ def prepare(settings: PrepareSettings, on_progress: ProgressCallback | None = No
     """
     start = time.perf_counter()
     _check_settings(settings)
-    sources = expand_sources(settings.sources, "auto", settings.text_field)
-    sources += expand_sources(settings.val_sources, "val", settings.text_field)
+    sources, skipped = expand_sources(settings.sources, "auto", settings.text_field)
+    val_sources, val_skipped = expand_sources(settings.val_sources, "val", settings.text_field)
+    sources += val_sources
+    skipped += val_skipped
     tok = load_tokenizer(settings.tokenizer, settings.eos) if settings.train_vocab is None else None
     plan = _plan(settings, sources, tok)
     out = settings.out
     state = _out_state(out, plan)
     if state == "done":
-        return PrepareResult(read_meta(out), out, time.perf_counter() - start, 0, 0, already_done=True)
+        return PrepareResult(read_meta(out), out, time.perf_counter() - start, 0, 0, True, skipped)
     out.mkdir(parents=True, exist_ok=True)
     for stray in out.glob(".*.tmp-*"):  # temp files of a killed run: never renamed, never read
         stray.unlink()
     if state != "resume":
         atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
     try:
-        return _run(settings, sources, tok, plan, on_progress, start)
+        return replace(_run(settings, sources, tok, plan, on_progress, start), skipped=skipped)
     except MuptError:
         if state == "new":
             shutil.rmtree(out, ignore_errors=True)
