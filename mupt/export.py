@@ -143,7 +143,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     if cfg.discretization.value != "euler":
         raise ConfigError(
             "this model discretizes B by ZOH, but transformers and mamba_ssm compute Euler B (Δ·B) and no weight "
-            "change converts one into the other; train with --discretization euler to export"
+            "change converts one into the other; tune, transfer and train with --discretization euler to export "
+            "(the tuned LR belongs to the discretization)"
         )
 
 
