@@ -724,6 +724,12 @@ def best_from_dict(data: Any, where: str) -> BestParams:
         config: dict[str, Any] = raw if isinstance(raw, dict) else {}
         missing = [k for k in BestParams.model_fields if k not in data]
         missing += [f"config.{k}" for k in RunConfig.model_fields if "config" in data and k not in config]
+        if not {"study", "params", "config"} & set(data):
+            what = "a recipe" if "run" in data else "a run config" if "model" in data or "train" in data else "it"
+            raise ConfigError(
+                f"{where}: {what} is not a best.yaml (no study, params or config); pass the runs/<study>/best.yaml "
+                "that mupt tune wrote"
+            )
         if missing:
             raise ConfigError(
                 f"{where}: incomplete best.yaml (no {', '.join(missing)}): cut short or edited; write it again "

@@ -324,7 +324,7 @@ def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
         (["--to-width", "256"], "no runs/*/best.yaml found"),  # cwd without runs/
         (["--to-width", "256", "--from", "missing.yaml"], "missing.yaml: no such best-params file"),
         (["--to-width", "256", "--from", "corrupt.yaml"], "corrupt.yaml: not valid YAML"),
-        (["--to-width", "256", "--from", "wrong.yaml"], "wrong.yaml: incomplete best.yaml (no study, trial"),
+        (["--to-width", "256", "--from", "wrong.yaml"], "wrong.yaml: a run config is not a best.yaml"),
         (["--to-width", "256", "--from", "runs/s/best.yaml", "--to-layers", "3"], "no depth-transfer rules"),
         (["--to-width", "256", "--from", "runs/s/best.yaml", "--width", "128"], "--width describes the proxy"),
         (["--from", "runs/s/best.yaml"], "--to-width is required"),
