@@ -288,7 +288,14 @@ def transfer(
     layers: LayersOpt = None,
     d_state: StateOpt = None,
     discretization: DiscOpt = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per point.")] = SWEEP_STEPS,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps",
+            help="Optimizer steps per point. 120 measures the drift; regret needs a longer run (480: at 120 steps "
+            "SP's short-horizon lead inflates it, docs/transfer.md).",
+        ),
+    ] = SWEEP_STEPS,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = PROXY_BATCH_SIZE,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = PROXY_SEQ_LEN,
     optimizer: Annotated[OptimizerName, typer.Option("--optimizer", help="adamw, adam or sgd.")] = DEFAULT_OPTIMIZER,
