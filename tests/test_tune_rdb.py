@@ -30,7 +30,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mupt.tune import sqlalchemy_url
+from mupt.tune import sqlalchemy_url, was_skipped
 
 # Optuna >= 4.9 names it RetryHeartbeatStaleTrialCallback (the old name warns)
 Retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
@@ -39,10 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKEND = "torch"
 TRIALS = 6
 HEARTBEAT = 2  # seconds; a dead worker's trial is failed after 2 x HEARTBEAT without a beat
-# a trial of about 2 s on one core (plus ~5 s of torch imports in a worker's first): validation at steps 20, 40
-# and 60 leaves a window to kill it in its middle; the LR range never diverges (every trial completes)
+# trials at rung 0 (d_model 16) train 90 steps, about 1 s on one core (plus ~5 s of torch imports in a worker's
+# first), validated every 10 steps: a trial validated at step 10 but not yet at 60 has at least 30 steps
+# (~0.3 s) left, enough to kill its worker mid-trial (with 30-step trials, 10..30, a trial sometimes ended
+# before the kill); the LR range never diverges (every trial completes)
+STEPS, KILL_BEFORE = 90, 60
 FLAGS = [
-    "--width", "32", "--layers", "1", "--seq-len", "32", "--steps", "30", "--eval-every", "10",
+    "--width", "32", "--layers", "1", "--seq-len", "32", "--steps", str(STEPS), "--eval-every", "10",
     "--lr-range", "2e-3,2e-2", "--backend", BACKEND, "--pruner", "none", "--trials", str(TRIALS), "--workers", "2",
     "--heartbeat", str(HEARTBEAT), "--study", "shared",
 ]  # fmt: skip
@@ -157,8 +160,8 @@ def run_two_machines(url: str, runs_dir: Path) -> dict[str, object]:
                     t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                     if "worker" in t.user_attrs
                 ]  # fmt: skip
-                # mid-trial: validated at step 10, not yet at 30
-                middle = [t for t in running if t.intermediate_values and max(t.intermediate_values) < 30]
+                # mid-trial: validated at step 10, not yet at KILL_BEFORE
+                middle = [t for t in running if t.intermediate_values and max(t.intermediate_values) < KILL_BEFORE]
                 if middle:
                     t = middle[0]
                     pid = int(str(t.user_attrs["worker"]).rsplit(":", 2)[1])
@@ -200,12 +203,15 @@ def check_study(url: str, happened: dict[str, object]) -> int:
     assert len(by_state[TrialState.COMPLETE]) == TRIALS, table  # none lost, no overshoot
     assert not by_state[TrialState.RUNNING] and not by_state[TrialState.WAITING]
     # only the killed trial failed, plus any twin retry that was closed before it trained (SQLite can queue
-    # the retry twice: two workers fail the same stale trial at once; only the first twin runs)
+    # the retry twice: two workers fail the same stale trial at once; only the first twin runs), and any trial a
+    # worker closed unrun because the budget filled while it was created ("over budget": the race the budget
+    # check closes; no training, no cost)
     twins = [t for t in by_state[TrialState.FAIL] if str(t.user_attrs.get("reason")).startswith("duplicate retry")]
-    assert all(not t.intermediate_values for t in twins), table
-    assert [t.number for t in by_state[TrialState.FAIL] if t not in twins] == [victim], table
+    skipped = [t for t in by_state[TrialState.FAIL] if was_skipped(t)]
+    assert all(not t.intermediate_values and "steps" not in t.user_attrs for t in skipped), table
+    assert [t.number for t in by_state[TrialState.FAIL] if t not in skipped] == [victim], table
     failed = trials[victim]
-    retries = [t for t in trials if Retry.retried_trial_number(t) == victim and t not in twins]
+    retries = [t for t in trials if Retry.retried_trial_number(t) == victim and t not in skipped]
     assert len(retries) == 1 and retries[0].state is TrialState.COMPLETE, table
     assert retries[0].params == failed.params  # the retry repeats the killed trial's parameters
     # none duplicated: every complete trial is a distinct point, and each was run by exactly one worker
