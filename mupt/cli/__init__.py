@@ -31,7 +31,11 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 check_app = typer.Typer(
-    help="Pass/fail verification for CI: coordinate checks and LR-transfer checks.", no_args_is_help=True
+    help=(
+        "Pass/fail verification for CI: coordinate checks (coord), LR-transfer checks with regret (transfer), "
+        "both (all), and a few short runs of a recipe at the target width (target)."
+    ),
+    no_args_is_help=True,
 )
 app.add_typer(check_app, name="check")
 
