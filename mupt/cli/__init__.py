@@ -73,6 +73,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def mute_ctrl_c() -> None:
+    """For a command that is ending after Ctrl-C: a Ctrl-C pressed again must not break the exit with a
+    traceback.  A Python-level no-op handler, unlike ``SIG_IGN``, is not inherited by child processes."""
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
 # Command modules register themselves on ``app`` / ``check_app`` when imported.
 from mupt.cli import check_coord as _check_coord  # noqa: E402,F401
 from mupt.cli import check_target as _check_target  # noqa: E402,F401
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         err.print("[bold red]aborted[/]")
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C where no command handles it (they say what they kept): one line, no traceback
-        signal.signal(signal.SIGINT, lambda signum, frame: None)  # ending: Ctrl-C again must not break the exit
+        mute_ctrl_c()
         err.print("[bold red]interrupted[/] (Ctrl-C)")
         sys.exit(130)
     except _CLICK_ERRORS as e:

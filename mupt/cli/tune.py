@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mupt.cli import app, err, out
+from mupt.cli import app, err, mute_ctrl_c, out
 from mupt.cli.common import (
     ArchOpt,
     BackendOpt,
@@ -363,9 +362,7 @@ def _finish(
     try:
         _results(settings, cfg, top, table_out, seconds, interrupted)
     except KeyboardInterrupt:
-        # the command is ending: Ctrl-C pressed again must not break the exit (a Python-level no-op handler, unlike
-        # SIG_IGN, is not inherited by child processes)
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
+        mute_ctrl_c()
         err.print(
             "interrupted while writing the results: the finished trials are kept in the study; rerun the same "
             "command to resume, or add --report to write best.yaml and the plots",

@@ -65,6 +65,17 @@ def map_tokens(path: Path, dtype: np.dtype[Any], offset: int = 0) -> tuple[np.nd
     return np.frombuffer(mm, dtype=dtype, count=count, offset=offset), mm
 
 
+def first_outside(ids: np.ndarray, vocab_size: int) -> tuple[int, int] | None:
+    """``(id, flat index)`` of the first occurrence of the out-of-range id found in ``ids`` (any shape): the
+    largest id when it is ``>= vocab_size``, else the smallest when it is negative; None when every id is in
+    ``[0, vocab_size)``.  One max and one min over ``ids``; the index search runs only on failure."""
+    top, low = int(ids.max()), int(ids.min())
+    if top < vocab_size and low >= 0:
+        return None
+    bad = top if top >= vocab_size else low
+    return bad, int(np.argmax(ids.reshape(-1) == bad))
+
+
 class TokenArray:
     """A read-only concatenation of 1-D token arrays (memory maps), addressed by global offset.
 
@@ -148,15 +159,16 @@ class MemmapTokens:
         Raises DataError when a window holds an id outside the vocabulary (a shard damaged after prepare):
         the embedding would fail with an IndexError deep in the model.  Only the windows read are checked,
         at the cost of one max/min per batch; opening a dataset does not scan it."""
-        chunk = torch.from_numpy(np.stack([split.window(int(s), seq_len + 1) for s in starts.tolist()]))
-        top, low = int(chunk.max()), int(chunk.min())
-        if top >= self.vocab_size or low < 0:
-            bad = top if top >= self.vocab_size else low
-            row, col = (int(i) for i in (chunk == bad).nonzero()[0])
+        windows = np.stack([split.window(int(s), seq_len + 1) for s in starts.tolist()])
+        found = first_outside(windows, self.vocab_size)
+        if found is not None:
+            bad, at = found
+            row, col = divmod(at, seq_len + 1)
             raise DataError(
                 f"{self.name}: token id {bad} at {which} token {int(starts[row]) + col} is outside the vocabulary "
                 f"({self.vocab_size}); the dataset is damaged: prepare it again (mupt prepare)"
             )
+        chunk = torch.from_numpy(windows)
         return chunk[:, :-1], chunk[:, 1:]
 
     def train_batch(
@@ -289,13 +301,11 @@ def _map_token_file(path: Path, vocab_size: int, flag: str = "--data") -> tuple[
             )
         arr, mm = map_tokens(path, dtype)
     for lo in range(0, len(arr), 1 << 24):  # bounded memory: 16M tokens at a time
-        block = arr[lo : lo + (1 << 24)]
-        top, low = int(block.max()), int(block.min())
-        if top >= vocab_size or low < 0:
-            bad = top if top >= vocab_size else low
-            at = lo + int(np.argmax(block == bad))
+        found = first_outside(arr[lo : lo + (1 << 24)], vocab_size)
+        if found is not None:
+            bad, at = found
             raise DataError(
-                f"{flag} {path}: token id {bad} at position {at} is outside --vocab-size {vocab_size}; "
+                f"{flag} {path}: token id {bad} at position {lo + at} is outside --vocab-size {vocab_size}; "
                 "pass the tokenizer's vocabulary size"
             )
     return arr, mm
