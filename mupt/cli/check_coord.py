@@ -12,6 +12,7 @@ from rich.table import Table
 from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
 from mupt.cli import check_app, err, out
 from mupt.cli.common import (
+    DISC_HELP,
     BackendOpt,
     DataOpt,
     ThreadsOpt,
@@ -115,7 +116,7 @@ def coord(
         Discretization,
         typer.Option(
             "--discretization",
-            help="mamba1 only: B discretization, zoh or euler (mamba_ssm; the one mupt export needs).",
+            help=DISC_HELP,
         ),
     ] = Discretization.ZOH,
     widths: Annotated[str, typer.Option("--widths", help="Comma list of d_model widths spanning >= 8x.")] = ",".join(

@@ -91,11 +91,13 @@ NgroupsOpt = Annotated[
     int | None,
     typer.Option("--ngroups", help="mamba2: B/C groups shared by the heads.", show_default="1" + _OR_CONFIG),
 ]
+#: --help of --discretization (also check coord's own option, whose default is not --config's)
+DISC_HELP = "mamba1 only: B discretization, zoh or euler (mamba_ssm; the one mupt export needs)."
 DiscOpt = Annotated[
     Discretization | None,
     typer.Option(
         "--discretization",
-        help="mamba1 only: B discretization, zoh or euler (mamba_ssm; the one mupt export needs).",
+        help=DISC_HELP,
         show_default="zoh" + _OR_CONFIG,
     ),
 ]
