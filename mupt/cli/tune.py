@@ -39,9 +39,11 @@ from mupt.paths import check_output_dir
 from mupt.report import fmt, key_values, table
 from mupt.threads import resolve_threads
 from mupt.tune import (
+    DEFAULT_LR_DRIFT,
     FINISHED,
     SEARCHABLE,
     Fidelity,
+    Finalist,
     Ladder,
     Progress,
     PrunerName,
@@ -155,23 +157,42 @@ def tune(
         typer.Option(
             "--trials",
             "-n",
-            help="Configurations sampled at rung 0; rung i keeps round(trials/reduction^i) of them (16: rungs of "
-            "16, 5, 2, 1 = 24 trials in all).",
+            help="Configurations sampled at rung 0 (d_model = proxy/8 under width fidelity); then one proxy-width "
+            "trial (--finalist fit: 17 trials in all), or rung i keeps round(trials/reduction^i) (--finalist "
+            "rank: 16, 5, 2, 1 = 24).",
         ),
     ] = 16,
     fidelity: Annotated[
         Fidelity,
         typer.Option(
             "--fidelity",
-            help="width: rungs at d_model = proxy/8, /4, /2, proxy (best by rank move up); "
-            "steps: every trial at the proxy width, pruned on steps.",
+            help="width: most trials at d_model = proxy/8 (rounded down to a multiple of 16), the answer "
+            "measured at the proxy width (see --finalist); steps: every trial at the proxy width, pruned on steps.",
         ),
     ] = Fidelity.WIDTH,
+    finalist: Annotated[
+        Finalist | None,
+        typer.Option(
+            "--finalist",
+            help="Width fidelity: fit = one proxy-width trial at the LR where a parabola through rung 0's losses "
+            "has its minimum, moved by --lr-drift (0.11-0.13 of a dense grid's FLOPs); rank = the best by rank move "
+            "up through rungs proxy/8, /4, /2 (0.20-0.22). Default: fit when only the LR is searched, else rank.",
+            show_default=False,
+        ),
+    ] = None,
+    lr_drift: Annotated[
+        float,
+        typer.Option(
+            "--lr-drift",
+            help="--finalist fit: octaves of LR the optimum moves per doubling of d_model from proxy/8 to the proxy "
+            "(measured -0.11 and -0.19 at the default proxy on two corpora; 0 trusts µP's fixed optimum).",
+        ),
+    ] = DEFAULT_LR_DRIFT,
     reduction: Annotated[
         int,
         typer.Option(
             "--reduction",
-            help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity); a rung that would keep them all "
+            help="--finalist rank: rung i keeps 1/reduction of rung i-1's trials; a rung that would keep them all "
             "is left out (8: 16,2,1).",
         ),
     ] = 3,
@@ -179,8 +200,8 @@ def tune(
         bool,
         typer.Option(
             "--extrapolate/--no-extrapolate",
-            help="Width fidelity, LR searched alone: the proxy rung also runs the LR extrapolated from the "
-            "optimum's drift across the narrower rungs (docs/tuning.md).",
+            help="--finalist rank, LR searched alone: the proxy rung also runs the LR extrapolated from the "
+            "optimum's drift fitted across the narrower rungs (docs/tuning.md).",
         ),
     ] = False,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
@@ -235,10 +256,11 @@ def tune(
 ) -> None:
     """Tune the proxy's learning rate (and optionally µP multipliers) with Optuna; writes runs/<study>/best.yaml.
 
-    By default most trials run at narrower widths (µP keeps the optimum in place): rungs at
-    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up (16 sampled at
-    rung 0, then 5, 2 and 1: 24 trials in all); the answer is the best trial measured at the proxy
-    width.  Compute is counted in FLOPs.
+    By default most trials run at a narrower width (µP keeps the optimum nearly in place): 16
+    configurations at d_model = proxy/8, then one trial at the proxy width, at the LR where a
+    parabola through the narrow losses has its minimum, moved by the optimum's expected drift
+    (--lr-drift); the answer is measured at the proxy width.  --finalist rank moves the best by rank
+    up through rungs at proxy/8, /4, /2 instead.  Compute is counted in FLOPs.
 
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
@@ -254,7 +276,7 @@ def tune(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
-        extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log,
+        extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log, finalist=finalist, lr_drift=lr_drift,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
@@ -280,7 +302,8 @@ def tune(
         f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
         f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
-        f"rungs(d_model x trials)={rungs} sampler={settings.sampler.value} pruner={settings.pruner.value} "
+        f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'} "
+        f"sampler={settings.sampler.value} pruner={settings.pruner.value} "
         f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
     )
