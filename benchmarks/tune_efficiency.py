@@ -7,8 +7,9 @@ study (journal storage, as ``mupt tune`` does) with several sampler seeds:
     grid       the dense log2 grid itself (fraction 1.0 by definition, listed for its wall time)
     tpe        TPE, every trial at the proxy width to the end      (--fidelity steps --pruner none)
     tpe+asha   TPE with successive-halving pruning on steps         (--fidelity steps --pruner asha)
-    width-fit  the default (--fidelity width, --finalist fit): 16 trials at d_model proxy/8, then one at the
-               proxy width at the LR of rung 0's fitted parabola's vertex, moved by --lr-drift
+    width-fit  the default (--fidelity width, --finalist fit): 16 trials at d_model proxy/8 trained to the
+               end, then one at the proxy width at the LR of rung 0's fitted parabola's vertex, moved by
+               --lr-drift (width-fit-asha: the same with successive halving in rung 0)
     width      --finalist rank, reduction 3: 16, 5, 2, 1 trials at d_model proxy/8, /4, /2, proxy
     width-r8   reduction 8: 16 trials at proxy/8, the best 2 at proxy/4, the best 1 at the proxy (a proxy/2
                rung would take its only trial on: left out)
@@ -75,8 +76,10 @@ BACKEND = "auto" if importlib.util.find_spec("mupt.scan.torch_scan") else "refer
 METHODS: dict[str, dict[str, Any]] = {
     "tpe": {"fidelity": "steps", "pruner": "none"},
     "tpe+asha": {"fidelity": "steps", "pruner": "asha"},
-    # the default: 16 trials at proxy/8, then 1 at the proxy at rung 0's fitted optimum moved by the drift
-    "width-fit": {"fidelity": "width", "pruner": "asha", "finalist": "fit"},
+    # the default: 16 trials at proxy/8 (no pruning), then 1 at the proxy at rung 0's fitted optimum moved by the drift
+    "width-fit": {"fidelity": "width", "finalist": "fit"},
+    # the same with successive halving in rung 0 (the first version of --finalist fit; not kept)
+    "width-fit-asha": {"fidelity": "width", "pruner": "asha", "finalist": "fit"},
     # 16, 5, 2, 1 trials by rank
     "width": {"fidelity": "width", "pruner": "asha", "finalist": "rank", "reduction": 3},
     # 16, 2, 1 (no proxy/2 rung of one trial)

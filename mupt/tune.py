@@ -143,7 +143,11 @@ class TuneSettings(BaseModel):
     trials: int = Field(default=16, description="configurations sampled (rung 0), over all workers")
     workers: int = 1
     sampler: SamplerName = SamplerName.TPE
-    pruner: PrunerName = PrunerName.ASHA
+    pruner: PrunerName | None = Field(
+        default=None,
+        description="step pruner inside rung 0; None: none under --finalist fit (its parabola wants trials on both "
+        "sides of the optimum, and halving on early losses keeps the high LRs), asha otherwise",
+    )
     search: tuple[str, ...] = ("lr",)
     lr_range: tuple[float, float] | None = None
     seed: int = 0
@@ -181,7 +185,7 @@ class TuneSettings(BaseModel):
         enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity, "finalist": Finalist}[
             str(info.field_name)
         ]
-        if v is None and info.field_name == "finalist":
+        if v is None and info.field_name in ("finalist", "pruner"):
             return None
         return _enum(enum, v, f"--{info.field_name}")
 
@@ -240,6 +244,15 @@ class TuneSettings(BaseModel):
                 f"(default {DEFAULT_LR_DRIFT:g}; 0 trusts µP's fixed optimum)"
             )
         return self
+
+    @property
+    def pruner_mode(self) -> PrunerName:
+        """The step pruner inside rung 0: the flag, or by default ``none`` under ``--finalist fit`` (every
+        rung-0 trial trains to the end, so the parabola sees both sides of the optimum: successive halving
+        on early losses keeps the high LRs, which learn fastest at first) and ``asha`` otherwise."""
+        if self.pruner is not None:
+            return self.pruner
+        return PrunerName.NONE if self.finalist_mode is Finalist.FIT else PrunerName.ASHA
 
     @property
     def finalist_mode(self) -> Finalist | None:
@@ -961,7 +974,7 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
     every = cfg.train.eval_every
     if rung > 0:
         return optuna.pruners.NopPruner()
-    if settings.pruner is PrunerName.ASHA:
+    if settings.pruner_mode is PrunerName.ASHA:
         if settings.fidelity is Fidelity.WIDTH:
             # one halving on steps, at the first validation from half the run on, keeping about a third (a half at
             # --reduction 2): enough to fill rung 1.  Earlier halvings favour high LRs (they learn fastest at
@@ -971,7 +984,7 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
             keep = min(3, settings.reduction)
             return HalvingPruner(min_resource=first, reduction_factor=keep)
         return HalvingPruner(min_resource=every, reduction_factor=3)
-    if settings.pruner is PrunerName.MEDIAN:
+    if settings.pruner_mode is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
     return optuna.pruners.NopPruner()
 
@@ -1308,7 +1321,7 @@ def make_objective(
                 trial.set_user_attr("steps", step)
                 trial.set_user_attr("flops", step * per_step)
                 trial.set_user_attr("status", "pruned")
-                trial.set_user_attr("reason", f"pruned by {settings.pruner.value} at step {step} (val {val:.4f})")
+                trial.set_user_attr("reason", f"pruned by {settings.pruner_mode.value} at step {step} (val {val:.4f})")
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         try:

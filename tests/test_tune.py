@@ -360,6 +360,10 @@ def test_fit_finalist_schedule_is_the_default_for_the_lr_alone() -> None:
         (32, 16, 0, "s"), (64, 5, 0, "s.rung1"), (128, 2, 0, "s.rung2"), (256, 1, 0, "s.rung3")]  # fmt: skip
     assert _schedule(with_overrides(cfg, {"model.d_model": 32}), trials=4) == [(16, 4, 0, "s"), (32, 1, 1, "s.rung1")]
     assert _schedule(with_overrides(cfg, {"model.d_model": 16}), trials=4) == [(16, 4, 0, "s")]
+    # rung 0 trains every trial to the end under the fit (both sides of the optimum), halves under rank
+    assert [TuneSettings(study="s", **kw).pruner_mode.value for kw in (  # type: ignore[arg-type]
+        {}, {"finalist": "rank"}, {"search": "lr,output_mult"}, {"fidelity": "steps"}, {"pruner": "median"})] == [
+        "none", "asha", "asha", "asha", "median"]  # fmt: skip
     for bad, match in (({"search": "lr,output_mult"}, "--finalist rank, or --search lr"),
                        ({"extrapolate": True}, "use it with --finalist rank"),
                        ({"lr_drift": 3.0}, "--lr-drift 3: must be within -1..1")):  # fmt: skip
@@ -949,7 +953,7 @@ def test_asha_leaves_failed_trials_out_of_the_competition(tmp_path: Path) -> Non
     state); among finished trials the decisions are Optuna's own."""
     from mupt.tune import make_pruner
 
-    settings = TuneSettings(study="asha", runs_dir=str(tmp_path))
+    settings = TuneSettings(study="asha", pruner="asha", runs_dir=str(tmp_path))
     cfg = tiny(**{"train.steps": 64, "train.eval_every": 16})  # the halving step is 32
     pruner = make_pruner(settings, cfg)
     study = optuna.create_study(storage=open_storage(settings), study_name="asha", pruner=pruner)

@@ -219,8 +219,14 @@ def tune(
         SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
     ] = SamplerName.TPE,
     pruner: Annotated[
-        PrunerName, typer.Option("--pruner", help="Step pruner (rung 0): asha (successive halving), median or none.")
-    ] = PrunerName.ASHA,
+        PrunerName | None,
+        typer.Option(
+            "--pruner",
+            help="Step pruner (rung 0): asha (successive halving), median or none. Default: none under --finalist "
+            "fit (its parabola needs trials on both sides of the optimum), else asha.",
+            show_default=False,
+        ),
+    ] = None,
     search: Annotated[str, typer.Option("--search", help=f"Comma list to tune, from: {','.join(SEARCHABLE)}.")] = "lr",
     lr_range: Annotated[
         str | None, typer.Option("--lr-range", help="LOW,HIGH of the log-uniform LR range; default 1e-4,0.1 (Adam).")
@@ -303,7 +309,7 @@ def tune(
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
         f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
         f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'} "
-        f"sampler={settings.sampler.value} pruner={settings.pruner.value} "
+        f"sampler={settings.sampler.value} pruner={settings.pruner_mode.value} "
         f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
     )
