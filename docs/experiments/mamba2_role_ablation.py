@@ -14,7 +14,12 @@ A variant is ``base`` (the rules as implemented) or modifications joined by ``+`
 * ``plr:NAME:F``: the LR of every parameter whose name contains NAME (e.g. ``layers.0.mixer.in_proj.weight_C``)
   times F (0 freezes it): a per-layer ablation, done by splitting the optimizer groups the rules built;
 * ``lr:ROLE:A[:X]``, ``init:ROLE:A[:X]``, ``fwd:ROLE:A[:X]``: the role's Adam-LR / init-std / forward-multiplier
-  exponent of r_u set to A (and of r_x to X; kept when not given): a width-dependent change, a candidate rule.
+  exponent of r_u set to A (and of r_x to X; kept when not given): a width-dependent change, a candidate rule;
+* ``hpg:K``: K heads per B/C group at every width (ngroups = nheads / K grows with width, and with it the gated
+  norm's groups), instead of a fixed ngroups (section 9g's test of the shared-gradient mechanism);
+* ``strat``: every layer's per-head dt_bias and A_log drawn on an even quantile grid of mamba_ssm's distributions
+  (dt log-uniform in [dt_min, dt_max], A uniform in [1, 16]; A's grid in a seeded random order) instead of at
+  random: the same distributions, without the head-sampling noise of a few heads (section 9g).
 
 ROLE is a :class:`mupt.config.Role` value (in_proj_z, in_proj_x, in_proj_B, in_proj_C, in_proj_dt,
 conv1d_weight, conv1d_bias, A_log_head, D, dt_bias, gated_norm, norm, out_proj, embedding, lm_head).
@@ -37,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mupt import parametrization, train
 from mupt.check.coord import CoordSettings, coord_check, log2_slope
 from mupt.config import Arch, Discretization, RunConfig, Scheme
@@ -49,9 +56,13 @@ class AblationSettings(CoordSettings):
     """The coordinate check's settings plus per-role LR factors at every width (``param.role_lr``)."""
 
     role_lr: dict[str, float] = {}
+    heads_per_group: int | None = None
 
     def run_config(self, width: int, seed: int) -> RunConfig:
         cfg = super().run_config(width, seed)
+        if self.heads_per_group:
+            ngroups = cfg.model.nheads // self.heads_per_group
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"ngroups": ngroups})})
         if not self.role_lr:
             return cfg
         if "role_lr" not in type(cfg.param).model_fields:
@@ -83,15 +94,49 @@ def split_groups(apply: Any, by_name: dict[str, float]) -> Any:
     return wrapped
 
 
-def parse(variant: str) -> tuple[dict[str, float], list[tuple[str, Role, float, float | None]], dict[str, float]]:
-    """``variant`` -> (role_lr factors, [(field, role, r_u exponent, r_x exponent or None)], {name part: LR factor})."""
+Patches = list[tuple[str, Role, float, float | None]]
+
+
+def stratified_heads(apply: Any) -> Any:
+    """Wrap :func:`mupt.parametrization.apply`: before the rules run, set every Mamba-2 layer's dt_bias and A_log
+    to an even quantile grid of their default distributions (A's grid permuted with the torch RNG, so dt and A are
+    not paired in order); structured roles are never rescaled, so the rules leave them as set."""
+
+    def wrapped(model: Any, *args: Any, **kwargs: Any) -> parametrization.Parametrized:
+        cfg = model.cfg
+        h = cfg.nheads
+        q = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+        dt = torch.exp(math.log(cfg.dt_min) + q * (math.log(cfg.dt_max) - math.log(cfg.dt_min))).clamp(
+            min=cfg.dt_init_floor
+        )
+        with torch.no_grad():
+            for layer in model.backbone.layers:
+                m = layer.mixer
+                m.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(m.dt_bias.dtype))
+                m.A_log.copy_(torch.log(1.0 + 15.0 * q[torch.randperm(h)]).to(m.A_log.dtype))
+        return apply(model, *args, **kwargs)
+
+    return wrapped
+
+
+def parse(variant: str) -> tuple[dict[str, float], Patches, dict[str, float], int | None, bool]:
+    """``variant`` -> (role_lr factors, [(field, role, r_u exponent, r_x exponent or None)], {name part: LR factor},
+    heads per group or None, stratified per-head init)."""
     role_lr: dict[str, float] = {}
-    patches: list[tuple[str, Role, float, float | None]] = []
+    patches: Patches = []
     by_name: dict[str, float] = {}
+    hpg: int | None = None
+    strat = False
     if variant == "base":
-        return role_lr, patches, by_name
+        return role_lr, patches, by_name, hpg, strat
     for part in variant.split("+"):
+        if part == "strat":
+            strat = True
+            continue
         kind, role, *rest = part.split(":")
+        if kind == "hpg":
+            hpg = int(role)
+            continue
         if kind == "plr":
             by_name[role] = float(rest[0])
             continue
@@ -103,16 +148,33 @@ def parse(variant: str) -> tuple[dict[str, float], list[tuple[str, Role, float, 
         elif kind in ("lr", "init", "fwd"):
             patches.append((kind, r, float(rest[0]), float(rest[1]) if len(rest) > 1 else None))
         else:
-            raise SystemExit(f"unknown modification {part!r}: use freeze, lrmul, plr, lr, init or fwd")
-    return role_lr, patches, by_name
+            raise SystemExit(f"unknown modification {part!r}: use freeze, lrmul, plr, lr, init, fwd, hpg or strat")
+    return role_lr, patches, by_name, hpg, strat
+
+
+def base_shape_one_group(from_dict: Any) -> Any:
+    """Wrap ``from_dict`` so that the base shape ``apply`` builds keeps 1 group: with ``hpg`` the wide model's
+    ngroups need not divide the base's head count, and the base shape only sets fan-ins, which ngroups leaves
+    alone."""
+
+    def wrapped(cls: Any, data: dict[str, Any], where: str = "") -> Any:
+        if where == "base shape":
+            data = {**data, "ngroups": 1}
+        return from_dict(cls, data, where=where)
+
+    return wrapped
 
 
 def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | None, d_state: int,
         scale_state: bool, steps: int = 4) -> dict[str, Any]:  # fmt: skip
-    role_lr, patches, by_name = parse(variant)
-    apply = train.apply
+    role_lr, patches, by_name, hpg, strat = parse(variant)
+    apply, from_dict = train.apply, parametrization.from_dict
     if by_name:
-        train.apply = split_groups(apply, by_name)  # type: ignore[assignment]
+        train.apply = split_groups(train.apply, by_name)  # type: ignore[assignment]
+    if strat:
+        train.apply = stratified_heads(train.apply)  # type: ignore[assignment]
+    if hpg:
+        parametrization.from_dict = base_shape_one_group(from_dict)  # type: ignore[assignment]
     saved = {k: v for k, v in parametrization.RULES.items() if k[0] is Scheme.MUP_SSM and k[1] == "adam"}
     for key, rules in saved.items():
         new = dict(rules)
@@ -128,11 +190,13 @@ def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | Non
         settings = AblationSettings(
             arch=Arch.MAMBA2, headdim=32, base_d_state=d_state, scale_state=scale_state, widths=widths, seeds=seeds,
             base_width=base_width, backend="torch", discretization=Discretization.ZOH, role_lr=role_lr, steps=steps,
+            heads_per_group=hpg,
         )  # fmt: skip
         res = coord_check(settings)
     finally:
         parametrization.RULES.update(saved)
         train.apply = apply  # type: ignore[assignment]
+        parametrization.from_dict = from_dict  # type: ignore[assignment]
     return {
         "variant": variant,
         "passed": res.passed,
