@@ -15,7 +15,8 @@ Checkpoints (``<run_dir>/checkpoints/step_NNNNNN``) are written with
 which handles DDP and FSDP2 alike) plus per-rank RNG/scheduler state and a ``meta.json``
 (step, fingerprint of the model/param config, file sizes).  They are written to ``.tmp`` and
 renamed, then ``latest`` is rewritten atomically.  SIGTERM or SIGINT sets a flag; the loop
-checkpoints and returns.  A corrupt checkpoint or one for another model raises :class:`CheckpointError`.
+checkpoints and returns (a signal during set-up stops the run before its first step, writing nothing).
+A corrupt checkpoint or one for another model raises :class:`CheckpointError`.
 
 :func:`launch_distributed` hands N processes to PyTorch's elastic launcher
 (``torch.distributed.run``), exactly as ``torchrun`` would, and returns torchrun's per-rank failure
@@ -780,6 +781,11 @@ class ScaleResult:
     #: summary.json keeps the results of the run that trained).
     already_finished: bool = False
 
+    @property
+    def before_training(self) -> bool:
+        """Stopped by a signal during set-up: not one step trained, nothing written (see :func:`run`)."""
+        return self.status == "terminated" and self.steps == self.start_step
+
     def summary(self) -> dict[str, Any]:
         """summary.json's fields: everything but the per-step losses and ``already_finished``."""
         d = asdict(self)
@@ -802,6 +808,19 @@ def _already_finished(run_dir: Path, step: int, tokens_per_step: int, best_val: 
     return ScaleResult(
         "ok", None, step, step, step * tokens_per_step, 0, 0.0, 0.0, best_val, final, last, world, str(run_dir),
         str(checkpoint), already_finished=True,
+    )  # fmt: skip
+
+
+def _before_training(trainer: Trainer, run_dir: Path, best_val: float | None, world: int, latest: Path | None,
+                     signum: int | None) -> ScaleResult:  # fmt: skip
+    """The result of a run stopped by a signal during set-up, before its first step: nothing trained, no checkpoint
+    or summary.json written (the run dir's checkpoints, if any, are as they were).  ``signum`` is None on a rank
+    that got none itself (another rank did)."""
+    why = f"signal {signum}" if signum is not None else "stop requested on another rank"
+    step = trainer.step
+    return ScaleResult(
+        "terminated", f"{why} before the first step", step, step, step * trainer.tokens_per_step, 0, 0.0, 0.0, best_val,
+        None, None, world, str(run_dir), str(latest) if latest is not None else None, signum,
     )  # fmt: skip
 
 
@@ -972,6 +991,11 @@ def run(
     ``on_log`` (rank 0) gets every metrics record; ``on_health`` (rank 0) each µP health warning
     (:class:`mupt.health.HealthProbe`: once per layer and quantity that leaves its band).  With
     ``launch.health_strict`` such a reading stops the run after a checkpoint: status ``"unhealthy"``.
+
+    SIGTERM or SIGINT stops the run at the next step boundary, after a checkpoint (status ``"terminated"``).
+    One that arrives during set-up (model, data, checkpoint load) stops every rank before the first step:
+    nothing is trained or written, on_start is not called, and the result's :attr:`ScaleResult.before_training`
+    is true.  Before the handlers are installed (recipe checks, process group) a SIGINT is a KeyboardInterrupt.
     """
     rank, world, local_rank = dist_env()
     validate_recipe(recipe)
@@ -998,7 +1022,7 @@ def run(
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         started_pg = True
     try:
-        with SignalStop() as stop:  # installed before set-up: a signal then stops after the first step
+        with SignalStop() as stop:  # installed before set-up: a signal then stops before the first step
             try:
                 return _run(recipe, resume, on_log, on_start, rank, world, device, stop, reschedule, on_health)
             except MuptError:
@@ -1098,6 +1122,9 @@ def _run(
     if latest is not None and meta is not None:
         check_schedule(meta, latest, tc, reschedule)
         best_val = meta.get("best_val_loss")
+    if trainer.any_rank(stop.signal is not None):  # a signal during set-up: stop before the first step, write nothing
+        return _before_training(trainer, run_dir, best_val, world, latest, stop.signal)
+    if latest is not None and meta is not None:
         factor = lr_factor(tc)(trainer.step)  # what LambdaLR computes; differs only with --reschedule
         for g in trainer.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * factor

@@ -417,6 +417,96 @@ def test_ctrl_c_checkpoints_prints_one_line_and_exits_130(tmp_path: Path) -> Non
     assert len(lines) == 1 and "interrupted" in lines[0] and "rerun to resume" in lines[0], stderr
 
 
+def ctrl_c_after(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Deliver a real SIGINT (what Ctrl-C sends) to this process as soon as ``launch.<name>`` has returned."""
+    real = getattr(launch, name)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(launch, name, wrapped)
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_ctrl_c_during_start_up_is_one_line_trains_and_writes_nothing(tmp_path: Path, cli, monkeypatch) -> None:
+    """Ctrl-C before the first step, in both windows of the start-up: while the recipe is checked (Python's own
+    KeyboardInterrupt, which typer turned into a silent exit 130) and while the model is built and the checkpoint
+    loaded (training's signal handler, which used to train one step and checkpoint it): one line, exit 130."""
+    recipe, run_dir = make_recipe(tmp_path, "early", steps=6, ckpt_every=3)
+    ctrl_c_after(monkeypatch, "validate_recipe")
+    code, stdout, stderr = cli("scale", str(recipe))
+    assert code == 130 and stdout == "", stderr
+    lines = message_lines(stderr)
+    assert len(lines) == 1 and "interrupted (Ctrl-C) before training started" in lines[0], stderr
+    assert "nothing was trained or lost" in lines[0] and lines[0].endswith("rerun the same command to start")
+    assert not run_dir.exists()
+    monkeypatch.undo()
+
+    assert cli("scale", str(recipe))[0] == 0  # 6 steps, checkpoints at 3 and 6
+    before = files(run_dir)
+    ctrl_c_after(monkeypatch, "Trainer")  # the model and data are built; the checkpoint is loaded next
+    code, stdout, stderr = cli("scale", str(recipe), "--steps", "8", "--reschedule")
+    assert code == 130 and stdout == "", stderr  # no banner, no summary table: nothing ran
+    lines = message_lines(stderr)
+    assert len(lines) == 1 and "interrupted (Ctrl-C) before training started: nothing was lost" in lines[0], stderr
+    assert f"checkpoints up to step 6 are kept in {run_dir / 'checkpoints'}" in lines[0], stderr
+    assert lines[0].endswith("rerun the same command to resume"), stderr
+    assert files(run_dir) == before  # no checkpoint, metrics line, summary.json or recipe.yaml written
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line_from_the_launcher(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while torchrun's workers import their modules:
+    the launcher says it once; no worker prints a traceback or a line of its own."""
+    recipe, run_dir = make_recipe(tmp_path, "early2", steps=2000)
+    proc = subprocess.Popen(
+        scale_cmd(recipe, "--nproc", "2"), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: the test's terminal-like Ctrl-C goes to it alone
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(started_workers(proc.pid)) < 2:  # both workers are loading torch: their imports take seconds
+            assert time.monotonic() < deadline and proc.poll() is None, "the workers never started"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (run_dir / "metrics.jsonl").exists(), "training had started: the test proved nothing"
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = [x for x in message_lines(stderr) if not re.match(r"[WIE]\d{4} ", x) and "launching 2 processes" not in x]
+    lines = [x for x in lines if not x.startswith("--")]  # the launch command's wrapped tail
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("interrupted (Ctrl-C) before training started: nothing was trained or lost"), stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert launch.find_latest(run_dir) is None
+
+
+def started_workers(launcher: int) -> list[int]:
+    """Pids of the processes torchrun's agent (``launcher``) started (a RANK in their environment) that are loading
+    torch (its library is mapped): past the interpreter's own start-up, where a SIGINT is fatal to any program."""
+    pids = []
+    for task in Path(f"/proc/{launcher}/task").glob("*"):
+        try:
+            children = [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                env = b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+                if b"\0RANK=" in env and "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                    pids.append(pid)
+            except OSError:
+                continue
+    return pids
+
+
 def strict_json(text: str) -> Any:
     """json.loads as a strict (RFC 8259) reader: bare NaN/Infinity are an error."""
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}: not strict JSON"))

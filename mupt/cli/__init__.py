@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C where no command handles it (they say what they kept): one line, no traceback
         mute_ctrl_c()
-        err.print("[bold red]interrupted[/] (Ctrl-C)")
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # a torchrun worker (mupt scale) is silent: its launcher says it
+            err.print("[bold red]interrupted[/] (Ctrl-C)")
         sys.exit(130)
     except _CLICK_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # help was asked for by giving no arguments

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from mupt import launch
-from mupt.cli import app, err, fail, out
+from mupt.cli import app, err, fail, mute_ctrl_c, out
 from mupt.cli.common import ThreadsOpt, progress
 from mupt.config import Precision, load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
@@ -125,11 +125,55 @@ def scale(
 
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
-    recipe = launch.apply_overrides(
-        load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
-        ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
-        lr_scale=lr_scale, init_from=init_from, health_every=health_every, health_strict=health_strict,
-    )  # fmt: skip
+    run: dict[str, Any] = {}  # "dir": the run dir once known; "ended": set once training has returned
+    try:
+        recipe = launch.apply_overrides(
+            load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
+            ckpt_every=ckpt_every, log_every=log_every, log=log, precision=precision, compile=compile_, fsdp=fsdp,
+            lr_scale=lr_scale, init_from=init_from, health_every=health_every, health_strict=health_strict,
+        )  # fmt: skip
+        run["dir"] = Path(recipe.launch.run_dir)
+        _launch(recipe, recipe_path, run, resume, reschedule, lr_scale, data, threads, nproc, nnodes, rdzv_endpoint,
+                dry_run)  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C before training's own handler is installed (or after it is removed)
+        mute_ctrl_c()
+        if launch.is_worker():  # the launcher says it once for every rank
+            raise typer.Exit(130) from None
+        if run.get("ended"):
+            err.print("[bold red]interrupted[/] (Ctrl-C) after the run ended; its results are written", highlight=False)
+        else:
+            err.print(before_training_line(signal.SIGINT, run.get("dir")), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+def before_training_line(signum: int, run_dir: Path | None) -> str:
+    """One line for a run stopped before its first step: nothing was trained or lost; how to start or resume."""
+    what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by signal {signum}"
+    latest = launch.find_latest(run_dir) if run_dir is not None else None
+    if latest is None:
+        return f"{what} before training started: nothing was trained or lost; rerun the same command to start"
+    step = int(latest.name.split("_")[-1])
+    return (
+        f"{what} before training started: nothing was lost (checkpoints up to step {step} are kept in "
+        f"{latest.parent}); rerun the same command to resume"
+    )
+
+
+def _launch(
+    recipe: launch.Recipe,
+    recipe_path: Path,
+    run: dict[str, Any],
+    resume: bool | None,
+    reschedule: bool,
+    lr_scale: float | None,
+    data: str | None,
+    threads: int | None,
+    nproc: int,
+    nnodes: int,
+    rdzv_endpoint: str | None,
+    dry_run: bool,
+) -> None:
+    """The body of ``mupt scale`` once the recipe is loaded: checks, then this process, its workers or a plan."""
     resolve_every(recipe)  # a health flag the recipe cannot serve is refused before anything starts
     n_threads = resolve_threads(threads, nproc)  # per process; nproc processes share this node's cores
     check_output_dir(Path(recipe.launch.run_dir), "--run-dir")
@@ -139,7 +183,7 @@ def scale(
     flags = [*launch.worker_flags(recipe, resume, lr_scale, reschedule), "--threads", str(n_threads)]
     if launch.is_worker():
         set_threads(n_threads)
-        _run_worker(recipe, resume, reschedule)
+        _run_worker(recipe, resume, reschedule, run)
         return
     distributed = nproc > 1 or nnodes > 1 or recipe.launch.fsdp
     if distributed:
@@ -155,16 +199,22 @@ def scale(
         return
     if not distributed:
         set_threads(n_threads)
-        _run_here(recipe, resume, reschedule)
+        _run_here(recipe, resume, reschedule, run)
         return
     err.print(f"[bold]mupt scale[/] launching {nproc * nnodes} processes: {command}", highlight=False)
+    before = launch.find_latest(Path(recipe.launch.run_dir))
     result = launch.launch_distributed(argv)
+    run["ended"] = True
     code = result.code
     if code > 128:
         latest = launch.find_latest(Path(recipe.launch.run_dir))
-        err.print(
-            f"stopped by signal {code - 128}; the workers wrote checkpoint {latest}; rerun to resume", soft_wrap=True
-        )
+        if latest == before:  # a stop during training always writes a checkpoint first: none came, none trained
+            err.print(before_training_line(code - 128, run["dir"]), highlight=False, soft_wrap=True)
+        else:
+            err.print(
+                f"stopped by signal {code - 128}; the workers wrote checkpoint {latest}; rerun to resume",
+                soft_wrap=True,
+            )
         if code - 128 == signal.SIGINT:
             raise typer.Exit(130)
         return
@@ -200,14 +250,14 @@ def _failure_line(result: launch.LaunchResult, run_dir: Path) -> str:
     return f"rank {cause.rank} {what}; {kept}; fix it and rerun the same command to resume"
 
 
-def _run_worker(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> None:
+def _run_worker(recipe: launch.Recipe, resume: bool | None, reschedule: bool, run: dict[str, Any]) -> None:
     """One torchrun rank: train; an error goes into torchrun's error file for the launcher's report.
 
     A rank that stopped because another died exits with :data:`launch.EXIT_PEER_LOST` and prints nothing
     (its traceback, a collective cut short, is only in the error file): the launcher names the rank that died.
     """
     try:
-        _run_here(recipe, resume, reschedule)
+        _run_here(recipe, resume, reschedule, run)
     except launch.PeerLostError as e:
         launch.record_failure(e)
         raise typer.Exit(launch.EXIT_PEER_LOST) from None
@@ -239,7 +289,8 @@ def _print_summary(s: dict[str, Any], bpt: float | None, already_finished: bool 
     out.print(key_values("Scale summary", rows))
 
 
-def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> None:
+def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool, run: dict[str, Any]) -> None:
+    """Train in this process (alone, or one rank of a torchrun job); rank 0 shows progress and the summary."""
     rank = launch.dist_env()[0]
     cfg = recipe.run
 
@@ -248,6 +299,7 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> N
 
     if rank != 0:
         result = launch.run(recipe, resume, reschedule=reschedule)
+        run["ended"] = True
     else:
         with ExitStack() as stack:
             state: dict[str, Any] = {}
@@ -284,6 +336,15 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool) -> N
             result = launch.run(
                 recipe, resume, on_log=on_log, on_start=on_start, reschedule=reschedule, on_health=on_health
             )
+        run["ended"] = True
+    if result.before_training:  # a signal during set-up: not one step trained, nothing written
+        if rank == 0 and not launch.is_worker():  # under torchrun the launcher says it
+            err.print(before_training_line(result.signal or signal.SIGTERM, run.get("dir")), highlight=False,
+                      soft_wrap=True)  # fmt: skip
+        if result.signal == signal.SIGINT:
+            raise typer.Exit(130)
+        return
+    if rank == 0:
         _print_summary(result.summary(), bytes_per_token(cfg.data), result.already_finished)
         if result.already_finished:
             out.print(
