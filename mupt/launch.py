@@ -247,6 +247,13 @@ class WorkerFailure:
     def peer_lost(self) -> bool:
         return self.exitcode == EXIT_PEER_LOST
 
+    @property
+    def user_error(self) -> str | None:
+        """The one-line user error (a :class:`MuptError`, exit code 2) this rank recorded, without its type name."""
+        if self.exitcode != 2 or not self.message:
+            return None
+        return self.message.partition(": ")[2] or self.message  # ErrorHandler writes "Type: text"
+
     def signal_name(self) -> str:
         try:
             return signal.Signals(-self.exitcode).name
@@ -257,7 +264,9 @@ class WorkerFailure:
 def worker_failures(failures: dict[int, Any]) -> list[WorkerFailure]:
     """torchrun's ``ChildFailedError.failures`` (global rank -> ``ProcessFailure``) as :class:`WorkerFailure`
     rows, the cause first: ranks that failed on their own before those that stopped because a peer died
-    (:data:`EXIT_PEER_LOST`), then by timestamp (torchrun's "first observed failure"), then by rank."""
+    (:data:`EXIT_PEER_LOST`) or were killed by SIGTERM (the agent stopping the survivors of a failure: a rank
+    that is training handles SIGTERM itself, checkpoints and exits 0), then by timestamp (torchrun's "first
+    observed failure", whole seconds), then by rank."""
     rows = []
     for rank, f in failures.items():
         data = f.message if isinstance(f.message, dict) else {}
@@ -265,7 +274,7 @@ def worker_failures(failures: dict[int, Any]) -> list[WorkerFailure]:
         message = str(data.get("message", "")).strip().splitlines() if recorded else []
         rows.append(WorkerFailure(int(rank), int(f.exitcode), int(f.timestamp), message[0] if message else "",
                                   f.error_file if recorded else ""))  # fmt: skip
-    return sorted(rows, key=lambda w: (w.peer_lost, w.timestamp, w.rank))
+    return sorted(rows, key=lambda w: (w.peer_lost or w.signal == signal.SIGTERM, w.timestamp, w.rank))
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,15 @@ class LaunchResult:
     @property
     def cause(self) -> WorkerFailure | None:
         return self.failures[0] if self.failures else None
+
+    def user_errors(self) -> list[tuple[list[int], str]]:
+        """Each distinct user error the ranks recorded (:attr:`WorkerFailure.user_error`), cause first, with the ranks
+        that recorded it: a bad dataset or checkpoint makes every rank raise the same one."""
+        found: dict[str, list[int]] = {}
+        for w in self.failures:
+            if w.user_error is not None:
+                found.setdefault(w.user_error, []).append(w.rank)
+        return [(sorted(ranks), text) for text, ranks in found.items()]
 
 
 def launch_distributed(argv: list[str]) -> LaunchResult:

@@ -488,6 +488,21 @@ def test_ctrl_c_while_the_workers_start_is_one_line_from_the_launcher(tmp_path: 
     assert launch.find_latest(run_dir) is None
 
 
+def test_a_user_error_in_every_rank_is_printed_once(tmp_path: Path) -> None:
+    """A bad --data file makes every rank raise the same DataError: the launcher prints it once, exit 2, the very
+    line one process prints; no rank prints it itself, none is blamed for being stopped."""
+    recipe, run_dir = make_recipe(tmp_path, "baddata")
+    bad = tmp_path / "tokens.bin"
+    bad.write_bytes(bytes(range(256)) * 20)  # a plain .bin: the recipe gives no vocab size for it
+    single = run_scale(recipe, "--data", str(bad))
+    assert single.returncode == 2 and single.stderr.startswith("error: --data "), single.stderr
+    two = run_scale(recipe, "--data", str(bad), "--nproc", "2", timeout=180)
+    assert two.returncode == 2, two.stderr[-3000:]
+    errors = [x for x in two.stderr.splitlines() if x.startswith("error")]
+    assert errors == [single.stderr.strip()], two.stderr[-3000:]
+    assert "Traceback" not in two.stderr and not run_dir.exists()
+
+
 def started_workers(launcher: int) -> list[int]:
     """Pids of the processes torchrun's agent (``launcher``) started (a RANK in their environment) that are loading
     torch (its library is mapped): past the interpreter's own start-up, where a SIGINT is fatal to any program."""
@@ -611,3 +626,18 @@ def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tm
     later = failure(3, 1, KeyError("x"), stamp=7)
     rows = launch.worker_failures({3: later, 0: peer, 2: own})
     assert [w.rank for w in rows] == [2, 3, 0] and rows[0].message == "ValueError: bad batch"
+
+    # a user error (exit 2) recorded by two ranks, a third stopped by the agent's SIGTERM before it said anything
+    # (stamped when the agent noticed, so no later than the others): the user error is the cause, said once
+    from mupt.errors import ConfigError, DataError
+
+    text = "checkpoint step_000006 was written for a 6-step schedule; pass --steps 6"
+    same = [failure(r, 2, ConfigError(text), stamp=9) for r in (4, 5)]
+    stopped = failure(6, -signal.SIGTERM, None, stamp=0)
+    result = launch.LaunchResult(2, launch.worker_failures({6: stopped, 5: same[1], 4: same[0]}))
+    assert [w.rank for w in result.failures] == [4, 5, 6] and result.cause.user_error == text
+    assert result.user_errors() == [([4, 5], text)]
+    other = failure(7, 2, DataError("tokens.bin: token id 300 is outside the vocabulary"), stamp=10)
+    result = launch.LaunchResult(2, launch.worker_failures({4: same[0], 7: other, 5: same[1]}))
+    assert result.user_errors() == [([4, 5], text), ([7], "tokens.bin: token id 300 is outside the vocabulary")]
+    assert launch.LaunchResult(1, rows).user_errors() == []  # a ValueError is no user error

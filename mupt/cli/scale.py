@@ -15,7 +15,7 @@ from mupt.cli import app, err, fail, mute_ctrl_c, out
 from mupt.cli.common import ThreadsOpt, progress
 from mupt.config import Precision, load_recipe
 from mupt.data import bits_per_byte, bytes_per_token, compare_identity
-from mupt.errors import MuptError
+from mupt.errors import DivergenceError, MuptError
 from mupt.health import resolve_every
 from mupt.paths import check_output_dir
 from mupt.report import key_values
@@ -135,6 +135,11 @@ def scale(
         run["dir"] = Path(recipe.launch.run_dir)
         _launch(recipe, recipe_path, run, resume, reschedule, lr_scale, data, threads, nproc, nnodes, rdzv_endpoint,
                 dry_run)  # fmt: skip
+    except MuptError as e:
+        if not launch.is_worker():
+            raise  # one line, exit 2 (mupt.cli.main)
+        launch.record_failure(e)  # every rank may raise it: the launcher prints each distinct error once
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:  # Ctrl-C before training's own handler is installed (or after it is removed)
         mute_ctrl_c()
         if launch.is_worker():  # the launcher says it once for every rank
@@ -218,6 +223,12 @@ def _launch(
         if code - 128 == signal.SIGINT:
             raise typer.Exit(130)
         return
+    if code == 2 and result.user_errors():  # each distinct user error the ranks recorded, once
+        errors = result.user_errors()
+        for ranks, text in errors:
+            where = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: " if len(errors) > 1 else ""
+            err.print(f"[bold red]error:[/] {where}{text}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     cause = result.cause
     if code == 1 and recipe.launch.health_strict and cause is not None and cause.exitcode == 1 and not cause.message:
         raise fail("stopped by --health-strict (the warning is above); the workers wrote a checkpoint", code=1)
@@ -255,6 +266,7 @@ def _run_worker(recipe: launch.Recipe, resume: bool | None, reschedule: bool, ru
 
     A rank that stopped because another died exits with :data:`launch.EXIT_PEER_LOST` and prints nothing
     (its traceback, a collective cut short, is only in the error file): the launcher names the rank that died.
+    A user error (:class:`MuptError`) is recorded and printed by the launcher too (:func:`scale`), once.
     """
     try:
         _run_here(recipe, resume, reschedule, run)
@@ -262,7 +274,7 @@ def _run_worker(recipe: launch.Recipe, resume: bool | None, reschedule: bool, ru
         launch.record_failure(e)
         raise typer.Exit(launch.EXIT_PEER_LOST) from None
     except (MuptError, typer.Exit):
-        raise  # one line printed by the CLI (or an exit code chosen here): nothing to record
+        raise  # a user error (recorded by scale()) or an exit code chosen here
     except Exception as e:
         launch.record_failure(e)
         raise
@@ -352,9 +364,11 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool, run:
                 f"nothing to train; summary.json keeps its results (train further: --steps N --reschedule)",
                 highlight=False,
             )
-    if result.status == "diverged":
+    if result.status == "diverged":  # every rank sees it (the loss is averaged): a user error, said once
         kept = f"; last good checkpoint {result.checkpoint}" if result.checkpoint else ""
-        raise fail(f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun")
+        raise DivergenceError(
+            f"run diverged: {result.reason}{kept}; lower the recipe's lr (now {cfg.train.lr:g}) and rerun"
+        )
     if result.status == "unhealthy":
         if rank == 0:
             err.print(
