@@ -574,8 +574,11 @@ def test_sigkill_in_low_rung_then_rerun_keeps_trials_and_budget(tmp_path: Path) 
     victim, before = found
 
     proc = mupt(*args)
-    _, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    summary = " ".join(out.replace("│", " ").split())  # Rich's table borders out
+    assert "best lr found by" in summary and "rung 0's losses" in summary, out
+    assert "at d_model 16, moved -0.15 octave per doubling" in summary, out
     rung0 = _load(s, "proxy-w64")
     after = {t.number: t for t in rung0.trials}
     assert all(after[n].state is TrialState.COMPLETE and after[n].value == v for n, v in before.items())
