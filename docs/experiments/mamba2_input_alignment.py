@@ -10,7 +10,9 @@ is 1 for a random direction (and W0's rows as drawn) and grows when Δu leans in
 number of rows its ceiling grows like sqrt(d_model / rows).  The script trains the coordinate check's model
 (Adam, lr 1e-2, 4 steps, the rules as implemented) and prints A after every step, per layer, for the B, C rows
 and, as controls, the x and z rows (hidden matrices whose d_inner rows span the whole input space), with the
-slope of log2 A (mean over seeds) against log2 d_model; and the RMS of Δu itself (``du_rms``).
+slope of log2 A (mean over seeds) against log2 d_model; and the RMS of Δu itself (``du_rms``), and how alike
+the tokens have become: the mean over token pairs s <= t of cos(u_t, u_s) (``cos_uu``), cos(B_t, B_s)
+(``cos_BB``) and cos(C_t, B_s) (``cos_CB``, the direction of the SSD's score C_t·B_s), also at init (``@init``).
 
     python docs/experiments/mamba2_input_alignment.py --widths 64,128,256,512,1024 --seeds 4 --d-states 64,16
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+import mupt.model as model_mod
 from mupt.check.coord import CoordSettings, log2_slope
 from mupt.config import Arch
 from mupt.data import load_data
@@ -44,21 +47,41 @@ def mamba2_mixers(trainer: Trainer) -> list[Mamba2Mixer]:
     return out
 
 
-def block_inputs(trainer: Trainer, batch: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer's mixer input (the normed residual stream, (batch, length, d_model)) on ``batch``, eval mode."""
+def block_inputs(trainer: Trainer, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, ...]]]:
+    """Every layer's mixer input (the normed residual stream, (batch, length, d_model)) on ``batch``, eval mode,
+    and its SSD's B and C after conv1d + SiLU (and C's multiplier), each (batch, length, ngroups, N_x)."""
     seen: list[torch.Tensor] = []
+    ssd: list[tuple[torch.Tensor, ...]] = []
     hooks = [
         m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().clone()))
         for m in mamba2_mixers(trainer)
     ]
+    scan = model_mod.ssd_scan
+
+    def spy(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *args: Any,
+            **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        ssd.append((B.detach().double().clone(), C.detach().double().clone()))
+        return scan(x, dt, A, B, C, *args, **kwargs)
+
+    model_mod.ssd_scan = spy  # type: ignore[assignment]
     try:
         trainer.model.eval()
         with torch.no_grad():
             trainer.model(batch)
     finally:
+        model_mod.ssd_scan = scan  # type: ignore[assignment]
         for h in hooks:
             h.remove()
-    return seen
+    return seen, ssd
+
+
+def mean_pair_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over the batch and over token pairs s <= t of cos(a_t, b_s); a, b (batch, length, dim)."""
+    a = torch.nn.functional.normalize(a, dim=-1)
+    b = torch.nn.functional.normalize(b, dim=-1)
+    cos = a @ b.transpose(1, 2)  # (batch, t, s)
+    mask = torch.ones(cos.shape[1:], dtype=torch.bool).tril()
+    return float(cos[:, mask].mean())
 
 
 def amplification(settings: CoordSettings, width: int, seed: int, data: Any) -> list[dict[str, float]]:
@@ -67,19 +90,28 @@ def amplification(settings: CoordSettings, width: int, seed: int, data: Any) -> 
     probe_x, _ = data.val_batches(1, settings.batch_size, settings.seq_len)[0]
     mixers = mamba2_mixers(trainer)
     w0 = [{k: getattr(m.in_proj, f"weight_{k}").detach().double().clone() for k in BLOCKS} for m in mixers]
-    u0 = block_inputs(trainer, probe_x)
+    u0, ssd0 = block_inputs(trainer, probe_x)
+    at_init = {}
+    for i, (a, (B, C)) in enumerate(zip(u0, ssd0, strict=True)):
+        at_init[f"{i}.cos_uu@init"] = mean_pair_cos(a, a)
+        at_init[f"{i}.cos_BB@init"] = mean_pair_cos(B.flatten(2), B.flatten(2))
+        at_init[f"{i}.cos_CB@init"] = mean_pair_cos(C.flatten(2), B.flatten(2))
     out = []
     for _ in range(settings.steps):
         trainer.train_step()
-        u = block_inputs(trainer, probe_x)
+        u, ssd = block_inputs(trainer, probe_x)
         step: dict[str, float] = {}
         for i, (ws, a, b) in enumerate(zip(w0, u0, u, strict=True)):
             du = (b - a).reshape(-1, width)
             step[f"{i}.du_rms"] = float(du.pow(2).mean().sqrt())
+            step[f"{i}.cos_uu"] = mean_pair_cos(b, b)
+            B, C = (t.flatten(2) for t in ssd[i])
+            step[f"{i}.cos_BB"] = mean_pair_cos(B, B)
+            step[f"{i}.cos_CB"] = mean_pair_cos(C, B)
             for k, w in ws.items():
                 random = w.pow(2).sum() * du.pow(2).sum() / width
                 step[f"{i}.{k}"] = float(((du @ w.T).pow(2).sum() / random).sqrt())
-        out.append(step)
+        out.append({**step, **at_init})
     return out
 
 
