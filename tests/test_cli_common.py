@@ -136,6 +136,21 @@ def test_help_shows_the_shared_defaults(cli, monkeypatch: pytest.MonkeyPatch) ->
     assert "--threads" in out and "--run-dir" in out
 
 
+def test_check_coord_help_says_why_its_layers_default_differs(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check coord defaults to 3 blocks where every other command has 2: deliberate (its measurements and verdicts
+    use 3), and --help says so; the default is the measurement settings' own."""
+    from mupt.check.coord import CoordSettings
+
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = cli("check", "coord", "--help")
+    row = " ".join(next(x for x in out.splitlines() if "--layers" in x).replace("│", " ").split())
+    assert code == 0 and "not the other commands' 2" in row and "docs/width_rules.md" in row, row
+    assert row.endswith("[default: 3]") and CoordSettings().n_layers == 3, row
+    code, out, _ = cli("train", "--help")
+    row = " ".join(next(x for x in out.splitlines() if "--layers" in x).replace("│", " ").split())
+    assert "[default: (2, or --config's)]" in row, row
+
+
 # --- item 6: progress lines when stderr is not a terminal -----------------------------------------------
 
 
