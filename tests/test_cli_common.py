@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +150,29 @@ def test_check_coord_help_says_why_its_layers_default_differs(cli, monkeypatch: 
     code, out, _ = cli("train", "--help")
     row = " ".join(next(x for x in out.splitlines() if "--layers" in x).replace("│", " ").split())
     assert "[default: (2, or --config's)]" in row, row
+
+
+def test_ctrl_c_in_a_command_that_does_not_handle_it_is_one_line(tmp_path: Path) -> None:
+    """check coord has no Ctrl-C handling of its own: a real SIGINT mid-run ends it with one line and exit 130 (typer
+    >= 0.26 turned the KeyboardInterrupt into a silent exit 130 before mupt's own handler saw it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mupt", "check", "coord", "--widths", "16,128", "--seeds", "2", "--steps", "500",
+         "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--run-dir", str(tmp_path / "c")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = [proc.stderr.readline() for _ in range(2)]  # the header, then the first measurement's progress line
+        assert seen[1].startswith("coord 1/"), seen
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1] == "interrupted (Ctrl-C)" and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "c" / "coord.json").exists()  # stopped mid-run, not at its end
 
 
 # --- item 6: progress lines when stderr is not a terminal -----------------------------------------------
