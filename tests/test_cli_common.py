@@ -175,6 +175,31 @@ def test_ctrl_c_in_a_command_that_does_not_handle_it_is_one_line(tmp_path: Path)
     assert not (tmp_path / "c" / "coord.json").exists()  # stopped mid-run, not at its end
 
 
+def test_the_console_script_survives_ctrl_c_while_it_loads(tmp_path: Path) -> None:
+    """The `mupt` script pip writes from pyproject's [project.scripts] (`from MODULE import FUNC; sys.exit(FUNC())`),
+    interrupted while torch loads: one line and exit 130, not the traceback of an import."""
+    tomllib = pytest.importorskip("tomllib")
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["mupt"]
+    module, func = entry.split(":")
+    script = tmp_path / "mupt"
+    script.write_text(f"import sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+    proc = subprocess.Popen([sys.executable, str(script), "check", "coord"], stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=tmp_path)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is loading: seconds to go
+            assert time.monotonic() < deadline and proc.poll() is None, "torch was never loaded"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith(("mupt check coord", "coord "))]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), stderr  # while loading, or just after
+
+
 # --- item 6: progress lines when stderr is not a terminal -----------------------------------------------
 
 
