@@ -7,6 +7,10 @@ One naming scheme (README, "Where results go"):
   looks for the newest ``*/best.yaml``;
 - ``--out FILE`` (``-o``): a single output file (``transfer``'s recipe).
 
+A directory output is created when missing (with its parents); a FILE output must go into an existing
+directory, as for ``cp`` or ``gcc -o`` (a typo in its directory is refused, not silently created), except
+in the default place, which mupt itself chose.
+
 Every command calls :func:`check_output_dir` / :func:`check_output_file` on its outputs after
 parsing its inputs and BEFORE any work starts, so a bad path is one line (exit 2), not a traceback
 after minutes of training.  The checks create nothing: a probe file/directory is made and removed
@@ -77,8 +81,9 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, flag: str) -> Path:
-    """Refuse a file path that cannot be written (a directory, under a regular file, unwritable place).
+def check_output_file(path: str | Path, flag: str, create_parent: bool = False) -> Path:
+    """Refuse a file path that cannot be written (a directory, under a regular file, unwritable place), or,
+    unless ``create_parent`` (a default path mupt chose), whose directory does not exist.
 
     An existing file is fine (it is replaced atomically).  Raises StorageError; creates nothing.
     """
@@ -86,4 +91,9 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     if path.is_dir():
         raise StorageError(f"{flag} {path}: is a directory; pass a file path such as {path / 'recipe.yaml'}")
     _check_parent_chain(path.parent, flag, path)
+    if not create_parent and not path.parent.is_dir():
+        raise StorageError(
+            f"{flag} {path}: directory {path.parent} does not exist; create it (mkdir -p {path.parent}) or pass a "
+            "path in an existing directory"
+        )
     return path

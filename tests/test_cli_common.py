@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +135,69 @@ def test_help_shows_the_shared_defaults(cli, monkeypatch: pytest.MonkeyPatch) ->
     assert "--config" not in out and "(16)" in out  # check all has no --config: its defaults are mupt's own
     code, out, _ = cli("scale", "--help")
     assert "--threads" in out and "--run-dir" in out
+
+
+def test_check_coord_help_says_why_its_layers_default_differs(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check coord defaults to 3 blocks where every other command has 2: deliberate (its measurements and verdicts
+    use 3), and --help says so; the default is the measurement settings' own."""
+    from mupt.check.coord import CoordSettings
+
+    monkeypatch.setenv("COLUMNS", "400")
+    code, out, _ = cli("check", "coord", "--help")
+    row = " ".join(next(x for x in out.splitlines() if "--layers" in x).replace("│", " ").split())
+    assert code == 0 and "not the other commands' 2" in row and "docs/width_rules.md" in row, row
+    assert row.endswith("[default: 3]") and CoordSettings().n_layers == 3, row
+    code, out, _ = cli("train", "--help")
+    row = " ".join(next(x for x in out.splitlines() if "--layers" in x).replace("│", " ").split())
+    assert "[default: (2, or --config's)]" in row, row
+
+
+def test_ctrl_c_in_a_command_that_does_not_handle_it_is_one_line(tmp_path: Path) -> None:
+    """check coord has no Ctrl-C handling of its own: a real SIGINT mid-run ends it with one line and exit 130 (typer
+    >= 0.26 turned the KeyboardInterrupt into a silent exit 130 before mupt's own handler saw it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mupt", "check", "coord", "--widths", "16,128", "--seeds", "2", "--steps", "500",
+         "--layers", "1", "--batch-size", "2", "--seq-len", "16", "--run-dir", str(tmp_path / "c")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = [proc.stderr.readline() for _ in range(2)]  # the header, then the first measurement's progress line
+        assert seen[1].startswith("coord 1/"), seen
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1] == "interrupted (Ctrl-C)" and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "c" / "coord.json").exists()  # stopped mid-run, not at its end
+
+
+def test_the_console_script_survives_ctrl_c_while_it_loads(tmp_path: Path) -> None:
+    """The `mupt` script pip writes from pyproject's [project.scripts] (`from MODULE import FUNC; sys.exit(FUNC())`),
+    interrupted while torch loads: one line and exit 130, not the traceback of an import."""
+    tomllib = pytest.importorskip("tomllib")
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["mupt"]
+    module, func = entry.split(":")
+    script = tmp_path / "mupt"
+    script.write_text(f"import sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+    proc = subprocess.Popen([sys.executable, str(script), "check", "coord"], stderr=subprocess.PIPE, text=True,
+                            env=env(), cwd=tmp_path)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is loading: seconds to go
+            assert time.monotonic() < deadline and proc.poll() is None, "torch was never loaded"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith(("mupt check coord", "coord "))]
+    assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), stderr  # while loading, or just after
 
 
 # --- item 6: progress lines when stderr is not a terminal -----------------------------------------------

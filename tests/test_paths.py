@@ -45,7 +45,10 @@ def test_check_output_dir_real_filesystem(tmp_path: Path, regular_file: Path) ->
 
 def test_check_output_file_real_filesystem(tmp_path: Path, regular_file: Path) -> None:
     assert check_output_file(regular_file, "--out") == regular_file  # replaced atomically later
-    assert check_output_file(tmp_path / "new" / "r.yaml", "--out") == tmp_path / "new" / "r.yaml"
+    with pytest.raises(StorageError, match=f"directory {tmp_path / 'new'} does not exist; create it"):
+        check_output_file(tmp_path / "new" / "r.yaml", "--out")  # a typo in the directory: refused
+    assert check_output_file(tmp_path / "new" / "r.yaml", "--out", create_parent=True) == tmp_path / "new" / "r.yaml"
+    assert not (tmp_path / "new").exists()  # validation creates nothing
     with pytest.raises(StorageError, match="is a directory"):
         check_output_file(tmp_path, "--out")
     with pytest.raises(StorageError, match="is a regular file"):
@@ -99,3 +102,21 @@ def test_every_command_refuses_bad_output_paths_before_work(cli, tmp_path: Path,
     # transfer --out at a directory
     assert_refused(cli("transfer", "--lr", "3e-3", "--to-width", "512", "--out", str(tmp_path)), "is a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "proxy.yaml", "recipe.yaml"]
+
+
+def test_transfer_out_in_a_missing_directory_is_refused_but_the_default_place_is_made(cli, tmp_path: Path) -> None:
+    """A file output's directory must exist (as for cp, or tune --table-out): a typo in it is one line, exit 2, and
+    nothing is created; the default place (here under a new --runs-dir) is mupt's own and is made."""
+    typo = tmp_path / "reciepes" / "r.yaml"
+    args = ("transfer", "--lr", "3e-3", "--width", "32", "--to-width", "64", "--health-steps", "0")
+    assert_refused(cli(*args, "--out", str(typo)), f"--out {typo}: directory {typo.parent} does not exist",
+                   f"mkdir -p {typo.parent}")  # fmt: skip
+    assert_refused(cli(*args, "--table-out", str(typo.with_suffix(".csv"))), "--table-out", "does not exist")
+    assert not typo.parent.exists()
+    code, stdout, stderr = cli(*args, "--runs-dir", str(tmp_path / "new-runs"))
+    assert code == 0, stderr
+    written = sorted((tmp_path / "new-runs").glob("*.yaml"))
+    assert len(written) == 1 and f"recipe written: {written[0]}" in " ".join(stdout.split())
+    (tmp_path / "reciepes").mkdir()  # the fix the line names
+    code, stdout, stderr = cli(*args, "--out", str(typo))
+    assert code == 0 and typo.is_file(), stderr

@@ -10,17 +10,34 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any
 
 import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from typer.core import TyperGroup
 
 from mupt.config import format_validation_error
 from mupt.errors import MuptError
 
+
+class Interrupted(Exception):
+    """Ctrl-C in a command that does not handle it, carried to :func:`main` (typer >= 0.26 turns a
+    KeyboardInterrupt raised in a command into a silent exit 130)."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:  # a click.Context, or typer's vendored one (typer >= 0.26)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+
 app = typer.Typer(
     name="mupt",
+    cls=_Group,
     help=(
         "Tune a small proxy Mamba, transfer its optimum to a wide model through the µP-SSM width "
         "rules, prove the transfer with coordinate and LR-transfer checks, and launch the large run."
@@ -137,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     except _ABORTS:
         err.print("[bold red]aborted[/]")
         sys.exit(130)
-    except KeyboardInterrupt:  # Ctrl-C where no command handles it (they say what they kept): one line, no traceback
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C no command handles (they say what they kept): one line
         mute_ctrl_c()
         if "TORCHELASTIC_RUN_ID" not in os.environ:  # a torchrun worker (mupt scale) is silent: its launcher says it
             err.print("[bold red]interrupted[/] (Ctrl-C)")

@@ -130,7 +130,15 @@ def coord(
             "--widths if narrower. The default widths 256..2048 are the ones a 64-wide proxy transfers to.",
         ),
     ] = None,
-    layers: Annotated[int, typer.Option("--layers", help="Number of Mamba blocks.")] = 3,
+    layers: Annotated[
+        int,
+        typer.Option(
+            "--layers",
+            help="Number of Mamba blocks: 3, not the other commands' 2, because the gate's verdicts and every table "
+            "in docs/width_rules.md were measured with 3 (blocks fed by another block behave unlike the first: "
+            "finding 1).",
+        ),
+    ] = CoordSettings.model_fields["n_layers"].default,
     arch: Annotated[Arch, typer.Option("--arch", help="Mixer: mamba1 or mamba2 (SSD).")] = Arch.MAMBA1,
     headdim: Annotated[int, typer.Option("--headdim", help="mamba2: channels per head (heads grow with width).")] = 64,
     ngroups: Annotated[int, typer.Option("--ngroups", help="mamba2: B/C groups.")] = 1,

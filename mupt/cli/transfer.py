@@ -183,9 +183,9 @@ def transfer(
         typer.Option(
             "--out",
             "-o",
-            help="Recipe file to write; checked before any work. An existing file is replaced only when it holds "
-            "this same recipe, or with --overwrite. With --explain/--compare nothing is written unless --out is "
-            "given.",
+            help="Recipe file to write, in an existing directory; checked before any work. An existing file is "
+            "replaced only when it holds this same recipe, or with --overwrite. With --explain/--compare nothing is "
+            "written unless --out is given.",
             show_default="<scheme>-<to-width>.yaml next to the best.yaml read (runs/<study>/), or in --runs-dir "
             "with --lr",
         ),
@@ -203,7 +203,7 @@ def transfer(
         typer.Option(
             "--table-out",
             help="Also write the per-role table (base and target init std, LR, fwd mult, weight decay) as CSV "
-            "(.csv) or Parquet (.parquet, needs pyarrow).",
+            "(.csv) or Parquet (.parquet, needs pyarrow), in an existing directory.",
         ),
     ] = None,
     explain_rules: Annotated[
@@ -268,7 +268,7 @@ def transfer(
             dest = default_recipe_path(
                 target_config(proxy, to_width, scheme=scheme), path.parent if path is not None else runs_dir
             )
-        check_output_file(dest, "--out")  # before any table is printed
+        check_output_file(dest, "--out", create_parent=out_path is None)  # before any table is printed
     if table_out is not None:
         check_output_file(table_out, "--table-out")
     if to_width is None:
