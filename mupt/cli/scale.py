@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 from contextlib import ExitStack
@@ -125,7 +126,8 @@ def scale(
 
     Example: [bold]mupt scale recipes/tiny.yaml --nproc 2[/]
     """
-    run: dict[str, Any] = {}  # "dir": the run dir once known; "ended": set once training has returned
+    # "dir": the run dir once known; "ended": set once training has returned; "ppid": a worker's launcher
+    run: dict[str, Any] = {"ppid": os.getppid()}
     try:
         recipe = launch.apply_overrides(
             load_recipe(recipe_path), run_dir=run_dir, steps=steps, grad_accum=grad_accum, data=data,
@@ -216,8 +218,11 @@ def _launch(
         if latest == before:  # a stop during training always writes a checkpoint first: none came, none trained
             err.print(before_training_line(code - 128, run["dir"]), highlight=False, soft_wrap=True)
         else:
+            what = "interrupted (Ctrl-C)" if code - 128 == signal.SIGINT else f"terminated by signal {code - 128}"
+            step = int(latest.name.split("_")[-1]) if latest is not None else "?"
             err.print(
-                f"stopped by signal {code - 128}; the workers wrote checkpoint {latest}; rerun to resume",
+                f"{what} at step {step}; the workers wrote checkpoint {latest}; rerun to resume",
+                highlight=False,
                 soft_wrap=True,
             )
         if code - 128 == signal.SIGINT:
@@ -378,7 +383,8 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool, run:
                 soft_wrap=True,
             )
         raise typer.Exit(1)
-    if result.status == "terminated" and rank == 0:
+    if result.status == "terminated" and rank == 0 and not (launch.is_worker() and os.getppid() == run.get("ppid")):
+        # (a worker whose launcher is alive leaves the line to it: once, not once per process)
         interrupted = result.signal == signal.SIGINT
         what = "interrupted (Ctrl-C)" if interrupted else "terminated by"
         err.print(
