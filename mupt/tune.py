@@ -1529,9 +1529,19 @@ def _interrupt_once(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def trial_label(rung: int, number: int) -> str:
+    """How every user-facing line names a trial: ``r<rung>/t<number>`` (``r1/t0``: trial 0 of rung 1's study).
+
+    Each rung is its own Optuna study, so trial numbers restart at 0 in every rung; the number alone
+    (Optuna's ``FrozenTrial.number``, best.yaml's ``trial``) is ambiguous without the rung.
+    """
+    return f"r{rung}/t{number}"
+
+
 @dataclass
 class Progress:
-    """Where a run stands: finished trials (all rungs) of the planned total, best so far at the proxy width."""
+    """Where a run stands: finished trials (all rungs) of the planned total, best so far at the proxy width
+    (``best_trial``: its :func:`trial_label`)."""
 
     done: int
     total: int
@@ -1539,6 +1549,7 @@ class Progress:
     best_params: dict[str, float] = field(default_factory=dict)
     last: FrozenTrial | None = None
     running: int = 0
+    best_trial: str | None = None
 
 
 def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
@@ -1554,7 +1565,7 @@ def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
         total += 1 if _extrapolation_taken(ladder, i) or _pending_extrapolation(ladder, i) is not None else 0
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
-        c["RUNNING"],
+        c["RUNNING"], trial_label(len(ladder.rungs) - 1, best.number) if best else None,
     )  # fmt: skip
 
 
@@ -1660,6 +1671,9 @@ def load_existing(settings: TuneSettings, cfg: RunConfig) -> Ladder:
 def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
     """Finished trials, best first: the top rung's, then lower rungs' (COMPLETE by value, PRUNED, FAIL).
 
+    Each row: ``rung``, ``d_model``, ``number`` (within its rung), ``trial`` (:func:`trial_label`), ``state``,
+    the parameters, ``value`` (nats/token), ``steps``, ``flops``, ``reason``.
+
     Trials a worker closed without running (over budget, promotion taken) are left out.
     """
     rows = []
@@ -1675,6 +1689,7 @@ def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
                 "rung": rung.index,
                 "d_model": rung.d_model,
                 "number": t.number,
+                "trial": trial_label(rung.index, t.number),
                 "state": t.state.name,
                 "status": t.user_attrs.get("status", "failed" if t.state is TrialState.FAIL else None),
                 **{name: t.params.get(name) for name in SEARCHABLE if name in t.params or name == "lr"},
@@ -1695,7 +1710,9 @@ def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
 
 
 def trials_dataframe(ladder: Ladder) -> Any:
-    """Optuna's ``Study.trials_dataframe()`` of every rung, one table, with ``rung`` and ``d_model`` columns first."""
+    """Optuna's ``Study.trials_dataframe()`` of every rung, one table, with ``study``, ``rung`` and ``d_model``
+    columns first (``number`` is the trial's number within its rung; ``study`` lets :func:`check_table_out`
+    recognise a table of the same study)."""
     import pandas as pd
 
     frames = []
@@ -1705,8 +1722,41 @@ def trials_dataframe(ladder: Ladder) -> Any:
             continue
         df.insert(0, "d_model", rung.d_model)
         df.insert(0, "rung", rung.index)
+        df.insert(0, "study", ladder.settings.study)
         frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["rung", "d_model", "number"])
+    empty = pd.DataFrame(columns=["study", "rung", "d_model", "number"])
+    return pd.concat(frames, ignore_index=True) if frames else empty
+
+
+def _table_study(path: Path) -> set[str] | None:
+    """The ``study`` values of a trials table written by :func:`write_table`; None when ``path`` is not one."""
+    import pandas as pd
+
+    try:
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path, columns=["study"])
+        else:
+            df = pd.read_csv(path, usecols=["study"], dtype=str, keep_default_na=False)
+    except Exception:  # not a table, no study column, no Parquet engine: not ours
+        return None
+    return set(df["study"])
+
+
+def check_table_out(path: Path, study: str, overwrite: bool = False) -> None:
+    """Refuse to replace a ``--table-out`` file that is not this study's trials table, unless ``overwrite``.
+
+    A file already there is replaced when it is a trials table of the same study (a rerun or a resume
+    rewrites it with the trials since), as ``transfer --out`` replaces the same recipe and ``train --run-dir``
+    refuses another run's directory.  Raises StorageError (one line: the file and the fix) otherwise.
+    """
+    if overwrite or not path.exists():
+        return
+    if path.is_file() and _table_study(path) == {study}:
+        return
+    raise StorageError(
+        f"--table-out {path} exists and is not a trials table of study {study!r}: pass another --table-out FILE, "
+        "or --overwrite to replace it"
+    )
 
 
 def write_table(ladder: Ladder, path: Path) -> Path:
@@ -1802,9 +1852,11 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
 
 
 def write_best(ladder: Ladder, cfg: RunConfig, run_dir: Path) -> tuple[BestParams, Path]:
+    """``run_dir/best.yaml`` from :func:`best_params`; its ``trial`` is the number within the top rung."""
     bp = best_params(ladder, cfg)
     path = run_dir / "best.yaml"
-    save_yaml(path, bp, header=f"mupt tune: best of study {bp.study} (trial {bp.trial}); read by mupt transfer")
+    label = trial_label(len(ladder.rungs) - 1, bp.trial)
+    save_yaml(path, bp, header=f"mupt tune: best of study {bp.study} (trial {label}); read by mupt transfer")
     return bp, path
 
 
@@ -2033,6 +2085,7 @@ def _savefig(fig: Any, path: Path) -> Path:
 
 
 __all__ = [
+    "check_table_out",
     "LR_RANGE",
     "MULT_RANGE",
     "SEARCHABLE",
@@ -2092,6 +2145,7 @@ __all__ = [
     "study_flops",
     "study_dirs",
     "study_lock",
+    "trial_label",
     "trial_rows",
     "trial_seed",
     "trial_steps",

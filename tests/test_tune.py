@@ -661,16 +661,24 @@ def test_truncated_journal_is_repaired_and_resumed(tmp_path: Path) -> None:
     data = journal.read_bytes()
     cut = data.rstrip(b"\n").rfind(b"\n") + 1 + 17  # a crash 17 bytes into writing the last record
     journal.write_bytes(data[:cut])
-    proc = mupt(*args, "--trials", "3")
+    # --report repairs it too, and says so (it used to repair silently, in open_storage)
+    proc = mupt(*args, "--trials", "2", "--report")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "repaired" in err and "Traceback" not in err
-    after = _load(s, "proxy-w32")
-    kept = {t.number: t.value for t in after.get_trials(states=(TrialState.COMPLETE,))}
-    assert all(kept[n] == v for n, v in before.items()) and len(kept) == 3
+    assert err.count("repaired") == 1 and "Traceback" not in err, err
     assert [p.read_bytes() for p in journal.parent.glob("journal.log.partial-*")] == [
         data[data.rfind(b"\n", 0, len(data) - 1) + 1 : cut]
     ]
+    # cut again; resumed by two worker processes (each opens the storage, which would repair): said once
+    journal.write_bytes(data[:cut])
+    proc = mupt(*args, "--trials", "3", "--workers", "2")
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert err.count("repaired") == 1 and "Traceback" not in err, err
+    after = _load(s, "proxy-w32")
+    kept = {t.number: t.value for t in after.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(kept[n] == v for n, v in before.items()) and len(kept) == 3
+    assert len(list(journal.parent.glob("journal.log.partial-*"))) == 2
     # a record in the middle that is not JSON: refuse, keep the file, and never advise deleting it
     lines = journal.read_bytes().split(b"\n")
     lines[1] = b"{not json"
@@ -860,21 +868,69 @@ def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) ->
     assert load_best(run_dir / "best.yaml").config.model.d_model == 64
 
 
+def _cells(out: str, first: str) -> list[list[str]]:
+    """The cells of the Rich table rows of ``out`` whose first cell matches the regex ``first``."""
+    rows = [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines() if "│" in line]
+    return [r for r in rows if re.fullmatch(first, r[0])]
+
+
 def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:
-    """Issue 18 (6): --table-out writes every trial of every rung as CSV via trials_dataframe()."""
+    """Issue 18 (6): --table-out writes every trial of every rung as CSV via trials_dataframe().  Trial numbers
+    restart in every rung (one Optuna study each), so every line names a trial by rung and number (r1/t0), and
+    losses are printed with 4 decimals everywhere.  An existing --table-out file is replaced only when it is
+    the same study's table (a rerun), another file is refused in one line (exit 2, left as it is) unless
+    --overwrite."""
     import csv
 
+    table_out = tmp_path / "trials.csv"
     args = ["tune", *W64_FLAGS, "--steps", "10", "--trials", "3", "--runs-dir", str(tmp_path),
-            "--table-out", str(tmp_path / "trials.csv")]  # fmt: skip
+            "--table-out", str(table_out)]  # fmt: skip
     proc = mupt(*args)
-    _, err = proc.communicate(timeout=180)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
-    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    rows = list(csv.DictReader(table_out.open()))
     s = TuneSettings(study="proxy-w64", trials=3, runs_dir=str(tmp_path))
     ladder = open_ladder(s, with_overrides(proxy_config(), {**W64, "train.steps": 10}))
     expected = [(r.index, t.number, t.state.name) for r, t in ladder.trials()]
     assert [(int(r["rung"]), int(r["number"]), r["state"]) for r in rows] == expected
     assert {"d_model", "params_lr", "user_attrs_flops", "value"} <= set(rows[0])
+    assert {r["study"] for r in rows} == {"proxy-w64"}
+
+    # trial references: r<rung>/t<number> in the table, the summary and the progress lines
+    values = {f"r{r.index}/t{t.number}": t.value for r, t in ladder.trials() if t.state is TrialState.COMPLETE}
+    assert sorted(values) == ["r0/t0", "r0/t1", "r0/t2", "r1/t0"]  # trial 0 twice: only the rung tells them apart
+    table = {r[0]: r for r in _cells(out, r"r\d+/t\d+")}
+    assert sorted(table) == sorted(values), out
+    for label, value in values.items():
+        assert table[label][4] == f"{value:.4f}", table[label]  # trial, d_model, state, lr, val loss
+    summary = {r[0]: r[1] for r in _cells(out, r"best .*")}
+    assert summary["best trial (proxy width)"] == "r1/t0", out
+    assert summary["best val loss (nats)"] == f"{values['r1/t0']:.4f}", out
+    rung_rows = _cells(out, r"[01]")  # the rungs table: ..., best loss, best lr
+    rung0 = min(v for k, v in values.items() if k.startswith("r0/"))
+    assert [r[8] for r in rung_rows] == [f"{rung0:.4f}", summary["best val loss (nats)"]], out
+    lines = [line for line in err.splitlines() if line.startswith("tune ")]
+    assert any(f"; last: r0/t0 (d_model 16): {values['r0/t0']:.4f} " in line for line in lines), err
+    assert lines[-1].split("; last: ")[1].startswith(f"r1/t0 (d_model 64): {values['r1/t0']:.4f}"), err
+    assert f"best {values['r1/t0']:.4f} @ lr " in lines[-1] and "(r1/t0); last" in lines[-1], err
+
+    # the same study's table is replaced by a rerun; another file is refused, and kept
+    before = table_out.stat().st_mtime_ns
+    again = mupt(*args, "--report")
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and table_out.stat().st_mtime_ns > before, err
+    other = tmp_path / "notes.csv"
+    other.write_text("a,b\n1,2\n")
+    refused = mupt(*args[:-1], str(other), "--trials", "4")  # one more trial to run: refused before it runs
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--table-out {other} exists" in err and "--overwrite" in err and "Traceback" not in err, err
+    assert other.read_text() == "a,b\n1,2\n"
+    assert len(ladder.study.get_trials()) == 3
+    forced = mupt(*args[:-1], str(other), "--report", "--overwrite")
+    _, err = forced.communicate(timeout=120)
+    assert forced.returncode == 0, err
+    assert [r["number"] for r in csv.DictReader(other.open())] == [r["number"] for r in rows]
 
 
 def test_storage_messages_and_no_deprecated_callback(tmp_path: Path) -> None:
@@ -925,7 +981,14 @@ def test_default_study_name_keeps_own_data_apart_and_help_counts_every_trial(tmp
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     total = sum(r.size for r in rungs_for(TuneSettings(study="x"), with_overrides(proxy_config(), {})))
-    assert f"{total} trials in all" in " ".join(out.replace("│", " ").split()), out  # Rich's table borders out
+    text = " ".join(out.replace("│", " ").split())  # Rich's table borders out
+    assert f"{total} trials in all" in text, out
+    # where --help names the rung widths, it says how they are rounded (--width 64: 16 and 64 under fit)
+    w64 = TuneSettings(study="x")
+    assert [r.d_model for r in rungs_for(w64, with_overrides(proxy_config(), {"model.d_model": 64}))] == [16, 64]
+    assert "d_model = proxy/8, rounded down to a multiple of 16, at least 16" in text, out  # --trials
+    assert "(rounded down to a multiple of 16, at least 16: --width 64 gives rungs 16 and 64" in text, out
+    assert "proxy/8, /4, /2, each rounded down to a multiple of 16 (at least 16; --width 64: 16, 32, 64)" in text
 
 
 def test_report_of_a_missing_study_lists_the_study_dirs_and_a_finished_study_says_so(tmp_path: Path) -> None:

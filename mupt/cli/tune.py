@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from mupt.cli import app, err, mute_ctrl_c, out
 from mupt.cli.common import (
@@ -50,6 +51,7 @@ from mupt.tune import (
     SamplerName,
     TuneSettings,
     best_trial,
+    check_table_out,
     clear_stale_journal_lock,
     count_states,
     default_study_name,
@@ -65,6 +67,7 @@ from mupt.tune import (
     run_study,
     rung_summaries,
     study_flops,
+    trial_label,
     trial_rows,
     trial_steps,
     validate_proxy,
@@ -157,17 +160,18 @@ def tune(
         typer.Option(
             "--trials",
             "-n",
-            help="Configurations sampled at rung 0 (d_model = proxy/8 under width fidelity); then one proxy-width "
-            "trial (--finalist fit: 17 trials in all), or rung i keeps round(trials/reduction^i) (--finalist "
-            "rank: 16, 5, 2, 1 = 24).",
+            help="Configurations sampled at rung 0 (width fidelity: d_model = proxy/8, rounded down to a multiple "
+            "of 16, at least 16); then one proxy-width trial (--finalist fit: 17 trials in all), or rung i keeps "
+            "round(trials/reduction^i) (--finalist rank: 16, 5, 2, 1 = 24).",
         ),
     ] = 16,
     fidelity: Annotated[
         Fidelity,
         typer.Option(
             "--fidelity",
-            help="width: most trials at d_model = proxy/8 (rounded down to a multiple of 16), the answer "
-            "measured at the proxy width (see --finalist); steps: every trial at the proxy width, pruned on steps.",
+            help="width: most trials at d_model = proxy/8 (rounded down to a multiple of 16, at least 16: --width 64 "
+            "gives rungs 16 and 64 under --finalist fit), the answer measured at the proxy width (see --finalist); "
+            "steps: every trial at the proxy width, pruned on steps.",
         ),
     ] = Fidelity.WIDTH,
     finalist: Annotated[
@@ -176,7 +180,8 @@ def tune(
             "--finalist",
             help="Width fidelity: fit = one proxy-width trial at the LR where a parabola through rung 0's losses "
             "has its minimum, moved by --lr-drift (0.12-0.14 of a dense grid's FLOPs); rank = the best by rank move "
-            "up through rungs proxy/8, /4, /2 (0.19-0.23). Default: fit when only the LR is searched, else rank.",
+            "up through rungs proxy/8, /4, /2, each rounded down to a multiple of 16 (at least 16; --width 64: 16, "
+            "32, 64) (0.19-0.23). Default: fit when only the LR is searched, else rank.",
             show_default=False,
         ),
     ] = None,
@@ -256,14 +261,25 @@ def tune(
     ] = False,
     table_out: Annotated[
         Path | None,
-        typer.Option("--table-out", help="Also write every trial (Optuna's trials_dataframe) as CSV, or .parquet."),
+        typer.Option(
+            "--table-out",
+            help="Also write every trial (Optuna's trials_dataframe) as CSV, or .parquet. A file there is replaced "
+            "only when it is this study's trials table, or with --overwrite.",
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing --table-out file (the study itself is never overwritten)."
+        ),
+    ] = False,
     top: Annotated[int, typer.Option("--top", help="Rows in the final table.")] = 10,
 ) -> None:
     """Tune the proxy's learning rate (and optionally µP multipliers) with Optuna; writes runs/<study>/best.yaml.
 
     By default most trials run at a narrower width (µP keeps the optimum nearly in place): 16
-    configurations at d_model = proxy/8, then one trial at the proxy width, at the LR where a
+    configurations at d_model = proxy/8 (rounded down to a multiple of 16, at least 16), then one
+    trial at the proxy width, at the LR where a
     parabola through the narrow losses has its minimum, moved by the optimum's expected drift
     (--lr-drift); the answer is measured at the proxy width.  --finalist rank moves the best by rank
     up through rungs at proxy/8, /4, /2 instead.  Compute is counted in FLOPs.
@@ -286,20 +302,14 @@ def tune(
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
+    if table_out is not None:
+        check_table_out(table_out, settings.study, overwrite)  # refused before any trial runs
     if report:
         _report(settings, cfg, top, table_out)
         return
     validate_proxy(cfg)  # a width the rules cannot take, or an unusable storage, fails here before any output
     check_output_dir(settings.run_dir, "--runs-dir")
-    if not settings.is_rdb:
-        _clear_stale_lock(settings)
-        fixed = repair_journal(settings.journal_path)
-        if fixed is not None:
-            err.print(
-                f"[yellow]repaired[/] {fixed.path}: dropped a partial last record ({fixed.dropped_bytes} bytes, "
-                f"kept in {fixed.saved_to.name}) left by a crash; every complete trial is kept",
-                highlight=False,
-            )
+    _tidy_journal(settings)
     ladder = prepare_study(settings, cfg).ladder  # another proxy config or rung schedule is refused here
     m = cfg.model
     where = settings.storage if settings.is_rdb else str(settings.journal_path)
@@ -340,8 +350,16 @@ def tune(
     _finish(settings, cfg, top, table_out, seconds, interrupted)
 
 
-def _clear_stale_lock(settings: TuneSettings) -> None:
-    """Remove a journal lock file left by a killed process (else Optuna waits 30 s for it, silently): one line."""
+def _tidy_journal(settings: TuneSettings) -> None:
+    """Before a run or a report opens a journal file: remove a lock file left by a killed process (else Optuna
+    waits 30 s for it, silently) and repair a last record cut by a crash, each said in one line.
+
+    Every path goes through here first (a run with any --workers, an already complete study, --report), so the
+    repair is said once: the storage's own repair (``open_storage``, in ``prepare_study`` and each worker) then
+    finds the journal intact.
+    """
+    if settings.is_rdb:
+        return
     stale = clear_stale_journal_lock(settings.journal_path)
     if stale is not None:
         err.print(
@@ -350,10 +368,33 @@ def _clear_stale_lock(settings: TuneSettings) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    fixed = repair_journal(settings.journal_path)
+    if fixed is not None:
+        err.print(
+            f"[yellow]repaired[/] {fixed.path}: dropped a partial last record ({fixed.dropped_bytes} bytes, "
+            f"kept in {fixed.saved_to.name}) left by a crash; every complete trial is kept",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _nats(value: float | None) -> str:
+    """A loss in nats/token as tune prints it everywhere: 4 decimals ("-" for none)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _right(t: Table, *headers: str) -> Table:
+    """Right-align the named columns of ``t`` (preformatted numbers: strings to :func:`mupt.report.table`)."""
+    for c in t.columns:
+        if c.header in headers:
+            c.justify = "right"
+    return t
 
 
 def _best_text(p: Progress) -> str:
-    return f"best {p.best_value:.4f} @ lr {p.best_params.get('lr', 0):.3g}" if p.best_value is not None else ""
+    if p.best_value is None:
+        return ""
+    return f"best {_nats(p.best_value)} @ lr {p.best_params.get('lr', 0):.3g} ({p.best_trial})"
 
 
 def _log_text(p: Progress, workers: int) -> str:
@@ -363,9 +404,9 @@ def _log_text(p: Progress, workers: int) -> str:
     text = f"trials finished, {running}{_best_text(p) or 'no trial at the proxy width yet'}"
     t = p.last
     if t is not None:
-        value = f"{t.value:.4f}" if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
-        text += f"; last: rung {t.user_attrs.get('rung', 0)} d_model {t.user_attrs.get('d_model', '-')} "
-        text += f"trial {t.number}: {value}"
+        value = _nats(t.value) if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
+        label = trial_label(int(t.user_attrs.get("rung", 0)), t.number)
+        text += f"; last: {label} (d_model {t.user_attrs.get('d_model', '-')}): {value}"
     return text
 
 
@@ -452,8 +493,8 @@ def _results(
     if bp is not None:
         extra = ", ".join(f"{k} {fmt(v)}" for k, v in bp.params.items() if k != "lr")
         rows += [
-            ("best trial (proxy width)", bp.trial),
-            ("best val loss (nats)", bp.value),
+            ("best trial (proxy width)", trial_label(len(ladder.rungs) - 1, bp.trial)),
+            ("best val loss (nats)", _nats(bp.value)),
             ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
             *_noise_row(ladder),
             ("best lr", bp.params["lr"]),
@@ -486,17 +527,21 @@ def _table(ladder: Ladder, top: int) -> None:
     if not rows:
         return
     names = [n for n in SEARCHABLE if n in rows[0]]
-    columns = ["rung", "d_model", "trial", "state", *names, "val loss", "steps", "note"]
+    columns = ["trial", "d_model", "state", *names, "val loss", "steps", "note"]
     body = [
-        [r["rung"], r["d_model"], r["number"], (r["status"] or r["state"]).lower(), *(r[n] for n in names),
-         r["value"], r["steps"], r["reason"] or ""]
+        [r["trial"], r["d_model"], (r["status"] or r["state"]).lower(), *(r[n] for n in names),
+         _nats(r["value"]), r["steps"], r["reason"] or ""]
         for r in rows
     ]  # fmt: skip
     out.print(
-        table(
-            f"Top {len(rows)} trials, proxy width first (val loss: final for complete, last reported for pruned)",
-            columns,
-            body,
+        _right(
+            table(
+                f"Top {len(rows)} trials, proxy width first (trial rR/tN: trial N of rung R; val loss in nats: final "
+                "for complete, last reported for pruned)",
+                columns,
+                body,
+            ),
+            "val loss",
         )
     )
 
@@ -505,16 +550,20 @@ def _rung_table(ladder: Ladder) -> None:
     grid = grid_flops(ladder.settings, ladder.cfg)
     body = [
         [s.rung, s.d_model, s.size, s.complete, s.pruned, s.failed, s.flops, s.flops / grid if grid else None,
-         s.best_value, s.best_lr]
+         _nats(s.best_value), s.best_lr]
         for s in rung_summaries(ladder)
     ]  # fmt: skip
     out.print(
-        table(
-            "Rungs (compute = trial-steps x FLOPs/token(width) x tokens/step)",
-            ["rung", "d_model", "planned", "complete", "pruned", "failed", "FLOPs", "of grid", "best loss", "best lr"],
-            body,
+        _right(
+            table(
+                "Rungs (compute = trial-steps x FLOPs/token(width) x tokens/step; best loss in nats)",
+                ["rung", "d_model", "planned", "complete", "pruned", "failed", "FLOPs", "of grid", "best loss",
+                 "best lr"],
+                body,
+            ),
+            "best loss",
         )
-    )
+    )  # fmt: skip
 
 
 def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None) -> None:
@@ -525,8 +574,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     """
     best_path = settings.run_dir / "best.yaml"
     bp: BestParams | None = load_best(best_path) if best_path.is_file() else None  # a corrupt one: one line, first
-    if not settings.is_rdb:
-        _clear_stale_lock(settings)
+    _tidy_journal(settings)
     ladder = load_existing(settings, cfg)
     _table(ladder, top)
     if len(ladder.rungs) > 1:
@@ -542,8 +590,8 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     rows: list[tuple[str, Any]] = [("trials", _trial_counts(ladder))]
     if bp is not None:
         rows += [
-            ("best trial", bp.trial),
-            ("best val loss (nats)", bp.value),
+            ("best trial", trial_label(len(ladder.rungs) - 1, bp.trial)),
+            ("best val loss (nats)", _nats(bp.value)),
             *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
             *([("lr found by", how)] if (how := _origin(bp.finalists[0] if bp.finalists else {})) else []),
