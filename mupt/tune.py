@@ -806,6 +806,9 @@ class DriftFit:
     clipped: bool
     points: int
     method: str = "drift"
+    #: ``vertex`` only: (b, e, c, x_low, x_high), the fitted loss = c + e x + b x^2 over x = log2 LR in
+    #: [x_low, x_high] (the trials fitted); drawn in rungs.png, not stored
+    parabola: tuple[float, float, float, float, float] | None = None
 
     def to_attrs(self) -> dict[str, Any]:
         """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``)."""
@@ -906,12 +909,14 @@ def vertex_fit(ladder: Ladder) -> DriftFit | None:
         return None
     best_x = min(points, key=lambda p: (p[1], p[0]))[0]
     near = [p for p in points if abs(p[0] - best_x) <= FIT_WINDOW]
-    x0, method = best_x, "best"
+    x0, method, parabola = best_x, "best", None
     if len(near) >= 3 and len({x for x, _ in near}) >= 3:
         xs = np.array([x for x, _ in near])
-        b, e, _ = np.polyfit(xs - best_x, np.array([y for _, y in near]), 2)
+        b, e, c = (float(v) for v in np.polyfit(xs - best_x, np.array([y for _, y in near]), 2))
         if b > 0:
-            x0, method = min(max(best_x - float(e) / (2 * float(b)), float(xs.min())), float(xs.max())), "vertex"
+            x0, method = min(max(best_x - e / (2 * b), float(xs.min())), float(xs.max())), "vertex"
+            # the same parabola in x instead of x - best_x
+            parabola = (b, e - 2 * b * best_x, c - e * best_x + b * best_x**2, float(xs.min()), float(xs.max()))
     doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
     raw = x0 + ladder.settings.lr_drift * doublings
     x = min(max(raw, math.log2(lo)), math.log2(hi))
@@ -923,6 +928,7 @@ def vertex_fit(ladder: Ladder) -> DriftFit | None:
         x != raw,
         len(near),
         method,
+        parabola,
     )
 
 
@@ -2025,6 +2031,24 @@ def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _draw_fit(ax: Any, fit: DriftFit, ladder: Ladder, narrow: Any, proxy: Any) -> None:
+    """``--finalist fit`` in rungs.png: rung 0's parabola over the trials fitted, its vertex, and the LR the
+    proxy-width trial runs at (the vertex moved by the drift)."""
+    import numpy as np
+
+    (x0,) = fit.optima.values()
+    if fit.parabola is not None:
+        b, e, c, lo, hi = fit.parabola
+        xs = np.linspace(lo, hi, 60)
+        ax.plot(2.0**xs, c + e * xs + b * xs**2, color=narrow, lw=1, ls="--",
+                label=f"rung 0's parabola ({fit.points} trials within {FIT_WINDOW:g} octaves of its best)")  # fmt: skip
+    what = "vertex" if fit.method == "vertex" else "best trial"
+    ax.axvline(2.0**x0, color=narrow, lw=0.8, ls=":", label=f"rung 0's {what}: 2^{x0:.2f}")
+    doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
+    ax.axvline(fit.lr, color=proxy, lw=1.2, ls="-.",
+               label=f"proxy-width LR: {fit.slope:+g} x {doublings:g} doublings -> 2^{fit.log2_lr:.2f}")  # fmt: skip
+
+
 def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_edge: float) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -2046,6 +2070,9 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
             what = "interrupted" if all(str(r["reason"]).startswith(INTERRUPTED) for r in failed) else "failed"
             ax.scatter([r["lr"] for r in failed], [top_edge] * len(failed), edgecolors=[color], marker="s", s=22,
                        facecolors="none", label=f"rung {rung.index}: {what} (top edge)")  # fmt: skip
+    fit = vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT and n > 1 else None
+    if fit is not None:
+        _draw_fit(ax, fit, ladder, cmap(0.0), cmap(1.0))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")

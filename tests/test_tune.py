@@ -455,6 +455,8 @@ def test_vertex_fit_finds_rung0_minimum_and_moves_it_by_the_drift(tmp_path: Path
     fit = vertex_fit(ladder_with("v", near + far))
     assert fit is not None and fit.method == "vertex" and fit.points == 5 and not fit.clipped
     assert fit.optima == {32: pytest.approx(-8.8, abs=1e-9)}
+    # the parabola rungs.png draws: 2 + 0.05 (x + 8.8)^2 = 5.872 + 0.88 x + 0.05 x^2, over the trials fitted
+    assert fit.parabola == pytest.approx((0.05, 0.88, 5.872, -10.5, -7.5), abs=1e-9)
     assert fit.log2_lr == pytest.approx(-8.8 - 0.15 * 3, abs=1e-9) and fit.lr == pytest.approx(2.0 ** (-9.25))
     assert vertex_fit(ladder_with("v0", near, lr_drift=0.0)).log2_lr == pytest.approx(-8.8, abs=1e-9)  # type: ignore[union-attr]
     two = vertex_fit(ladder_with("two", [(-9.0, 2.01), (-8.0, 2.0)]))
