@@ -7,7 +7,10 @@ study (journal storage, as ``mupt tune`` does) with several sampler seeds:
     grid       the dense log2 grid itself (fraction 1.0 by definition, listed for its wall time)
     tpe        TPE, every trial at the proxy width to the end      (--fidelity steps --pruner none)
     tpe+asha   TPE with successive-halving pruning on steps         (--fidelity steps --pruner asha)
-    width      the default (--fidelity width, reduction 3): 16, 5, 2, 1 trials at d_model proxy/8, /4, /2, proxy
+    width-fit  the default (--fidelity width, --finalist fit): 16 trials at d_model proxy/8 trained to the
+               end, then one at the proxy width at the LR of rung 0's fitted parabola's vertex, moved by
+               --lr-drift (width-fit-asha: the same with successive halving in rung 0)
+    width      --finalist rank, reduction 3: 16, 5, 2, 1 trials at d_model proxy/8, /4, /2, proxy
     width-r8   reduction 8: 16 trials at proxy/8, the best 2 at proxy/4, the best 1 at the proxy (a proxy/2
                rung would take its only trial on: left out)
     width-r5x  reduction 5 (16, 3, 1) plus the drift-extrapolated finalist at the proxy width, run first
@@ -73,10 +76,17 @@ BACKEND = "auto" if importlib.util.find_spec("mupt.scan.torch_scan") else "refer
 METHODS: dict[str, dict[str, Any]] = {
     "tpe": {"fidelity": "steps", "pruner": "none"},
     "tpe+asha": {"fidelity": "steps", "pruner": "asha"},
-    "width": {"fidelity": "width", "pruner": "asha", "reduction": 3},  # 16, 5, 2, 1 trials
-    "width-r8": {"fidelity": "width", "pruner": "asha", "reduction": 8},  # 16, 2, 1 (no proxy/2 rung of one trial)
-    "width-r5x": {"fidelity": "width", "pruner": "asha", "reduction": 5, "extrapolate": True},  # 16, 3, 1+1
-    "width-noprune": {"fidelity": "width", "pruner": "none", "reduction": 3},
+    # the default: 16 trials at proxy/8 (no pruning), then 1 at the proxy at rung 0's fitted optimum moved by the drift
+    "width-fit": {"fidelity": "width", "finalist": "fit"},
+    # the same with successive halving in rung 0 (the first version of --finalist fit; not kept)
+    "width-fit-asha": {"fidelity": "width", "pruner": "asha", "finalist": "fit"},
+    # 16, 5, 2, 1 trials by rank
+    "width": {"fidelity": "width", "pruner": "asha", "finalist": "rank", "reduction": 3},
+    # 16, 2, 1 (no proxy/2 rung of one trial)
+    "width-r8": {"fidelity": "width", "pruner": "asha", "finalist": "rank", "reduction": 8},
+    # 16, 3, 1 + 1 drift-extrapolated
+    "width-r5x": {"fidelity": "width", "pruner": "asha", "finalist": "rank", "reduction": 5, "extrapolate": True},
+    "width-noprune": {"fidelity": "width", "pruner": "none", "finalist": "rank", "reduction": 3},
 }
 
 
@@ -387,7 +397,7 @@ def main() -> None:
         "--lr-range", default="1e-5,1", help="search range of every method and the grid (1e-5,1: the issue's grid)"
     )
     ap.add_argument("--tol", type=float, default=0.01, help="within this fraction of the grid's best loss")
-    ap.add_argument("--methods", default="tpe,tpe+asha,width,width-r8,width-r5x")
+    ap.add_argument("--methods", default="tpe,tpe+asha,width-fit,width,width-r8,width-r5x")
     ap.add_argument("--corpora", default="builtin,stdlib-docstrings")
     ap.add_argument("--full-spend", action="store_true", help="run tpe and tpe+asha to their budget (no stop)")
     ap.add_argument("--drift", action="store_true", help="also the grid at each narrower rung width")

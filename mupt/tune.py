@@ -76,11 +76,33 @@ class Fidelity(StrEnum):
     STEPS = "steps"
 
 
+class Finalist(StrEnum):
+    """How the proxy-width rung is filled under width fidelity (docs/tuning.md, "The schedule").
+
+    ``fit``: rung 0 only, then one proxy-width trial at the LR where a parabola fitted to rung 0's
+    losses has its minimum, moved by the expected drift of the optimum with width (:func:`vertex_fit`).
+    ``rank``: successive halving by rank through the rungs proxy/8, /4, /2 (:func:`rungs_for`).
+    """
+
+    FIT = "fit"
+    RANK = "rank"
+
+
 class PrunerName(StrEnum):
     ASHA = "asha"
     MEDIAN = "median"
     NONE = "none"
 
+
+#: Octaves of LR the optimum moves per doubling of d_model between the narrowest rung and the proxy,
+#: for ``--finalist fit``: the mean of the default proxy's measured drift from d_model 32 to 256 on
+#: two corpora (dense log2 grids at every width: -0.19 and -0.11; docs/tuning.md, "Efficiency").
+#: µP keeps the optimum fixed only in the wide limit; at these widths it moves down.
+DEFAULT_LR_DRIFT = -0.15
+
+#: Octaves around rung 0's best trial whose losses enter :func:`vertex_fit`'s parabola (a local model of
+#: loss against log2 LR: it does not hold far from the optimum, where divergence makes the curve skewed).
+FIT_WINDOW = 2.0
 
 #: Parameters that can be searched and the config field each one sets.
 SEARCHABLE: dict[str, str] = {
@@ -121,7 +143,11 @@ class TuneSettings(BaseModel):
     trials: int = Field(default=16, description="configurations sampled (rung 0), over all workers")
     workers: int = 1
     sampler: SamplerName = SamplerName.TPE
-    pruner: PrunerName = PrunerName.ASHA
+    pruner: PrunerName | None = Field(
+        default=None,
+        description="step pruner inside rung 0; None: none under --finalist fit (its parabola wants trials on both "
+        "sides of the optimum, and halving on early losses keeps the high LRs), asha otherwise",
+    )
     search: tuple[str, ...] = ("lr",)
     lr_range: tuple[float, float] | None = None
     seed: int = 0
@@ -135,6 +161,15 @@ class TuneSettings(BaseModel):
     reduction: int = Field(
         default=3, description="rung i holds round(trials / reduction**i) of rung i-1's best (16 trials: 16, 5, 2, 1)"
     )
+    finalist: Finalist | None = Field(
+        default=None,
+        description="width: fit (one proxy-width trial at rung 0's fitted optimum) or rank (promotion by rank "
+        "through the rungs); None: fit when only the LR is searched, else rank",
+    )
+    lr_drift: float = Field(
+        default=DEFAULT_LR_DRIFT,
+        description="--finalist fit: octaves of LR the optimum moves per doubling of d_model (docs/tuning.md)",
+    )
     extrapolate: bool = Field(
         default=False,
         description="width: the proxy rung also runs the LR extrapolated from the optimum's drift over the rungs",
@@ -143,11 +178,15 @@ class TuneSettings(BaseModel):
         default="", description="per-trial curves: comma-separated mupt.sinks names (jsonl, tensorboard, wandb, mlflow)"
     )
 
-    @field_validator("sampler", "pruner", "fidelity", mode="before")
+    @field_validator("sampler", "pruner", "fidelity", "finalist", mode="before")
     @classmethod
     def _choice(cls, v: Any, info: ValidationInfo) -> Any:
         """One line naming the flag and its choices, instead of pydantic's enum error."""
-        enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity}[str(info.field_name)]
+        enum = {"sampler": SamplerName, "pruner": PrunerName, "fidelity": Fidelity, "finalist": Finalist}[
+            str(info.field_name)
+        ]
+        if v is None and info.field_name in ("finalist", "pruner"):
+            return None
         return _enum(enum, v, f"--{info.field_name}")
 
     @field_validator("log")
@@ -192,7 +231,38 @@ class TuneSettings(BaseModel):
             raise ConfigError(f"--heartbeat {self.heartbeat_interval}: must be a positive number of seconds")
         if self.reduction < 2:
             raise ConfigError(f"--reduction {self.reduction}: must be at least 2 (each rung keeps 1/reduction)")
+        if self.finalist is Finalist.FIT and self.search != ("lr",):
+            raise ConfigError(
+                f"--finalist fit with --search {','.join(self.search)}: the fit is over the LR alone; "
+                "use --finalist rank, or --search lr"
+            )
+        if self.finalist is Finalist.FIT and self.extrapolate:
+            raise ConfigError("--extrapolate adds a finalist to the rank ladder; use it with --finalist rank")
+        if not (math.isfinite(self.lr_drift) and abs(self.lr_drift) <= 1):
+            raise ConfigError(
+                f"--lr-drift {self.lr_drift:g}: must be within -1..1 octave per doubling of d_model "
+                f"(default {DEFAULT_LR_DRIFT:g}; 0 trusts µP's fixed optimum)"
+            )
         return self
+
+    @property
+    def pruner_mode(self) -> PrunerName:
+        """The step pruner inside rung 0: the flag, or by default ``none`` under ``--finalist fit`` (every
+        rung-0 trial trains to the end, so the parabola sees both sides of the optimum: successive halving
+        on early losses keeps the high LRs, which learn fastest at first) and ``asha`` otherwise."""
+        if self.pruner is not None:
+            return self.pruner
+        return PrunerName.NONE if self.finalist_mode is Finalist.FIT else PrunerName.ASHA
+
+    @property
+    def finalist_mode(self) -> Finalist | None:
+        """The proxy rung's finalist under width fidelity (None under ``--fidelity steps``): the flag, or
+        by default ``fit`` when the LR is searched alone (the fit is one-dimensional) and ``rank`` otherwise."""
+        if self.fidelity is not Fidelity.WIDTH:
+            return None
+        if self.finalist is not None:
+            return self.finalist
+        return Finalist.FIT if self.search == ("lr",) and not self.extrapolate else Finalist.RANK
 
     @property
     def run_dir(self) -> Path:
@@ -644,7 +714,10 @@ def width_multiple(cfg: RunConfig) -> int:
 def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise.
 
-    Width fidelity: rung i at the i-th of :func:`rung_widths` takes ``round(trials / reduction**i)``
+    Width fidelity, ``--finalist fit`` (the default when the LR is searched alone): rung 0 at the
+    narrowest width (proxy/8) holds ``trials`` sampled configurations, and the proxy-width rung one
+    trial, at the LR :func:`vertex_fit` gives.  ``--finalist rank``:
+    rung i at the i-th of :func:`rung_widths` takes ``round(trials / reduction**i)``
     (at least 1) by rank.  A rung below the proxy that would take no more trials than the next
     rung takes is left out: the next rung would take every one of its trials whatever their
     losses, so it would cost compute and decide nothing (16 trials at reduction 8: 16, 2, 1, 1 ->
@@ -655,6 +728,13 @@ def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     if settings.fidelity is Fidelity.STEPS:
         return [Rung(0, cfg.model.d_model, settings.trials, settings.study)]
     widths = rung_widths(cfg.model.d_model, width_multiple(cfg))
+    if settings.finalist_mode is Finalist.FIT:
+        if len(widths) == 1:  # the proxy is the narrowest rung: nothing to fit across widths
+            return [Rung(0, widths[0], settings.trials, settings.study)]
+        return [
+            Rung(0, widths[0], settings.trials, settings.study),
+            Rung(1, widths[-1], 1, f"{settings.study}.rung1", extrapolated=1),
+        ]
     eta = settings.reduction
     sizes = [settings.trials if i == 0 else max(1, round(settings.trials / eta**i)) for i in range(len(widths))]
     keep = [i for i in range(len(widths)) if i == 0 or i == len(widths) - 1 or sizes[i] > sizes[i + 1]]
@@ -713,7 +793,10 @@ class DriftFit:
     ``optima``: d_model -> log2 of the LR at the fitted minimum of that rung's losses; ``slope``:
     octaves of LR per doubling of d_model (least squares over the rungs); ``log2_lr`` / ``lr``: the
     line's value at the proxy's d_model, kept within one octave of the LRs measured and inside the
-    search range (``clipped`` says it was moved); ``points``: losses used.
+    search range (``clipped`` says it was moved); ``points``: losses used; ``method``: ``drift``
+    (:func:`drift_fit`: the slope fitted over several rungs), ``vertex`` (:func:`vertex_fit`: rung 0's
+    parabola, the slope the expected drift ``--lr-drift``) or ``best`` (:func:`vertex_fit`'s fallback:
+    rung 0's best trial instead of a vertex).
     """
 
     optima: dict[int, float]
@@ -722,11 +805,15 @@ class DriftFit:
     lr: float
     clipped: bool
     points: int
+    method: str = "drift"
+    #: ``vertex`` only: (b, e, c, x_low, x_high), the fitted loss = c + e x + b x^2 over x = log2 LR in
+    #: [x_low, x_high] (the trials fitted); drawn in rungs.png, not stored
+    parabola: tuple[float, float, float, float, float] | None = None
 
     def to_attrs(self) -> dict[str, Any]:
         """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``)."""
         return {
-            "optima_log2_lr": {str(k): round(v, 4) for k, v in self.optima.items()},
+            "method": self.method, "optima_log2_lr": {str(k): round(v, 4) for k, v in self.optima.items()},
             "slope_octaves_per_doubling": round(self.slope, 4), "log2_lr": round(self.log2_lr, 4),
             "clipped": self.clipped, "points": self.points,
         }  # fmt: skip
@@ -791,6 +878,60 @@ def drift_fit(ladder: Ladder) -> DriftFit | None:
     return DriftFit(optima, float(slope), x, min(max(2.0**x, lo), hi), x != raw, len(points))
 
 
+def vertex_fit(ladder: Ladder) -> DriftFit | None:
+    """The LR of ``--finalist fit``'s proxy-width trial: rung 0's fitted optimum, moved by the expected drift.
+
+    Rung 0's COMPLETE trials within ``FIT_WINDOW`` (two) octaves of LR of its best trial are fitted
+    by least squares with loss = c + e x + b x^2, x = log2 LR (the parabola is a local model of the
+    loss around the optimum); its vertex -e / 2b, kept within the LRs fitted, is rung 0's optimum.
+    With fewer than three such trials or a curvature that is not positive, the best trial's LR
+    stands in (``method="best"``).  The optimum at the proxy's d_model is that plus
+    ``settings.lr_drift`` x log2(proxy d_model / rung-0 d_model) octaves (-0.15 per doubling by
+    default, the drift measured on dense grids in docs/tuning.md, "Efficiency"), kept inside the
+    search range.
+
+    Why a fit and not the rung's best trial: at proxy/8 the final losses of neighbouring LRs scatter
+    by 0.02-0.03 nats (one seed, one data order), about what 0.7 octave off the optimum costs there,
+    so the best single trial is a noisy estimate of the optimum and promotions by rank carry that
+    noise up the ladder; the vertex pools every trial near the optimum.
+
+    Returns None (no finalist) when rung 0 has no COMPLETE trial with a finite loss.
+    """
+    import numpy as np
+
+    lo, hi = search_space(ladder.settings, ladder.cfg)["lr"]
+    points = [
+        (math.log2(float(t.params["lr"])), float(t.value))
+        for t in ladder.studies[0].get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value) and "lr" in t.params
+    ]
+    if not points:
+        return None
+    best_x = min(points, key=lambda p: (p[1], p[0]))[0]
+    near = [p for p in points if abs(p[0] - best_x) <= FIT_WINDOW]
+    x0, method, parabola = best_x, "best", None
+    if len(near) >= 3 and len({x for x, _ in near}) >= 3:
+        xs = np.array([x for x, _ in near])
+        b, e, c = (float(v) for v in np.polyfit(xs - best_x, np.array([y for _, y in near]), 2))
+        if b > 0:
+            x0, method = min(max(best_x - e / (2 * b), float(xs.min())), float(xs.max())), "vertex"
+            # the same parabola in x instead of x - best_x
+            parabola = (b, e - 2 * b * best_x, c - e * best_x + b * best_x**2, float(xs.min()), float(xs.max()))
+    doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
+    raw = x0 + ladder.settings.lr_drift * doublings
+    x = min(max(raw, math.log2(lo)), math.log2(hi))
+    return DriftFit(
+        {ladder.rungs[0].d_model: x0},
+        ladder.settings.lr_drift,
+        x,
+        min(max(2.0**x, lo), hi),
+        x != raw,
+        len(near),
+        method,
+        parabola,
+    )
+
+
 # --- study ------------------------------------------------------------------------------------
 
 
@@ -839,7 +980,7 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
     every = cfg.train.eval_every
     if rung > 0:
         return optuna.pruners.NopPruner()
-    if settings.pruner is PrunerName.ASHA:
+    if settings.pruner_mode is PrunerName.ASHA:
         if settings.fidelity is Fidelity.WIDTH:
             # one halving on steps, at the first validation from half the run on, keeping about a third (a half at
             # --reduction 2): enough to fill rung 1.  Earlier halvings favour high LRs (they learn fastest at
@@ -849,7 +990,7 @@ def make_pruner(settings: TuneSettings, cfg: RunConfig, rung: int = 0) -> optuna
             keep = min(3, settings.reduction)
             return HalvingPruner(min_resource=first, reduction_factor=keep)
         return HalvingPruner(min_resource=every, reduction_factor=3)
-    if settings.pruner is PrunerName.MEDIAN:
+    if settings.pruner_mode is PrunerName.MEDIAN:
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
     return optuna.pruners.NopPruner()
 
@@ -870,6 +1011,7 @@ def study_attrs(settings: TuneSettings, cfg: RunConfig) -> dict[str, Any]:
         "search_space": {k: list(v) for k, v in search_space(settings, cfg).items()},
         "fidelity": settings.fidelity.value,
         "rungs": [[r.d_model, r.size] for r in rungs] if settings.fidelity is Fidelity.WIDTH else None,
+        "finalist": finalist_words(settings),
         "flops_formula": "trial-steps x (6 x non-embedding params + 27 x n_layers x N_u x N_x) x batch_size x seq_len",
         "seed": settings.seed,
         "data_source": cfg.data.source,
@@ -936,6 +1078,15 @@ def _schedule_words(rungs: Any) -> str:
     return "rungs " + ", ".join(f"{w}x{n}" for w, n in rungs)
 
 
+def finalist_words(settings: TuneSettings) -> str | None:
+    """How the proxy-width rung is filled, as recorded in the study: ``rank``, ``fit (LR drift -0.15
+    octave per doubling)``, or None under ``--fidelity steps``."""
+    mode = settings.finalist_mode
+    if mode is Finalist.FIT:
+        return f"fit (LR drift {settings.lr_drift:g} octave per doubling)"
+    return None if mode is None else mode.value
+
+
 def study_dirs(runs_dir: str | Path) -> list[str]:
     """Names of the studies kept under ``runs_dir`` (each in ``<name>/journal.log``, the default storage)."""
     root = Path(runs_dir)
@@ -945,20 +1096,27 @@ def study_dirs(runs_dir: str | Path) -> list[str]:
 def check_same_study(settings: TuneSettings, study: optuna.Study, attrs: dict[str, Any], keys: tuple[str, ...]) -> None:
     """ConfigError (one line) when the study's recorded ``keys`` differ from ``attrs`` (this run's flags).
 
-    The rung schedule depends on ``--trials``, ``--reduction`` and ``--extrapolate``.
+    The rung schedule depends on ``--trials``, ``--finalist``, ``--reduction`` and ``--extrapolate``.
     """
     old = study.user_attrs
-    before = {**old, "fidelity": old.get("fidelity", Fidelity.STEPS.value), "rungs": old.get("rungs")}
+    fidelity = old.get("fidelity", Fidelity.STEPS.value)
+    before = {
+        **old, "fidelity": fidelity, "rungs": old.get("rungs"),
+        # studies from before --finalist existed ranked their way up
+        "finalist": old.get("finalist", Finalist.RANK.value if fidelity == Fidelity.WIDTH.value else None),
+    }  # fmt: skip
     for key in keys:
         if before.get(key) != attrs[key]:
             d = first_difference(before.get(key), attrs[key])
             if key == "rungs":
                 what = f"{_schedule_words(before.get(key))} then, {_schedule_words(attrs[key])} now"
             else:
-                what = f"{d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
-            flag = {"fidelity": "--fidelity", "rungs": "rung schedule (--trials, --reduction, --extrapolate)"}.get(
-                key, key.replace("_", " ")
-            )
+                what = f"{key if d[0] == '<root>' else d[0]}: {d[1]!r} then, {d[2]!r} now" if d else key
+            flag = {
+                "fidelity": "--fidelity",
+                "rungs": "rung schedule (--trials, --finalist, --reduction, --extrapolate)",
+                "finalist": "finalist (--finalist, --lr-drift)",
+            }.get(key, key.replace("_", " "))
             raise ConfigError(
                 f"study {settings.study!r} was created with a different {flag} ({what}); "
                 f"rerun with the same flags, or pass --study NEW_NAME"
@@ -979,7 +1137,7 @@ def prepare_study(settings: TuneSettings, cfg: RunConfig) -> Prepared:
         study = ladder.study
         attrs = study_attrs(settings, cfg)
         if "proxy_config" in study.user_attrs:
-            check_same_study(settings, study, attrs, ("proxy_config", "search_space", "fidelity", "rungs"))
+            check_same_study(settings, study, attrs, ("proxy_config", "search_space", "fidelity", "rungs", "finalist"))
         else:
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
@@ -1169,7 +1327,7 @@ def make_objective(
                 trial.set_user_attr("steps", step)
                 trial.set_user_attr("flops", step * per_step)
                 trial.set_user_attr("status", "pruned")
-                trial.set_user_attr("reason", f"pruned by {settings.pruner.value} at step {step} (val {val:.4f})")
+                trial.set_user_attr("reason", f"pruned by {settings.pruner_mode.value} at step {step} (val {val:.4f})")
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         try:
@@ -1252,7 +1410,7 @@ def _pending_extrapolation(ladder: Ladder, i: int) -> DriftFit | None:
     and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed."""
     if not ladder.rungs[i].extrapolated or _extrapolation_taken(ladder, i):
         return None
-    return drift_fit(ladder)
+    return vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT else drift_fit(ladder)
 
 
 def _pick(ladder: Ladder) -> int | None | str:
@@ -1498,7 +1656,7 @@ def load_existing(settings: TuneSettings, cfg: RunConfig) -> Ladder:
         raise StorageError(f"no study named {settings.study!r} in the storage (studies: {have}); run mupt tune first")
     ladder = open_ladder(settings, cfg, storage=storage)
     if "proxy_config" in ladder.study.user_attrs:  # the rung studies must be read at the widths they ran at
-        check_same_study(settings, ladder.study, study_attrs(settings, cfg), ("fidelity", "rungs"))
+        check_same_study(settings, ladder.study, study_attrs(settings, cfg), ("fidelity", "rungs", "finalist"))
     return ladder
 
 
@@ -1821,6 +1979,24 @@ def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _draw_fit(ax: Any, fit: DriftFit, ladder: Ladder, narrow: Any, proxy: Any) -> None:
+    """``--finalist fit`` in rungs.png: rung 0's parabola over the trials fitted, its vertex, and the LR the
+    proxy-width trial runs at (the vertex moved by the drift)."""
+    import numpy as np
+
+    (x0,) = fit.optima.values()
+    if fit.parabola is not None:
+        b, e, c, lo, hi = fit.parabola
+        xs = np.linspace(lo, hi, 60)
+        ax.plot(2.0**xs, c + e * xs + b * xs**2, color=narrow, lw=1, ls="--",
+                label=f"rung 0's parabola ({fit.points} trials within {FIT_WINDOW:g} octaves of its best)")  # fmt: skip
+    what = "vertex" if fit.method == "vertex" else "best trial"
+    ax.axvline(2.0**x0, color=narrow, lw=0.8, ls=":", label=f"rung 0's {what}: 2^{x0:.2f}")
+    doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
+    ax.axvline(fit.lr, color=proxy, lw=1.2, ls="-.",
+               label=f"proxy-width LR: {fit.slope:+g} x {doublings:g} doublings -> 2^{fit.log2_lr:.2f}")  # fmt: skip
+
+
 def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_edge: float) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -1842,6 +2018,9 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
             what = "interrupted" if all(str(r["reason"]).startswith(INTERRUPTED) for r in failed) else "failed"
             ax.scatter([r["lr"] for r in failed], [top_edge] * len(failed), edgecolors=[color], marker="s", s=22,
                        facecolors="none", label=f"rung {rung.index}: {what} (top edge)")  # fmt: skip
+    fit = vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT and n > 1 else None
+    if fit is not None:
+        _draw_fit(ax, fit, ladder, cmap(0.0), cmap(1.0))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")
@@ -1884,8 +2063,11 @@ __all__ = [
     "LR_RANGE",
     "MULT_RANGE",
     "SEARCHABLE",
+    "DEFAULT_LR_DRIFT",
     "DriftFit",
+    "FIT_WINDOW",
     "Fidelity",
+    "Finalist",
     "HalvingPruner",
     "JOURNAL_LOCK_GRACE",
     "JournalRepair",
@@ -1910,6 +2092,7 @@ __all__ = [
     "extrapolates",
     "fail_dead_trials",
     "fail_stale_rdb_trials",
+    "finalist_words",
     "flops_per_trial_step",
     "grid_flops",
     "is_complete",
@@ -1940,6 +2123,7 @@ __all__ = [
     "trial_seed",
     "trial_steps",
     "trials_dataframe",
+    "vertex_fit",
     "was_interrupted",
     "close_interrupted",
     "INTERRUPTED",

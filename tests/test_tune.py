@@ -28,6 +28,7 @@ from mupt.errors import ConfigError, StorageError
 from mupt.tune import (
     INTERRUPTED,
     JOURNAL_LOCK_GRACE,
+    Ladder,
     TuneSettings,
     clear_stale_journal_lock,
     close_interrupted,
@@ -47,6 +48,7 @@ from mupt.tune import (
     rung_summaries,
     rungs_for,
     trial_rows,
+    vertex_fit,
     worker_id,
     write_best,
     write_plots,
@@ -293,7 +295,7 @@ def test_width_ladder_rungs_widths_flops_and_best_at_proxy_width(tmp_path: Path)
 
     torch.set_num_threads(1)
     cfg = with_overrides(proxy_config(), W64)
-    s = TuneSettings(study="ladder", trials=6, reduction=3, runs_dir=str(tmp_path), pruner="none")
+    s = TuneSettings(study="ladder", trials=6, finalist="rank", reduction=3, runs_dir=str(tmp_path), pruner="none")
     ladder = run_study(s, cfg)
     assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 6), (32, 2), (64, 1)]
     for rung, study in zip(ladder.rungs, ladder.studies, strict=True):
@@ -329,14 +331,16 @@ def _schedule(cfg: RunConfig, **kw: object) -> list[tuple[int, int, int, str]]:
 
 
 def test_rung_schedule_leaves_out_a_rung_that_selects_nothing() -> None:
-    """Rung sizes round(trials / reduction^i); a rung below the proxy that would pass every trial it holds on
-    to the next rung (16 at reduction 4: 16, 4, 1, 1) is left out; --extrapolate adds one proxy-width trial
-    when two rungs lie below the proxy and the LR is searched alone."""
+    """--finalist rank: rung sizes round(trials / reduction^i); a rung below the proxy that would pass every
+    trial it holds on to the next rung (16 at reduction 4: 16, 4, 1, 1) is left out; --extrapolate adds one
+    proxy-width trial when two rungs lie below the proxy and the LR is searched alone."""
     cfg = proxy_config()  # d_model 256: rungs at 32, 64, 128, 256
-    assert _schedule(cfg, trials=16, reduction=3) == [
+    assert _schedule(cfg, trials=16, reduction=3, finalist="rank") == [
         (32, 16, 0, "s"), (64, 5, 0, "s.rung1"), (128, 2, 0, "s.rung2"), (256, 1, 0, "s.rung3")]  # fmt: skip
-    assert _schedule(cfg, trials=16, reduction=4) == [(32, 16, 0, "s"), (64, 4, 0, "s.rung1"), (256, 1, 0, "s.rung2")]
-    assert [r[:2] for r in _schedule(cfg, trials=32, reduction=4)] == [(32, 32), (64, 8), (128, 2), (256, 1)]
+    assert _schedule(cfg, trials=16, reduction=4, finalist="rank") == [
+        (32, 16, 0, "s"), (64, 4, 0, "s.rung1"), (256, 1, 0, "s.rung2")]  # fmt: skip
+    assert [r[:2] for r in _schedule(cfg, trials=32, reduction=4, finalist="rank")] == [
+        (32, 32), (64, 8), (128, 2), (256, 1)]  # fmt: skip
     assert [r[:3] for r in _schedule(cfg, trials=16, reduction=4, extrapolate=True)] == [
         (32, 16, 0), (64, 4, 0), (256, 2, 1)]  # fmt: skip
     assert [r[:3] for r in _schedule(cfg, trials=4, reduction=4, extrapolate=True)] == [(32, 4, 0), (256, 1, 0)]
@@ -345,19 +349,54 @@ def test_rung_schedule_leaves_out_a_rung_that_selects_nothing() -> None:
     assert _schedule(cfg, trials=16, fidelity="steps", extrapolate=True) == [(256, 16, 0, "s")]
 
 
-def test_a_study_made_under_another_rung_schedule_is_refused_not_misread(tmp_path: Path) -> None:
-    """A study created with --reduction 8 (rungs 32, 64, 256) opened with the default (rungs 32, 64, 128, 256):
-    resuming and --report both refuse in one line naming the flags, instead of reading the proxy rung's
-    trials (d_model 256) as d_model 128's."""
-    cfg = with_overrides(proxy_config(), {"model.scan_backend": BACKEND})
-    prepare_study(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg)
-    now = TuneSettings(study="r8", runs_dir=str(tmp_path))
-    for call in (prepare_study, load_existing):
-        with pytest.raises(ConfigError, match=r"rung schedule \(--trials, --reduction, --extrapolate\)") as e:
-            call(now, cfg)
+def test_fit_finalist_schedule_is_the_default_for_the_lr_alone() -> None:
+    """The default (--finalist fit when only the LR is searched): rung 0 at proxy/8, then one proxy-width
+    trial in the extrapolated slot; with multipliers searched the default is the rank ladder, and asking for
+    the fit with them, or with --extrapolate, is refused in one line."""
+    cfg = proxy_config()
+    assert _schedule(cfg, trials=16) == [(32, 16, 0, "s"), (256, 1, 1, "s.rung1")]
+    assert _schedule(cfg, trials=16, reduction=8) == [(32, 16, 0, "s"), (256, 1, 1, "s.rung1")]  # no effect
+    assert _schedule(cfg, trials=16, search="lr,output_mult") == [
+        (32, 16, 0, "s"), (64, 5, 0, "s.rung1"), (128, 2, 0, "s.rung2"), (256, 1, 0, "s.rung3")]  # fmt: skip
+    assert _schedule(with_overrides(cfg, {"model.d_model": 32}), trials=4) == [(16, 4, 0, "s"), (32, 1, 1, "s.rung1")]
+    assert _schedule(with_overrides(cfg, {"model.d_model": 16}), trials=4) == [(16, 4, 0, "s")]
+    # rung 0 trains every trial to the end under the fit (both sides of the optimum), halves under rank
+    assert [TuneSettings(study="s", **kw).pruner_mode.value for kw in (  # type: ignore[arg-type]
+        {}, {"finalist": "rank"}, {"search": "lr,output_mult"}, {"fidelity": "steps"}, {"pruner": "median"})] == [
+        "none", "asha", "asha", "asha", "median"]  # fmt: skip
+    for bad, match in (({"search": "lr,output_mult"}, "--finalist rank, or --search lr"),
+                       ({"extrapolate": True}, "use it with --finalist rank"),
+                       ({"lr_drift": 3.0}, "--lr-drift 3: must be within -1..1")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match) as e:
+            TuneSettings(study="s", finalist="fit", **bad)  # type: ignore[arg-type]
         assert "\n" not in str(e.value)
-        assert "rungs 32x16, 64x2, 256x1 then, rungs 32x16, 64x5, 128x2, 256x1 now" in str(e.value)  # in words
-    assert len(load_existing(TuneSettings(study="r8", reduction=8, runs_dir=str(tmp_path)), cfg).rungs) == 3
+
+
+def test_a_study_made_under_another_rung_schedule_is_refused_not_misread(tmp_path: Path) -> None:
+    """A study created with --reduction 8 (rungs 32, 64, 256) opened with --finalist rank's default (rungs 32,
+    64, 128, 256) or with the default fit (32, 256): resuming and --report both refuse in one line naming the
+    flags, instead of reading the proxy rung's trials (d_model 256) as d_model 128's.  A study whose rungs
+    look alike (32x16, 256x1) but whose proxy trial was promoted by rank, or fitted under another drift, is
+    refused on the finalist."""
+    cfg = with_overrides(proxy_config(), {"model.scan_backend": BACKEND})
+    prepare_study(TuneSettings(study="r8", reduction=8, finalist="rank", runs_dir=str(tmp_path)), cfg)
+    for now, words in (
+        (TuneSettings(study="r8", finalist="rank", runs_dir=str(tmp_path)), "rungs 32x16, 64x5, 128x2, 256x1 now"),
+        (TuneSettings(study="r8", runs_dir=str(tmp_path)), "rungs 32x16, 256x1 now"),
+    ):
+        for call in (prepare_study, load_existing):
+            with pytest.raises(ConfigError, match=r"rung schedule \(--trials, --finalist, --reduction") as e:
+                call(now, cfg)
+            assert "\n" not in str(e.value)
+            assert f"rungs 32x16, 64x2, 256x1 then, {words}" in str(e.value)  # in words
+    assert len(load_existing(TuneSettings(study="r8", reduction=8, finalist="rank", runs_dir=str(tmp_path)),
+                             cfg).rungs) == 3  # fmt: skip
+    prepare_study(TuneSettings(study="r16", reduction=16, finalist="rank", runs_dir=str(tmp_path)), cfg)  # 32x16, 256x1
+    with pytest.raises(ConfigError, match=r"different finalist \(--finalist, --lr-drift\) \(finalist: 'rank' then"):
+        prepare_study(TuneSettings(study="r16", runs_dir=str(tmp_path)), cfg)
+    prepare_study(TuneSettings(study="fit", runs_dir=str(tmp_path)), cfg)
+    with pytest.raises(ConfigError, match=r"LR drift -0.15 octave per doubling\)' then, .*LR drift 0 octave"):
+        load_existing(TuneSettings(study="fit", lr_drift=0.0, runs_dir=str(tmp_path)), cfg)
 
 
 def _add(study: optuna.Study, log2_lr: float, loss: float, **attrs: object) -> int:
@@ -395,6 +434,73 @@ def test_drift_fit_recovers_a_known_drift(tmp_path: Path, drift: float) -> None:
     else:  # -2 octaves per doubling would put it at -15: one octave below the lowest LR measured is the limit
         assert fit.clipped and fit.log2_lr == pytest.approx(min(promoted) - 1.0)
     assert fit.lr == pytest.approx(2.0**fit.log2_lr)
+
+
+def test_vertex_fit_finds_rung0_minimum_and_moves_it_by_the_drift(tmp_path: Path) -> None:
+    """--finalist fit: the vertex of a parabola through rung 0's losses within two octaves of its best trial
+    (farther trials, where loss against log2 LR is skewed, left out), moved by --lr-drift per doubling from
+    d_model 32 to 256 (3 doublings); the best trial stands in when no parabola opening upwards fits; the LR
+    stays inside the search range; no COMPLETE rung-0 trial, no finalist."""
+    cfg = proxy_config()
+
+    def ladder_with(name: str, points: list[tuple[float, float]], **kw: object) -> Ladder:
+        ladder = open_ladder(TuneSettings(study=name, runs_dir=str(tmp_path), **kw), cfg)  # type: ignore[arg-type]
+        assert [(r.d_model, r.size, r.extrapolated) for r in ladder.rungs] == [(32, 16, 0), (256, 1, 1)]
+        for x, y in points:
+            _add(ladder.studies[0], x, y)
+        return ladder
+
+    near = [(x, 2.0 + 0.05 * (x + 8.8) ** 2) for x in (-10.5, -9.5, -9.0, -8.5, -7.5)]  # minimum at -8.8
+    far = [(-14.0, 2.3), (-5.0, 2.9)]  # off the parabola: a fit that used them would move the vertex
+    fit = vertex_fit(ladder_with("v", near + far))
+    assert fit is not None and fit.method == "vertex" and fit.points == 5 and not fit.clipped
+    assert fit.optima == {32: pytest.approx(-8.8, abs=1e-9)}
+    # the parabola rungs.png draws: 2 + 0.05 (x + 8.8)^2 = 5.872 + 0.88 x + 0.05 x^2, over the trials fitted
+    assert fit.parabola == pytest.approx((0.05, 0.88, 5.872, -10.5, -7.5), abs=1e-9)
+    assert fit.log2_lr == pytest.approx(-8.8 - 0.15 * 3, abs=1e-9) and fit.lr == pytest.approx(2.0 ** (-9.25))
+    assert vertex_fit(ladder_with("v0", near, lr_drift=0.0)).log2_lr == pytest.approx(-8.8, abs=1e-9)  # type: ignore[union-attr]
+    two = vertex_fit(ladder_with("two", [(-9.0, 2.01), (-8.0, 2.0)]))
+    assert two is not None and two.method == "best" and two.log2_lr == pytest.approx(-8.45)
+    concave = vertex_fit(ladder_with("cc", [(-10.0, 2.0), (-9.0, 2.05), (-8.0, 2.06), (-5.0, 2.01)]))
+    assert concave is not None and concave.method == "best" and concave.optima == {32: -10.0}
+    # the vertex lies below the LRs fitted: kept at the lowest; minus 0.45 octave leaves the range 1e-4..1e-1
+    edge = vertex_fit(ladder_with("edge", [(-13.2, 2.0), (-12.8, 2.05), (-12.4, 2.15)]))
+    assert edge is not None and edge.optima == {32: pytest.approx(-13.2)} and edge.clipped
+    assert edge.lr == pytest.approx(1e-4) and edge.log2_lr == pytest.approx(math.log2(1e-4))
+    assert vertex_fit(ladder_with("none", [])) is None
+
+
+def test_fit_finalist_two_workers_one_proxy_trial_at_the_fitted_lr(tmp_path: Path) -> None:
+    """The default schedule run by two worker processes: rung 0 holds exactly --trials, the proxy rung exactly
+    one trial, at the LR of the parabola through rung 0's losses (recomputed here with numpy) moved by
+    -0.15 x 2 octaves (d_model 16 -> 64); best.yaml is that trial, and retraining its config gives its loss."""
+    import numpy as np
+
+    from mupt.train import train
+
+    torch.set_num_threads(1)
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="fit2", trials=8, workers=2, runs_dir=str(tmp_path), pruner="none", sampler="grid")
+    run_study(s, cfg)
+    ladder = open_ladder(s, cfg)
+    assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 8), (64, 1)]
+    done0 = ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))
+    assert len(ladder.studies[0].get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 8
+    assert len({t.user_attrs["worker"] for t in done0}) == 2  # both processes ran trials
+    top = [t for t in ladder.studies[1].get_trials() if t.state is not TrialState.FAIL]
+    assert len(top) == 1 and top[0].state is TrialState.COMPLETE and "extrapolated" in top[0].user_attrs
+    pts = sorted((math.log2(t.params["lr"]), float(t.value or 0.0)) for t in done0)
+    best_x = min(pts, key=lambda p: p[1])[0]
+    xs, ys = zip(*[(x, y) for x, y in pts if abs(x - best_x) <= 2.0], strict=True)
+    assert len(xs) >= 3  # the grid's 8 points of 1e-4..1e-1 put three within two octaves of any best
+    c2, c1, _ = np.polyfit(np.array(xs) - best_x, ys, 2)
+    x0 = min(max(best_x - c1 / (2 * c2), min(xs)), max(xs)) if c2 > 0 else best_x
+    assert math.log2(top[0].params["lr"]) == pytest.approx(x0 - 0.15 * 2, abs=1e-6)
+    bp, path = write_best(ladder, cfg, s.run_dir)
+    assert bp.trial == top[0].number and bp.config.model.d_model == 64
+    assert [(f["obtained"], f["drift_fit"]["method"]) for f in load_best(path).finalists] == [
+        ("extrapolated", "vertex" if c2 > 0 else "best")]  # fmt: skip
+    assert train(bp.config).final_val_loss == pytest.approx(bp.value, rel=1e-6)
 
 
 def test_drift_fit_declines_a_rung_whose_lrs_span_less_than_an_octave(tmp_path: Path) -> None:
@@ -470,15 +576,18 @@ def test_sigkill_in_low_rung_then_rerun_keeps_trials_and_budget(tmp_path: Path) 
     victim, before = found
 
     proc = mupt(*args)
-    _, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    summary = " ".join(out.replace("│", " ").split())  # Rich's table borders out
+    assert "best lr found by" in summary and "rung 0's losses" in summary, out
+    assert "at d_model 16, moved -0.15 octave per doubling" in summary, out
     rung0 = _load(s, "proxy-w64")
     after = {t.number: t for t in rung0.trials}
     assert all(after[n].state is TrialState.COMPLETE and after[n].value == v for n, v in before.items())
     assert after[victim].state is TrialState.FAIL and "died" in after[victim].user_attrs["reason"]
     finished = rung0.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 4  # the budget: exactly --trials finished at rung 0, the killed one not counted
-    # 4 trials: rungs of 4 at d_model 16 and 1 at 64 (a rung of 1 at 32 would pass its one trial on: left out)
+    # 4 trials: rungs of 4 at d_model 16 and 1 at 64 (the default --finalist fit)
     top = _load(s, "proxy-w64.rung1").get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(top) == 1 and top[0].user_attrs["d_model"] == 64
     bp = load_best(tmp_path / "proxy-w64" / "best.yaml")
@@ -720,7 +829,8 @@ def test_ctrl_c_before_the_proxy_width_then_report_and_resume(tmp_path: Path) ->
     args = ["tune", *W64_FLAGS, "--steps", "40", "--trials", "4", "--pruner", "none", "--runs-dir", str(tmp_path)]
     s = TuneSettings(study="proxy-w64", trials=4, runs_dir=str(tmp_path))
     proc = mupt(*args)
-    wait_for(proc, lambda: _load(s, "proxy-w64").get_trials(states=(TrialState.COMPLETE,)) or None, 180)
+    # mid-trial: a signal between two trials (the sampler, the lock) would stop no trial
+    assert wait_for(proc, mid_trial(s, "proxy-w64", "d_model"), 180) is not None
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err
@@ -817,7 +927,7 @@ def test_default_study_name_keeps_own_data_apart_and_help_counts_every_trial(tmp
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     total = sum(r.size for r in rungs_for(TuneSettings(study="x"), with_overrides(proxy_config(), {})))
-    assert f"{total} trials in all" in " ".join(out.split()), out
+    assert f"{total} trials in all" in " ".join(out.replace("│", " ").split()), out  # Rich's table borders out
 
 
 def test_report_of_a_missing_study_lists_the_study_dirs_and_a_finished_study_says_so(tmp_path: Path) -> None:
@@ -848,7 +958,7 @@ def test_asha_leaves_failed_trials_out_of_the_competition(tmp_path: Path) -> Non
     state); among finished trials the decisions are Optuna's own."""
     from mupt.tune import make_pruner
 
-    settings = TuneSettings(study="asha", runs_dir=str(tmp_path))
+    settings = TuneSettings(study="asha", pruner="asha", runs_dir=str(tmp_path))
     cfg = tiny(**{"train.steps": 64, "train.eval_every": 16})  # the halving step is 32
     pruner = make_pruner(settings, cfg)
     study = optuna.create_study(storage=open_storage(settings), study_name="asha", pruner=pruner)

@@ -39,9 +39,11 @@ from mupt.paths import check_output_dir
 from mupt.report import fmt, key_values, table
 from mupt.threads import resolve_threads
 from mupt.tune import (
+    DEFAULT_LR_DRIFT,
     FINISHED,
     SEARCHABLE,
     Fidelity,
+    Finalist,
     Ladder,
     Progress,
     PrunerName,
@@ -155,23 +157,42 @@ def tune(
         typer.Option(
             "--trials",
             "-n",
-            help="Configurations sampled at rung 0; rung i keeps round(trials/reduction^i) of them (16: rungs of "
-            "16, 5, 2, 1 = 24 trials in all).",
+            help="Configurations sampled at rung 0 (d_model = proxy/8 under width fidelity); then one proxy-width "
+            "trial (--finalist fit: 17 trials in all), or rung i keeps round(trials/reduction^i) (--finalist "
+            "rank: 16, 5, 2, 1 = 24).",
         ),
     ] = 16,
     fidelity: Annotated[
         Fidelity,
         typer.Option(
             "--fidelity",
-            help="width: rungs at d_model = proxy/8, /4, /2, proxy (best by rank move up); "
-            "steps: every trial at the proxy width, pruned on steps.",
+            help="width: most trials at d_model = proxy/8 (rounded down to a multiple of 16), the answer "
+            "measured at the proxy width (see --finalist); steps: every trial at the proxy width, pruned on steps.",
         ),
     ] = Fidelity.WIDTH,
+    finalist: Annotated[
+        Finalist | None,
+        typer.Option(
+            "--finalist",
+            help="Width fidelity: fit = one proxy-width trial at the LR where a parabola through rung 0's losses "
+            "has its minimum, moved by --lr-drift (0.12-0.14 of a dense grid's FLOPs); rank = the best by rank move "
+            "up through rungs proxy/8, /4, /2 (0.19-0.23). Default: fit when only the LR is searched, else rank.",
+            show_default=False,
+        ),
+    ] = None,
+    lr_drift: Annotated[
+        float,
+        typer.Option(
+            "--lr-drift",
+            help="--finalist fit: octaves of LR the optimum moves per doubling of d_model from proxy/8 to the proxy "
+            "(measured -0.11 and -0.19 at the default proxy on two corpora; 0 trusts µP's fixed optimum).",
+        ),
+    ] = DEFAULT_LR_DRIFT,
     reduction: Annotated[
         int,
         typer.Option(
             "--reduction",
-            help="Rung i keeps 1/reduction of rung i-1's trials (width fidelity); a rung that would keep them all "
+            help="--finalist rank: rung i keeps 1/reduction of rung i-1's trials; a rung that would keep them all "
             "is left out (8: 16,2,1).",
         ),
     ] = 3,
@@ -179,8 +200,8 @@ def tune(
         bool,
         typer.Option(
             "--extrapolate/--no-extrapolate",
-            help="Width fidelity, LR searched alone: the proxy rung also runs the LR extrapolated from the "
-            "optimum's drift across the narrower rungs (docs/tuning.md).",
+            help="--finalist rank, LR searched alone: the proxy rung also runs the LR extrapolated from the "
+            "optimum's drift fitted across the narrower rungs (docs/tuning.md).",
         ),
     ] = False,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Local worker processes on the same study.")] = 1,
@@ -198,8 +219,14 @@ def tune(
         SamplerName, typer.Option("--sampler", help="tpe (seeded), gp, or grid (log2 LR grid).")
     ] = SamplerName.TPE,
     pruner: Annotated[
-        PrunerName, typer.Option("--pruner", help="Step pruner (rung 0): asha (successive halving), median or none.")
-    ] = PrunerName.ASHA,
+        PrunerName | None,
+        typer.Option(
+            "--pruner",
+            help="Step pruner (rung 0): asha (successive halving), median or none. Default: none under --finalist "
+            "fit (its parabola needs trials on both sides of the optimum), else asha.",
+            show_default=False,
+        ),
+    ] = None,
     search: Annotated[str, typer.Option("--search", help=f"Comma list to tune, from: {','.join(SEARCHABLE)}.")] = "lr",
     lr_range: Annotated[
         str | None, typer.Option("--lr-range", help="LOW,HIGH of the log-uniform LR range; default 1e-4,0.1 (Adam).")
@@ -235,10 +262,11 @@ def tune(
 ) -> None:
     """Tune the proxy's learning rate (and optionally µP multipliers) with Optuna; writes runs/<study>/best.yaml.
 
-    By default most trials run at narrower widths (µP keeps the optimum in place): rungs at
-    d_model = proxy/8, /4, /2 and the proxy, the best of each rung by rank moving up (16 sampled at
-    rung 0, then 5, 2 and 1: 24 trials in all); the answer is the best trial measured at the proxy
-    width.  Compute is counted in FLOPs.
+    By default most trials run at a narrower width (µP keeps the optimum nearly in place): 16
+    configurations at d_model = proxy/8, then one trial at the proxy width, at the LR where a
+    parabola through the narrow losses has its minimum, moved by the optimum's expected drift
+    (--lr-drift); the answer is measured at the proxy width.  --finalist rank moves the best by rank
+    up through rungs at proxy/8, /4, /2 instead.  Compute is counted in FLOPs.
 
     Example: [bold]mupt tune --width 256[/]   (rerun the same command to resume the study)
     """
@@ -254,7 +282,7 @@ def tune(
         study=study or default_study_name(cfg), trials=trials, workers=workers, sampler=sampler, pruner=pruner,
         search=tuple(search.split(",")), lr_range=_lr_range(lr_range), seed=cfg.train.seed, storage=storage,
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
-        extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log,
+        extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log, finalist=finalist, lr_drift=lr_drift,
     )  # fmt: skip
     if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
         raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
@@ -280,7 +308,8 @@ def tune(
         f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
         f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
-        f"rungs(d_model x trials)={rungs} sampler={settings.sampler.value} pruner={settings.pruner.value} "
+        f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'} "
+        f"sampler={settings.sampler.value} pruner={settings.pruner_mode.value} "
         f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
     )
@@ -372,6 +401,28 @@ def _finish(
         raise typer.Exit(130) from None
 
 
+def _origin(finalist: dict[str, Any]) -> str:
+    """How a proxy-width finalist's LR was obtained, in words ("" for a sampled trial)."""
+    fit = finalist.get("drift_fit") or {}
+    widths = [f["d_model"] for f in finalist.get("fidelities", [])[:-1]]
+    if finalist.get("obtained") == "promoted":
+        return f"promotion by rank from d_model {', '.join(map(str, widths))}"
+    if finalist.get("obtained") != "extrapolated" or not fit:
+        return ""
+    optima = fit["optima_log2_lr"]
+    slope, x = fit["slope_octaves_per_doubling"], fit["log2_lr"]
+    clipped = " (clipped to the search range)" if fit.get("clipped") else ""
+    if fit.get("method") in ("vertex", "best"):
+        ((w, x0),) = optima.items()
+        what = "the vertex of the parabola through" if fit["method"] == "vertex" else "the best of"
+        return (
+            f"{what} rung 0's losses: 2^{x0:.2f} at d_model {w}, moved {slope:+g} octave per doubling "
+            f"-> 2^{x:.2f}{clipped}"
+        )
+    at = ", ".join(f"2^{v:.2f} at {k}" for k, v in optima.items())
+    return f"the optimum's drift fitted over the rungs ({at}; {slope:+.2f} per doubling) -> 2^{x:.2f}{clipped}"
+
+
 def _results(
     settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
 ) -> None:
@@ -407,6 +458,7 @@ def _results(
             *_noise_row(ladder),
             ("best lr", bp.params["lr"]),
             *([("best multipliers", extra)] if extra else []),
+            *([("best lr found by", how)] if (how := _origin(bp.finalists[0] if bp.finalists else {})) else []),
         ]
     rows += [
         ("compute (trial-steps)", trial_steps(ladder)),
@@ -494,6 +546,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
             ("best val loss (nats)", bp.value),
             *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
+            *([("lr found by", how)] if (how := _origin(bp.finalists[0] if bp.finalists else {})) else []),
             ("fidelity", bp.fidelity),
         ]
     rows += [
