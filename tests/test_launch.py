@@ -527,6 +527,40 @@ def test_a_user_error_in_every_rank_is_printed_once(tmp_path: Path) -> None:
     assert "Traceback" not in two.stderr and not run_dir.exists()
 
 
+def test_a_signal_while_the_ranks_connect_ends_the_rank_at_once(tmp_path: Path) -> None:
+    """A torchrun rank waiting in the rendezvous for a peer that a Ctrl-C already stopped: the wait is C++, which
+    Python's handlers only reach when it returns, so the rank sat there until torchrun's agent killed it 30 s later.
+    Here rank 0 of 2 is started alone (the environment torchrun gives it), so its wait never ends by itself."""
+    import socket
+
+    recipe, run_dir = make_recipe(tmp_path, "lone")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(subprocess_env(), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="lone")  # fmt: skip
+    proc = subprocess.Popen(scale_cmd(recipe, "--threads", "1"), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not listening(port):  # rank 0 hosts the rendezvous store: it is up, rank 0 waits for rank 1
+            assert time.monotonic() < deadline and proc.poll() is None, "rank 0 never reached the rendezvous"
+            time.sleep(0.01)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGINT, stderr[-2000:]  # ended by the signal itself: nothing had started
+    assert not run_dir.exists()
+
+
+def listening(port: int) -> bool:
+    """A TCP socket of this machine listens on ``port`` (/proc/net/tcp and tcp6: state 0A)."""
+    rows = [x.split() for name in ("tcp", "tcp6") for x in Path(f"/proc/net/{name}").read_text().splitlines()[1:]]
+    return any(int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "0A" for r in rows)
+
+
 def started_workers(launcher: int) -> list[int]:
     """Pids of the processes torchrun's agent (``launcher``) started (a RANK in their environment) that are loading
     torch (its library is mapped): past the interpreter's own start-up, where a SIGINT is fatal to any program."""
