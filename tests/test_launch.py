@@ -188,7 +188,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path: Path, trained: tuple[Path, P
     _, run_dir = trained
     wider, _ = make_recipe(tmp_path, "wider", width=48, keep_tables=False, steps=12)
     msg = one_line_error(cli, "scale", str(wider), "--run-dir", str(run_dir))
-    assert "another model" in msg and "d_model 32" in msg and "48" in msg
+    assert "another recipe" in msg and "d_model 32" in msg and "48" in msg and "--run-dir NEW_DIR" in msg
     assert launch.find_latest(run_dir).name == "step_000006"  # nothing overwritten
 
 
@@ -649,7 +649,7 @@ def test_lr_scale_multiplies_every_group_lr(tmp_path: Path, cli) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(2 * base.run.train.lr / 4)  # warmup step 1 of 4
     msg = one_line_error(cli, "scale", str(recipe), "--steps", "2")  # the same run dir at the unscaled LR
-    assert "another model" in msg and "lr" in msg
+    assert "another recipe" in msg and "lr" in msg
 
 
 def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tmp_path: Path, monkeypatch) -> None:
