@@ -37,7 +37,8 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,28 @@ EXIT_PEER_LOST = 75
 #: survivors as soon as one has died, so a rank whose collective failed because a peer died gets it well
 #: within this; a rank with an error of its own gets none (its peers are alive, waiting in a collective).
 PEER_GRACE_S = 5.0
+
+
+@contextmanager
+def signals_end_process() -> Iterator[None]:
+    """SIGINT and SIGTERM end this process at once (the system's default action) inside the block; main thread only.
+
+    For the rendezvous of the ranks (``init_process_group``): its wait for the other ranks is C++, which a Python
+    handler (KeyboardInterrupt, or :class:`SignalStop`'s flag) only reaches after it returns, so a rank whose peer
+    was stopped by the same Ctrl-C waited there until torchrun's agent killed it, 30 s later.  Nothing has been
+    trained or written yet; the launcher reports the stop.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class PeerLostError(RuntimeError):
@@ -668,8 +691,8 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
         d = first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
         diff = f"{d[0]} {d[1]!r} in the checkpoint vs {d[2]!r} in the recipe" if d else "fingerprint"
         raise CheckpointError(
-            f"checkpoint {path} was written for another model ({diff}); use the recipe it was made with or "
-            "a new --run-dir"
+            f"checkpoint {path} was written for another recipe ({diff}); use the recipe it was made with, or "
+            f"--run-dir NEW_DIR for this one (a run dir holds one run: {path.parent.parent} is in use)"
         )
     meta["step"] = step
     return meta
@@ -1013,7 +1036,8 @@ def run(
     SIGTERM or SIGINT stops the run at the next step boundary, after a checkpoint (status ``"terminated"``).
     One that arrives during set-up (model, data, checkpoint load) stops every rank before the first step:
     nothing is trained or written, on_start is not called, and the result's :attr:`ScaleResult.before_training`
-    is true.  Before the handlers are installed (recipe checks, process group) a SIGINT is a KeyboardInterrupt.
+    is true.  Before the handlers are installed (recipe checks) a SIGINT is a KeyboardInterrupt; while the ranks of a
+    torchrun job connect, SIGINT and SIGTERM end the process at once (:func:`signals_end_process`).
     """
     rank, world, local_rank = dist_env()
     validate_recipe(recipe)
@@ -1035,7 +1059,8 @@ def run(
     if (world > 1 or recipe.launch.fsdp) and not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            with signals_end_process():  # waiting for the other ranks (C++) cannot be interrupted from Python
+                dist.init_process_group(backend, device_id=device if cuda else None)
         else:  # FSDP2 in one plain process: a one-rank group needs no rendezvous
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         started_pg = True

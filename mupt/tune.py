@@ -166,9 +166,10 @@ class TuneSettings(BaseModel):
         description="width: fit (one proxy-width trial at rung 0's fitted optimum) or rank (promotion by rank "
         "through the rungs); None: fit when only the LR is searched, else rank",
     )
-    lr_drift: float = Field(
-        default=DEFAULT_LR_DRIFT,
-        description="--finalist fit: octaves of LR the optimum moves per doubling of d_model (docs/tuning.md)",
+    lr_drift: float | None = Field(
+        default=None,
+        description="--finalist fit: octaves of LR the optimum moves per doubling of d_model (docs/tuning.md); "
+        "None: DEFAULT_LR_DRIFT",
     )
     extrapolate: bool = Field(
         default=False,
@@ -238,12 +239,28 @@ class TuneSettings(BaseModel):
             )
         if self.finalist is Finalist.FIT and self.extrapolate:
             raise ConfigError("--extrapolate adds a finalist to the rank ladder; use it with --finalist rank")
-        if not (math.isfinite(self.lr_drift) and abs(self.lr_drift) <= 1):
+        if self.lr_drift is not None and not (math.isfinite(self.lr_drift) and abs(self.lr_drift) <= 1):
             raise ConfigError(
                 f"--lr-drift {self.lr_drift:g}: must be within -1..1 octave per doubling of d_model "
                 f"(default {DEFAULT_LR_DRIFT:g}; 0 trusts µP's fixed optimum)"
             )
+        if self.finalist is not None and self.fidelity is not Fidelity.WIDTH:
+            raise ConfigError(
+                f"--finalist {self.finalist.value} applies to --fidelity width only (every trial runs at the proxy "
+                "width under --fidelity steps); drop it, or use --fidelity width"
+            )
+        if self.lr_drift is not None and self.finalist_mode is not Finalist.FIT:
+            mode = "--fidelity steps" if self.finalist_mode is None else f"--finalist {self.finalist_mode.value}"
+            raise ConfigError(
+                f"--lr-drift applies to --finalist fit only, and this study runs {mode}; drop --lr-drift"
+                + ("" if self.finalist_mode is None or self.search != ("lr",) else ", or use --finalist fit")
+            )
         return self
+
+    @property
+    def drift(self) -> float:
+        """Octaves of LR per doubling of d_model that ``--finalist fit`` moves rung 0's optimum by."""
+        return DEFAULT_LR_DRIFT if self.lr_drift is None else self.lr_drift
 
     @property
     def pruner_mode(self) -> PrunerName:
@@ -886,7 +903,7 @@ def vertex_fit(ladder: Ladder) -> DriftFit | None:
     loss around the optimum); its vertex -e / 2b, kept within the LRs fitted, is rung 0's optimum.
     With fewer than three such trials or a curvature that is not positive, the best trial's LR
     stands in (``method="best"``).  The optimum at the proxy's d_model is that plus
-    ``settings.lr_drift`` x log2(proxy d_model / rung-0 d_model) octaves (-0.15 per doubling by
+    ``settings.drift`` x log2(proxy d_model / rung-0 d_model) octaves (-0.15 per doubling by
     default, the drift measured on dense grids in docs/tuning.md, "Efficiency"), kept inside the
     search range.
 
@@ -918,11 +935,11 @@ def vertex_fit(ladder: Ladder) -> DriftFit | None:
             # the same parabola in x instead of x - best_x
             parabola = (b, e - 2 * b * best_x, c - e * best_x + b * best_x**2, float(xs.min()), float(xs.max()))
     doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
-    raw = x0 + ladder.settings.lr_drift * doublings
+    raw = x0 + ladder.settings.drift * doublings
     x = min(max(raw, math.log2(lo)), math.log2(hi))
     return DriftFit(
         {ladder.rungs[0].d_model: x0},
-        ladder.settings.lr_drift,
+        ladder.settings.drift,
         x,
         min(max(2.0**x, lo), hi),
         x != raw,
@@ -1083,7 +1100,7 @@ def finalist_words(settings: TuneSettings) -> str | None:
     octave per doubling)``, or None under ``--fidelity steps``."""
     mode = settings.finalist_mode
     if mode is Finalist.FIT:
-        return f"fit (LR drift {settings.lr_drift:g} octave per doubling)"
+        return f"fit (LR drift {settings.drift:g} octave per doubling)"
     return None if mode is None else mode.value
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from procs import interrupt_while_torch_loads
 
 from mupt import launch
 from mupt.config import Recipe, load_recipe, load_yaml, save_yaml, to_dict
@@ -188,7 +189,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path: Path, trained: tuple[Path, P
     _, run_dir = trained
     wider, _ = make_recipe(tmp_path, "wider", width=48, keep_tables=False, steps=12)
     msg = one_line_error(cli, "scale", str(wider), "--run-dir", str(run_dir))
-    assert "another model" in msg and "d_model 32" in msg and "48" in msg
+    assert "another recipe" in msg and "d_model 32" in msg and "48" in msg and "--run-dir NEW_DIR" in msg
     assert launch.find_latest(run_dir).name == "step_000006"  # nothing overwritten
 
 
@@ -465,18 +466,8 @@ def test_ctrl_c_during_start_up_is_one_line_trains_and_writes_nothing(tmp_path: 
 def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path: Path) -> None:
     """Ctrl-C while `mupt scale` is still importing torch: one line and exit 130, no traceback of the import."""
     recipe, run_dir = make_recipe(tmp_path, "load", steps=2000)
-    proc = subprocess.Popen(scale_cmd(recipe), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is loading: seconds to go
-            assert time.monotonic() < deadline and proc.poll() is None, "torch was never loaded"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    rc, stderr = interrupt_while_torch_loads(scale_cmd(recipe), cwd=ROOT, env=subprocess_env())
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
     lines = message_lines(stderr)  # while loading, or (a fast machine) just after, in the recipe checks
     assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), stderr
     assert "nothing was done" in lines[0] or "nothing was trained or lost" in lines[0], stderr
@@ -525,6 +516,40 @@ def test_a_user_error_in_every_rank_is_printed_once(tmp_path: Path) -> None:
     errors = [x for x in two.stderr.splitlines() if x.startswith("error")]
     assert errors == [single.stderr.strip()], two.stderr[-3000:]
     assert "Traceback" not in two.stderr and not run_dir.exists()
+
+
+def test_a_signal_while_the_ranks_connect_ends_the_rank_at_once(tmp_path: Path) -> None:
+    """A torchrun rank waiting in the rendezvous for a peer that a Ctrl-C already stopped: the wait is C++, which
+    Python's handlers only reach when it returns, so the rank sat there until torchrun's agent killed it 30 s later.
+    Here rank 0 of 2 is started alone (the environment torchrun gives it), so its wait never ends by itself."""
+    import socket
+
+    recipe, run_dir = make_recipe(tmp_path, "lone")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(subprocess_env(), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_RUN_ID="lone")  # fmt: skip
+    proc = subprocess.Popen(scale_cmd(recipe, "--threads", "1"), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not listening(port):  # rank 0 hosts the rendezvous store: it is up, rank 0 waits for rank 1
+            assert time.monotonic() < deadline and proc.poll() is None, "rank 0 never reached the rendezvous"
+            time.sleep(0.01)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGINT, stderr[-2000:]  # ended by the signal itself: nothing had started
+    assert not run_dir.exists()
+
+
+def listening(port: int) -> bool:
+    """A TCP socket of this machine listens on ``port`` (/proc/net/tcp and tcp6: state 0A)."""
+    rows = [x.split() for name in ("tcp", "tcp6") for x in Path(f"/proc/net/{name}").read_text().splitlines()[1:]]
+    return any(int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "0A" for r in rows)
 
 
 def started_workers(launcher: int) -> list[int]:
@@ -615,7 +640,7 @@ def test_lr_scale_multiplies_every_group_lr(tmp_path: Path, cli) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(2 * base.run.train.lr / 4)  # warmup step 1 of 4
     msg = one_line_error(cli, "scale", str(recipe), "--steps", "2")  # the same run dir at the unscaled LR
-    assert "another model" in msg and "lr" in msg
+    assert "another recipe" in msg and "lr" in msg
 
 
 def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tmp_path: Path, monkeypatch) -> None:

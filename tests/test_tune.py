@@ -370,6 +370,19 @@ def test_fit_finalist_schedule_is_the_default_for_the_lr_alone() -> None:
         with pytest.raises(ConfigError, match=match) as e:
             TuneSettings(study="s", finalist="fit", **bad)  # type: ignore[arg-type]
         assert "\n" not in str(e.value)
+    # flags that would be ignored are refused (fresh-user walkthrough 3, finding 3)
+    for kw, match in (
+        (
+            {"finalist": "rank", "lr_drift": -0.3},
+            "--lr-drift applies to --finalist fit only, and this "
+            "study runs --finalist rank; drop --lr-drift, or use --finalist fit",
+        ),
+        ({"search": "lr,output_mult", "lr_drift": 0.0}, "runs --finalist rank; drop --lr-drift$"),
+        ({"fidelity": "steps", "lr_drift": 0.0}, "runs --fidelity steps; drop --lr-drift$"),
+        ({"fidelity": "steps", "finalist": "fit"}, "--finalist fit applies to --fidelity width only"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TuneSettings(study="s", **kw)  # type: ignore[arg-type]
 
 
 def test_a_study_made_under_another_rung_schedule_is_refused_not_misread(tmp_path: Path) -> None:

@@ -175,19 +175,22 @@ def tune(
         typer.Option(
             "--finalist",
             help="Width fidelity: fit = one proxy-width trial at the LR where a parabola through rung 0's losses "
-            "has its minimum, moved by --lr-drift (0.12-0.14 of a dense grid's FLOPs); rank = the best by rank move "
-            "up through rungs proxy/8, /4, /2 (0.19-0.23). Default: fit when only the LR is searched, else rank.",
+            "has its minimum, moved by --lr-drift; rank = the best by rank move up through rungs proxy/8, /4, /2 "
+            "(benchmark: 0.12-0.14 against 0.19-0.23 of a dense 17-point log2 grid's FLOPs; docs/tuning.md). "
+            "Default: fit when only the LR is searched, else rank.",
             show_default=False,
         ),
     ] = None,
     lr_drift: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--lr-drift",
-            help="--finalist fit: octaves of LR the optimum moves per doubling of d_model from proxy/8 to the proxy "
-            "(measured -0.11 and -0.19 at the default proxy on two corpora; 0 trusts µP's fixed optimum).",
+            help=f"--finalist fit only: octaves of LR the optimum moves per doubling of d_model from proxy/8 to the "
+            f"proxy; default {DEFAULT_LR_DRIFT:g} (measured -0.11 and -0.19 at the default proxy on two corpora; 0 "
+            "trusts µP's fixed optimum).",
+            show_default=False,
         ),
-    ] = DEFAULT_LR_DRIFT,
+    ] = None,
     reduction: Annotated[
         int,
         typer.Option(
@@ -308,10 +311,12 @@ def tune(
         f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
         f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
-        f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'} "
+        f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'}"
+        f"{f' lr_drift={settings.drift:g}' if settings.finalist_mode is Finalist.FIT else ''} "
         f"sampler={settings.sampler.value} pruner={settings.pruner_mode.value} "
         f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
+        soft_wrap=True,  # one line in logs (grep), however long
     )
     if is_complete(ladder):
         err.print(
