@@ -223,7 +223,11 @@ class TrainConfig(_Strict):
     )
     seed: int = 0
     diverge_loss: float | None = Field(
-        None, gt=0, description="loss (nats) above which the run counts as diverged; default 2*ln(vocab)"
+        None,
+        gt=0,
+        description="absolute divergence bound (nats/token), default 2*ln(vocab): a finite loss diverges when above "
+        "both it and 2x the run's lowest training loss so far (so a high starting loss is not a divergence); "
+        "NaN/inf always diverges (mupt.train.Trainer.divergence)",
     )
     init_from: str | None = Field(
         None,

@@ -691,8 +691,8 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
         d = first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
         diff = f"{d[0]} {d[1]!r} in the checkpoint vs {d[2]!r} in the recipe" if d else "fingerprint"
         raise CheckpointError(
-            f"checkpoint {path} was written for another model ({diff}); use the recipe it was made with or "
-            "a new --run-dir"
+            f"checkpoint {path} was written for another recipe ({diff}); use the recipe it was made with, or "
+            f"--run-dir NEW_DIR for this one (a run dir holds one run: {path.parent.parent} is in use)"
         )
     meta["step"] = step
     return meta

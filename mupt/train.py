@@ -3,8 +3,9 @@
 :class:`Trainer` is reused by ``train``, ``tune``, ``check`` and ``scale``: it builds the
 model deterministically from the seed, applies the parametrization, and exposes
 ``train_step``/``evaluate`` so callers can add pruning, probes or checkpoints.  It never
-prints; progress goes to an optional callback.  Divergence (NaN/inf or loss above the bound)
-ends the run with ``status="diverged"`` and a reason instead of an exception.
+prints; progress goes to an optional callback.  Divergence (NaN/inf, or a loss above both the bound
+and twice the run's lowest loss so far: :meth:`Trainer.divergence`) ends the run with
+``status="diverged"`` and a reason instead of an exception.
 """
 
 from __future__ import annotations
@@ -197,8 +198,26 @@ def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+#: Headroom of the divergence rule: a finite loss diverges only above this many times the lowest training
+#: loss of the run so far (and above :func:`diverge_bound`); see :meth:`Trainer.divergence`.
+DIVERGE_FACTOR = 2.0
+
+
 def diverge_bound(cfg: RunConfig) -> float:
+    """The absolute divergence bound in nats/token: ``train.diverge_loss``, default ``2 ln(vocab_size)``
+    (twice the loss of a uniform prediction).  A run is held to it once its loss has come down below
+    half of it; :meth:`Trainer.divergence` has the whole rule."""
     return cfg.train.diverge_loss or 2.0 * math.log(cfg.model.vocab_size)
+
+
+def divergence_limit(bound: float, lowest: float) -> float:
+    """The loss (nats/token) above which a finite loss counts as diverged: ``max(bound, DIVERGE_FACTOR *
+    lowest)``, ``lowest`` the lowest training loss of the run so far (``inf`` before the first step: no
+    finite limit yet).  The relative term keeps a run that merely STARTS high (a large readout
+    multiplier ``param.output_mult`` scales the first logits: output_mult 4.36 starts a byte model at 19
+    nats, above 2 ln 256 = 11.1) from being called diverged on its starting loss, while a loss that blows
+    up to twice where the run started, or back above the bound after it had come down, still ends it."""
+    return max(bound, DIVERGE_FACTOR * lowest)
 
 
 #: Tokens per forward pass of the last evaluation (at least the training batch): big batches, few calls.
@@ -374,6 +393,9 @@ class Trainer:
         self.final_val_set = self.data.val_batches(n, rows, tc.seq_len, tiled=tiled)
         self.step = 0
         self.bound = diverge_bound(cfg)
+        #: The lowest training loss (nats/token, mean over ranks) this Trainer has seen; ``inf`` before its
+        #: first step.  After a resume it counts from the resumed step.  See :meth:`divergence`.
+        self.lowest_loss = math.inf
         self.last_grad_norm = math.nan
 
     @property
@@ -460,10 +482,24 @@ class Trainer:
         return float(g["lr"]) / float(g["lr_mult"])
 
     def divergence(self, loss: float) -> str | None:
+        """Why ``loss`` (nats/token, a training or validation loss at :attr:`step`) means the run diverged,
+        or ``None``.
+
+        The rule: a NaN/inf loss diverges at once; a finite loss diverges when it is above
+        :func:`divergence_limit` = ``max(bound, 2 x lowest)``, ``bound`` = :func:`diverge_bound`
+        (``train.diverge_loss``, default 2 ln(vocab)) and ``lowest`` = :attr:`lowest_loss` (the run's
+        lowest training loss so far, this step's included, which :meth:`run` records before asking).  So
+        the starting loss is never a divergence, however high a readout multiplier puts it; a loss
+        that doubles from where the run started or from its best, or climbs back above the bound after
+        the run came below half of it, is.  README, "Training hooks", and ``diverge_loss``'s description
+        say the same.
+        """
         if not math.isfinite(loss):
             return f"loss is {loss} at step {self.step}"
-        if loss > self.bound:
-            return f"loss {loss:.3g} exceeds the divergence bound {self.bound:.3g} at step {self.step}"
+        limit = divergence_limit(self.bound, self.lowest_loss)
+        if loss > limit:
+            why = "" if limit == self.bound else f" ({DIVERGE_FACTOR:g} x the run's lowest loss {self.lowest_loss:.3g})"
+            return f"loss {loss:.3g} exceeds the divergence bound {limit:.3g}{why} at step {self.step}"
         return None
 
     def _distributed(self) -> bool:
@@ -511,6 +547,8 @@ class Trainer:
             step = self.step
             res.train_loss.append(loss)
             res.tokens += self.tokens_per_step
+            if math.isfinite(loss):
+                self.lowest_loss = min(self.lowest_loss, loss)
             reason = self.divergence(loss)
             val: float | None = None
             if reason is None and (step % tc.eval_every == 0 or step == tc.steps):

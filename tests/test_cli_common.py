@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import interrupt_while_torch_loads
 
 from mupt.config import BestParams, RunConfig, load_yaml, save_yaml, with_overrides
 from mupt.transfer import load_recipe, save_recipe, transfer
@@ -183,19 +184,8 @@ def test_the_console_script_survives_ctrl_c_while_it_loads(tmp_path: Path) -> No
     module, func = entry.split(":")
     script = tmp_path / "mupt"
     script.write_text(f"import sys\nfrom {module} import {func}\nsys.exit({func}())\n")
-    proc = subprocess.Popen([sys.executable, str(script), "check", "coord"], stderr=subprocess.PIPE, text=True,
-                            env=env(), cwd=tmp_path)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is loading: seconds to go
-            assert time.monotonic() < deadline and proc.poll() is None, "torch was never loaded"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    rc, stderr = interrupt_while_torch_loads([sys.executable, str(script), "check", "coord"], env=env(), cwd=tmp_path)
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
     lines = [x for x in stderr.splitlines() if x.strip() and not x.startswith(("mupt check coord", "coord "))]
     assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), stderr  # while loading, or just after
 

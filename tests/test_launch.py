@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from procs import interrupt_while_torch_loads
 
 from mupt import launch
 from mupt.config import Recipe, load_recipe, load_yaml, save_yaml, to_dict
@@ -188,7 +189,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path: Path, trained: tuple[Path, P
     _, run_dir = trained
     wider, _ = make_recipe(tmp_path, "wider", width=48, keep_tables=False, steps=12)
     msg = one_line_error(cli, "scale", str(wider), "--run-dir", str(run_dir))
-    assert "another model" in msg and "d_model 32" in msg and "48" in msg
+    assert "another recipe" in msg and "d_model 32" in msg and "48" in msg and "--run-dir NEW_DIR" in msg
     assert launch.find_latest(run_dir).name == "step_000006"  # nothing overwritten
 
 
@@ -465,18 +466,8 @@ def test_ctrl_c_during_start_up_is_one_line_trains_and_writes_nothing(tmp_path: 
 def test_ctrl_c_while_the_modules_load_is_one_line(tmp_path: Path) -> None:
     """Ctrl-C while `mupt scale` is still importing torch: one line and exit 130, no traceback of the import."""
     recipe, run_dir = make_recipe(tmp_path, "load", steps=2000)
-    proc = subprocess.Popen(scale_cmd(recipe), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():  # torch is loading: seconds to go
-            assert time.monotonic() < deadline and proc.poll() is None, "torch was never loaded"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    rc, stderr = interrupt_while_torch_loads(scale_cmd(recipe), cwd=ROOT, env=subprocess_env())
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
     lines = message_lines(stderr)  # while loading, or (a fast machine) just after, in the recipe checks
     assert len(lines) == 1 and lines[0].startswith("interrupted (Ctrl-C)"), stderr
     assert "nothing was done" in lines[0] or "nothing was trained or lost" in lines[0], stderr
@@ -649,7 +640,7 @@ def test_lr_scale_multiplies_every_group_lr(tmp_path: Path, cli) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(2 * base.run.train.lr / 4)  # warmup step 1 of 4
     msg = one_line_error(cli, "scale", str(recipe), "--steps", "2")  # the same run dir at the unscaled LR
-    assert "another model" in msg and "lr" in msg
+    assert "another recipe" in msg and "lr" in msg
 
 
 def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tmp_path: Path, monkeypatch) -> None:

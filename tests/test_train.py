@@ -44,6 +44,46 @@ def test_divergence_is_a_status_not_a_crash() -> None:
     assert res.steps < 40
 
 
+def high_start(**overrides: object) -> RunConfig:
+    """Width 32 under base 256 with output_mult 4.36: the readout multiplier puts the first loss near 19 nats."""
+    base = {"model.d_state": 16, "param.base_d_model": 256, "param.output_mult": 4.36, "train.steps": 30,
+            "train.eval_every": 30, "train.lr": 1.7e-3, "train.final_eval_tokens": 0}  # fmt: skip
+    return tiny(**{**base, **overrides})
+
+
+def test_a_high_starting_loss_is_not_a_divergence() -> None:
+    # a fresh user's `tune --search lr,output_mult` recorded such runs as "diverged at step 1" at every LR
+    res = train(high_start())
+    assert res.train_loss[0] > 2 * math.log(256) + 3, res.train_loss[0]  # far above the absolute bound 11.1
+    assert res.status == "ok" and res.steps == 30, res.reason
+    assert res.final_val_loss is not None and res.final_val_loss < 3.5  # it trains: from ~19 to ~2.5 nats
+
+
+def test_real_divergences_still_end_the_run() -> None:
+    # NaN at an absurd LR, whatever the start
+    nan = train(high_start(**{"train.lr": 30.0}))
+    assert nan.status == "diverged" and nan.reason is not None and "nan" in nan.reason and nan.steps < 5
+    # a finite blow-up from a high start: loss goes 19 -> hundreds, more than twice where it started
+    up = train(high_start(**{"train.lr": 1.0, "train.steps": 10}))
+    assert up.status == "diverged" and up.steps < 10, up.reason
+    assert up.reason is not None and "exceeds the divergence bound" in up.reason
+    assert up.train_loss[-1] > 2 * min(up.train_loss[:-1])
+    # a normal start (about ln 256): the absolute bound 2 ln 256 still applies, as before
+    normal = train(high_start(**{"param.output_mult": 1.0, "train.lr": 1.0, "train.steps": 10}))
+    assert normal.status == "diverged" and normal.train_loss[-1] > 2 * math.log(256), normal.train_loss
+
+
+def test_divergence_rule() -> None:
+    t = Trainer(tiny(**{"train.steps": 1}))
+    assert t.bound == pytest.approx(2 * math.log(256))
+    assert t.divergence(1e6) is None  # before any step there is no finite limit: a starting loss never diverges
+    assert t.divergence(math.nan) is not None and t.divergence(math.inf) is not None
+    t.lowest_loss = 19.0  # a run that started at 19 nats and has not come down
+    assert t.divergence(37.9) is None and t.divergence(38.1) is not None
+    t.lowest_loss = 3.0  # a run that came down: the absolute bound 11.09 is back
+    assert t.divergence(11.0) is None and "divergence bound 11.1 at" in str(t.divergence(11.2))
+
+
 def test_schedule_scales_group_lrs_and_keeps_their_ratios() -> None:
     cfg = tiny(**{"train.schedule": "cosine", "train.warmup_steps": 2, "train.steps": 10, "model.d_model": 64,
                   "param.base_d_model": 32})  # fmt: skip

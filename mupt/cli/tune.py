@@ -56,7 +56,6 @@ from mupt.tune import (
     count_states,
     default_study_name,
     eval_noise,
-    finalist_words,
     grid_flops,
     is_complete,
     load_best,
@@ -322,10 +321,12 @@ def tune(
         f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
         f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
-        f"rungs(d_model x trials)={rungs} finalist={finalist_words(settings) or '-'} "
+        f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'}"
+        f"{f' lr_drift={settings.drift:g}' if settings.finalist_mode is Finalist.FIT else ''} "
         f"sampler={settings.sampler.value} pruner={settings.pruner_mode.value} "
         f"workers={settings.workers} threads={settings.threads} storage={where}",
         highlight=False,
+        soft_wrap=True,  # one line in logs (grep), however long
     )
     if is_complete(ladder):
         err.print(
