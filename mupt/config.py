@@ -633,6 +633,7 @@ class RecipeSource(TypedDict, total=False):
     params: dict[str, float]
     code_version: str
     tuned: str
+    finalist: dict[str, Any]  # how the proxy's LR was found (mupt.transfer.chosen_finalist), when best.yaml says
     path: str
     proxy: ProxyShape
     base: BaseShapeRecord

@@ -131,6 +131,54 @@ def latest_best(runs_dir: str | Path = "runs") -> Path:
     return found[-1]
 
 
+#: The keys of a best.yaml finalist that say how its LR was found, copied into the recipe's ``source.finalist``.
+FINALIST_ORIGIN_KEYS = ("obtained", "drift_fit", "fidelities")
+
+
+def chosen_finalist(best: BestParams) -> dict[str, Any] | None:
+    """How the proxy trial that ``best`` holds was obtained, from best.yaml's ``finalists`` (written by
+    ``mupt tune``: :func:`mupt.tune.best_params`): the :data:`FINALIST_ORIGIN_KEYS` of the finalist whose
+    trial is ``best.trial`` -- ``obtained`` (``sampled``, ``promoted`` or ``extrapolated``), ``drift_fit``
+    (extrapolated only: ``method`` vertex/best/drift, ``optima_log2_lr``, ``slope_octaves_per_doubling``,
+    ``log2_lr``, ``clipped``, ``points``) and ``fidelities`` (the rungs it passed through, lowest first).
+    ``None`` for a best.yaml written before tune recorded its finalists."""
+    for f in best.finalists:
+        if f.get("trial") == best.trial:
+            kept = {k: f[k] for k in FINALIST_ORIGIN_KEYS if k in f}
+            return kept or None
+    return None
+
+
+def lr_found_by(finalist: Mapping[str, Any]) -> str:
+    """How a proxy-width finalist's LR was obtained, in words; ``""`` for a trial the sampler proposed at the
+    proxy width (nothing to explain) or a record without ``obtained``.
+
+    ``finalist``: a best.yaml finalist or :func:`chosen_finalist`'s dict.  ``promoted``: ranked up through the
+    narrower rungs (their d_model listed); ``extrapolated`` with a ``drift_fit`` of method ``vertex`` (the
+    parabola through rung 0's losses) or ``best`` (rung 0's best trial), moved by the expected drift
+    (``--lr-drift``), or ``drift`` (the optimum's drift fitted over the rungs): docs/tuning.md, "The
+    schedule".  Shared by ``mupt tune``'s and ``mupt transfer``'s summaries.
+    """
+    fit = finalist.get("drift_fit") or {}
+    widths = [f["d_model"] for f in finalist.get("fidelities", [])[:-1]]
+    if finalist.get("obtained") == "promoted":
+        return f"promotion by rank from d_model {', '.join(map(str, widths))}"
+    if finalist.get("obtained") != "extrapolated" or not fit:
+        return ""
+    optima = fit["optima_log2_lr"]
+    slope, x = fit["slope_octaves_per_doubling"], fit["log2_lr"]
+    clipped = " (clipped to the search range)" if fit.get("clipped") else ""
+    if fit.get("method") in ("vertex", "best"):
+        ((w, x0),) = optima.items()
+        what = "the vertex of the parabola through" if fit["method"] == "vertex" else "the best of"
+        return (
+            f"{what} rung 0's losses: 2^{x0:.2f} at d_model {w}, moved {slope:+g} octave per doubling "
+            f"-> 2^{x:.2f}{clipped}"
+        )
+    at = ", ".join(f"2^{v:.2f} at {k}" for k, v in optima.items())
+    return f"the optimum's drift fitted over the rungs ({at}; {slope:+.2f} per doubling) -> 2^{x:.2f}{clipped}"
+
+
 # --- the transfer -------------------------------------------------------------------------------
 
 
@@ -239,6 +287,8 @@ def transfer(
             "kind": "study", "study": best.study, "trial": best.trial, "value": best.value,
             "params": dict(best.params), "code_version": best.code_version, "tuned": best.created,
         }  # fmt: skip
+        if (finalist := chosen_finalist(best)) is not None:
+            origin["finalist"] = finalist
     else:
         proxy = best
         origin = {"kind": "lr", "params": {"lr": proxy.train.lr}}
@@ -668,11 +718,13 @@ def check_ratios(recipe: Recipe) -> list[str]:
 
 
 __all__ = [
+    "FINALIST_ORIGIN_KEYS",
     "ExistingRecipe",
     "RoleValues",
     "RuleExplanation",
     "Summary",
     "check_ratios",
+    "chosen_finalist",
     "default_recipe_path",
     "existing_recipe",
     "explain",
@@ -681,6 +733,7 @@ __all__ = [
     "latest_best",
     "load_best",
     "load_recipe",
+    "lr_found_by",
     "per_role_frame",
     "recipe_header",
     "save_recipe",

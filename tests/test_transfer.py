@@ -34,6 +34,7 @@ from mupt.transfer import (
     check_ratios,
     check_transfer_command,
     explain,
+    load_best,
     load_recipe,
     save_recipe,
     shape_info,
@@ -370,6 +371,49 @@ def test_cli_default_transfer_is_quiet_and_says_where_the_target_steps_came_from
     assert flat_err.count("warning:") == 1 and "tokens/parameter" in flat_err and "overestimate the LR" in flat_err
     assert "proxy's length" not in " ".join(stdout.replace("│", " ").split())
     assert "proxy's length" not in (tmp_path / "b.yaml").read_text().split("\nsource:")[0]
+
+
+def test_cli_records_and_says_how_the_proxy_lr_was_found(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A real (tiny) tune under the default --finalist fit: rung 0 at d_model 16, one proxy trial at 64 at the
+    LR extrapolated from rung 0.  The recipe's source carries that finalist's origin and fit, the summary
+    says it in one line; the recipe's LR is the fitted one (2^log2_lr).  A best.yaml without finalists (as
+    older tunes wrote) transfers as before, without the line."""
+    runs = tmp_path / "runs"
+    code, _, stderr = cli(
+        "tune", "--width", "64", "--layers", "1", "--seq-len", "32", "--steps", "10", "--eval-every", "10",
+        "--trials", "8", "--sampler", "grid", "--pruner", "none", "--study", "fit", "--runs-dir", str(runs),
+    )  # fmt: skip
+    assert code == 0, stderr
+    tuned = load_best(runs / "fit" / "best.yaml")
+    top = tuned.finalists[0]
+    assert top["trial"] == tuned.trial and top["obtained"] == "extrapolated", top
+    code, stdout, stderr = cli("transfer", "--runs-dir", str(runs), "--to-width", "256", "--health-steps", "0")
+    assert code == 0, stderr
+    recipe = load_recipe(runs / "fit" / "mup-ssm-256.yaml")
+    found = recipe.source["finalist"]
+    assert found == {"obtained": "extrapolated", "drift_fit": top["drift_fit"], "fidelities": top["fidelities"]}
+    fit = found["drift_fit"]  # the proxy trial was placed, not promoted: rung 0 is in the fit, not in its fidelities
+    assert [f["d_model"] for f in found["fidelities"]] == [64] and fit["method"] in ("vertex", "best")
+    assert list(fit["optima_log2_lr"]) == ["16"]
+    assert math.log2(recipe.run.train.lr) == pytest.approx(fit["log2_lr"], abs=1e-3)  # no drift added by transfer
+    flat = " ".join(stdout.replace("│", " ").split())  # the summary's cells wrap inside the table
+    (x0,) = fit["optima_log2_lr"].values()
+    assert (
+        f"proxy LR found by {'the vertex of the parabola through' if fit['method'] == 'vertex' else 'the best of'} "
+        f"rung 0's losses: 2^{x0:.2f} at d_model 16, moved -0.15 octave per doubling -> 2^{fit['log2_lr']:.2f}"
+    ) in flat, flat
+    assert f"(study fit, trial {tuned.trial})" in flat
+
+    # without finalists (older best.yaml), or with finalists that predate `obtained`: no line, same transfer
+    before_obtained = {k: v for k, v in top.items() if k not in ("obtained", "drift_fit")}
+    for name, finalists in (("old", []), ("older", [before_obtained])):
+        save_yaml(runs / name / "best.yaml", tuned.model_copy(update={"study": name, "finalists": finalists}))
+        out = tmp_path / f"{name}.yaml"
+        code, stdout, stderr = cli("transfer", "--from", str(runs / name / "best.yaml"), "--to-width", "256",
+                                   "--health-steps", "0", "--out", str(out))  # fmt: skip
+        assert code == 0, stderr
+        assert "found by" not in stdout and load_recipe(out).run.train.lr == recipe.run.train.lr
+        assert load_recipe(out).source.get("finalist") == ({"fidelities": top["fidelities"]} if finalists else None)
 
 
 def test_cli_threads_flag_and_header_before_health_reference(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ from mupt.transfer import (
     explain_notes,
     latest_best,
     load_best,
+    lr_found_by,
     per_role_frame,
     save_recipe,
     summarize,
@@ -442,6 +443,8 @@ def _summary(recipe: Recipe) -> None:
             f"parameter; a warning when below {FAR_FEWER:.0%} and the target trains longer)",
         ),
     ]
+    if (found := _found_by(recipe)) is not None:
+        items.insert(0, ("proxy LR found by", found))
     d = recipe.dataset
     if d:
         sha = d.get("tokenizer_sha256")
@@ -455,6 +458,18 @@ def _summary(recipe: Recipe) -> None:
     out.print(key_values("Summary", items))
     for w in sm.warnings:
         err.print(f"[bold yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _found_by(recipe: Recipe) -> str | None:
+    """How the proxy's LR was found, from ``source.finalist`` (None: a best.yaml from before tune recorded it,
+    or ``--lr``).  No drift term is applied here: the µP rules map the proxy's LR to the target width."""
+    f = recipe.source.get("finalist")
+    if not f:
+        return None
+    s = recipe.source
+    words = lr_found_by(f) or (f"sampled at the proxy width (d_model {s['proxy']['d_model']})"
+                               if f.get("obtained") == "sampled" else "")  # fmt: skip
+    return f"{words} (study {s.get('study')}, trial {s.get('trial')})" if words else None
 
 
 def _target_tokens(recipe: Recipe, sm: Summary) -> str:

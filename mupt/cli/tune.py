@@ -39,6 +39,7 @@ from mupt.errors import ConfigError, StorageError
 from mupt.paths import check_output_dir
 from mupt.report import fmt, key_values, table
 from mupt.threads import resolve_threads
+from mupt.transfer import lr_found_by
 from mupt.tune import (
     DEFAULT_LR_DRIFT,
     FINISHED,
@@ -447,28 +448,6 @@ def _finish(
         raise typer.Exit(130) from None
 
 
-def _origin(finalist: dict[str, Any]) -> str:
-    """How a proxy-width finalist's LR was obtained, in words ("" for a sampled trial)."""
-    fit = finalist.get("drift_fit") or {}
-    widths = [f["d_model"] for f in finalist.get("fidelities", [])[:-1]]
-    if finalist.get("obtained") == "promoted":
-        return f"promotion by rank from d_model {', '.join(map(str, widths))}"
-    if finalist.get("obtained") != "extrapolated" or not fit:
-        return ""
-    optima = fit["optima_log2_lr"]
-    slope, x = fit["slope_octaves_per_doubling"], fit["log2_lr"]
-    clipped = " (clipped to the search range)" if fit.get("clipped") else ""
-    if fit.get("method") in ("vertex", "best"):
-        ((w, x0),) = optima.items()
-        what = "the vertex of the parabola through" if fit["method"] == "vertex" else "the best of"
-        return (
-            f"{what} rung 0's losses: 2^{x0:.2f} at d_model {w}, moved {slope:+g} octave per doubling "
-            f"-> 2^{x:.2f}{clipped}"
-        )
-    at = ", ".join(f"2^{v:.2f} at {k}" for k, v in optima.items())
-    return f"the optimum's drift fitted over the rungs ({at}; {slope:+.2f} per doubling) -> 2^{x:.2f}{clipped}"
-
-
 def _results(
     settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
 ) -> None:
@@ -504,7 +483,7 @@ def _results(
             *_noise_row(ladder),
             ("best lr", bp.params["lr"]),
             *([("best multipliers", extra)] if extra else []),
-            *([("best lr found by", how)] if (how := _origin(bp.finalists[0] if bp.finalists else {})) else []),
+            *([("best lr found by", how)] if (how := lr_found_by(bp.finalists[0] if bp.finalists else {})) else []),
         ]
     rows += [
         ("compute (trial-steps)", trial_steps(ladder)),
@@ -599,7 +578,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
             ("best val loss (nats)", _nats(bp.value)),
             *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
-            *([("lr found by", how)] if (how := _origin(bp.finalists[0] if bp.finalists else {})) else []),
+            *([("lr found by", how)] if (how := lr_found_by(bp.finalists[0] if bp.finalists else {})) else []),
             ("fidelity", bp.fidelity),
         ]
     rows += [
