@@ -171,9 +171,15 @@ def lr_found_by(finalist: Mapping[str, Any]) -> str:
     if fit.get("method") in ("vertex", "best"):
         ((w, x0),) = optima.items()
         what = "the vertex of the parabola through" if fit["method"] == "vertex" else "the best of"
+        why = ""
+        if fit["method"] == "best":  # the fallback: say why, since it is the noisier estimate
+            why = (
+                f" (no parabola: {fit.get('points', 0)} trials within two octaves of it, 3 needed, or they did not "
+                "curve upwards; more --trials help)"
+            )
         return (
             f"{what} rung 0's losses: 2^{x0:.2f} at d_model {w}, moved {slope:+g} octave per doubling "
-            f"-> 2^{x:.2f}{clipped}"
+            f"-> 2^{x:.2f}{clipped}{why}"
         )
     at = ", ".join(f"2^{v:.2f} at {k}" for k, v in optima.items())
     return f"the optimum's drift fitted over the rungs ({at}; {slope:+.2f} per doubling) -> 2^{x:.2f}{clipped}"

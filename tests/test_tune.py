@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from mupt.config import BestParams, RunConfig, load_yaml, with_overrides
 from mupt.errors import ConfigError, StorageError
+from mupt.transfer import lr_found_by
 from mupt.tune import (
     INTERRUPTED,
     JOURNAL_LOCK_GRACE,
@@ -474,6 +475,8 @@ def test_vertex_fit_finds_rung0_minimum_and_moves_it_by_the_drift(tmp_path: Path
     assert vertex_fit(ladder_with("v0", near, lr_drift=0.0)).log2_lr == pytest.approx(-8.8, abs=1e-9)  # type: ignore[union-attr]
     two = vertex_fit(ladder_with("two", [(-9.0, 2.01), (-8.0, 2.0)]))
     assert two is not None and two.method == "best" and two.log2_lr == pytest.approx(-8.45)
+    said = lr_found_by({"obtained": "extrapolated", "drift_fit": two.to_attrs()})  # the summary's words
+    assert said.startswith("the best of rung 0's losses: 2^-8.00 at d_model 32") and "2 trials within two" in said
     concave = vertex_fit(ladder_with("cc", [(-10.0, 2.0), (-9.0, 2.05), (-8.0, 2.06), (-5.0, 2.01)]))
     assert concave is not None and concave.method == "best" and concave.optima == {32: -10.0}
     # the vertex lies below the LRs fitted: kept at the lowest; minus 0.45 octave leaves the range 1e-4..1e-1
