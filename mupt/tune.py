@@ -2012,8 +2012,9 @@ def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
         if math.isfinite(best):
             xs.append(x)
             ys.append(best)
-    if xs:
-        ax.step(xs, ys, where="post", color="black", label=f"best so far at d_model={ladder.rungs[-1].d_model}")
+    if xs:  # one proxy-width trial (--finalist fit, at the end) makes a one-point step: mark it
+        ax.step(xs, ys, where="post", color="black", marker="*" if len(xs) == 1 else None, markersize=10,
+                label=f"best so far at d_model={ladder.rungs[-1].d_model}")  # fmt: skip
     for i in range(1, len(ladder.rungs)):
         start = next((x for x, r in enumerate(rows) if r["rung"] == i), None)
         if start is not None:
@@ -2039,6 +2040,10 @@ def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
     ax.set_title(f"{name}: loss vs LR at d_model={ladder.rungs[-1].d_model}")
     if groups["loss_vs_lr"]:
         ax.legend(fontsize=7)
+    n_top = sum(len(v) for v in groups["loss_vs_lr"].values())
+    if len(ladder.rungs) > 1 and n_top < 3:  # --finalist fit: the LR search happened at rung 0
+        ax.text(0.5, 0.06, f"{n_top} trial{'s' * (n_top != 1)} at the proxy width: the LR search is in rungs.png",
+                transform=ax.transAxes, ha="center", va="bottom", fontsize=9, color="gray")  # fmt: skip
     fig.tight_layout()
     paths.append(_savefig(fig, out_dir / "loss_vs_lr.png"))
     plt.close(fig)

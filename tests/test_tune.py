@@ -1024,6 +1024,7 @@ def test_report_of_a_missing_study_lists_the_study_dirs_and_a_finished_study_say
     assert again.returncode == 0, err
     assert "study proxy-w32 is already complete (2 finished trials)" in " ".join(err.split()), err
     assert "best val loss" in out  # its results are still shown
+    assert "already complete: nothing ran now" in " ".join(out.replace("│", " ").split()), out  # not "0 s"
     assert len(_load(TuneSettings(study="proxy-w32", runs_dir=str(runs)), "proxy-w32").trials) == 2  # none added
     _, err = missing.communicate(timeout=120)
     assert missing.returncode == 2 and len(err.strip().splitlines()) == 1, err

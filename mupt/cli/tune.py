@@ -336,7 +336,7 @@ def tune(
             highlight=False,
             soft_wrap=True,
         )
-        _finish(settings, cfg, top, table_out, 0.0, False)
+        _finish(settings, cfg, top, table_out, None, False)
         return
     start = time.perf_counter()
     interrupted = False
@@ -423,12 +423,15 @@ def _trial_counts(ladder: Ladder) -> str:
     failed, stopped = sum(s.failed for s in sums), sum(s.interrupted for s in sums)
     text = f"{sum(s.complete for s in sums)} complete, {sum(s.pruned for s in sums)} pruned, {failed} failed"
     if stopped:
-        text += f" ({'all' if stopped == failed else stopped} interrupted by Ctrl-C; a rerun samples new ones)"
+        text += (
+            f" ({'all' if stopped == failed else stopped} interrupted by Ctrl-C; a rerun runs their places again: "
+            "new samples in rung 0, the same configurations above it)"
+        )
     return text
 
 
 def _finish(
-    settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
+    settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float | None, interrupted: bool
 ) -> None:
     """Table, plots, best.yaml and summary for the finished trials; on Ctrl-C also the resume line and exit 130.
 
@@ -449,7 +452,7 @@ def _finish(
 
 
 def _results(
-    settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float, interrupted: bool
+    settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None, seconds: float | None, interrupted: bool
 ) -> None:
     ladder = load_existing(settings, cfg)
     _table(ladder, top)
@@ -490,7 +493,7 @@ def _results(
         ("compute (FLOPs)", f"{spent:.3g}"),
         ("dense log2 LR grid at the proxy width (FLOPs)", f"{grid:.3g}"),
         ("compute saved vs the grid", f"{1 - spent / grid:.1%}" if grid else "-"),
-        ("wall time (s)", seconds),
+        ("wall time (s)", "- (already complete: nothing ran now)" if seconds is None else seconds),
         ("best params", str(path) if path else f"not written: {note}"),
         ("plots", ", ".join(str(p) for p in plots)),
         *([("trials table", str(table_path))] if table_path else []),
