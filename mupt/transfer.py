@@ -266,6 +266,13 @@ def base_config(target: RunConfig, proxy: RunConfig) -> RunConfig:
     )
 
 
+def default_scale_dir(scheme: Scheme, to_width: int, study: str | None = None) -> str:
+    """The recipe's ``launch.run_dir``: ``runs/scale-<scheme>-w<width>``, and ``-<study>`` after it for a
+    recipe made from a tuned study, so that two studies' recipes of one scheme and width do not share
+    (and refuse) each other's checkpoints."""
+    return f"runs/scale-{scheme.value}-w{to_width}" + (f"-{study}" if study else "")
+
+
 def transfer(
     best: BestParams | RunConfig,
     to_width: int,
@@ -335,7 +342,7 @@ def transfer(
         source=source,
         run=target,
         per_role={k: v.recipe_row() for k, v in info.roles.items()},
-        launch=LaunchConfig(run_dir=f"runs/scale-{Scheme(target.param.scheme).value}-w{to_width}"),
+        launch=LaunchConfig(run_dir=default_scale_dir(Scheme(target.param.scheme), to_width, origin.get("study"))),
         manifest=info.manifest.to_dict(),
         dataset=target_data,
     )
@@ -732,6 +739,7 @@ __all__ = [
     "check_ratios",
     "chosen_finalist",
     "default_recipe_path",
+    "default_scale_dir",
     "existing_recipe",
     "explain",
     "explain_notes",

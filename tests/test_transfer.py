@@ -314,7 +314,8 @@ def test_cli_never_replaces_another_recipe_without_overwrite(cli, tmp_path: Path
     # --lr has no study: the recipe goes under --runs-dir
     code, _, stderr = cli("transfer", "--lr", "3e-3", "--width", "64", "--to-width", "128", "--health-steps", "0")
     assert code == 0, stderr
-    assert load_recipe(tmp_path / "runs" / "mup-ssm-128.yaml").source["kind"] == "lr"
+    made = load_recipe(tmp_path / "runs" / "mup-ssm-128.yaml")
+    assert made.source["kind"] == "lr" and made.launch.run_dir == "runs/scale-mup-ssm-w128"  # no study to name
 
 
 def test_cli_bad_inputs_one_line_exit_2(tmp_path: Path) -> None:
@@ -390,6 +391,9 @@ def test_cli_records_and_says_how_the_proxy_lr_was_found(cli, tmp_path: Path) ->
     code, stdout, stderr = cli("transfer", "--runs-dir", str(runs), "--to-width", "256", "--health-steps", "0")
     assert code == 0, stderr
     recipe = load_recipe(runs / "fit" / "mup-ssm-256.yaml")
+    # the large run's default directory carries the study: another study's recipe of the same scheme and
+    # width does not meet (and refuse) this one's checkpoints (walkthrough 3)
+    assert recipe.launch.run_dir == "runs/scale-mup-ssm-w256-fit"
     found = recipe.source["finalist"]
     assert found == {"obtained": "extrapolated", "drift_fit": top["drift_fit"], "fidelities": top["fidelities"]}
     fit = found["drift_fit"]  # the proxy trial was placed, not promoted: rung 0 is in the fit, not in its fidelities
