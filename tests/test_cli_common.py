@@ -287,3 +287,13 @@ def test_piped_output_is_not_cut_to_80_columns(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env={**bare, "COLUMNS": "80"}, timeout=120
     )
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 80 and "…" in narrow.stdout
+
+
+@pytest.mark.parametrize("args", [("tune", "--finalist", "nonsense"), ("train", "--optimizer", "nonsense")])
+def test_a_bad_choice_is_one_line_naming_the_choices(cli, args: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
+    """Fresh-user walkthrough 3 (#11): a value outside an option's choices is one line naming them, exit 2,
+    without the "Value error," that pydantic adds through typer's enum conversion."""
+    code, _, err = cli(*args)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert f"Invalid value for '{args[1]}': 'nonsense' is not one of" in lines[0] and "Value error" not in err, err

@@ -166,5 +166,6 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(e, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+        message = message.replace(": Value error, ", ": ")  # pydantic's prefix, via typer's enum conversion
         err.print(f"[bold red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
         sys.exit(2)
