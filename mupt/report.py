@@ -33,15 +33,22 @@ def format_bytes(n: float) -> str:
     return f"{n:.3g} TiB"
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], justify_numbers: bool = True) -> Table:
-    """A Rich table with right-aligned numeric columns."""
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    justify_numbers: bool = True,
+    right: Sequence[str] = (),
+) -> Table:
+    """A Rich table with right-aligned numeric columns; ``right`` names more columns to right-align (numbers
+    the caller formatted as strings, e.g. losses to a fixed number of decimals)."""
     t = Table(title=title, title_justify="left", header_style="bold")
     first = rows[0] if rows else []
     for i, col in enumerate(columns):
         numeric = (
             justify_numbers and i < len(first) and isinstance(first[i], (int, float)) and not isinstance(first[i], bool)
         )
-        t.add_column(col, justify="right" if numeric else "left")
+        t.add_column(col, justify="right" if numeric or col in right else "left")
     for row in rows:
         t.add_row(*(fmt(v) for v in row))
     return t

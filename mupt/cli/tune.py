@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from mupt.cli import app, err, mute_ctrl_c, out
 from mupt.cli.common import (
@@ -389,14 +388,6 @@ def _nats(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _right(t: Table, *headers: str) -> Table:
-    """Right-align the named columns of ``t`` (preformatted numbers: strings to :func:`mupt.report.table`)."""
-    for c in t.columns:
-        if c.header in headers:
-            c.justify = "right"
-    return t
-
-
 def _best_text(p: Progress) -> str:
     if p.best_value is None:
         return ""
@@ -521,14 +512,12 @@ def _table(ladder: Ladder, top: int) -> None:
         for r in rows
     ]  # fmt: skip
     out.print(
-        _right(
-            table(
-                f"Top {len(rows)} trials, proxy width first (trial rR/tN: trial N of rung R; val loss in nats: final "
-                "for complete, last reported for pruned)",
-                columns,
-                body,
-            ),
-            "val loss",
+        table(
+            f"Top {len(rows)} trials, proxy width first (trial rR/tN: trial N of rung R; val loss in nats: final "
+            "for complete, last reported for pruned)",
+            columns,
+            body,
+            right=("val loss",),
         )
     )
 
@@ -541,16 +530,13 @@ def _rung_table(ladder: Ladder) -> None:
         for s in rung_summaries(ladder)
     ]  # fmt: skip
     out.print(
-        _right(
-            table(
-                "Rungs (compute = trial-steps x FLOPs/token(width) x tokens/step; best loss in nats)",
-                ["rung", "d_model", "planned", "complete", "pruned", "failed", "FLOPs", "of grid", "best loss",
-                 "best lr"],
-                body,
-            ),
-            "best loss",
+        table(
+            "Rungs (compute = trial-steps x FLOPs/token(width) x tokens/step; best loss in nats)",
+            ["rung", "d_model", "planned", "complete", "pruned", "failed", "FLOPs", "of grid", "best loss", "best lr"],
+            body,
+            right=("best loss",),
         )
-    )  # fmt: skip
+    )
 
 
 def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None) -> None:
