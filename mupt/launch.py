@@ -576,6 +576,11 @@ def _step_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint directory (``step_NNNNNN``, as :func:`checkpoints` lists them) was written at."""
+    return int(path.name.removeprefix("step_"))
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

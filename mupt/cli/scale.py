@@ -159,7 +159,7 @@ def before_training_line(signum: int, run_dir: Path | None) -> str:
     latest = launch.find_latest(run_dir) if run_dir is not None else None
     if latest is None:
         return f"{what} before training started: nothing was trained or lost; rerun the same command to start"
-    step = int(latest.name.split("_")[-1])
+    step = launch.checkpoint_step(latest)
     return (
         f"{what} before training started: nothing was lost (checkpoints up to step {step} are kept in "
         f"{latest.parent}); rerun the same command to resume"
@@ -219,7 +219,7 @@ def _launch(
             err.print(before_training_line(code - 128, run["dir"]), highlight=False, soft_wrap=True)
         else:
             what = "interrupted (Ctrl-C)" if code - 128 == signal.SIGINT else f"terminated by signal {code - 128}"
-            step = int(latest.name.split("_")[-1]) if latest is not None else "?"
+            step = launch.checkpoint_step(latest) if latest is not None else "?"
             err.print(
                 f"{what} at step {step}; the workers wrote checkpoint {latest}; rerun to resume",
                 highlight=False,
