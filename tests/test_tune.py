@@ -892,6 +892,14 @@ def _cells(out: str, first: str) -> list[list[str]]:
     return [r for r in rows if re.fullmatch(first, r[0])]
 
 
+def test_table_out_in_a_missing_directory_or_a_directory_is_refused(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """--table-out is a file in an existing directory, checked before any trial runs (as transfer's)."""
+    for bad, says in ((tmp_path / "nope" / "t.csv", "does not exist"), (tmp_path, "is a directory")):
+        code, _, err = cli("tune", *TINY_FLAGS, "--runs-dir", str(tmp_path / "runs"), "--table-out", str(bad))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "nope").exists()  # nothing created, nothing run
+
+
 def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:
     """Issue 18 (6): --table-out writes every trial of every rung as CSV via trials_dataframe().  Trial numbers
     restart in every rung (one Optuna study each), so every line names a trial by rung and number (r1/t0), and

@@ -35,7 +35,7 @@ from mupt.cli.common import (
 from mupt.config import BestParams, RunConfig, with_overrides
 from mupt.data import bits_per_byte, bytes_per_token
 from mupt.errors import ConfigError, StorageError
-from mupt.paths import check_output_dir
+from mupt.paths import check_output_dir, check_output_file
 from mupt.report import fmt, key_values, table
 from mupt.threads import resolve_threads
 from mupt.transfer import lr_found_by
@@ -303,10 +303,9 @@ def tune(
         runs_dir=str(runs_dir), threads=resolve_threads(threads, workers), fidelity=fidelity, reduction=reduction,
         extrapolate=extrapolate, heartbeat_interval=heartbeat, log=log, finalist=finalist, lr_drift=lr_drift,
     )  # fmt: skip
-    if table_out is not None and (table_out.is_dir() or not table_out.parent.is_dir()):
-        raise ConfigError(f"--table-out {table_out}: need a file path in an existing directory, e.g. trials.csv")
-    if table_out is not None:
-        check_table_out(table_out, settings.study, overwrite)  # refused before any trial runs
+    if table_out is not None:  # refused before any trial runs
+        check_output_file(table_out, "--table-out")  # as transfer's --table-out: a file in an existing directory
+        check_table_out(table_out, settings.study, overwrite)
     if report:
         _report(settings, cfg, top, table_out)
         return
