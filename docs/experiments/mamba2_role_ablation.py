@@ -46,7 +46,7 @@ import torch
 
 from mupt import parametrization, train
 from mupt.check.coord import CoordSettings, coord_check, log2_slope
-from mupt.config import Arch, Discretization, RunConfig, Scheme
+from mupt.config import Arch, Discretization, OptimizerName, RunConfig, Scheme
 from mupt.model import Role
 
 KEYS = ("0.y", "1.y", "2.y", "0.x", "1.x", "2.x", "0.dy", "1.dy", "2.dy")
@@ -166,7 +166,7 @@ def base_shape_one_group(from_dict: Any) -> Any:
 
 
 def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | None, d_state: int,
-        scale_state: bool, steps: int = 4) -> dict[str, Any]:  # fmt: skip
+        scale_state: bool, steps: int = 4, optimizer: str = "adamw", lr: float = 0.01) -> dict[str, Any]:  # fmt: skip
     role_lr, patches, by_name, hpg, strat = parse(variant)
     apply, from_dict = train.apply, parametrization.from_dict
     if by_name:
@@ -175,7 +175,8 @@ def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | Non
         train.apply = stratified_heads(train.apply)  # type: ignore[assignment]
     if hpg:
         parametrization.from_dict = base_shape_one_group(from_dict)  # type: ignore[assignment]
-    saved = {k: v for k, v in parametrization.RULES.items() if k[0] is Scheme.MUP_SSM and k[1] == "adam"}
+    family = "sgd" if optimizer == "sgd" else "adam"  # the rule table the patches change
+    saved = {k: v for k, v in parametrization.RULES.items() if k[0] is Scheme.MUP_SSM and k[1] == family}
     for key, rules in saved.items():
         new = dict(rules)
         for kind, role, a, ax in patches:
@@ -190,7 +191,7 @@ def run(variant: str, widths: tuple[int, ...], seeds: int, base_width: int | Non
         settings = AblationSettings(
             arch=Arch.MAMBA2, headdim=32, base_d_state=d_state, scale_state=scale_state, widths=widths, seeds=seeds,
             base_width=base_width, backend="torch", discretization=Discretization.ZOH, role_lr=role_lr, steps=steps,
-            heads_per_group=hpg,
+            heads_per_group=hpg, optimizer=OptimizerName(optimizer), lr=lr,
         )  # fmt: skip
         res = coord_check(settings)
     finally:
@@ -236,6 +237,8 @@ def main() -> None:
     p.add_argument("--d-state", type=int, default=64)
     p.add_argument("--scale-state", action="store_true")
     p.add_argument("--steps", type=int, default=4, help="Adam steps (the coordinate check's default: 4)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"], help="the check's optimizer")
+    p.add_argument("--lr", type=float, default=0.01, help="the check's global (base-width) LR (SGD: 0.1 in 4b)")
     p.add_argument("--variants", default="base", help="comma-separated variants (see the module docstring)")
     p.add_argument("--out", default="runs/mamba2_role_ablation.json", help="JSON, extended run by run")
     p.add_argument("--seed-stats", nargs="+", metavar="COORD_JSON", help="only print seed statistics of these files")
@@ -249,13 +252,14 @@ def main() -> None:
     out: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     out.setdefault("settings", {"widths": widths, "seeds": args.seeds, "base_width": args.base_width,
                                 "d_state": args.d_state, "scale_state": args.scale_state,
-                                "steps": args.steps})  # fmt: skip
+                                "steps": args.steps, "optimizer": args.optimizer, "lr": args.lr})  # fmt: skip
     results = out.setdefault("variants", {})
     for v in args.variants.split(","):
         if v in results:
             continue
         t0 = time.perf_counter()
-        results[v] = run(v, widths, args.seeds, args.base_width, args.d_state, args.scale_state, args.steps)
+        results[v] = run(v, widths, args.seeds, args.base_width, args.d_state, args.scale_state, args.steps,
+                         args.optimizer, args.lr)  # fmt: skip
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(out, indent=1) + "\n")
         r = results[v]
