@@ -100,6 +100,8 @@ class RuleRow:
 # --- the table --------------------------------------------------------------------------
 _FANIN: Exp = (-0.5, 0.0)  # std ~ 1/sqrt(fan_in) with fan_in ~ N_u
 _INV_U: Exp = (-1.0, 0.0)
+#: mamba2 B/C rows: std sqrt(fan_out)/fan_in with fan_out = ngroups*N_x (docs/width_rules.md, correction 5)
+_BC_SPECTRAL: Exp = (-1.0, 0.5)
 _U: Exp = (1.0, 0.0)
 _SP, _MUP, _SSM = (Scheme.SP,), (Scheme.MUP,), (Scheme.MUP_SSM,)
 _BOTH_MUP = (Scheme.MUP, Scheme.MUP_SSM)
@@ -149,12 +151,14 @@ _MAMBA2_VECTOR_WHY: dict[Role, str] = {
 _MAMBA2_MUP_BC_WHY = "heuristic µP: part of the fused in_proj, a plain hidden matrix (no N_x dependence)"
 _MAMBA2_B_WHY = (
     "mamba2 B rows: A is one scalar per head, so every state coordinate has gain Θ(1) and B needs no sqrt(N_x) "
-    "boost: hidden rules keep RMS(h) and its updates Θ(1)"
+    "boost; fan-out ngroups*N_x against fan-in d_model: init std sqrt(fan_out)/fan_in (spectral condition), "
+    "so r_u^-1 with N_x fixed (a readout: its backward into the residual stream stays µP-sized) and "
+    "the hidden r_u^-1/2 when N_x scales with width (correction 5); Adam LR 1/fan_in"
 )
 _MAMBA2_C_WHY = (
     "mamba2 C rows: readout over the N_x-dim state (y = Σ_n C_n h_n, like q·k in attention), so C_n ∝ 1/N_x; "
-    "the conv1d bias sets C's scale, so the 1/N_x is a forward multiplier on C after conv1d and SiLU (correction 4), "
-    "W_C keeps the hidden rules"
+    "the conv1d bias sets C's scale, so the 1/N_x is a forward multiplier on C after conv1d and SiLU (correction 4); "
+    "W_C's init and LR as the B rows' (correction 5)"
 )
 _MAMBA2_SGD_BC = (
     "; SGD (derived, not measured): shared by ∝ N_u heads, so the gradient sums N_u coherent terms, and it carries "
@@ -224,12 +228,12 @@ RULE_TABLE: tuple[RuleRow, ...] = (
             families=_ADAM),
     RuleRow(_MUP, (Role.IN_PROJ_B, Role.IN_PROJ_C), Rule(_FANIN, ZERO, why=_MAMBA2_MUP_BC_WHY, ref="rule-mamba2"),
             families=_SGD),
-    RuleRow(_SSM, (Role.IN_PROJ_B,), Rule(_FANIN, _INV_U, why=_MAMBA2_B_WHY, ref="rule-mamba2"), families=_ADAM),
-    RuleRow(_SSM, (Role.IN_PROJ_B,), Rule(_FANIN, (-1.0, 1.0), why=_MAMBA2_B_WHY + _MAMBA2_SGD_BC, ref="rule-mamba2"),
-            families=_SGD),
-    RuleRow(_SSM, (Role.IN_PROJ_C,), Rule(_FANIN, _INV_U, (0.0, -1.0), why=_MAMBA2_C_WHY, ref="rule-mamba2"),
+    RuleRow(_SSM, (Role.IN_PROJ_B,), Rule(_BC_SPECTRAL, _INV_U, why=_MAMBA2_B_WHY, ref="rule-mamba2"), families=_ADAM),
+    RuleRow(_SSM, (Role.IN_PROJ_B,),
+            Rule(_BC_SPECTRAL, (-1.0, 1.0), why=_MAMBA2_B_WHY + _MAMBA2_SGD_BC, ref="rule-mamba2"), families=_SGD),
+    RuleRow(_SSM, (Role.IN_PROJ_C,), Rule(_BC_SPECTRAL, _INV_U, (0.0, -1.0), why=_MAMBA2_C_WHY, ref="rule-mamba2"),
             families=_ADAM),
-    RuleRow(_SSM, (Role.IN_PROJ_C,), Rule(_FANIN, (-1.0, 1.0), (0.0, -1.0), why=_MAMBA2_C_WHY + _MAMBA2_SGD_BC,
+    RuleRow(_SSM, (Role.IN_PROJ_C,), Rule(_BC_SPECTRAL, (-1.0, 1.0), (0.0, -1.0), why=_MAMBA2_C_WHY + _MAMBA2_SGD_BC,
                                           ref="rule-mamba2"), families=_SGD),
 )  # fmt: skip
 

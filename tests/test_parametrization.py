@@ -209,8 +209,31 @@ def test_mamba2_apply_covers_every_parameter_and_puts_the_C_multiplier_after_the
         for r in ARCH_ROLES[Arch.MAMBA2]
         if (ssm[r].init, ssm[r].lr, ssm[r].fwd) != (mup[r].init, mup[r].lr, mup[r].fwd)
     }
-    assert differ == {Role.IN_PROJ_C} and ssm[Role.IN_PROJ_C].fwd == (0.0, -1.0)
-    assert ssm[Role.IN_PROJ_C].init == mup[Role.IN_PROJ_C].init and ssm[Role.IN_PROJ_C].lr == mup[Role.IN_PROJ_C].lr
+    # they differ in C's 1/N_x multiplier and in the B/C rows' init (a readout's 1/fan_in with N_x fixed)
+    assert differ == {Role.IN_PROJ_B, Role.IN_PROJ_C} and ssm[Role.IN_PROJ_C].fwd == (0.0, -1.0)
+    assert ssm[Role.IN_PROJ_C].lr == mup[Role.IN_PROJ_C].lr and ssm[Role.IN_PROJ_B].lr == mup[Role.IN_PROJ_B].lr
+
+
+@pytest.mark.parametrize("scale_state", [False, True])
+def test_mamba2_bc_rows_init_follows_the_spectral_condition(scale_state: bool) -> None:
+    """µP-SSM, mamba2: W_B and W_C (fan-out ngroups*N_x, fan-in d_model) are drawn with std sqrt(fan_out)/fan_in
+    relative to the base (Yang, Simon & Bernstein 2023, "A Spectral Condition for Feature Learning"; correction 5
+    of docs/width_rules.md): d_model 64 -> 512 is 1/8 of the base std with N_x fixed (a readout), and the hidden
+    1/sqrt(8) when N_x scales 16 -> 128 too; the x rows (fan-out d_inner) keep 1/sqrt(8) either way.  The stds are
+    measured on the drawn weights, and the base's on a base-shaped model drawn by mamba_ssm's default init."""
+    torch.manual_seed(0)
+    n_x = 128 if scale_state else 16
+    wide = MambaLM(ModelConfig(arch="mamba2", d_model=512, d_state=n_x, headdim=32, n_layers=1))
+    apply(wide, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=64, base_d_state=16), "adamw", 1e-3)
+    base = MambaLM(ModelConfig(arch="mamba2", d_model=64, d_state=16, headdim=32, n_layers=1))
+    apply(base, ParamConfig(scheme=Scheme.MUP_SSM, base_d_model=64, base_d_state=16), "adamw", 1e-3)
+    ratio = {}
+    for rows in ("B", "C", "x"):
+        w, b = (getattr(m.backbone.layers[0].mixer.in_proj, f"weight_{rows}") for m in (wide, base))
+        ratio[rows] = float(w.std() / b.std())
+    want_bc = 8**-0.5 if scale_state else 1 / 8
+    assert ratio["B"] == pytest.approx(want_bc, rel=0.1) and ratio["C"] == pytest.approx(want_bc, rel=0.1), ratio
+    assert ratio["x"] == pytest.approx(8**-0.5, rel=0.05), ratio
 
 
 @pytest.mark.parametrize("scheme", [Scheme.MUP, Scheme.MUP_SSM, Scheme.SP])
