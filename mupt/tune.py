@@ -1060,6 +1060,11 @@ class Ladder:
     def trials(self) -> list[tuple[Rung, FrozenTrial]]:
         return [(r, t) for r, s in zip(self.rungs, self.studies, strict=True) for t in s.get_trials(deepcopy=False)]
 
+    def label(self, number: int, rung: int | None = None) -> str:
+        """How tune names trial ``number`` of rung ``rung`` (None: the proxy-width rung, where best.yaml's
+        ``trial`` lives) in every line it prints: :func:`trial_label`, e.g. ``r1/t0``."""
+        return trial_label(len(self.rungs) - 1 if rung is None else rung, number)
+
 
 @dataclass
 class Prepared:
@@ -1564,7 +1569,7 @@ def trial_label(rung: int, number: int) -> str:
 @dataclass
 class Progress:
     """Where a run stands: finished trials (all rungs) of the planned total, best so far at the proxy width
-    (``best_trial``: its :func:`trial_label`)."""
+    (``best_trial``: its :func:`trial_label`), the last finished trial (``last_trial``: its label)."""
 
     done: int
     total: int
@@ -1573,6 +1578,8 @@ class Progress:
     last: FrozenTrial | None = None
     running: int = 0
     best_trial: str | None = None
+    #: ``last``'s :func:`trial_label`
+    last_trial: str | None = None
 
 
 def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
@@ -1588,7 +1595,8 @@ def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
         total += 1 if _extrapolation_taken(ladder, i) or _pending_extrapolation(ladder, i) is not None else 0
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
-        c["RUNNING"], trial_label(len(ladder.rungs) - 1, best.number) if best else None,
+        c["RUNNING"], ladder.label(best.number) if best else None,
+        ladder.label(last.number, int(last.user_attrs.get("rung", 0))) if last is not None else None,
     )  # fmt: skip
 
 
@@ -1712,7 +1720,7 @@ def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
                 "rung": rung.index,
                 "d_model": rung.d_model,
                 "number": t.number,
-                "trial": trial_label(rung.index, t.number),
+                "trial": ladder.label(t.number, rung.index),
                 "state": t.state.name,
                 "status": t.user_attrs.get("status", "failed" if t.state is TrialState.FAIL else None),
                 **{name: t.params.get(name) for name in SEARCHABLE if name in t.params or name == "lr"},
@@ -1878,8 +1886,8 @@ def write_best(ladder: Ladder, cfg: RunConfig, run_dir: Path) -> tuple[BestParam
     """``run_dir/best.yaml`` from :func:`best_params`; its ``trial`` is the number within the top rung."""
     bp = best_params(ladder, cfg)
     path = run_dir / "best.yaml"
-    label = trial_label(len(ladder.rungs) - 1, bp.trial)
-    save_yaml(path, bp, header=f"mupt tune: best of study {bp.study} (trial {label}); read by mupt transfer")
+    header = f"mupt tune: best of study {bp.study} (trial {ladder.label(bp.trial)}); read by mupt transfer"
+    save_yaml(path, bp, header=header)
     return bp, path
 
 

@@ -67,7 +67,6 @@ from mupt.tune import (
     run_study,
     rung_summaries,
     study_flops,
-    trial_label,
     trial_rows,
     trial_steps,
     validate_proxy,
@@ -401,8 +400,7 @@ def _log_text(p: Progress, workers: int) -> str:
     t = p.last
     if t is not None:
         value = _nats(t.value) if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
-        label = trial_label(int(t.user_attrs.get("rung", 0)), t.number)
-        text += f"; last: {label} (d_model {t.user_attrs.get('d_model', '-')}): {value}"
+        text += f"; last: {p.last_trial} (d_model {t.user_attrs.get('d_model', '-')}): {value}"
     return text
 
 
@@ -470,7 +468,7 @@ def _results(
     if bp is not None:
         extra = ", ".join(f"{k} {fmt(v)}" for k, v in bp.params.items() if k != "lr")
         rows += [
-            ("best trial (proxy width)", trial_label(len(ladder.rungs) - 1, bp.trial)),
+            ("best trial (proxy width)", ladder.label(bp.trial)),
             ("best val loss (nats)", _nats(bp.value)),
             ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
             *_noise_row(ladder),
@@ -562,7 +560,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     rows: list[tuple[str, Any]] = [("trials", _trial_counts(ladder))]
     if bp is not None:
         rows += [
-            ("best trial", trial_label(len(ladder.rungs) - 1, bp.trial)),
+            ("best trial", ladder.label(bp.trial)),
             ("best val loss (nats)", _nats(bp.value)),
             *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
