@@ -497,24 +497,18 @@ def clear_stale_journal_lock(journal: Path, grace: float = JOURNAL_LOCK_GRACE) -
     starting together cannot remove a lock that the first one has just taken.  A younger lock file is left
     to Optuna's own grace period (a live worker may hold it).
     """
-    import fcntl
-
     lock = journal.with_name(journal.name + ".lock")  # optuna.storages.journal: <file> + ".lock"
     if not lock.exists():
         return None
-    with open(journal.with_name(journal.name + ".mupt-lock"), "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with file_lock(lock_file(journal)):
         try:
-            try:
-                age = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                return None
-            if age < grace:
-                return None
-            lock.unlink(missing_ok=True)
-            return lock, age
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if age < grace:
+            return None
+        lock.unlink(missing_ok=True)
+        return lock, age
 
 
 @dataclass
@@ -578,25 +572,82 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def lock_file(storage_file: Path) -> Path:
+    """``<file>.mupt-lock``: the file :func:`study_lock` locks for a journal file or an SQLite database."""
+    return storage_file.with_name(storage_file.name + ".mupt-lock")
+
+
+def study_lock_file(settings: TuneSettings) -> Path | None:
+    """The study's :func:`lock_file` (journal files and SQLite); None for server databases (their lock is held
+    in the server)."""
+    if not settings.is_rdb:
+        return lock_file(settings.journal_path)
+    url = settings.storage or ""
+    return lock_file(Path(url[len("sqlite:///") :])) if url.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``path`` (created when missing), held for the ``with`` block.
+
+    The file may be removed while others wait for it (:func:`remove_lock_file`, when a run ends): a process
+    that then takes the lock on the removed file would not exclude one that created the file anew, so after
+    taking the lock the path must still name the file locked, else the lock is taken again on the file there
+    now (the usual protocol for removable lock files).
+    """
+    import fcntl
+
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            held = os.fstat(fh.fileno())
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            fh.close()
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        fh.close()  # removed while we waited: closing releases the lock on the old file
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def remove_lock_file(settings: TuneSettings) -> bool:
+    """Remove the study's :func:`lock_file` when a run has finished (a 0-byte file otherwise left beside the
+    journal); returns whether one was removed.
+
+    Safe while other workers use the study: the file is removed while this process holds its lock, and
+    :func:`file_lock` makes a process that was waiting on the removed file lock the file there now (a worker
+    that needs the lock later creates it again, and removes it when it finishes).
+    """
+    path = study_lock_file(settings)
+    if path is None or not path.exists():
+        return False
+    with file_lock(path):
+        path.unlink(missing_ok=True)
+    return True
+
+
 @contextlib.contextmanager
 def study_lock(settings: TuneSettings, storage: optuna.storages.BaseStorage) -> Iterator[None]:
     """One lock over the study's storage for read-decide-write steps (grid enqueue, promotions).
 
-    Journal files and SQLite: an exclusive ``fcntl`` lock on ``<file>.mupt-lock`` (local
+    Journal files and SQLite: an exclusive :func:`file_lock` on ``<file>.mupt-lock`` (local
     processes); PostgreSQL: a session advisory lock; MySQL: ``GET_LOCK``.  Other RDBs get no
     lock (the rung quotas and duplicate checks in the trials still hold, at the cost of a
     wasted enqueue).
     """
-    import fcntl
-
-    if not settings.is_rdb or (settings.storage or "").startswith("sqlite:///"):
-        target = settings.journal_path if not settings.is_rdb else Path((settings.storage or "")[len("sqlite:///") :])
-        with open(target.with_name(target.name + ".mupt-lock"), "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    path = study_lock_file(settings)
+    if path is not None:
+        with file_lock(path):
+            yield
         return
     engine = getattr(storage, "engine", None)
     dialect = engine.dialect.name if engine is not None else ""
@@ -1626,7 +1677,8 @@ def run_study(
 
     Each worker uses ``settings.threads`` torch threads (set globally in this process when workers == 1).
     KeyboardInterrupt (Ctrl-C) propagates after the running trials are closed as FAIL; every finished
-    trial stays in the storage and a rerun resumes.
+    trial stays in the storage and a rerun resumes.  When the workers have finished, the study's lock file
+    is removed (:func:`remove_lock_file`).
     """
     import torch
 
@@ -1637,6 +1689,7 @@ def run_study(
         if on_progress is not None:
             on_progress(progress_of(ladder))
         run_worker(settings, cfg, 0, cb, poll)
+        remove_lock_file(settings)
         return ladder
     ctx = mp.get_context("spawn")
     procs = [
@@ -1668,6 +1721,7 @@ def run_study(
     bad = [p.exitcode for p in procs if p.exitcode]
     if bad:
         raise StorageError(f"{len(bad)} of {len(procs)} worker processes failed (exit codes {bad}); rerun to resume")
+    remove_lock_file(settings)
     return ladder
 
 
@@ -2175,6 +2229,7 @@ __all__ = [
     "extrapolates",
     "fail_dead_trials",
     "fail_stale_rdb_trials",
+    "file_lock",
     "finalist_words",
     "flops_per_trial_step",
     "grid_flops",
@@ -2182,6 +2237,7 @@ __all__ = [
     "lineage",
     "load_best",
     "load_existing",
+    "lock_file",
     "lr_grid",
     "n_finished",
     "open_ladder",
@@ -2190,6 +2246,7 @@ __all__ = [
     "plot_groups",
     "prepare_study",
     "proxy_config",
+    "remove_lock_file",
     "repair_journal",
     "rung_config",
     "rung_summaries",
@@ -2202,6 +2259,7 @@ __all__ = [
     "study_flops",
     "study_dirs",
     "study_lock",
+    "study_lock_file",
     "trial_label",
     "trial_rows",
     "trial_seed",

@@ -44,10 +44,12 @@ from mupt.tune import (
     plot_groups,
     prepare_study,
     proxy_config,
+    remove_lock_file,
     run_study,
     run_worker,
     rung_summaries,
     rungs_for,
+    study_lock,
     trial_rows,
     vertex_fit,
     worker_id,
@@ -498,6 +500,7 @@ def test_fit_finalist_two_workers_one_proxy_trial_at_the_fitted_lr(tmp_path: Pat
     cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
     s = TuneSettings(study="fit2", trials=8, workers=2, runs_dir=str(tmp_path), pruner="none", sampler="grid")
     run_study(s, cfg)
+    assert not (tmp_path / "fit2" / "journal.log.mupt-lock").exists()  # removed once both workers finished
     ladder = open_ladder(s, cfg)
     assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 8), (64, 1)]
     done0 = ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))
@@ -798,6 +801,44 @@ def test_a_journal_lock_left_by_a_killed_process_is_removed_with_one_line(tmp_pa
         os.utime(lock, (old, old))
 
 
+def test_the_study_lock_file_is_removed_safely_while_other_workers_lock(tmp_path: Path) -> None:
+    """The study's 0-byte ``<journal>.mupt-lock`` is removed when a run finishes; removing it while other
+    workers wait for it must not let two of them hold the lock at once (one locking the removed file, one the
+    file made anew): threads (each lock call its own open file, as separate processes) take the study lock in
+    a loop while two others remove the file.  A lock that ignores the removal lets two in (seen 4 times in 5
+    on this test's loop); the lock file is gone at the end."""
+    import threading
+
+    s = TuneSettings(study="lk", runs_dir=str(tmp_path), fidelity="steps")
+    storage = open_storage(s)
+    inside = most = 0
+    guard = threading.Lock()
+
+    def worker() -> None:
+        nonlocal inside, most
+        for _ in range(40):
+            with study_lock(s, storage):
+                with guard:
+                    inside += 1
+                    most = max(most, inside)
+                time.sleep(0.0005)
+                with guard:
+                    inside -= 1
+
+    def remover() -> None:
+        for _ in range(100):
+            remove_lock_file(s)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)] + [threading.Thread(target=remover) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+    remove_lock_file(s)
+    assert sorted(p.name for p in s.run_dir.iterdir()) == ["journal.log"]
+
+
 class _CtrlCInSetUp:
     """Real builtin tokens whose validation read raises KeyboardInterrupt: Ctrl-C landing while a trial's
     Trainer is being built, before its first step (the window the CI flake of the test above hit)."""
@@ -914,6 +955,8 @@ def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:
     proc = mupt(*args)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
+    # a clean finish leaves no lock file beside the journal (Optuna's journal.log.lock nor the study's mupt-lock)
+    assert not [p.name for p in (tmp_path / "proxy-w64").iterdir() if "lock" in p.name]
     rows = list(csv.DictReader(table_out.open()))
     s = TuneSettings(study="proxy-w64", trials=3, runs_dir=str(tmp_path))
     ladder = open_ladder(s, with_overrides(proxy_config(), {**W64, "train.steps": 10}))

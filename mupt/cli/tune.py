@@ -63,6 +63,7 @@ from mupt.tune import (
     n_finished,
     prepare_study,
     proxy_config,
+    remove_lock_file,
     repair_journal,
     run_study,
     rung_summaries,
@@ -333,6 +334,7 @@ def tune(
             highlight=False,
             soft_wrap=True,
         )
+        remove_lock_file(settings)  # prepare_study took the study's lock: no lock file left beside the journal
         _finish(settings, cfg, top, table_out, None, False)
         return
     start = time.perf_counter()
@@ -576,6 +578,7 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
         *([("trials table", str(table_path))] if table_path else []),
     ]
     out.print(key_values(f"Study {settings.study}", rows))
+    remove_lock_file(settings)  # _tidy_journal may have taken the study's lock
     if bp is None:
         err.print(
             f"study {settings.study}: no trial has finished at the proxy width (d_model {cfg.model.d_model}) yet; "
