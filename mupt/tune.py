@@ -1000,6 +1000,25 @@ def vertex_fit(ladder: Ladder) -> DriftFit | None:
     )
 
 
+def recorded_fit(ladder: Ladder) -> DriftFit | None:
+    """The fit ``--finalist fit`` placed its proxy-width trial with, as rungs.png draws it; None when the study
+    has not recorded one (another finalist, rung 0 still open after Ctrl-C, no proxy-width trial yet).
+
+    The proxy-width trial records the fit (:meth:`DriftFit.to_attrs`, ``user_attrs["extrapolated"]``) but not
+    the parabola; once rung 0 is closed :func:`vertex_fit` is a pure function of its finished trials, so it is
+    computed again here and returned only when it gives what the trial recorded.  A parabola through the
+    trials of an unfinished rung 0 would be a fit the study never used.
+    """
+    if ladder.settings.finalist_mode is not Finalist.FIT or len(ladder.rungs) < 2 or not _closed(ladder, 0):
+        return None
+    recorded = [t.user_attrs["extrapolated"] for t in ladder.top.get_trials(deepcopy=False)
+                if "extrapolated" in t.user_attrs]  # fmt: skip
+    fit = vertex_fit(ladder)
+    if fit is None or not recorded or {**recorded[0], **fit.to_attrs()} != recorded[0]:
+        return None
+    return fit
+
+
 # --- study ------------------------------------------------------------------------------------
 
 
@@ -2154,9 +2173,14 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
             what = "interrupted" if all(str(r["reason"]).startswith(INTERRUPTED) for r in failed) else "failed"
             ax.scatter([r["lr"] for r in failed], [top_edge] * len(failed), edgecolors=[color], marker="s", s=22,
                        facecolors="none", label=f"rung {rung.index}: {what} (top edge)")  # fmt: skip
-    fit = vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT and n > 1 else None
+    fit = recorded_fit(ladder)
     if fit is not None:
         _draw_fit(ax, fit, ladder, cmap(0.0), cmap(1.0))
+    elif ladder.settings.finalist_mode is Finalist.FIT and n > 1 and not _closed(ladder, 0):
+        done = sum(t.state in FINISHED for t in ladder.studies[0].get_trials(deepcopy=False))
+        ax.text(0.5, 0.06, f"rung 0 unfinished ({done} of {ladder.rungs[0].size} trials): no fit yet, it is made "
+                "when the rung is full", transform=ax.transAxes, ha="center", va="bottom", fontsize=8,
+                color="gray")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")
@@ -2246,6 +2270,7 @@ __all__ = [
     "plot_groups",
     "prepare_study",
     "proxy_config",
+    "recorded_fit",
     "remove_lock_file",
     "repair_journal",
     "rung_config",

@@ -44,6 +44,7 @@ from mupt.tune import (
     plot_groups,
     prepare_study,
     proxy_config,
+    recorded_fit,
     remove_lock_file,
     run_study,
     run_worker,
@@ -520,6 +521,30 @@ def test_fit_finalist_two_workers_one_proxy_trial_at_the_fitted_lr(tmp_path: Pat
     assert [(f["obtained"], f["drift_fit"]["method"]) for f in load_best(path).finalists] == [
         ("extrapolated", "vertex" if c2 > 0 else "best")]  # fmt: skip
     assert train(bp.config).final_val_loss == pytest.approx(bp.value, rel=1e-6)
+
+
+def test_rungs_png_draws_only_the_fit_the_study_recorded(tmp_path: Path) -> None:
+    """rungs.png draws --finalist fit's parabola only once the study has recorded it on its proxy-width trial.
+    After Ctrl-C inside rung 0 (4 of 6 trials finished) a parabola through the trials so far is a fit the study
+    never used (before: drawn); once rung 0 is full and the proxy-width trial ran, the fit drawn is the one
+    that trial recorded, the vertex of all six losses."""
+    torch.set_num_threads(1)
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="rf", trials=6, runs_dir=str(tmp_path), pruner="none")
+    ladder = open_ladder(s, cfg)
+    for x in (-10.0, -9.0, -8.0, -7.0):  # losses on a parabola in log2 LR with its minimum at -8.5
+        _add(ladder.studies[0], x, 3.0 + 0.05 * (x + 8.5) ** 2)
+    assert vertex_fit(ladder) is not None and recorded_fit(ladder) is None
+    assert [p.name for p in write_plots(ladder, s.run_dir)][2] == "rungs.png"  # drawn without a fit
+    for x in (-11.0, -6.0):
+        _add(ladder.studies[0], x, 3.0 + 0.05 * (x + 8.5) ** 2)
+    assert recorded_fit(ladder) is None  # rung 0 is full, but no proxy-width trial has recorded a fit yet
+    assert run_worker(s, cfg) == 1  # the proxy-width trial, at the fitted LR, trained at d_model 64
+    (top,) = ladder.top.get_trials()
+    fit = recorded_fit(ladder)
+    assert fit is not None and fit.to_attrs() == top.user_attrs["extrapolated"] and fit.method == "vertex"
+    assert fit.optima == {16: pytest.approx(-8.5, abs=1e-6)} and fit.points == 5  # -11 is beyond two octaves
+    assert math.log2(top.params["lr"]) == pytest.approx(-8.5 - 0.15 * 2, abs=1e-6)
 
 
 def test_drift_fit_declines_a_rung_whose_lrs_span_less_than_an_octave(tmp_path: Path) -> None:
