@@ -24,6 +24,7 @@ workers wait for it rather than stopping short of the budget.  Nothing here prin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import math
@@ -103,6 +104,14 @@ DEFAULT_LR_DRIFT = -0.15
 #: Octaves around rung 0's best trial whose losses enter :func:`vertex_fit`'s parabola (a local model of
 #: loss against log2 LR: it does not hold far from the optimum, where divergence makes the curve skewed).
 FIT_WINDOW = 2.0
+
+#: Proxy-width trials ``--finalist fit`` runs after the trial at its fitted LR diverged at the proxy width, each
+#: one octave below the LR that diverged before it (never below the search range): the fit comes from
+#: narrower widths, and a proxy that diverges at the fitted LR would otherwise end the study without an answer.
+#: One octave because the loss is flat below the optimum and steep above it (docs/tuning.md: at the default
+#: proxy one octave below the optimum costs 0-0.2%, one above 2.2-2.5%); two retries, because an LR still
+#: unstable two octaves below the fit means the proxy, not the fit, needs looking at.
+FIT_RETRIES = 2
 
 #: Parameters that can be searched and the config field each one sets.
 SEARCHABLE: dict[str, str] = {
@@ -865,6 +874,10 @@ class DriftFit:
     (:func:`drift_fit`: the slope fitted over several rungs), ``vertex`` (:func:`vertex_fit`: rung 0's
     parabola, the slope the expected drift ``--lr-drift``) or ``best`` (:func:`vertex_fit`'s fallback:
     rung 0's best trial instead of a vertex).
+
+    ``retry`` > 0 (``--finalist fit`` only, at most :data:`FIT_RETRIES`): the proxy-width trial at the fitted
+    LR diverged, and ``lr`` is the stand-in, one octave below the LR that diverged last (``diverged``: log2 of
+    the LRs that diverged, in order); ``log2_lr`` stays the fit's.
     """
 
     optima: dict[int, float]
@@ -877,14 +890,21 @@ class DriftFit:
     #: ``vertex`` only: (b, e, c, x_low, x_high), the fitted loss = c + e x + b x^2 over x = log2 LR in
     #: [x_low, x_high] (the trials fitted); drawn in rungs.png, not stored
     parabola: tuple[float, float, float, float, float] | None = None
+    retry: int = 0
+    diverged: tuple[float, ...] = ()
 
     def to_attrs(self) -> dict[str, Any]:
-        """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``)."""
-        return {
+        """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``); a retry adds
+        ``retry``, ``diverged_log2_lr`` and ``stand_in_log2_lr`` (log2 of the LR it runs at)."""
+        attrs = {
             "method": self.method, "optima_log2_lr": {str(k): round(v, 4) for k, v in self.optima.items()},
             "slope_octaves_per_doubling": round(self.slope, 4), "log2_lr": round(self.log2_lr, 4),
             "clipped": self.clipped, "points": self.points,
         }  # fmt: skip
+        if self.retry:
+            attrs |= {"retry": self.retry, "diverged_log2_lr": [round(x, 4) for x in self.diverged],
+                      "stand_in_log2_lr": round(math.log2(self.lr), 4)}  # fmt: skip
+        return attrs
 
 
 def drift_fit(ladder: Ladder) -> DriftFit | None:
@@ -1482,27 +1502,51 @@ def _next_promotion(ladder: Ladder, i: int) -> FrozenTrial | None:
 
 def _slot(attrs: dict[str, Any]) -> int | str | None:
     """Which place of a promoted rung a trial fills: the rung-below trial it was promoted from, or
-    ``"extrapolated"`` for the drift-extrapolated finalist; None for a trial enqueued by nobody we know."""
+    ``"extrapolated"`` for the drift-extrapolated finalist (``"extrapolated-retry<k>"`` for its k-th stand-in
+    after a divergence); None for a trial enqueued by nobody we know."""
     if "extrapolated" in attrs:
-        return "extrapolated"
+        retry = int(attrs["extrapolated"].get("retry", 0))
+        return f"extrapolated-retry{retry}" if retry else "extrapolated"
     src = attrs.get("promoted_from")
     return None if src is None else int(src)
 
 
-def _extrapolation_taken(ladder: Ladder, i: int) -> bool:
-    """Rung i already holds its extrapolated finalist (enqueued, running or finished; a FAIL one does not count)."""
-    return any(
-        t.state is not TrialState.FAIL and _slot(t.user_attrs) == "extrapolated"
-        for t in ladder.studies[i].get_trials(deepcopy=False)
-    )
+def _extrapolated(ladder: Ladder, i: int) -> list[FrozenTrial]:
+    """Rung i's extrapolated finalist and its stand-ins (enqueued, running or finished; FAIL ones do not count),
+    in the order they were placed."""
+    trials = [t for t in ladder.studies[i].get_trials(deepcopy=False)
+              if t.state is not TrialState.FAIL and "extrapolated" in t.user_attrs]  # fmt: skip
+    return sorted(trials, key=lambda t: (int(t.user_attrs["extrapolated"].get("retry", 0)), t.number))
+
+
+def _diverged(t: FrozenTrial) -> bool:
+    return t.state is TrialState.PRUNED and t.user_attrs.get("status") == "diverged"
 
 
 def _pending_extrapolation(ladder: Ladder, i: int) -> DriftFit | None:
     """The drift fit to enqueue in rung i, when rung i holds an extrapolated finalist not taken yet
-    and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed."""
-    if not ladder.rungs[i].extrapolated or _extrapolation_taken(ladder, i):
+    and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed.
+
+    ``--finalist fit``: when every trial placed so far diverged at the proxy width, the next is a stand-in
+    one octave below the last LR that diverged (:data:`FIT_RETRIES` at most, inside the search range): a pure
+    function of the finished trials, so a resumed study, or any worker, places the same one.
+    """
+    if not ladder.rungs[i].extrapolated:
         return None
-    return vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT else drift_fit(ladder)
+    placed = _extrapolated(ladder, i)
+    fit_mode = ladder.settings.finalist_mode is Finalist.FIT
+    if not placed:
+        return vertex_fit(ladder) if fit_mode else drift_fit(ladder)
+    if not fit_mode or len(placed) > FIT_RETRIES or not all(_diverged(t) for t in placed):
+        return None
+    fit = vertex_fit(ladder)
+    lo = search_space(ladder.settings, ladder.cfg)["lr"][0]
+    last = float(placed[-1].params["lr"])
+    if fit is None or last <= lo * (1 + 1e-9):
+        return None  # no lower LR in the search range
+    lr = max(last / 2, lo)
+    diverged = tuple(math.log2(float(t.params["lr"])) for t in placed)
+    return dataclasses.replace(fit, lr=lr, retry=len(placed), diverged=diverged)
 
 
 def _pick(ladder: Ladder) -> int | None | str:
@@ -1662,7 +1706,7 @@ def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
             total += rung.size
             continue
         total += min(rung.promoted, len(_ranked(ladder.studies[i - 1])))
-        total += 1 if _extrapolation_taken(ladder, i) or _pending_extrapolation(ladder, i) is not None else 0
+        total += len(_extrapolated(ladder, i)) + (_pending_extrapolation(ladder, i) is not None)
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
         c["RUNNING"], ladder.label(best.number) if best else None,
@@ -1912,6 +1956,8 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
     from mupt.train import build_model
 
     best = best_trial(ladder)
+    if best is None and ladder.settings.finalist_mode is Finalist.FIT and len(ladder.rungs) > 1 and is_complete(ladder):
+        raise StorageError(_no_answer(ladder, _extrapolated(ladder, len(ladder.rungs) - 1)))
     if best is None:
         ran = [t for t in ladder.top.get_trials(deepcopy=False) if t.state in FINISHED or _failed(t)]
         where = f" at the proxy width d_model={ladder.rungs[-1].d_model}" if len(ladder.rungs) > 1 else ""
@@ -1952,6 +1998,32 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
             }
             for t in _ranked(ladder.top)
         ],
+    )
+
+
+def _no_answer(ladder: Ladder, placed: list[FrozenTrial]) -> str:
+    """The one-line error of a complete ``--finalist fit`` study without an answer: rung 0 completed no trial
+    (nothing to fit), or the fitted LR and every stand-in diverged at the proxy width
+    (:func:`_pending_extrapolation`); which LRs, and the fix."""
+    name, (w0, w) = ladder.settings.study, (ladder.rungs[0].d_model, ladder.rungs[-1].d_model)
+    if not placed:
+        n = sum(t.state in FINISHED for t in ladder.studies[0].get_trials(deepcopy=False))
+        return (
+            f"study {name!r} has no answer: none of rung 0's {n} trials (d_model {w0}) completed (diverged or "
+            "pruned), so there is no LR to fit; search lower LRs (--lr-range LOW,HIGH) under --study NEW_NAME, or "
+            "check the proxy config; the finished trials are kept"
+        )
+    lrs = [float(t.params["lr"]) for t in placed]
+    lo = search_space(ladder.settings, ladder.cfg)["lr"][0]
+    tried = ", ".join(f"{x:.3g}" for x in lrs)
+    why = f"the fitted LR and {len(lrs) - 1} lower stand-in{'s' * (len(lrs) > 2)}" if len(lrs) > 1 else "the fitted LR"
+    if len(lrs) <= FIT_RETRIES and min(lrs) <= lo * (1 + 1e-9):
+        why += " (no lower LR in --lr-range)"
+    return (
+        f"study {name!r} has no answer: {why} diverged at the proxy width d_model {w} (LR {tried}), though rung 0 "
+        f"completed trials at d_model {w0}; "
+        f"search lower LRs (--lr-range LOW,HIGH with HIGH at most {min(lrs) / 2:.3g}) under --study NEW_NAME, or "
+        "check the proxy config (multipliers, --lr-drift); the finished trials are kept"
     )
 
 
@@ -2135,8 +2207,8 @@ def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
 
 
 def _draw_fit(ax: Any, fit: DriftFit, ladder: Ladder, narrow: Any, proxy: Any) -> None:
-    """``--finalist fit`` in rungs.png: rung 0's parabola over the trials fitted, its vertex, and the LR the
-    proxy-width trial runs at (the vertex moved by the drift)."""
+    """``--finalist fit`` in rungs.png: rung 0's parabola over the trials fitted, its vertex, the LR the
+    proxy-width trial runs at (the vertex moved by the drift), and any stand-in after it diverged there."""
     import numpy as np
 
     (x0,) = fit.optima.values()
@@ -2150,6 +2222,9 @@ def _draw_fit(ax: Any, fit: DriftFit, ladder: Ladder, narrow: Any, proxy: Any) -
     doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
     ax.axvline(fit.lr, color=proxy, lw=1.2, ls="-.",
                label=f"proxy-width LR: {fit.slope:+g} x {doublings:g} doublings -> 2^{fit.log2_lr:.2f}")  # fmt: skip
+    for t in _extrapolated(ladder, len(ladder.rungs) - 1)[1:]:  # stand-ins after a divergence at the proxy width
+        lr = float(t.params["lr"])
+        ax.axvline(lr, color=proxy, lw=1.0, ls=":", label=f"stand-in after a divergence: 2^{math.log2(lr):.2f}")
 
 
 def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_edge: float) -> list[Path]:
