@@ -156,8 +156,9 @@ def lr_found_by(finalist: Mapping[str, Any]) -> str:
     ``finalist``: a best.yaml finalist or :func:`chosen_finalist`'s dict.  ``promoted``: ranked up through the
     narrower rungs (their d_model listed); ``extrapolated`` with a ``drift_fit`` of method ``vertex`` (the
     parabola through rung 0's losses) or ``best`` (rung 0's best trial), moved by the expected drift
-    (``--lr-drift``), or ``drift`` (the optimum's drift fitted over the rungs): docs/tuning.md, "The
-    schedule".  Shared by ``mupt tune``'s and ``mupt transfer``'s summaries.
+    (``--lr-drift``), or ``drift`` (the optimum's drift fitted over the rungs), and the stand-in one octave
+    lower when that LR diverged at the proxy width (``retry``): docs/tuning.md, "The schedule".  Shared by
+    ``mupt tune``'s and ``mupt transfer``'s summaries.
     """
     fit = finalist.get("drift_fit") or {}
     widths = [f["d_model"] for f in finalist.get("fidelities", [])[:-1]]
@@ -179,10 +180,20 @@ def lr_found_by(finalist: Mapping[str, Any]) -> str:
             )
         return (
             f"{what} rung 0's losses: 2^{x0:.2f} at d_model {w}, moved {slope:+g} octave per doubling "
-            f"-> 2^{x:.2f}{clipped}{why}"
+            f"-> 2^{x:.2f}{clipped}{why}{_stand_in(fit)}"
         )
     at = ", ".join(f"2^{v:.2f} at {k}" for k, v in optima.items())
     return f"the optimum's drift fitted over the rungs ({at}; {slope:+.2f} per doubling) -> 2^{x:.2f}{clipped}"
+
+
+def _stand_in(fit: Mapping[str, Any]) -> str:
+    """``--finalist fit``'s stand-in after its fitted LR diverged at the proxy width, in words ("" for none)."""
+    if not fit.get("retry"):
+        return ""
+    diverged, stand = list(fit.get("diverged_log2_lr", [])), float(fit["stand_in_log2_lr"])
+    also = f", as did {', '.join(f'2^{v:.2f}' for v in diverged[1:])}" if len(diverged) > 1 else ""
+    step = "one octave below" if abs(diverged[-1] - 1 - stand) < 1e-3 else "the search range's low end, below"
+    return f"; it diverged at the proxy width{also}, and 2^{stand:.2f}, {step} the last LR that diverged, stood in"
 
 
 # --- the transfer -------------------------------------------------------------------------------

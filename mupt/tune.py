@@ -24,6 +24,7 @@ workers wait for it rather than stopping short of the budget.  Nothing here prin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import math
@@ -103,6 +104,14 @@ DEFAULT_LR_DRIFT = -0.15
 #: Octaves around rung 0's best trial whose losses enter :func:`vertex_fit`'s parabola (a local model of
 #: loss against log2 LR: it does not hold far from the optimum, where divergence makes the curve skewed).
 FIT_WINDOW = 2.0
+
+#: Proxy-width trials ``--finalist fit`` runs after the trial at its fitted LR diverged at the proxy width, each
+#: one octave below the LR that diverged before it (never below the search range): the fit comes from
+#: narrower widths, and a proxy that diverges at the fitted LR would otherwise end the study without an answer.
+#: One octave because the loss is flat below the optimum and steep above it (docs/tuning.md: at the default
+#: proxy one octave below the optimum costs 0-0.2%, one above 2.2-2.5%); two retries, because an LR still
+#: unstable two octaves below the fit means the proxy, not the fit, needs looking at.
+FIT_RETRIES = 2
 
 #: Parameters that can be searched and the config field each one sets.
 SEARCHABLE: dict[str, str] = {
@@ -497,24 +506,18 @@ def clear_stale_journal_lock(journal: Path, grace: float = JOURNAL_LOCK_GRACE) -
     starting together cannot remove a lock that the first one has just taken.  A younger lock file is left
     to Optuna's own grace period (a live worker may hold it).
     """
-    import fcntl
-
     lock = journal.with_name(journal.name + ".lock")  # optuna.storages.journal: <file> + ".lock"
     if not lock.exists():
         return None
-    with open(journal.with_name(journal.name + ".mupt-lock"), "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with file_lock(lock_file(journal)):
         try:
-            try:
-                age = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                return None
-            if age < grace:
-                return None
-            lock.unlink(missing_ok=True)
-            return lock, age
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if age < grace:
+            return None
+        lock.unlink(missing_ok=True)
+        return lock, age
 
 
 @dataclass
@@ -578,25 +581,82 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def lock_file(storage_file: Path) -> Path:
+    """``<file>.mupt-lock``: the file :func:`study_lock` locks for a journal file or an SQLite database."""
+    return storage_file.with_name(storage_file.name + ".mupt-lock")
+
+
+def study_lock_file(settings: TuneSettings) -> Path | None:
+    """The study's :func:`lock_file` (journal files and SQLite); None for server databases (their lock is held
+    in the server)."""
+    if not settings.is_rdb:
+        return lock_file(settings.journal_path)
+    url = settings.storage or ""
+    return lock_file(Path(url[len("sqlite:///") :])) if url.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``path`` (created when missing), held for the ``with`` block.
+
+    The file may be removed while others wait for it (:func:`remove_lock_file`, when a run ends): a process
+    that then takes the lock on the removed file would not exclude one that created the file anew, so after
+    taking the lock the path must still name the file locked, else the lock is taken again on the file there
+    now (the usual protocol for removable lock files).
+    """
+    import fcntl
+
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            held = os.fstat(fh.fileno())
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            fh.close()
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        fh.close()  # removed while we waited: closing releases the lock on the old file
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
+def remove_lock_file(settings: TuneSettings) -> bool:
+    """Remove the study's :func:`lock_file` when a run has finished (a 0-byte file otherwise left beside the
+    journal); returns whether one was removed.
+
+    Safe while other workers use the study: the file is removed while this process holds its lock, and
+    :func:`file_lock` makes a process that was waiting on the removed file lock the file there now (a worker
+    that needs the lock later creates it again, and removes it when it finishes).
+    """
+    path = study_lock_file(settings)
+    if path is None or not path.exists():
+        return False
+    with file_lock(path):
+        path.unlink(missing_ok=True)
+    return True
+
+
 @contextlib.contextmanager
 def study_lock(settings: TuneSettings, storage: optuna.storages.BaseStorage) -> Iterator[None]:
     """One lock over the study's storage for read-decide-write steps (grid enqueue, promotions).
 
-    Journal files and SQLite: an exclusive ``fcntl`` lock on ``<file>.mupt-lock`` (local
+    Journal files and SQLite: an exclusive :func:`file_lock` on ``<file>.mupt-lock`` (local
     processes); PostgreSQL: a session advisory lock; MySQL: ``GET_LOCK``.  Other RDBs get no
     lock (the rung quotas and duplicate checks in the trials still hold, at the cost of a
     wasted enqueue).
     """
-    import fcntl
-
-    if not settings.is_rdb or (settings.storage or "").startswith("sqlite:///"):
-        target = settings.journal_path if not settings.is_rdb else Path((settings.storage or "")[len("sqlite:///") :])
-        with open(target.with_name(target.name + ".mupt-lock"), "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    path = study_lock_file(settings)
+    if path is not None:
+        with file_lock(path):
+            yield
         return
     engine = getattr(storage, "engine", None)
     dialect = engine.dialect.name if engine is not None else ""
@@ -814,6 +874,10 @@ class DriftFit:
     (:func:`drift_fit`: the slope fitted over several rungs), ``vertex`` (:func:`vertex_fit`: rung 0's
     parabola, the slope the expected drift ``--lr-drift``) or ``best`` (:func:`vertex_fit`'s fallback:
     rung 0's best trial instead of a vertex).
+
+    ``retry`` > 0 (``--finalist fit`` only, at most :data:`FIT_RETRIES`): the proxy-width trial at the fitted
+    LR diverged, and ``lr`` is the stand-in, one octave below the LR that diverged last (``diverged``: log2 of
+    the LRs that diverged, in order); ``log2_lr`` stays the fit's.
     """
 
     optima: dict[int, float]
@@ -826,14 +890,21 @@ class DriftFit:
     #: ``vertex`` only: (b, e, c, x_low, x_high), the fitted loss = c + e x + b x^2 over x = log2 LR in
     #: [x_low, x_high] (the trials fitted); drawn in rungs.png, not stored
     parabola: tuple[float, float, float, float, float] | None = None
+    retry: int = 0
+    diverged: tuple[float, ...] = ()
 
     def to_attrs(self) -> dict[str, Any]:
-        """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``)."""
-        return {
+        """JSON-safe form, stored on the extrapolated trial (``user_attrs["extrapolated"]``); a retry adds
+        ``retry``, ``diverged_log2_lr`` and ``stand_in_log2_lr`` (log2 of the LR it runs at)."""
+        attrs = {
             "method": self.method, "optima_log2_lr": {str(k): round(v, 4) for k, v in self.optima.items()},
             "slope_octaves_per_doubling": round(self.slope, 4), "log2_lr": round(self.log2_lr, 4),
             "clipped": self.clipped, "points": self.points,
         }  # fmt: skip
+        if self.retry:
+            attrs |= {"retry": self.retry, "diverged_log2_lr": [round(x, 4) for x in self.diverged],
+                      "stand_in_log2_lr": round(math.log2(self.lr), 4)}  # fmt: skip
+        return attrs
 
 
 def drift_fit(ladder: Ladder) -> DriftFit | None:
@@ -949,6 +1020,25 @@ def vertex_fit(ladder: Ladder) -> DriftFit | None:
     )
 
 
+def recorded_fit(ladder: Ladder) -> DriftFit | None:
+    """The fit ``--finalist fit`` placed its proxy-width trial with, as rungs.png draws it; None when the study
+    has not recorded one (another finalist, rung 0 still open after Ctrl-C, no proxy-width trial yet).
+
+    The proxy-width trial records the fit (:meth:`DriftFit.to_attrs`, ``user_attrs["extrapolated"]``) but not
+    the parabola; once rung 0 is closed :func:`vertex_fit` is a pure function of its finished trials, so it is
+    computed again here and returned only when it gives what the trial recorded.  A parabola through the
+    trials of an unfinished rung 0 would be a fit the study never used.
+    """
+    if ladder.settings.finalist_mode is not Finalist.FIT or len(ladder.rungs) < 2 or not _closed(ladder, 0):
+        return None
+    recorded = [t.user_attrs["extrapolated"] for t in ladder.top.get_trials(deepcopy=False)
+                if "extrapolated" in t.user_attrs]  # fmt: skip
+    fit = vertex_fit(ladder)
+    if fit is None or not recorded or {**recorded[0], **fit.to_attrs()} != recorded[0]:
+        return None
+    return fit
+
+
 # --- study ------------------------------------------------------------------------------------
 
 
@@ -1059,6 +1149,11 @@ class Ladder:
 
     def trials(self) -> list[tuple[Rung, FrozenTrial]]:
         return [(r, t) for r, s in zip(self.rungs, self.studies, strict=True) for t in s.get_trials(deepcopy=False)]
+
+    def label(self, number: int, rung: int | None = None) -> str:
+        """How tune names trial ``number`` of rung ``rung`` (None: the proxy-width rung, where best.yaml's
+        ``trial`` lives) in every line it prints: :func:`trial_label`, e.g. ``r1/t0``."""
+        return trial_label(len(self.rungs) - 1 if rung is None else rung, number)
 
 
 @dataclass
@@ -1407,27 +1502,51 @@ def _next_promotion(ladder: Ladder, i: int) -> FrozenTrial | None:
 
 def _slot(attrs: dict[str, Any]) -> int | str | None:
     """Which place of a promoted rung a trial fills: the rung-below trial it was promoted from, or
-    ``"extrapolated"`` for the drift-extrapolated finalist; None for a trial enqueued by nobody we know."""
+    ``"extrapolated"`` for the drift-extrapolated finalist (``"extrapolated-retry<k>"`` for its k-th stand-in
+    after a divergence); None for a trial enqueued by nobody we know."""
     if "extrapolated" in attrs:
-        return "extrapolated"
+        retry = int(attrs["extrapolated"].get("retry", 0))
+        return f"extrapolated-retry{retry}" if retry else "extrapolated"
     src = attrs.get("promoted_from")
     return None if src is None else int(src)
 
 
-def _extrapolation_taken(ladder: Ladder, i: int) -> bool:
-    """Rung i already holds its extrapolated finalist (enqueued, running or finished; a FAIL one does not count)."""
-    return any(
-        t.state is not TrialState.FAIL and _slot(t.user_attrs) == "extrapolated"
-        for t in ladder.studies[i].get_trials(deepcopy=False)
-    )
+def _extrapolated(ladder: Ladder, i: int) -> list[FrozenTrial]:
+    """Rung i's extrapolated finalist and its stand-ins (enqueued, running or finished; FAIL ones do not count),
+    in the order they were placed."""
+    trials = [t for t in ladder.studies[i].get_trials(deepcopy=False)
+              if t.state is not TrialState.FAIL and "extrapolated" in t.user_attrs]  # fmt: skip
+    return sorted(trials, key=lambda t: (int(t.user_attrs["extrapolated"].get("retry", 0)), t.number))
+
+
+def _diverged(t: FrozenTrial) -> bool:
+    return t.state is TrialState.PRUNED and t.user_attrs.get("status") == "diverged"
 
 
 def _pending_extrapolation(ladder: Ladder, i: int) -> DriftFit | None:
     """The drift fit to enqueue in rung i, when rung i holds an extrapolated finalist not taken yet
-    and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed."""
-    if not ladder.rungs[i].extrapolated or _extrapolation_taken(ladder, i):
+    and the rungs below give a fit; None otherwise.  Call once rung i-1 is closed.
+
+    ``--finalist fit``: when every trial placed so far diverged at the proxy width, the next is a stand-in
+    one octave below the last LR that diverged (:data:`FIT_RETRIES` at most, inside the search range): a pure
+    function of the finished trials, so a resumed study, or any worker, places the same one.
+    """
+    if not ladder.rungs[i].extrapolated:
         return None
-    return vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT else drift_fit(ladder)
+    placed = _extrapolated(ladder, i)
+    fit_mode = ladder.settings.finalist_mode is Finalist.FIT
+    if not placed:
+        return vertex_fit(ladder) if fit_mode else drift_fit(ladder)
+    if not fit_mode or len(placed) > FIT_RETRIES or not all(_diverged(t) for t in placed):
+        return None
+    fit = vertex_fit(ladder)
+    lo = search_space(ladder.settings, ladder.cfg)["lr"][0]
+    last = float(placed[-1].params["lr"])
+    if fit is None or last <= lo * (1 + 1e-9):
+        return None  # no lower LR in the search range
+    lr = max(last / 2, lo)
+    diverged = tuple(math.log2(float(t.params["lr"])) for t in placed)
+    return dataclasses.replace(fit, lr=lr, retry=len(placed), diverged=diverged)
 
 
 def _pick(ladder: Ladder) -> int | None | str:
@@ -1564,7 +1683,7 @@ def trial_label(rung: int, number: int) -> str:
 @dataclass
 class Progress:
     """Where a run stands: finished trials (all rungs) of the planned total, best so far at the proxy width
-    (``best_trial``: its :func:`trial_label`)."""
+    (``best_trial``: its :func:`trial_label`), the last finished trial (``last_trial``: its label)."""
 
     done: int
     total: int
@@ -1573,6 +1692,8 @@ class Progress:
     last: FrozenTrial | None = None
     running: int = 0
     best_trial: str | None = None
+    #: ``last``'s :func:`trial_label`
+    last_trial: str | None = None
 
 
 def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
@@ -1585,10 +1706,11 @@ def progress_of(ladder: Ladder, last: FrozenTrial | None = None) -> Progress:
             total += rung.size
             continue
         total += min(rung.promoted, len(_ranked(ladder.studies[i - 1])))
-        total += 1 if _extrapolation_taken(ladder, i) or _pending_extrapolation(ladder, i) is not None else 0
+        total += len(_extrapolated(ladder, i)) + (_pending_extrapolation(ladder, i) is not None)
     return Progress(
         c["COMPLETE"] + c["PRUNED"], total, best.value if best else None, dict(best.params) if best else {}, last,
-        c["RUNNING"], trial_label(len(ladder.rungs) - 1, best.number) if best else None,
+        c["RUNNING"], ladder.label(best.number) if best else None,
+        ladder.label(last.number, int(last.user_attrs.get("rung", 0))) if last is not None else None,
     )  # fmt: skip
 
 
@@ -1618,7 +1740,8 @@ def run_study(
 
     Each worker uses ``settings.threads`` torch threads (set globally in this process when workers == 1).
     KeyboardInterrupt (Ctrl-C) propagates after the running trials are closed as FAIL; every finished
-    trial stays in the storage and a rerun resumes.
+    trial stays in the storage and a rerun resumes.  When the workers have finished, the study's lock file
+    is removed (:func:`remove_lock_file`).
     """
     import torch
 
@@ -1629,6 +1752,7 @@ def run_study(
         if on_progress is not None:
             on_progress(progress_of(ladder))
         run_worker(settings, cfg, 0, cb, poll)
+        remove_lock_file(settings)
         return ladder
     ctx = mp.get_context("spawn")
     procs = [
@@ -1660,6 +1784,7 @@ def run_study(
     bad = [p.exitcode for p in procs if p.exitcode]
     if bad:
         raise StorageError(f"{len(bad)} of {len(procs)} worker processes failed (exit codes {bad}); rerun to resume")
+    remove_lock_file(settings)
     return ladder
 
 
@@ -1712,7 +1837,7 @@ def trial_rows(ladder: Ladder, k: int | None = None) -> list[dict[str, Any]]:
                 "rung": rung.index,
                 "d_model": rung.d_model,
                 "number": t.number,
-                "trial": trial_label(rung.index, t.number),
+                "trial": ladder.label(t.number, rung.index),
                 "state": t.state.name,
                 "status": t.user_attrs.get("status", "failed" if t.state is TrialState.FAIL else None),
                 **{name: t.params.get(name) for name in SEARCHABLE if name in t.params or name == "lr"},
@@ -1831,6 +1956,8 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
     from mupt.train import build_model
 
     best = best_trial(ladder)
+    if best is None and ladder.settings.finalist_mode is Finalist.FIT and len(ladder.rungs) > 1 and is_complete(ladder):
+        raise StorageError(_no_answer(ladder, _extrapolated(ladder, len(ladder.rungs) - 1)))
     if best is None:
         ran = [t for t in ladder.top.get_trials(deepcopy=False) if t.state in FINISHED or _failed(t)]
         where = f" at the proxy width d_model={ladder.rungs[-1].d_model}" if len(ladder.rungs) > 1 else ""
@@ -1874,12 +2001,38 @@ def best_params(ladder: Ladder, cfg: RunConfig) -> BestParams:
     )
 
 
+def _no_answer(ladder: Ladder, placed: list[FrozenTrial]) -> str:
+    """The one-line error of a complete ``--finalist fit`` study without an answer: rung 0 completed no trial
+    (nothing to fit), or the fitted LR and every stand-in diverged at the proxy width
+    (:func:`_pending_extrapolation`); which LRs, and the fix."""
+    name, (w0, w) = ladder.settings.study, (ladder.rungs[0].d_model, ladder.rungs[-1].d_model)
+    if not placed:
+        n = sum(t.state in FINISHED for t in ladder.studies[0].get_trials(deepcopy=False))
+        return (
+            f"study {name!r} has no answer: none of rung 0's {n} trials (d_model {w0}) completed (diverged or "
+            "pruned), so there is no LR to fit; search lower LRs (--lr-range LOW,HIGH) under --study NEW_NAME, or "
+            "check the proxy config; the finished trials are kept"
+        )
+    lrs = [float(t.params["lr"]) for t in placed]
+    lo = search_space(ladder.settings, ladder.cfg)["lr"][0]
+    tried = ", ".join(f"{x:.3g}" for x in lrs)
+    why = f"the fitted LR and {len(lrs) - 1} lower stand-in{'s' * (len(lrs) > 2)}" if len(lrs) > 1 else "the fitted LR"
+    if len(lrs) <= FIT_RETRIES and min(lrs) <= lo * (1 + 1e-9):
+        why += " (no lower LR in --lr-range)"
+    return (
+        f"study {name!r} has no answer: {why} diverged at the proxy width d_model {w} (LR {tried}), though rung 0 "
+        f"completed trials at d_model {w0}; "
+        f"search lower LRs (--lr-range LOW,HIGH with HIGH at most {min(lrs) / 2:.3g}) under --study NEW_NAME, or "
+        "check the proxy config (multipliers, --lr-drift); the finished trials are kept"
+    )
+
+
 def write_best(ladder: Ladder, cfg: RunConfig, run_dir: Path) -> tuple[BestParams, Path]:
     """``run_dir/best.yaml`` from :func:`best_params`; its ``trial`` is the number within the top rung."""
     bp = best_params(ladder, cfg)
     path = run_dir / "best.yaml"
-    label = trial_label(len(ladder.rungs) - 1, bp.trial)
-    save_yaml(path, bp, header=f"mupt tune: best of study {bp.study} (trial {label}); read by mupt transfer")
+    header = f"mupt tune: best of study {bp.study} (trial {ladder.label(bp.trial)}); read by mupt transfer"
+    save_yaml(path, bp, header=header)
     return bp, path
 
 
@@ -2054,8 +2207,8 @@ def write_plots(ladder: Ladder, out_dir: Path) -> list[Path]:
 
 
 def _draw_fit(ax: Any, fit: DriftFit, ladder: Ladder, narrow: Any, proxy: Any) -> None:
-    """``--finalist fit`` in rungs.png: rung 0's parabola over the trials fitted, its vertex, and the LR the
-    proxy-width trial runs at (the vertex moved by the drift)."""
+    """``--finalist fit`` in rungs.png: rung 0's parabola over the trials fitted, its vertex, the LR the
+    proxy-width trial runs at (the vertex moved by the drift), and any stand-in after it diverged there."""
     import numpy as np
 
     (x0,) = fit.optima.values()
@@ -2069,6 +2222,9 @@ def _draw_fit(ax: Any, fit: DriftFit, ladder: Ladder, narrow: Any, proxy: Any) -
     doublings = math.log2(ladder.rungs[-1].d_model / ladder.rungs[0].d_model)
     ax.axvline(fit.lr, color=proxy, lw=1.2, ls="-.",
                label=f"proxy-width LR: {fit.slope:+g} x {doublings:g} doublings -> 2^{fit.log2_lr:.2f}")  # fmt: skip
+    for t in _extrapolated(ladder, len(ladder.rungs) - 1)[1:]:  # stand-ins after a divergence at the proxy width
+        lr = float(t.params["lr"])
+        ax.axvline(lr, color=proxy, lw=1.0, ls=":", label=f"stand-in after a divergence: 2^{math.log2(lr):.2f}")
 
 
 def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_edge: float) -> list[Path]:
@@ -2092,9 +2248,14 @@ def _rung_plots(ladder: Ladder, rows: list[dict[str, Any]], out_dir: Path, top_e
             what = "interrupted" if all(str(r["reason"]).startswith(INTERRUPTED) for r in failed) else "failed"
             ax.scatter([r["lr"] for r in failed], [top_edge] * len(failed), edgecolors=[color], marker="s", s=22,
                        facecolors="none", label=f"rung {rung.index}: {what} (top edge)")  # fmt: skip
-    fit = vertex_fit(ladder) if ladder.settings.finalist_mode is Finalist.FIT and n > 1 else None
+    fit = recorded_fit(ladder)
     if fit is not None:
         _draw_fit(ax, fit, ladder, cmap(0.0), cmap(1.0))
+    elif ladder.settings.finalist_mode is Finalist.FIT and n > 1 and not _closed(ladder, 0):
+        done = sum(t.state in FINISHED for t in ladder.studies[0].get_trials(deepcopy=False))
+        ax.text(0.5, 0.06, f"rung 0 unfinished ({done} of {ladder.rungs[0].size} trials): no fit yet, it is made "
+                "when the rung is full", transform=ax.transAxes, ha="center", va="bottom", fontsize=8,
+                color="gray")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final val loss (nats/token, step {ladder.cfg.train.steps})")
@@ -2167,6 +2328,7 @@ __all__ = [
     "extrapolates",
     "fail_dead_trials",
     "fail_stale_rdb_trials",
+    "file_lock",
     "finalist_words",
     "flops_per_trial_step",
     "grid_flops",
@@ -2174,6 +2336,7 @@ __all__ = [
     "lineage",
     "load_best",
     "load_existing",
+    "lock_file",
     "lr_grid",
     "n_finished",
     "open_ladder",
@@ -2182,6 +2345,8 @@ __all__ = [
     "plot_groups",
     "prepare_study",
     "proxy_config",
+    "recorded_fit",
+    "remove_lock_file",
     "repair_journal",
     "rung_config",
     "rung_summaries",
@@ -2194,6 +2359,7 @@ __all__ = [
     "study_flops",
     "study_dirs",
     "study_lock",
+    "study_lock_file",
     "trial_label",
     "trial_rows",
     "trial_seed",

@@ -406,7 +406,8 @@ def test_cli_records_and_says_how_the_proxy_lr_was_found(cli, tmp_path: Path) ->
         f"proxy LR found by {'the vertex of the parabola through' if fit['method'] == 'vertex' else 'the best of'} "
         f"rung 0's losses: 2^{x0:.2f} at d_model 16, moved -0.15 octave per doubling -> 2^{fit['log2_lr']:.2f}"
     ) in flat, flat
-    assert f"(study fit, trial {tuned.trial})" in flat
+    assert f"(study fit, trial r1/t{tuned.trial})" in flat  # the label tune prints: trial numbers restart per rung
+    assert f"(study fit, trial r1/t{tuned.trial})" in " ".join(stderr.split())  # and the header line
 
     # without finalists (older best.yaml), or with finalists that predate `obtained`: no line, same transfer
     before_obtained = {k: v for k, v in top.items() if k not in ("obtained", "drift_fit")}

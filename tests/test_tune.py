@@ -35,6 +35,7 @@ from mupt.tune import (
     close_interrupted,
     coarse_to_fine,
     drift_fit,
+    is_complete,
     load_best,
     load_existing,
     lr_grid,
@@ -44,10 +45,13 @@ from mupt.tune import (
     plot_groups,
     prepare_study,
     proxy_config,
+    recorded_fit,
+    remove_lock_file,
     run_study,
     run_worker,
     rung_summaries,
     rungs_for,
+    study_lock,
     trial_rows,
     vertex_fit,
     worker_id,
@@ -498,6 +502,7 @@ def test_fit_finalist_two_workers_one_proxy_trial_at_the_fitted_lr(tmp_path: Pat
     cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
     s = TuneSettings(study="fit2", trials=8, workers=2, runs_dir=str(tmp_path), pruner="none", sampler="grid")
     run_study(s, cfg)
+    assert not (tmp_path / "fit2" / "journal.log.mupt-lock").exists()  # removed once both workers finished
     ladder = open_ladder(s, cfg)
     assert [(r.d_model, r.size) for r in ladder.rungs] == [(16, 8), (64, 1)]
     done0 = ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))
@@ -517,6 +522,135 @@ def test_fit_finalist_two_workers_one_proxy_trial_at_the_fitted_lr(tmp_path: Pat
     assert [(f["obtained"], f["drift_fit"]["method"]) for f in load_best(path).finalists] == [
         ("extrapolated", "vertex" if c2 > 0 else "best")]  # fmt: skip
     assert train(bp.config).final_val_loss == pytest.approx(bp.value, rel=1e-6)
+
+
+def test_rungs_png_draws_only_the_fit_the_study_recorded(tmp_path: Path) -> None:
+    """rungs.png draws --finalist fit's parabola only once the study has recorded it on its proxy-width trial.
+    After Ctrl-C inside rung 0 (4 of 6 trials finished) a parabola through the trials so far is a fit the study
+    never used (before: drawn); once rung 0 is full and the proxy-width trial ran, the fit drawn is the one
+    that trial recorded, the vertex of all six losses."""
+    torch.set_num_threads(1)
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="rf", trials=6, runs_dir=str(tmp_path), pruner="none")
+    ladder = open_ladder(s, cfg)
+    for x in (-10.0, -9.0, -8.0, -7.0):  # losses on a parabola in log2 LR with its minimum at -8.5
+        _add(ladder.studies[0], x, 3.0 + 0.05 * (x + 8.5) ** 2)
+    assert vertex_fit(ladder) is not None and recorded_fit(ladder) is None
+    assert [p.name for p in write_plots(ladder, s.run_dir)][2] == "rungs.png"  # drawn without a fit
+    for x in (-11.0, -6.0):
+        _add(ladder.studies[0], x, 3.0 + 0.05 * (x + 8.5) ** 2)
+    assert recorded_fit(ladder) is None  # rung 0 is full, but no proxy-width trial has recorded a fit yet
+    assert run_worker(s, cfg) == 1  # the proxy-width trial, at the fitted LR, trained at d_model 64
+    (top,) = ladder.top.get_trials()
+    fit = recorded_fit(ladder)
+    assert fit is not None and fit.to_attrs() == top.user_attrs["extrapolated"] and fit.method == "vertex"
+    assert fit.optima == {16: pytest.approx(-8.5, abs=1e-6)} and fit.points == 5  # -11 is beyond two octaves
+    assert math.log2(top.params["lr"]) == pytest.approx(-8.5 - 0.15 * 2, abs=1e-6)
+
+
+def test_a_fit_that_diverges_at_the_proxy_width_gets_a_stand_in_and_a_resume_reaches_it(tmp_path: Path) -> None:
+    """--finalist fit whose proxy-width trial diverges: a second proxy-width trial one octave lower stands in,
+    recorded in best.yaml and said in the summary, instead of a study without an answer.  Here rung 0 (d_model
+    16; the grid 2^-3, 2^-2, 2^-1) is best at 2^-3, and --lr-drift 1 over two doublings puts the fit at 2^-1,
+    which diverges at d_model 64 (2^-2 does not).  A study stopped (Ctrl-C) right after that divergence
+    and rerun places the same stand-in and reaches the same answer."""
+    torch.set_num_threads(1)
+    flags = [*W64_FLAGS, "--steps", "10", "--eval-every", "5", "--trials", "3", "--sampler", "grid", "--pruner",
+             "none", "--lr-range", "0.125,0.7", "--lr-drift", "1", "--runs-dir", str(tmp_path)]  # fmt: skip
+    proc = mupt("tune", *flags, "--study", "dv")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    s = TuneSettings(study="dv", trials=3, sampler="grid", pruner="none", lr_range=(0.125, 0.7), lr_drift=1.0,
+                     runs_dir=str(tmp_path))  # fmt: skip
+    ladder = load_existing(s, cfg)
+    rung0 = ladder.studies[0].get_trials(states=(TrialState.COMPLETE,))
+    best0 = min(rung0, key=lambda t: float(t.value or 0.0))
+    fitted = best0.params["lr"] * 2.0 ** (1.0 * 2)  # 2 trials within two octaves: the best trial stands for the vertex
+    assert fitted == pytest.approx(0.5)
+    first, stand_in = ladder.top.get_trials()
+    assert first.params["lr"] == pytest.approx(fitted) and first.user_attrs["status"] == "diverged"
+    assert stand_in.state is TrialState.COMPLETE and stand_in.params["lr"] == pytest.approx(fitted / 2)
+    bp = load_best(tmp_path / "dv" / "best.yaml")
+    assert bp.trial == stand_in.number and bp.params["lr"] == pytest.approx(0.25) and bp.config.model.d_model == 64
+    (finalist,) = bp.finalists
+    fit = finalist["drift_fit"]
+    assert (fit["method"], fit["log2_lr"], fit["retry"], fit["diverged_log2_lr"], fit["stand_in_log2_lr"]) == (
+        "best", -1.0, 1, [-1.0], -2.0)  # fmt: skip
+    flat = " ".join(out.replace("│", " ").split())
+    assert "rung 0's losses: 2^-3.00 at d_model 16, moved +1 octave per doubling -> 2^-1.00" in flat, out
+    assert "; it diverged at the proxy width, and 2^-2.00, one octave below the last LR that diverged, stood in" in flat
+    assert "best trial (proxy width) r1/t1" in flat, out
+
+    # the same study stopped right after the divergence, then rerun: the same stand-in, the same answer
+    s2 = s.model_copy(update={"study": "dv2"})
+
+    def stop_after_divergence(p: Any) -> None:
+        if p.last is not None and p.last.user_attrs.get("rung") == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(s2, cfg, stop_after_divergence)
+    ladder2 = load_existing(s2, cfg)
+    (diverged,) = ladder2.top.get_trials()
+    assert diverged.user_attrs["status"] == "diverged" and not is_complete(ladder2)
+    run_study(s2, cfg)
+    assert [t.state for t in ladder2.top.get_trials()] == [TrialState.PRUNED, TrialState.COMPLETE]
+    bp2, _ = write_best(ladder2, cfg, s2.run_dir)
+    assert (bp2.trial, bp2.params, bp2.finalists[0]["drift_fit"]) == (bp.trial, bp.params, fit)
+    assert bp2.value == pytest.approx(bp.value, rel=1e-6)
+
+
+def test_a_fit_study_without_an_answer_says_why_in_one_line(tmp_path: Path) -> None:
+    """A --finalist fit study that ends without an answer exits 2 with one line naming the LRs and the fix, and
+    keeps its trials: the fitted LR and its stand-in diverged at the proxy width (rung 0's losses put the fit at
+    2^-0.7 and --lr-range's LOW, 2^-0.75, leaves no room for a second stand-in), or no rung-0 trial completed.
+    --report says the same; before, the first ended with "rerun the same command to resume" (nothing to run)
+    and the second with "no finished trial at the proxy width yet"."""
+    lo = 2.0**-0.75
+    cfg = with_overrides(proxy_config(), {**W64, "train.steps": 10, "train.eval_every": 5})
+    flags = [*W64_FLAGS, "--steps", "10", "--eval-every", "5", "--trials", "3", "--lr-range", f"{lo!r},1",
+             "--runs-dir", str(tmp_path)]  # fmt: skip
+    for name in ("dv", "none"):
+        s = TuneSettings(study=name, trials=3, lr_range=(lo, 1.0), runs_dir=str(tmp_path))
+        ladder = prepare_study(s, cfg).ladder
+        for x in (-0.7, -0.4, -0.1):  # rung 0 (fixtures): a parabola in log2 LR with its minimum at -0.4
+            if name == "dv":
+                _add(ladder.studies[0], x, 3.0 + 0.1 * (x + 0.4) ** 2)
+            else:
+                dist: dict[str, optuna.distributions.BaseDistribution] = {
+                    "lr": optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)
+                }
+                ladder.studies[0].add_trial(optuna.trial.create_trial(
+                    params={"lr": 2.0**x}, distributions=dist, state=TrialState.PRUNED,
+                    user_attrs={"status": "diverged", "reason": "diverged: loss nan"}))  # fmt: skip
+    proc = mupt("tune", *flags, "--study", "dv")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    line = " ".join(err.strip().splitlines()[-1].split())
+    s = TuneSettings(study="dv", trials=3, lr_range=(lo, 1.0), runs_dir=str(tmp_path))
+    ladder = load_existing(s, cfg)
+    lrs = [t.params["lr"] for t in ladder.top.get_trials()]
+    assert lrs == [pytest.approx(2.0 ** (-0.4 - 0.15 * 2)), pytest.approx(lo)]  # the fit, then LOW: no room below
+    assert all(t.user_attrs["status"] == "diverged" for t in ladder.top.get_trials()) and is_complete(ladder)
+    assert line.startswith(
+        "error: study 'dv' has no answer: the fitted LR and 1 lower stand-in (no lower LR in "
+        f"--lr-range) diverged at the proxy width d_model 64 (LR {lrs[0]:.3g}, {lo:.3g})"
+    ), line
+    assert f"--lr-range LOW,HIGH with HIGH at most {lo / 2:.3g}" in line and "--study NEW_NAME" in line, line
+    assert len(ladder.studies[0].get_trials()) == 3  # kept
+    for extra in ([], ["--report"]):  # nothing left to run; the report says the same
+        proc = mupt("tune", *flags, "--study", "dv", *extra)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == (0 if extra else 2) and "Traceback" not in err, err
+        assert "has no answer: the fitted LR and 1 lower stand-in" in " ".join(err.split()), err
+    proc = mupt("tune", *flags, "--study", "none")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert " ".join(err.strip().splitlines()[-1].split()).startswith(
+        "error: study 'none' has no answer: none of rung 0's 3 trials (d_model "
+        "16) completed (diverged or pruned), so there is no LR to fit"
+    ), err
 
 
 def test_drift_fit_declines_a_rung_whose_lrs_span_less_than_an_octave(tmp_path: Path) -> None:
@@ -798,6 +932,44 @@ def test_a_journal_lock_left_by_a_killed_process_is_removed_with_one_line(tmp_pa
         os.utime(lock, (old, old))
 
 
+def test_the_study_lock_file_is_removed_safely_while_other_workers_lock(tmp_path: Path) -> None:
+    """The study's 0-byte ``<journal>.mupt-lock`` is removed when a run finishes; removing it while other
+    workers wait for it must not let two of them hold the lock at once (one locking the removed file, one the
+    file made anew): threads (each lock call its own open file, as separate processes) take the study lock in
+    a loop while two others remove the file.  A lock that ignores the removal lets two in (seen 4 times in 5
+    on this test's loop); the lock file is gone at the end."""
+    import threading
+
+    s = TuneSettings(study="lk", runs_dir=str(tmp_path), fidelity="steps")
+    storage = open_storage(s)
+    inside = most = 0
+    guard = threading.Lock()
+
+    def worker() -> None:
+        nonlocal inside, most
+        for _ in range(40):
+            with study_lock(s, storage):
+                with guard:
+                    inside += 1
+                    most = max(most, inside)
+                time.sleep(0.0005)
+                with guard:
+                    inside -= 1
+
+    def remover() -> None:
+        for _ in range(100):
+            remove_lock_file(s)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)] + [threading.Thread(target=remover) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+    remove_lock_file(s)
+    assert sorted(p.name for p in s.run_dir.iterdir()) == ["journal.log"]
+
+
 class _CtrlCInSetUp:
     """Real builtin tokens whose validation read raises KeyboardInterrupt: Ctrl-C landing while a trial's
     Trainer is being built, before its first step (the window the CI flake of the test above hit)."""
@@ -914,6 +1086,8 @@ def test_table_out_is_optunas_trials_dataframe(tmp_path: Path) -> None:
     proc = mupt(*args)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
+    # a clean finish leaves no lock file beside the journal (Optuna's journal.log.lock nor the study's mupt-lock)
+    assert not [p.name for p in (tmp_path / "proxy-w64").iterdir() if "lock" in p.name]
     rows = list(csv.DictReader(table_out.open()))
     s = TuneSettings(study="proxy-w64", trials=3, runs_dir=str(tmp_path))
     ladder = open_ladder(s, with_overrides(proxy_config(), {**W64, "train.steps": 10}))

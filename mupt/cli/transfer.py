@@ -32,7 +32,7 @@ from mupt.cli.common import (
     progress,
     resolve_config,
 )
-from mupt.config import Arch, BestParams, HealthReference, Recipe, RunConfig, Schedule, Scheme
+from mupt.config import Arch, BestParams, HealthReference, Recipe, RecipeSource, RunConfig, Schedule, Scheme
 from mupt.errors import ConfigError, StorageError
 from mupt.health import DEFAULT_SEEDS, DEFAULT_STEPS, measure_reference
 from mupt.paths import check_output_file
@@ -61,6 +61,7 @@ from mupt.transfer import (
     target_length_is_the_proxys,
 )
 from mupt.transfer import transfer as do_transfer
+from mupt.tune import trial_label
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -371,7 +372,7 @@ def _health_reference(recipe: Recipe, steps: int, seeds: int) -> HealthReference
 def _header(recipe: Recipe, path: Path | None) -> None:
     s = recipe.source
     run = recipe.run
-    origin = f"{path} (study {s.get('study')}, trial {s.get('trial')})" if path else f"--lr {s['params']['lr']:g}"
+    origin = f"{path} (study {s.get('study')}, trial {_trial(s)})" if path else f"--lr {s['params']['lr']:g}"
     err.print(
         f"[bold]mupt transfer[/] from {origin}: d_model {s['proxy']['d_model']} -> {run.model.d_model}, "
         f"d_state {s['proxy']['d_state']} -> {run.model.d_state}, scheme {Scheme(run.param.scheme).value}, "
@@ -469,7 +470,15 @@ def _found_by(recipe: Recipe) -> str | None:
     s = recipe.source
     words = lr_found_by(f) or (f"sampled at the proxy width (d_model {s['proxy']['d_model']})"
                                if f.get("obtained") == "sampled" else "")  # fmt: skip
-    return f"{words} (study {s.get('study')}, trial {s.get('trial')})" if words else None
+    return f"{words} (study {s.get('study')}, trial {_trial(s)})" if words else None
+
+
+def _trial(source: RecipeSource) -> str:
+    """The proxy's trial as ``mupt tune`` names it, ``r<rung>/t<number>`` (trial numbers restart in every rung),
+    the rung read from the finalist's last fidelity; the bare number when the best.yaml does not record it."""
+    fidelities = (source.get("finalist") or {}).get("fidelities") or []
+    rung = fidelities[-1].get("rung") if fidelities else None
+    return str(source.get("trial")) if rung is None else trial_label(int(rung), int(source["trial"]))
 
 
 def _target_tokens(recipe: Recipe, sm: Summary) -> str:

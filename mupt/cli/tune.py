@@ -63,11 +63,11 @@ from mupt.tune import (
     n_finished,
     prepare_study,
     proxy_config,
+    remove_lock_file,
     repair_journal,
     run_study,
     rung_summaries,
     study_flops,
-    trial_label,
     trial_rows,
     trial_steps,
     validate_proxy,
@@ -334,6 +334,7 @@ def tune(
             highlight=False,
             soft_wrap=True,
         )
+        remove_lock_file(settings)  # prepare_study took the study's lock: no lock file left beside the journal
         _finish(settings, cfg, top, table_out, None, False)
         return
     start = time.perf_counter()
@@ -401,8 +402,7 @@ def _log_text(p: Progress, workers: int) -> str:
     t = p.last
     if t is not None:
         value = _nats(t.value) if t.value is not None else t.user_attrs.get("reason", t.state.name.lower())
-        label = trial_label(int(t.user_attrs.get("rung", 0)), t.number)
-        text += f"; last: {label} (d_model {t.user_attrs.get('d_model', '-')}): {value}"
+        text += f"; last: {p.last_trial} (d_model {t.user_attrs.get('d_model', '-')}): {value}"
     return text
 
 
@@ -470,7 +470,7 @@ def _results(
     if bp is not None:
         extra = ", ".join(f"{k} {fmt(v)}" for k, v in bp.params.items() if k != "lr")
         rows += [
-            ("best trial (proxy width)", trial_label(len(ladder.rungs) - 1, bp.trial)),
+            ("best trial (proxy width)", ladder.label(bp.trial)),
             ("best val loss (nats)", _nats(bp.value)),
             ("best val bits/byte", bits_per_byte(bp.value, bytes_per_token(cfg.data))),
             *_noise_row(ladder),
@@ -538,6 +538,13 @@ def _rung_table(ladder: Ladder) -> None:
     )
 
 
+def _best_params_cell(path: Path | None, no_answer: bool) -> str:
+    """The report's 'best params' cell: best.yaml, or why there is none."""
+    if path is not None:
+        return str(path)
+    return "none: no proxy-width trial completed" if no_answer else "none yet: no trial has finished at the proxy width"
+
+
 def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | None) -> None:
     """Tables, plots and best.yaml of an existing study, without running trials.
 
@@ -554,15 +561,16 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
     plots = write_plots(ladder, settings.run_dir)
     table_path = write_table(ladder, table_out) if table_out is not None else None
     spent, grid = study_flops(ladder), grid_flops(settings, cfg)
+    no_answer = ""  # a complete study without a best trial: every proxy-width trial diverged
     if bp is None:
         try:
             bp, best_path = write_best(ladder, cfg, settings.run_dir)
-        except StorageError:
-            bp = None
+        except StorageError as e:
+            bp, no_answer = None, str(e) if is_complete(ladder) else ""
     rows: list[tuple[str, Any]] = [("trials", _trial_counts(ladder))]
     if bp is not None:
         rows += [
-            ("best trial", trial_label(len(ladder.rungs) - 1, bp.trial)),
+            ("best trial", ladder.label(bp.trial)),
             ("best val loss (nats)", _nats(bp.value)),
             *_noise_row(ladder),
             *((k, v) for k, v in bp.params.items()),
@@ -573,12 +581,15 @@ def _report(settings: TuneSettings, cfg: RunConfig, top: int, table_out: Path | 
         ("compute (FLOPs)", f"{spent:.3g}"),
         ("compute saved vs the dense log2 LR grid", f"{1 - spent / grid:.1%}" if grid else "-"),
         *([("code version", bp.code_version)] if bp is not None else []),
-        ("best params", str(best_path) if bp is not None else "none yet: no trial has finished at the proxy width"),
+        ("best params", _best_params_cell(best_path if bp is not None else None, bool(no_answer))),
         ("plots", ", ".join(str(p) for p in plots)),
         *([("trials table", str(table_path))] if table_path else []),
     ]
     out.print(key_values(f"Study {settings.study}", rows))
-    if bp is None:
+    remove_lock_file(settings)  # _tidy_journal may have taken the study's lock
+    if no_answer:
+        err.print(no_answer, highlight=False, soft_wrap=True)
+    elif bp is None:
         err.print(
             f"study {settings.study}: no trial has finished at the proxy width (d_model {cfg.model.d_model}) yet; "
             "rerun the same command without --report to resume it",
