@@ -171,6 +171,32 @@ class ModelConfig(_Strict):
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
 
 
+def mamba2_width_unit(headdim: int, ngroups: int, expand: int = 2) -> int:
+    """The smallest d_model step that gives mamba2 whole heads in whole groups: expand*d_model must be
+    divisible by headdim*ngroups (heads = d_inner / headdim, ngroups must divide heads; mamba_ssm's Mamba2
+    layout, :class:`ModelConfig`), so d_model must be a multiple of headdim*ngroups / gcd(expand, headdim*ngroups)."""
+    need = headdim * ngroups
+    return need // math.gcd(expand, need)
+
+
+def check_mamba2_widths(
+    widths: list[int] | tuple[int, ...], headdim: int, ngroups: int, expand: int = 2, flag: str = "--widths"
+) -> None:
+    """Refuse, in one line naming every bad width and the least valid multiple, d_model widths that give
+    mamba2 a fractional head count or heads not divisible by ``ngroups`` (see :func:`mamba2_width_unit`).
+
+    Raises :class:`ConfigError`.
+    """
+    unit = mamba2_width_unit(headdim, ngroups, expand)
+    bad = [w for w in widths if w % unit]
+    if bad:
+        shown = ",".join(map(str, bad))
+        raise ConfigError(
+            f"{flag}: mamba2 needs {expand}*d_model divisible by --headdim {headdim} and the head count by "
+            f"--ngroups {ngroups}; {shown} {'is' if len(bad) == 1 else 'are'} not (use multiples of {unit})"
+        )
+
+
 class DataConfig(_Strict):
     """Where tokens come from: the builtin corpus, a prepared dataset, a token file, text, or a synthetic task."""
 

@@ -54,6 +54,7 @@ from mupt.config import (
     RunConfig,
     first_difference,
     load_best,
+    mamba2_width_unit,
     save_yaml,
     to_dict,
     with_overrides,
@@ -784,8 +785,7 @@ def width_multiple(cfg: RunConfig) -> int:
     m = cfg.model
     if m.arch is not Arch.MAMBA2:
         return 16
-    unit = m.headdim * m.ngroups // math.gcd(m.expand, m.headdim * m.ngroups)
-    return math.lcm(16, unit)
+    return math.lcm(16, mamba2_width_unit(m.headdim, m.ngroups, m.expand))
 
 
 def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:

@@ -245,3 +245,12 @@ def test_api_and_cli_run_under_the_same_numerics(cli, tmp_path) -> None:
     assert "note: 1 seed(s) per width" in out and "rerun with --seeds 24" in out  # one seed: no s.e., no verdict
     rows = json.loads((tmp_path / "c" / "coord.json").read_text())["rows"]
     assert [r["rms_seeds"] for r in rows] == [r.rms_seeds for r in api.rows]
+
+
+def test_mamba2_widths_name_each_bad_one_and_the_least_multiple(cli) -> None:
+    """headdim 48 at expand 2 needs d_model in steps of 24 (2*24/48 = 1 head), not 48; ngroups 2 doubles it."""
+    assert CoordSettings(arch="mamba2", headdim=48, widths=(24, 192)).base == 24
+    code, _, err = cli("check", "coord", "--arch", "mamba2", "--headdim", "48", "--widths", "36,60,288")
+    assert code == 2 and "36,60 are not (use multiples of 24)" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match=r"--ngroups 2; 24 is not \(use multiples of 48\)"):
+        CoordSettings(arch="mamba2", headdim=48, ngroups=2, widths=(24, 192))

@@ -16,7 +16,8 @@ from mupt.check.lr_transfer import (
     parse_lr_grid,
     refine_optimum,
 )
-from mupt.config import OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
+from mupt.cli.check_transfer import build_spec
+from mupt.config import Arch, OptimizerName, RunConfig, Scheme, parse_widths, with_overrides
 from mupt.errors import ConfigError
 
 TINY = ["--steps", "4", "--batch-size", "2", "--seq-len", "16", "--layers", "1", "--backend", "reference",
@@ -266,3 +267,21 @@ def test_sweep_spec_is_validated_when_built() -> None:
     ]:
         with pytest.raises(ConfigError, match=pattern):
             SweepSpec(tiny_base(), widths, lrs, schemes, seeds)
+
+
+def test_mamba2_bad_widths_are_named_with_the_least_valid_multiple(cli, tmp_path: Path) -> None:
+    """Each width must hold whole heads (2*d_model / headdim) in whole groups: every bad width is named, with the
+    least d_model step (headdim 64, ngroups 2: 2 heads of 64 = 2*d_model 128 -> multiples of 64), before any run;
+    a config file's head shape counts too, and widths that fit pass validation even when the default d_model would
+    not (headdim 48: 256 is not a multiple of 24)."""
+    out = tmp_path / "x"
+    code, _, stderr = cli("check", "transfer", "--arch", "mamba2", "--widths", "32,64,96,128", "--headdim", "64",
+                          "--ngroups", "2", *TINY, "--out", str(out))  # fmt: skip
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "32,96 are not (use multiples of 64)" in stderr and "--headdim 64" in stderr and not out.exists()
+    cfg = tmp_path / "m2.yaml"
+    cfg.write_text("model:\n  arch: mamba2\n  d_model: 96\n  headdim: 48\n  ngroups: 2\n")
+    code, _, stderr = cli("check", "transfer", "--config", str(cfg), "--widths", "24,96", *TINY, "--out", str(out))
+    assert code == 2 and "24 is not (use multiples of 48)" in stderr, stderr
+    spec = build_spec(None, "24,48", "2^-9..2^-7", Scheme.MUP_SSM, None, 1, arch=Arch.MAMBA2, headdim=48, steps=1)
+    assert spec.base.model.d_model == 24 and spec.base.model.nheads == 1

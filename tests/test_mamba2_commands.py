@@ -95,4 +95,4 @@ def test_check_all_builds_mamba2_in_both_parts(cli, tmp_path: Path) -> None:
     # a head shape the transfer widths cannot hold is refused before any run, in one line
     bad = tmp_path / "bad"
     code, stdout, stderr = cli("check", "all", "--arch", "mamba2", "--headdim", "48", "--run-dir", str(bad))
-    assert code == 2 and "headdim=48" in stderr and not bad.exists()
+    assert code == 2 and "--headdim 48" in stderr and "(use multiples of 24)" in stderr and not bad.exists()

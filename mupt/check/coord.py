@@ -47,6 +47,7 @@ from mupt.config import (
     Scheme,
     TrainConfig,
     atomic_write_text,
+    check_mamba2_widths,
     from_dict,
 )
 from mupt.data import TokenSource, data_vocab, load_data
@@ -151,12 +152,7 @@ class CoordSettings(BaseModel):
                 f"by the same ratio; got {','.join(map(str, ws))}"
             )
         if self.arch is Arch.MAMBA2:
-            bad = [w for w in (self.base, *ws) if (2 * w) % self.headdim or (2 * w // self.headdim) % self.ngroups]
-            if bad:
-                raise ConfigError(
-                    f"--widths: mamba2 needs 2*d_model divisible by --headdim {self.headdim} and the head count by "
-                    f"--ngroups {self.ngroups}; {bad[0]} is not (use multiples of {self.headdim})"
-                )
+            check_mamba2_widths(sorted({self.base, *ws}), self.headdim, self.ngroups)
         for name, value in (("--seeds", self.seeds), ("--steps", self.steps), ("--layers", self.n_layers)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")

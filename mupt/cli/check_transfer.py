@@ -44,9 +44,12 @@ from mupt.config import (
     PROXY_BATCH_SIZE,
     PROXY_SEQ_LEN,
     Arch,
+    ModelConfig,
     OptimizerName,
     RunConfig,
     Scheme,
+    check_mamba2_widths,
+    load_run_config,
     parse_widths,
     with_overrides,
 )
@@ -128,6 +131,12 @@ def build_spec(
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1")
     contrasts = parse_schemes(vs, scheme)
+    # mamba2: every width must hold whole heads in whole groups; name all the bad ones before any model is built
+    model = load_run_config(config).model if config is not None else ModelConfig()
+    if (flags.get("arch") or model.arch) is Arch.MAMBA2:
+        headdim, ngroups = flags.get("headdim") or model.headdim, flags.get("ngroups") or model.ngroups
+        check_mamba2_widths(ws, headdim, ngroups, model.expand)
+        flags = {**flags, "width": ws[0]}  # the base run at a width that holds the heads (each point sets its own)
     base: RunConfig = resolve_config(config, **flags)
     if base.model.scan_backend == "auto":  # the fast CPU scan may not be installed yet
         from mupt.check.coord import resolve_scan_backend
