@@ -56,7 +56,7 @@ from mupt.model import (
     to_mamba_ssm_names,
     to_mamba_ssm_state_dict,
 )
-from mupt.parametrization import Parametrized
+from mupt.parametrization import Parametrized, Role, set_forward_multipliers
 
 #: Weights written by ``mupt train`` (mupt names, forward multipliers folded in).
 WEIGHTS = "model.safetensors"
@@ -81,7 +81,9 @@ def fold_factors(model: MambaLM) -> dict[str, float]:
 
     ``state[name] * factor`` run with every multiplier set to 1 computes the same logits as ``model``.
     Parameters without a multiplier get 1.0.  Tied embeddings: the embedding gets ``mult_embedding``,
-    ``backbone.norm_f.weight`` gets ``mult_output / mult_embedding`` (see the module docstring).
+    ``backbone.norm_f.weight`` gets ``mult_output / mult_embedding`` (see the module docstring).  Mamba-2's
+    C multiplier (µP-SSM's 1/r_x, applied after conv1d and SiLU) has no weight to go into; it stays on the
+    model (:func:`unfolded_c`).
     """
     factors = {name: 1.0 for name, _ in model.named_parameters(remove_duplicate=False)}
     emb, out = float(model.backbone.mult_embedding), float(model.mult_output)
@@ -96,9 +98,10 @@ def fold_factors(model: MambaLM) -> dict[str, float]:
         mixer = layer.mixer
         assert isinstance(mixer, (MambaMixer, Mamba2Mixer))
         factors[stem + "out_proj.weight"] = float(mixer.mult_out)
-        if isinstance(mixer, Mamba2Mixer):  # in_proj row blocks z, x, B, C, dt (dt_bias is added after)
+        if isinstance(mixer, Mamba2Mixer):  # in_proj row blocks z, x, B, dt (dt_bias is added after)
             for block, mult in mixer.in_proj.mult.items():
-                factors[stem + "in_proj.weight_" + block] = float(mult)
+                if block != "C":  # C's multiplier acts after conv1d + SiLU: no weight carries it (unfolded_c)
+                    factors[stem + "in_proj.weight_" + block] = float(mult)
             continue
         factors[stem + "in_proj.weight"] = float(mixer.mult_in)
         factors[stem + "dt_proj.weight"] = float(mixer.mult_dt_proj)  # not the bias: the scan adds it after
@@ -134,13 +137,8 @@ def folded_state_dict(model: MambaLM) -> dict[str, Tensor]:
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-    """Raise :class:`ConfigError` for a model this module cannot write exactly (ZOH-B; Mamba-2)."""
-    if cfg.arch is Arch.MAMBA2:
-        raise ConfigError(
-            "arch mamba2: mupt export writes Mamba-1 checkpoints (MambaForCausalLM, MambaLMHeadModel) only; "
-            "export a mamba1 run"
-        )
-    if cfg.discretization.value != "euler":
+    """Raise :class:`ConfigError` for a model config this module cannot write exactly (Mamba-1 with ZOH B)."""
+    if cfg.arch is Arch.MAMBA1 and cfg.discretization.value != "euler":
         raise ConfigError(
             "this model discretizes B by ZOH, but transformers and mamba_ssm compute Euler B (Δ·B) and no weight "
             "change converts one into the other; tune, transfer and train with --discretization euler to export "
@@ -148,8 +146,58 @@ def check_exportable(cfg: ModelConfig) -> None:
         )
 
 
+def unfolded_c(model: MambaLM) -> float:
+    """Mamba-2: the forward multiplier on C (after conv1d and SiLU; µP-SSM's 1/r_x when d_state is scaled from
+    the base, docs/width_rules.md correction 4), 1.0 when there is none or for Mamba-1.
+
+    Neither transformers' Mamba2 nor mamba_ssm's has a place for it (it is not linear in W_C), so
+    :func:`write_pretrained` refuses a model where it is not 1.
+    """
+    mults = {
+        float(layer.mixer.in_proj.mult["C"]) for layer in model.backbone.layers if isinstance(layer.mixer, Mamba2Mixer)
+    }
+    return next(iter(mults - {1.0}), 1.0)
+
+
+def check_model_exportable(model: MambaLM) -> None:
+    """:func:`check_exportable` plus what only the built model knows: Mamba-2's C multiplier must be 1."""
+    check_exportable(model.cfg)
+    c = unfolded_c(model)
+    if c != 1.0:
+        raise ConfigError(
+            f"this Mamba-2 model multiplies C by {c:.4g} after its conv1d and SiLU (µP-SSM's 1/N_x for a d_state "
+            "scaled from the base), which transformers' and mamba_ssm's Mamba2 cannot express; export a run whose "
+            "d_state is the proxy's (mupt transfer without --to-state)"
+        )
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """transformers ``MambaConfig`` keyword arguments for ``cfg`` (Euler B, RMSNorm, no in/out bias)."""
+    """transformers ``MambaConfig`` (Mamba-1: Euler B, RMSNorm, no in/out bias) or ``Mamba2Config`` (Mamba-2:
+    heads, groups, chunk size; the gated RMSNorm after the gate, as mupt's) keyword arguments for ``cfg``."""
+    if cfg.arch is Arch.MAMBA2:
+        return {
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "state_size": cfg.d_state,
+            "num_hidden_layers": cfg.n_layers,
+            "expand": cfg.expand,
+            "conv_kernel": cfg.d_conv,
+            "num_heads": cfg.nheads,
+            "head_dim": cfg.headdim,
+            "n_groups": cfg.ngroups,
+            "chunk_size": cfg.chunk_size,
+            "time_step_min": cfg.dt_min,
+            "time_step_max": cfg.dt_max,
+            "time_step_floor": cfg.dt_init_floor,
+            "use_bias": False,
+            "use_conv_bias": True,
+            "hidden_act": "silu",
+            "rms_norm": True,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "residual_in_fp32": True,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "architectures": ["Mamba2ForCausalLM"],
+        }
     return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -181,21 +229,24 @@ def mamba_ssm_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError(
             f"norm_eps={cfg.norm_eps:g} but mamba_ssm's MambaLMHeadModel always uses 1e-5; export --format hf instead"
         )
+    if cfg.arch is Arch.MAMBA2:  # mamba_ssm's Mamba2 keyword arguments (mamba_ssm/modules/mamba2.py)
+        ssm: dict[str, Any] = {
+            "layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand,
+            "headdim": cfg.headdim, "ngroups": cfg.ngroups, "chunk_size": cfg.chunk_size, "dt_min": cfg.dt_min,
+            "dt_max": cfg.dt_max, "dt_init_floor": cfg.dt_init_floor, "rmsnorm": True, "norm_before_gate": False,
+            "conv_bias": True, "bias": False,
+        }  # fmt: skip
+    else:
+        ssm = {
+            "d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand, "dt_rank": cfg.dt_rank_value,
+            "dt_min": cfg.dt_min, "dt_max": cfg.dt_max, "dt_init_floor": cfg.dt_init_floor, "conv_bias": True,
+            "bias": False,
+        }  # fmt: skip
     return {
         "d_model": cfg.d_model,
         "n_layer": cfg.n_layers,
         "vocab_size": cfg.vocab_size,
-        "ssm_cfg": {
-            "d_state": cfg.d_state,
-            "d_conv": cfg.d_conv,
-            "expand": cfg.expand,
-            "dt_rank": cfg.dt_rank_value,
-            "dt_min": cfg.dt_min,
-            "dt_max": cfg.dt_max,
-            "dt_init_floor": cfg.dt_init_floor,
-            "conv_bias": True,
-            "bias": False,
-        },
+        "ssm_cfg": ssm,
         "rms_norm": True,
         "residual_in_fp32": True,
         "fused_add_norm": True,
@@ -214,6 +265,23 @@ def _dt_rank(d_model: int, rank: Any) -> int | str:
 def model_config_from(config: dict[str, Any], where: str) -> tuple[ModelConfig, ExportFormat]:
     """mupt's ModelConfig (Euler B) from a transformers or mamba_ssm ``config.json`` dict."""
     try:
+        if config.get("model_type") == "mamba2" or "Mamba2" in str(config.get("architectures", "")):
+            d = int(config["hidden_size"])
+            cfg = ModelConfig.model_validate(dict(
+                arch=Arch.MAMBA2, d_model=d, n_layers=int(config["num_hidden_layers"]),
+                d_state=int(config.get("state_size", 128)), d_conv=int(config.get("conv_kernel", 4)),
+                expand=int(config.get("expand", 2)), headdim=int(config.get("head_dim", 64)),
+                ngroups=int(config.get("n_groups", 1)), chunk_size=int(config.get("chunk_size", 256)),
+                vocab_size=int(config["vocab_size"]), tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+                dt_min=float(config.get("time_step_min", 1e-3)), dt_max=float(config.get("time_step_max", 0.1)),
+                dt_init_floor=float(config.get("time_step_floor", 1e-4)),
+                norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
+            ))  # fmt: skip
+            if int(config.get("num_heads", cfg.nheads)) != cfg.nheads or config.get("use_bias", False):
+                raise ConfigError(
+                    f"{where}: num_heads != expand*hidden_size/head_dim or use_bias=true; not mupt's Mamba2"
+                )
+            return cfg, ExportFormat.HF
         if config.get("model_type") == "mamba" or "hidden_size" in config:
             if config.get("use_bias", False) or not config.get("use_conv_bias", True):
                 raise ConfigError(f"{where}: use_bias=true or use_conv_bias=false has no counterpart in mupt's Mamba")
@@ -232,8 +300,22 @@ def model_config_from(config: dict[str, Any], where: str) -> tuple[ModelConfig, 
             return cfg, ExportFormat.HF
         if "d_model" in config and "n_layer" in config:
             ssm = dict(config.get("ssm_cfg") or {})
+            if ssm.get("layer") == "Mamba2" and not (config.get("attn_layer_idx") or config.get("d_intermediate")):
+                vocab, pad = int(config["vocab_size"]), int(config.get("pad_vocab_size_multiple", 1))
+                cfg = ModelConfig.model_validate(dict(
+                    arch=Arch.MAMBA2, d_model=int(config["d_model"]), n_layers=int(config["n_layer"]),
+                    d_state=int(ssm.get("d_state", 128)), d_conv=int(ssm.get("d_conv", 4)),
+                    expand=int(ssm.get("expand", 2)), headdim=int(ssm.get("headdim", 64)),
+                    ngroups=int(ssm.get("ngroups", 1)), chunk_size=int(ssm.get("chunk_size", 256)),
+                    vocab_size=vocab + (-vocab) % pad, tie_embeddings=bool(config.get("tie_embeddings", True)),
+                    dt_min=float(ssm.get("dt_min", 1e-3)), dt_max=float(ssm.get("dt_max", 0.1)),
+                    dt_init_floor=float(ssm.get("dt_init_floor", 1e-4)),
+                ))  # fmt: skip
+                return cfg, ExportFormat.MAMBA_SSM
             if ssm.get("layer", "Mamba1") != "Mamba1" or config.get("attn_layer_idx") or config.get("d_intermediate"):
-                raise ConfigError(f"{where}: only pure Mamba-1 models (no attention, no MLP) load into mupt")
+                raise ConfigError(
+                    f"{where}: only pure Mamba-1 and Mamba-2 models (no attention, no MLP) load into mupt"
+                )
             if ssm.get("bias", False) or not ssm.get("conv_bias", True):
                 raise ConfigError(f"{where}: bias=true or conv_bias=false has no counterpart in mupt's Mamba")
             d = int(config["d_model"])
@@ -300,7 +382,8 @@ def load_run(path: str | Path) -> LoadedRun:
         if not weights.is_file():
             raise CheckpointError(f"{path}: no {WEIGHTS}; it is written by mupt train at the end of the run")
         cfg = load_yaml(path / "config.yaml", RunConfig)
-        model = MambaLM(cfg.model).eval()  # forward multipliers 1: the saved weights carry them
+        model = _build(cfg)  # the rules' multipliers; the saved weights carry all but Mamba-2's C multiplier
+        set_forward_multipliers(model, {Role.IN_PROJ_C: unfolded_c(model)})
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -411,7 +494,7 @@ def write_pretrained(
     fmt = ExportFormat(fmt)
     out = Path(out)
     check_out_dir(out)
-    check_exportable(model.cfg)
+    check_model_exportable(model)
     state = folded_state_dict(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -442,10 +525,11 @@ def write_pretrained(
 
 
 def _hf_config_json(cfg: ModelConfig) -> dict[str, Any]:
-    """``config.json`` as transformers writes it (``MambaConfig(...).to_dict()`` of this transformers)."""
-    from transformers import MambaConfig
+    """``config.json`` as transformers writes it (``MambaConfig`` / ``Mamba2Config(...).to_dict()`` of this
+    transformers)."""
+    from transformers import Mamba2Config, MambaConfig
 
-    return MambaConfig(**hf_config_dict(cfg)).to_dict()
+    return (Mamba2Config if cfg.arch is Arch.MAMBA2 else MambaConfig)(**hf_config_dict(cfg)).to_dict()
 
 
 def export_run(
@@ -461,7 +545,7 @@ def export_run(
     out = Path(out)
     check_out_dir(out)
     run = load_run(source)
-    check_exportable(run.cfg.model)
+    check_model_exportable(run.model)
     files = write_pretrained(run.model, out, fmt, max_shard_size)
     tok = tokenizer_dir(run.cfg)
     if tok is not None:
@@ -601,6 +685,11 @@ def init_from(model: MambaLM, par: Parametrized, cfg: RunConfig, load: bool = Tr
     from mupt.parametrization import set_forward_multipliers
 
     assert cfg.train.init_from is not None
+    if unfolded_c(model) != 1.0:
+        raise ConfigError(
+            f"--init-from: this Mamba-2 run multiplies C by {unfolded_c(model):.4g} after its SiLU (a d_state scaled "
+            "from the base), which a transformers/mamba_ssm checkpoint does not carry; keep d_state at the base's"
+        )
     factors = fold_factors(model)
     if load:
         ckpt = read_pretrained(cfg.train.init_from)
@@ -634,12 +723,17 @@ def init_from(model: MambaLM, par: Parametrized, cfg: RunConfig, load: bool = Tr
 def check_compatible(ckpt: Pretrained, cfg: ModelConfig) -> None:
     """Refuse a checkpoint whose vocab, architecture or shapes differ from the run's model ``cfg``."""
     where = f"--init-from {ckpt.path}"
+    if ckpt.model_cfg.arch is not cfg.arch:
+        raise ConfigError(
+            f"{where}: a {ckpt.model_cfg.arch.value} checkpoint but the run is {cfg.arch.value}; set --arch "
+            f"{ckpt.model_cfg.arch.value}"
+        )
     if ckpt.model_cfg.vocab_size != cfg.vocab_size:
         raise ConfigError(
             f"{where}: vocab {ckpt.model_cfg.vocab_size} but the run's vocab (the dataset's, padded to x8) "
             f"is {cfg.vocab_size}; train on a dataset prepared with the checkpoint's tokenizer"
         )
-    if cfg.discretization.value != "euler":
+    if cfg.arch is Arch.MAMBA1 and cfg.discretization.value != "euler":
         raise ConfigError(
             f"{where}: the checkpoint computes B by Euler but the run uses ZOH; set --discretization euler"
         )

@@ -491,6 +491,12 @@ def summarize(recipe: Recipe) -> Summary:
     )
 
 
+#: A Mamba-2 proxy with fewer heads than this draws too few per-head dt and A values for its activations to be
+#: typical: at d_model 64, headdim 64 (2 heads) the seed-to-seed spread of log2 RMS of layer 1's state change after
+#: 8 steps is 0.87 over 24 seeds, and 4 seeds estimate it as 0.12 (docs/health.md, "Mamba-2 proxies").
+MIN_PROXY_HEADS = 8
+
+
 def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: ShapeInfo) -> list[str]:
     """Notes for a person about to launch: ratios beyond what was verified, an under-trained proxy, ..."""
     out: list[str] = []
@@ -540,6 +546,13 @@ def warnings(recipe: Recipe, proxy: RunConfig, info: ShapeInfo, proxy_info: Shap
     if Scheme(cfg.param.scheme) is not Scheme.SP and not isinstance(cfg.model.dt_rank, str):
         out.append(
             f"dt_rank is fixed at {cfg.model.dt_rank}; the dt_proj rule assumes dt_rank grows with d_model ('auto')"
+        )
+    if proxy.model.arch is Arch.MAMBA2 and proxy.model.nheads < MIN_PROXY_HEADS:
+        out.append(
+            f"the proxy has {proxy.model.nheads} Mamba-2 heads (d_inner {proxy.model.d_inner} / headdim "
+            f"{proxy.model.headdim}): with so few, its per-head dt and A draws make its activations seed-dependent, "
+            "so its optimum is noisier and the health check's band (from --health-seeds proxy runs) too narrow; "
+            f"tune a proxy with at least {MIN_PROXY_HEADS} heads (a smaller --headdim or a wider --width)"
         )
     return out
 

@@ -118,17 +118,61 @@ def test_zoh_model_is_refused_in_one_line(tmp_path: Path, cli) -> None:
         assert not (tmp_path / fmt).exists()
 
 
+def mamba2_config(scale_state: bool = False) -> RunConfig:
+    """µP-SSM Mamba-2, d_model 64 against a 32-wide base (heads 8 at headdim 16, 2 B/C groups); d_state 8, or
+    16 against a base of 8 (C then carries µP-SSM's 1/r_x multiplier)."""
+    return RunConfig(
+        model=ModelConfig(arch="mamba2", d_model=64, n_layers=2, d_state=16 if scale_state else 8, headdim=16,
+                          ngroups=2, chunk_size=16, tie_embeddings=False),
+        train=TrainConfig(steps=4, batch_size=4, seq_len=32, lr=3e-3, eval_every=4, eval_batches=1),
+        param=ParamConfig(scheme="mup-ssm", base_d_model=32, base_d_state=8, output_mult=2.0),
+    )  # fmt: skip
+
+
+def test_mamba2_export_loads_in_transformers_with_the_same_logits(tmp_path: Path, cli) -> None:
+    """A trained µP-SSM Mamba-2 run (width rules with non-1 multipliers folded) -> hf -> transformers'
+    Mamba2ForCausalLM gives the logits of the same run rebuilt independently; -> mamba_ssm layout (its
+    MambaConfig fields, ssm_cfg for mamba_ssm's Mamba2) -> mupt's loader gives them too."""
+    cfg = mamba2_config()
+    run = train_dir(tmp_path, cli, cfg)
+    ref = logits(trained_model(run, cfg))
+    assert ref.abs().max() > 1.0
+    code, _, err = cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    hf = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert (hf.config.num_heads, hf.config.head_dim, hf.config.n_groups) == (8, 16, 2)
+    torch.testing.assert_close(logits(hf), ref, rtol=1e-5, atol=1e-5)
+    code, _, err = cli("export", str(run), "--format", "mamba_ssm", "--out", str(tmp_path / "ms"))
+    assert code == 0, err
+    conf = json.loads((tmp_path / "ms" / "config.json").read_text())
+    assert conf["ssm_cfg"]["layer"] == "Mamba2" and conf["ssm_cfg"]["headdim"] == 16 and conf["ssm_cfg"]["ngroups"] == 2
+    sd = torch.load(tmp_path / "ms" / "pytorch_model.bin", weights_only=True)
+    assert sd["backbone.layers.0.mixer.in_proj.weight"].shape == (2 * 128 + 2 * 2 * 8 + 8, 64)
+    torch.testing.assert_close(logits(load_pretrained(tmp_path / "ms")), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(load_pretrained(tmp_path / "hf")), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba2_with_a_scaled_d_state_is_refused_in_one_line(tmp_path: Path, cli) -> None:
+    """d_state 16 against a base of 8: C carries 1/r_x = 0.5 after its SiLU, which no weight can carry."""
+    run = train_dir(tmp_path, cli, mamba2_config(scale_state=True))
+    for fmt in ("hf", "mamba_ssm"):
+        code, _, err = cli("export", str(run), "--format", fmt, "--out", str(tmp_path / fmt))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "0.5" in err and "--to-state" in err, err
+        assert not (tmp_path / fmt).exists()
+
+
 def test_help_and_readme_say_mamba1_and_euler_from_the_start(cli) -> None:  # type: ignore[no-untyped-def]
-    """A user who wants an exportable large run learns before tuning that export takes Mamba-1, Euler-B runs
-    only and that the discretization must be chosen at tuning time (the LR belongs to it)."""
+    """A user who wants an exportable large run learns before tuning that a Mamba-1 export takes Euler-B runs
+    only and that the discretization must be chosen at tuning time (the LR belongs to it), and which Mamba-2
+    runs export."""
     code, text, _ = cli("export", "--help")
     assert code == 0
     text = " ".join(text.replace("│", " ").split())
-    assert "Mamba-1 runs only: Mamba-2 runs (--arch mamba2) are refused" in text, text
+    assert "Mamba-2 runs (--arch mamba2) become Mamba2ForCausalLM" in text, text
     assert "ZOH runs, mupt's default, are refused" in text and "tune and transfer with --discretization euler" in text
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = " ".join(readme.split("### `mupt export`", 1)[1].split("\n### ", 1)[0].split())
-    assert "Mamba-2 run (`--arch mamba2`) is refused" in section
+    assert "tested against transformers' `Mamba2ForCausalLM`" in section
     assert "a ZOH run (mupt's default `--discretization zoh`) is refused" in section
     assert "`mupt tune --discretization euler`" in section and "The tuned LR belongs to the discretization" in section
 

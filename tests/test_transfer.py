@@ -508,6 +508,16 @@ def test_tune_transfer_train_beats_8x_lrs(tmp_path: Path, cli) -> None:  # type:
     assert losses["transferred"] < losses["8x larger"] and losses["transferred"] < losses["8x smaller"], losses
 
 
+def test_a_mamba2_proxy_with_few_heads_is_warned_about() -> None:
+    """d_model 64 at headdim 64 is 2 heads (mupt's default headdim on a 64-wide proxy): the recipe warns and
+    names the fix; at headdim 16 (8 heads) it does not (docs/health.md, "Mamba-2 proxies")."""
+    few = transfer(best(proxy(**{"model.arch": "mamba2", "model.headdim": 64})), 256)
+    text = [w for w in few.source["warnings"] if "Mamba-2 heads" in w]
+    assert len(text) == 1 and "has 2 Mamba-2 heads" in text[0] and "a smaller --headdim" in text[0], text
+    enough = transfer(best(proxy(**{"model.arch": "mamba2", "model.headdim": 16})), 256)
+    assert not [w for w in enough.source["warnings"] if "Mamba-2 heads" in w]
+
+
 @pytest.mark.parametrize("scheme", list(Scheme))
 def test_mamba2_recipe_has_every_mamba2_role_at_the_rule_powers(scheme: Scheme) -> None:
     """arch mamba2: d_model 64 -> 512 (heads 4 -> 32 at headdim 32), N_x 16 -> 128 under mup-ssm."""

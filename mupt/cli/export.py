@@ -26,7 +26,7 @@ def export(
         ExportFormat,
         typer.Option(
             "--format",
-            help="hf: transformers MambaForCausalLM (config.json + model.safetensors); "
+            help="hf: transformers MambaForCausalLM or Mamba2ForCausalLM (config.json + model.safetensors); "
             "mamba_ssm: MambaLMHeadModel (config.json + pytorch_model.bin).",
         ),
     ] = ExportFormat.HF,
@@ -39,10 +39,11 @@ def export(
 
     The logits equal mupt's (fp32, within 1e-5).  µP's forward multipliers (output_mult, embedding_mult,
     the width rules' multipliers) are folded into the weights; the dataset's tokenizer.json is copied
-    when the run trained on a prepared dataset.  Mamba-1 runs only: Mamba-2 runs (--arch mamba2) are
-    refused.  Euler-B only (both libraries compute Δ·B): ZOH runs, mupt's default, are refused, and the
-    tuned LR belongs to the discretization, so tune and transfer with --discretization euler from the
-    start for a run you mean to export.
+    when the run trained on a prepared dataset.  Mamba-2 runs (--arch mamba2) become Mamba2ForCausalLM /
+    mamba_ssm's Mamba2, except when d_state was scaled from the proxy's (C's 1/N_x multiplier acts after
+    a SiLU and cannot be folded).  Mamba-1 runs: Euler-B only (both libraries compute Δ·B): ZOH runs,
+    mupt's default, are refused, and the tuned LR belongs to the discretization, so tune and transfer
+    with --discretization euler from the start for a run you mean to export.
 
     Example: [bold]mupt export runs/scale --format hf --out hf-model[/], then
     MambaForCausalLM.from_pretrained("hf-model").
