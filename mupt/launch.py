@@ -430,6 +430,31 @@ def fingerprint_fields(cfg: RunConfig) -> dict[str, Any]:
     return fields
 
 
+#: The model fields a checkpoint mismatch names first: the mixer, then the shape (a different LR usually follows
+#: from a different model, so naming the LR first hides the real cause).
+MODEL_FIELDS_FIRST = ("arch", "d_model", "n_layers", "d_state", "expand", "headdim", "ngroups", "d_conv", "vocab_size")
+
+
+def recipe_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first field where two :func:`fingerprint_fields` differ, as (dotted key, old, new): the model's arch,
+    then its shape (:data:`MODEL_FIELDS_FIRST`), then the rest of the model, the parametrization, the optimizer,
+    the LR and anything else; ``None`` when they match."""
+    old_model, new_model = old.get("model") or {}, new.get("model") or {}
+    for key in MODEL_FIELDS_FIRST:
+        d = first_difference(old_model.get(key), new_model.get(key), f"model.{key}.")
+        if d is not None:
+            return d
+    for top in ("model", "param", "optimizer", "lr"):
+        d = first_difference(old.get(top), new.get(top), f"{top}.")
+        if d is not None:
+            return d
+    return first_difference(old, new)
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
 def fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(fingerprint_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -693,8 +718,8 @@ def read_meta(path: Path, cfg: RunConfig) -> dict[str, Any]:
             got = f.stat().st_size if f.is_file() else "missing"
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt ({name}: {got} bytes, expected {size})")
     if meta.get("fingerprint") != fingerprint(cfg):
-        d = first_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
-        diff = f"{d[0]} {d[1]!r} in the checkpoint vs {d[2]!r} in the recipe" if d else "fingerprint"
+        d = recipe_difference(meta.get("fingerprint_fields", {}), fingerprint_fields(cfg))
+        diff = f"{d[0]} {_shown(d[1])} in the checkpoint vs {_shown(d[2])} in the recipe" if d else "fingerprint"
         raise CheckpointError(
             f"checkpoint {path} was written for another recipe ({diff}); use the recipe it was made with, or "
             f"--run-dir NEW_DIR for this one (a run dir holds one run: {path.parent.parent} is in use)"

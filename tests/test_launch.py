@@ -690,3 +690,22 @@ def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tm
     result = launch.LaunchResult(2, launch.worker_failures({4: same[0], 7: other, 5: same[1]}))
     assert result.user_errors() == [([4, 5], text), ([7], "tokens.bin: token id 300 is outside the vocabulary")]
     assert launch.LaunchResult(1, rows).user_errors() == []  # a ValueError is no user error
+
+
+def test_checkpoint_of_another_arch_names_the_arch_not_the_lr(tmp_path: Path, cli) -> None:
+    """A mamba1 recipe pointed at a mamba2 run's dir (whose LR also differs): the refusal names the arch, the
+    real difference, rather than the LR that alphabetical order would put first."""
+    data = to_dict(load_yaml(TINY, Recipe))
+    data["run"]["model"].update(arch="mamba2", headdim=16)  # d_model 32: 4 heads
+    data["run"]["train"].update(steps=2, lr=1.5 * data["run"]["train"]["lr"])
+    data["per_role"], data["manifest"] = {}, {}
+    run_dir = tmp_path / "m2-run"
+    data["launch"].update(run_dir=str(run_dir), ckpt_every=2)
+    m2 = tmp_path / "m2.yaml"
+    save_yaml(m2, Recipe.model_validate(data))
+    code, _, stderr = cli("scale", str(m2))
+    assert code == 0, stderr
+    mamba1, _ = make_recipe(tmp_path, "m1")
+    msg = one_line_error(cli, "scale", str(mamba1), "--run-dir", str(run_dir))
+    assert "another recipe (model.arch mamba2 in the checkpoint vs mamba1 in the recipe)" in msg, msg
+    assert launch.find_latest(run_dir).name == "step_000002"  # nothing overwritten
