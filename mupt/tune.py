@@ -788,6 +788,38 @@ def width_multiple(cfg: RunConfig) -> int:
     return math.lcm(16, mamba2_width_unit(m.headdim, m.ngroups, m.expand))
 
 
+def rung_width_note(settings: TuneSettings, cfg: RunConfig) -> str | None:
+    """Why rung 0 is not at the documented proxy/8 (rounded down to a multiple of 16, at least 16;
+    docs/tuning.md, "The schedule"), in one sentence with the fix, or ``None`` when it is (or ``--fidelity
+    steps``, which has no width rungs).  Only mamba2 moves it: a rung needs heads = expand*d_model/headdim a
+    whole number divisible by ngroups (:func:`width_multiple`), which can push rung 0 to a wider width or leave
+    the proxy as the only rung (no width fidelity)."""
+    if settings.fidelity is not Fidelity.WIDTH:
+        return None
+    m, proxy = cfg.model, cfg.model.d_model
+    documented, actual = rung_widths(proxy)[0], rung_widths(proxy, width_multiple(cfg))[0]
+    if actual == documented:
+        return None
+    what = (
+        f"every trial runs at the proxy width {proxy} (no narrower rung: no width fidelity), not rung 0 at "
+        f"proxy/8 = {documented}"
+        if actual == proxy
+        else f"rung 0 runs at d_model {actual}, not proxy/8 = {documented}"
+    )
+    fix = "a smaller --headdim or --ngroups"
+    h = m.headdim // 2
+    while h >= 1:
+        trial = with_overrides(cfg, {"model.headdim": h}, where="--headdim")
+        if m.headdim % h == 0 and rung_widths(proxy, width_multiple(trial))[0] == documented:
+            fix = f"--headdim {h}{' (or a smaller --ngroups)' if m.ngroups > 1 else ''} puts rung 0 at {documented}"
+            break
+        h //= 2
+    return (
+        f"{what}: mamba2 needs heads = expand*d_model/headdim = {m.expand}*d_model/{m.headdim} a whole number "
+        f"divisible by --ngroups {m.ngroups}, so rung widths are multiples of {width_multiple(cfg)}; {fix}"
+    )
+
+
 def rungs_for(settings: TuneSettings, cfg: RunConfig) -> list[Rung]:
     """The study's rungs: one at the proxy width for ``--fidelity steps``; widths x steps otherwise.
 

@@ -50,6 +50,7 @@ from mupt.tune import (
     run_study,
     run_worker,
     rung_summaries,
+    rung_width_note,
     rungs_for,
     study_lock,
     trial_rows,
@@ -1268,3 +1269,36 @@ def test_ctrl_c_to_the_process_group_with_two_workers_records_every_trial_as_int
     trials = _load(s, "proxy-w64").trials
     assert len(trials) == 2 and all(t.state is TrialState.FAIL for t in trials)
     assert all(t.user_attrs.get("reason", "").startswith("interrupted") for t in trials), [t.user_attrs for t in trials]
+
+
+def test_mamba2_rung_width_off_proxy_over_8_is_noted(cli, tmp_path: Path) -> None:
+    """mamba2 at headdim 64: --width 64 cannot have a 16-wide rung (2*16/64 is not a whole head), so rung 0 runs at
+    32; tune says so in one note line under its start line, with the reason and the headdim that restores 16."""
+    code, _, err = cli(
+        "tune", "--arch", "mamba2", "--width", "64", "--layers", "1", "--d-state", "8", "--seq-len", "16",
+        "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--trials", "2", "--backend", BACKEND,
+        "--runs-dir", str(tmp_path), "--study", "m2",
+    )  # fmt: skip
+    assert code == 0, err
+    lines = err.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("mupt tune "))
+    assert "rungs(d_model x trials)=32x2 64x1" in lines[start]
+    assert lines[start + 1] == (
+        "note: rung 0 runs at d_model 32, not proxy/8 = 16: mamba2 needs heads = expand*d_model/headdim = "
+        "2*d_model/64 a whole number divisible by --ngroups 1, so rung widths are multiples of 32; --headdim 32 puts "
+        "rung 0 at 16"
+    )
+    assert sum("note:" in line for line in lines) == 1
+
+    def note(**model: Any) -> str | None:
+        cfg = with_overrides(RunConfig(), {f"model.{k}": v for k, v in model.items()})
+        return rung_width_note(TuneSettings(study="s"), cfg)
+
+    collapsed = note(arch="mamba2", d_model=64, headdim=128)  # 2*d_model/128: only the proxy holds a whole head
+    assert collapsed is not None and collapsed.startswith("every trial runs at the proxy width 64 (no narrower rung")
+    grouped = note(arch="mamba2", d_model=256, ngroups=4)  # 8 heads in 4 groups: rungs 128, 256
+    assert grouped is not None and "rung 0 runs at d_model 128, not proxy/8 = 32" in grouped
+    assert "--headdim 16 (or a smaller --ngroups) puts rung 0 at 32" in grouped
+    assert note(arch="mamba2", d_model=64, headdim=32) is None and note(d_model=256) is None
+    m2 = with_overrides(RunConfig(), {"model.arch": "mamba2", "model.d_model": 64})
+    assert rung_width_note(TuneSettings(study="s", fidelity="steps"), m2) is None  # no width rungs to move

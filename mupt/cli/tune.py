@@ -67,6 +67,7 @@ from mupt.tune import (
     repair_journal,
     run_study,
     rung_summaries,
+    rung_width_note,
     study_flops,
     trial_rows,
     trial_steps,
@@ -170,7 +171,8 @@ def tune(
         typer.Option(
             "--fidelity",
             help="width: most trials at d_model = proxy/8 (rounded down to a multiple of 16, at least 16: --width 64 "
-            "gives rungs 16 and 64 under --finalist fit), the answer measured at the proxy width (see --finalist); "
+            "gives rungs 16 and 64 under --finalist fit; mamba2 rungs also need whole heads in whole groups, "
+            "a note says when that moves rung 0), the answer measured at the proxy width (see --finalist); "
             "steps: every trial at the proxy width, pruned on steps.",
         ),
     ] = Fidelity.WIDTH,
@@ -327,6 +329,9 @@ def tune(
         highlight=False,
         soft_wrap=True,  # one line in logs (grep), however long
     )
+    note = rung_width_note(settings, cfg)
+    if note is not None:
+        err.print(f"[bold yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if is_complete(ladder):
         err.print(
             f"study {settings.study} is already complete ({n_finished(ladder)} finished trials): nothing to run, "
