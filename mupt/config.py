@@ -167,6 +167,14 @@ class ModelConfig(_Strict):
         return self.d_inner // self.headdim
 
     @property
+    def arch_label(self) -> str:
+        """The mixer for a header or plan line: ``arch=mamba1``, or for mamba2 ``arch=mamba2 heads=8x64 ngroups=1``
+        (nheads x headdim channels, B/C groups)."""
+        if self.arch is not Arch.MAMBA2:
+            return f"arch={self.arch.value}"
+        return f"arch={self.arch.value} heads={self.nheads}x{self.headdim} ngroups={self.ngroups}"
+
+    @property
     def dt_rank_value(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
 

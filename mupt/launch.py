@@ -369,6 +369,7 @@ class Plan:
     command: str
     scan_backend: str
     health: str = "off"  # the live µP health check, in words (mupt.health.describe)
+    arch: str = "arch=mamba1"  # the mixer, ModelConfig.arch_label (mamba2: heads and groups too)
 
     @property
     def params(self) -> int:
@@ -378,7 +379,7 @@ class Plan:
         m = self.memory
         act = "fp32" if self.precision is Precision.FP32 else "fp32 count, an upper bound under bf16"
         return [
-            ("model", f"d_model={self.d_model} layers={self.n_layers} d_state={self.d_state}"),
+            ("model", f"{self.arch} d_model={self.d_model} layers={self.n_layers} d_state={self.d_state}"),
             ("parameters", f"{self.params:,}"),
             ("processes", f"{self.world} ({'FSDP2' if self.fsdp else 'DDP' if self.world > 1 else 'single'})"),
             ("device / precision", f"{self.device} / {self.precision.value}"),
@@ -408,7 +409,7 @@ def make_plan(recipe: Recipe, world: int, command: str) -> Plan:
         cfg.model.d_model, cfg.model.n_layers, cfg.model.d_state, world, recipe.launch.fsdp,
         "cuda" if cuda else "cpu", precision, tc.batch_size, tc.seq_len, tc.steps,
         tc.steps * tc.batch_size * tc.seq_len, memory_estimate(cfg, world, recipe.launch.fsdp), command, backend,
-        describe(recipe),
+        describe(recipe), cfg.model.arch_label,
     )  # fmt: skip
 
 

@@ -575,7 +575,7 @@ def recipe_header(recipe: Recipe) -> str:
     if target_length_is_the_proxys(recipe):
         length += ", the proxy's length (mupt transfer --steps N sets the target's; mupt scale --steps overrides it)"
     return (
-        f"mupt transfer: recipe for d_model={m.d_model} d_state={m.d_state} n_layers={m.n_layers} "
+        f"mupt transfer: recipe for {m.arch_label} d_model={m.d_model} d_state={m.d_state} n_layers={m.n_layers} "
         f"under {Scheme(recipe.run.param.scheme).value}\n"
         f"from {origin}\n"
         f"proxy d_model={p.get('d_model')} d_state={p.get('d_state')} ({p.get('scheme')}); tuned {tuned}\n"

@@ -8,7 +8,15 @@ import math
 import pandas as pd
 import pytest
 
-from mupt.check.coord import CoordSettings, coord_check, log2_slope, plot, plot_steps, slope_stderr
+from mupt.check.coord import (
+    CoordSettings,
+    coord_check,
+    describe_result,
+    log2_slope,
+    plot,
+    plot_steps,
+    slope_stderr,
+)
 from mupt.errors import ConfigError
 
 # The reference scan (the oracle) keeps these numbers independent of the fast backends.
@@ -254,3 +262,23 @@ def test_mamba2_widths_name_each_bad_one_and_the_least_multiple(cli) -> None:
     assert code == 2 and "36,60 are not (use multiples of 24)" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match=r"--ngroups 2; 24 is not \(use multiples of 48\)"):
         CoordSettings(arch="mamba2", headdim=48, ngroups=2, widths=(24, 192))
+
+
+def test_mamba2_header_and_titles_name_the_heads_not_a_discretization(cli, tmp_path) -> None:
+    """check coord's start line and plot titles name the mixer (mamba2: heads at the base..widest width x headdim,
+    groups) and drop the discretization, which only applies to mamba1."""
+    args = ["--arch", "mamba2", "--headdim", "32", "--ngroups", "2", "--widths", "32,256", "--seeds", "1",
+            "--steps", "1", "--layers", "1", "--seq-len", "16", "--backend", "reference"]  # fmt: skip
+    code, out, err = cli("check", "coord", *args, "--out", str(tmp_path / "c"))
+    assert code in (0, 1), out + err
+    start = next(line for line in err.splitlines() if line.startswith("mupt check coord "))
+    assert start.startswith("mupt check coord arch=mamba2 heads=2..16x32 ngroups=2 scheme=mup-ssm optimizer=adamw ")
+    assert "disc=" not in start and (tmp_path / "c" / "coord.png").is_file()
+    small = dict(widths=(32, 256), seeds=1, steps=1, n_layers=1, seq_len=16, backend="reference")
+    m2 = describe_result(coord_check(arch="mamba2", headdim=32, ngroups=2, **small))  # type: ignore[arg-type]
+    assert m2.startswith("arch=mamba2 heads=2..16x32 ngroups=2, mup-ssm, adamw, N_x=16, base 32,") and "zoh" not in m2
+    m1 = describe_result(coord_check(**small))  # type: ignore[arg-type]
+    assert m1.startswith("arch=mamba1, mup-ssm, adamw, zoh, N_x=16, base 32,"), m1
+    code, _, err = cli("check", "coord", "--widths", "32,256", "--seeds", "1", "--steps", "1", "--layers", "1",
+                       "--seq-len", "16", "--backend", "reference", "--out", str(tmp_path / "m1"))  # fmt: skip
+    assert "mupt check coord arch=mamba1 scheme=mup-ssm optimizer=adamw disc=zoh widths=[32, 256]" in err, err

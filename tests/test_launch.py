@@ -692,17 +692,39 @@ def test_worker_failures_put_the_rank_that_died_before_the_ranks_it_took_down(tm
     assert launch.LaunchResult(1, rows).user_errors() == []  # a ValueError is no user error
 
 
+def mamba2_recipe(tmp: Path) -> tuple[Path, Path]:
+    """tiny.yaml as mamba2 (d_model 32 at headdim 16: 4 heads), 2 steps at 1.5x its LR, checkpoint at step 2."""
+    data = to_dict(load_yaml(TINY, Recipe))
+    data["run"]["model"].update(arch="mamba2", headdim=16)
+    data["run"]["train"].update(steps=2, lr=1.5 * data["run"]["train"]["lr"])
+    data["per_role"], data["manifest"] = {}, {}
+    run_dir = tmp / "m2-run"
+    data["launch"].update(run_dir=str(run_dir), ckpt_every=2)
+    path = tmp / "m2.yaml"
+    save_yaml(path, Recipe.model_validate(data))
+    return path, run_dir
+
+
+def test_mamba2_plan_and_start_line_name_the_arch_and_heads(tmp_path: Path, cli) -> None:
+    """--dry-run's model row and the start line name the mixer with its heads (nheads x headdim, groups), and the
+    start line stays one line however long."""
+    m2, run_dir = mamba2_recipe(tmp_path)
+    code, out, stderr = cli("scale", str(m2), "--dry-run")
+    assert code == 0, stderr
+    assert re.search(r"model\s*│\s*arch=mamba2 heads=4x16 ngroups=1 d_model=32 layers=\d+ d_state=\d+", out), out
+    code, out, stderr = cli("scale", str(m2), "--run-dir", str(run_dir))
+    assert code == 0, stderr
+    start = [line for line in out.splitlines() if line.startswith("mupt scale ")]
+    assert len(start) == 1 and start[0].startswith("mupt scale arch=mamba2 heads=4x16 ngroups=1 d_model=32 layers=")
+    assert start[0].rstrip().endswith(f"run_dir={run_dir}"), out
+    code, out, stderr = cli("scale", str(make_recipe(tmp_path, "m1")[0]), "--dry-run")
+    assert code == 0 and re.search(r"model\s*│\s*arch=mamba1 d_model=32 ", out), out
+
+
 def test_checkpoint_of_another_arch_names_the_arch_not_the_lr(tmp_path: Path, cli) -> None:
     """A mamba1 recipe pointed at a mamba2 run's dir (whose LR also differs): the refusal names the arch, the
     real difference, rather than the LR that alphabetical order would put first."""
-    data = to_dict(load_yaml(TINY, Recipe))
-    data["run"]["model"].update(arch="mamba2", headdim=16)  # d_model 32: 4 heads
-    data["run"]["train"].update(steps=2, lr=1.5 * data["run"]["train"]["lr"])
-    data["per_role"], data["manifest"] = {}, {}
-    run_dir = tmp_path / "m2-run"
-    data["launch"].update(run_dir=str(run_dir), ckpt_every=2)
-    m2 = tmp_path / "m2.yaml"
-    save_yaml(m2, Recipe.model_validate(data))
+    m2, run_dir = mamba2_recipe(tmp_path)
     code, _, stderr = cli("scale", str(m2))
     assert code == 0, stderr
     mamba1, _ = make_recipe(tmp_path, "m1")

@@ -162,7 +162,7 @@ def test_recipe_round_trips_with_header(tmp_path: Path) -> None:
     r = transfer(best(), 1024, steps=500, batch_size=32)
     path = save_recipe(tmp_path / "r.yaml", r)
     text = path.read_text()
-    assert text.startswith("# mupt transfer: recipe for d_model=1024") and "study unit trial 7" in text
+    assert text.startswith("# mupt transfer: recipe for arch=mamba1 d_model=1024") and "study unit trial 7" in text
     back = load_recipe(path)
     assert back == r and isinstance(back, Recipe) and load_yaml(path, Recipe) == r
     save_yaml(tmp_path / "again.yaml", back)
@@ -540,3 +540,11 @@ def test_mamba2_recipe_has_every_mamba2_role_at_the_rule_powers(scheme: Scheme) 
     assert fwd_c == (1 / 8 if scheme is Scheme.MUP_SSM else 1.0)
     with pytest.raises(ConfigError, match="divisible by headdim=32"):
         transfer(best(cfg), 520)
+
+
+def test_mamba2_recipe_header_names_the_arch_and_heads(tmp_path: Path) -> None:
+    """The recipe's comment header names the mixer: mamba2 d_model 64 -> 256 at headdim 32, 2 groups = 16 heads."""
+    cfg = proxy(**{"model.arch": "mamba2", "model.headdim": 32, "model.ngroups": 2})
+    path = save_recipe(tmp_path / "m2.yaml", transfer(best(cfg), 256))
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# mupt transfer: recipe for arch=mamba2 heads=16x32 ngroups=2 d_model=256 "), first

@@ -1283,6 +1283,7 @@ def test_mamba2_rung_width_off_proxy_over_8_is_noted(cli, tmp_path: Path) -> Non
     lines = err.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("mupt tune "))
     assert "rungs(d_model x trials)=32x2 64x1" in lines[start]
+    assert lines[start].startswith("mupt tune study=m2 arch=mamba2 heads=2x64 ngroups=1 d_model=64 layers=1 ")
     assert lines[start + 1] == (
         "note: rung 0 runs at d_model 32, not proxy/8 = 16: mamba2 needs heads = expand*d_model/headdim = "
         "2*d_model/64 a whole number divisible by --ngroups 1, so rung widths are multiples of 32; --headdim 32 puts "

@@ -488,7 +488,7 @@ def plot(result: CoordResult, path: str | Path) -> None:
             ax.set_ylim(mid - 2, mid + 2)
         ax.legend(fontsize=7)
     verdict = "PASS" if result.passed else "FAIL"
-    fig.suptitle(f"coordinate check: {_describe(result)}: {verdict}")
+    fig.suptitle(f"coordinate check: {describe_result(result)}: {verdict}")
     _save(fig, path)
 
 
@@ -512,16 +512,32 @@ def plot_steps(result: CoordResult, path: str | Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("log2-log2 slope vs width")
         ax.legend(fontsize=7)
-    fig.suptitle(f"slope after each step: {_describe(result)} (band: ±{tol:g})")
+    fig.suptitle(f"slope after each step: {describe_result(result)} (band: ±{tol:g})")
     _save(fig, path)
 
 
-def _describe(result: CoordResult) -> str:
+def describe_arch(arch: Arch | str, headdim: int, ngroups: int, widths: list[int] | tuple[int, ...]) -> str:
+    """The mixer of a coordinate check in one token group: ``arch=mamba1``, or for mamba2 the head count over the
+    widths (base included) x headdim and the B/C groups, e.g. ``arch=mamba2 heads=4..32x32 ngroups=2``
+    (heads = expand*d_model/headdim at the check's expand 2, ModelConfig's default)."""
+    arch = Arch(arch)
+    if arch is not Arch.MAMBA2:
+        return f"arch={arch.value}"
+    lo, hi = (2 * min(widths) // headdim, 2 * max(widths) // headdim)
+    return f"arch={arch.value} heads={lo}..{hi}x{headdim} ngroups={ngroups}"
+
+
+def describe_result(result: CoordResult) -> str:
+    """The plot titles' description of a check: mixer (:func:`describe_arch`), scheme, optimizer, the mamba1
+    discretization (none for mamba2), N_x, base width, steps, LR, seeds, tolerance."""
     s = result.settings
     state = "N_x scaled" if s["scale_state"] else f"N_x={s['base_d_state']}"
     base = s.get("base_width") or s["widths"][0]  # results written before base_width existed
+    arch = Arch(s.get("arch", Arch.MAMBA1))  # results written before arch existed: mamba1
+    mixer = describe_arch(arch, s.get("headdim", 64), s.get("ngroups", 1), [base, *s["widths"]])
+    disc = f"{s['discretization']}, " if arch is Arch.MAMBA1 else ""  # Mamba-2's SSD has no discretization choice
     return (
-        f"{s['scheme']}, {s['optimizer']}, {s['discretization']}, {state}, base {base}, "
+        f"{mixer}, {s['scheme']}, {s['optimizer']}, {disc}{state}, base {base}, "
         f"{s['steps']} steps, lr {s['lr']:g}, {s['seeds']} seeds, tol {s['tolerance']:g}"
         + (", tied embeddings" if s.get("tie_embeddings") else "")
     )

@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mupt.check.coord import DEFAULT_WIDTHS, CoordResult, CoordSettings, Row, coord_check, layer_label, quantity_label
+from mupt.check.coord import (
+    DEFAULT_WIDTHS,
+    CoordResult,
+    CoordSettings,
+    Row,
+    coord_check,
+    describe_arch,
+    layer_label,
+    quantity_label,
+)
 from mupt.cli import check_app, err, out
 from mupt.cli.common import (
     DISC_HELP,
@@ -203,11 +212,13 @@ def coord(
     check_output_dir(out_dir, "--run-dir")
     set_threads(n_threads)
     err.print(
-        f"[bold]mupt check coord[/] arch={arch.value} scheme={scheme.value} optimizer={optimizer.value} "
-        f"disc={discretization.value} "
+        f"[bold]mupt check coord[/] {describe_arch(arch, headdim, ngroups, [settings.base, *settings.widths])} "
+        f"scheme={scheme.value} optimizer={optimizer.value} "
+        f"{f'disc={discretization.value} ' if arch is Arch.MAMBA1 else ''}"
         f"widths={list(settings.widths)} base={settings.base} N_x={'scaled from ' if scale_state else ''}{d_state} "
         f"layers={layers} seeds={seeds} steps={steps} lr={lr:g} threads={n_threads}",
         highlight=False,
+        soft_wrap=True,  # one line in logs (grep), however long
     )
     with progress() as bar:
         task = bar.add_task("coord", total=len(settings.widths) * seeds, info="")

@@ -331,10 +331,12 @@ def _run_here(recipe: launch.Recipe, resume: bool | None, reschedule: bool, run:
                     )
                 resumed = f" resumed from {info['resumed_from']}" if info["resumed_from"] else ""
                 out.print(
-                    f"[bold]mupt scale[/] d_model={cfg.model.d_model} layers={cfg.model.n_layers} "
+                    f"[bold]mupt scale[/] {cfg.model.arch_label} d_model={cfg.model.d_model} "
+                    f"layers={cfg.model.n_layers} "
                     f"params={info['params']:,} {info['mode']} x{info['world']} {info['device']} {info['precision']} "
                     f"scan={info['scan_backend']} lr={cfg.train.lr:g} run_dir={recipe.launch.run_dir}{resumed}",
                     highlight=False,
+                    soft_wrap=True,  # one line in logs (grep), however long
                 )
                 bar = progress(transient=True)  # the summary table replaces it
                 stack.enter_context(bar)

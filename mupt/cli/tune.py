@@ -319,7 +319,8 @@ def tune(
     where = settings.storage if settings.is_rdb else str(settings.journal_path)
     rungs = " ".join(f"{r.d_model}x{r.size}" for r in ladder.rungs)
     err.print(
-        f"[bold]mupt tune[/] study={settings.study} d_model={m.d_model} layers={m.n_layers} d_state={m.d_state} "
+        f"[bold]mupt tune[/] study={settings.study} {m.arch_label} d_model={m.d_model} layers={m.n_layers} "
+        f"d_state={m.d_state} "
         f"scheme={cfg.param.scheme.value} optimizer={cfg.train.optimizer.value} steps={cfg.train.steps} "
         f"data={cfg.data.source} search={','.join(settings.search)} fidelity={settings.fidelity.value} "
         f"rungs(d_model x trials)={rungs} finalist={settings.finalist_mode or '-'}"
