@@ -174,38 +174,13 @@ def check_model_exportable(model: MambaLM) -> None:
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     """transformers ``MambaConfig`` (Mamba-1: Euler B, RMSNorm, no in/out bias) or ``Mamba2Config`` (Mamba-2:
     heads, groups, chunk size; the gated RMSNorm after the gate, as mupt's) keyword arguments for ``cfg``."""
-    if cfg.arch is Arch.MAMBA2:
-        return {
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model,
-            "state_size": cfg.d_state,
-            "num_hidden_layers": cfg.n_layers,
-            "expand": cfg.expand,
-            "conv_kernel": cfg.d_conv,
-            "num_heads": cfg.nheads,
-            "head_dim": cfg.headdim,
-            "n_groups": cfg.ngroups,
-            "chunk_size": cfg.chunk_size,
-            "time_step_min": cfg.dt_min,
-            "time_step_max": cfg.dt_max,
-            "time_step_floor": cfg.dt_init_floor,
-            "use_bias": False,
-            "use_conv_bias": True,
-            "hidden_act": "silu",
-            "rms_norm": True,
-            "layer_norm_epsilon": cfg.norm_eps,
-            "residual_in_fp32": True,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "architectures": ["Mamba2ForCausalLM"],
-        }
-    return {
+    shared = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "state_size": cfg.d_state,
         "num_hidden_layers": cfg.n_layers,
         "expand": cfg.expand,
         "conv_kernel": cfg.d_conv,
-        "time_step_rank": cfg.dt_rank_value,
         "time_step_min": cfg.dt_min,
         "time_step_max": cfg.dt_max,
         "time_step_floor": cfg.dt_init_floor,
@@ -215,8 +190,18 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         "layer_norm_epsilon": cfg.norm_eps,
         "residual_in_fp32": True,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "architectures": ["MambaForCausalLM"],
     }
+    if cfg.arch is Arch.MAMBA2:
+        return {
+            **shared,
+            "num_heads": cfg.nheads,
+            "head_dim": cfg.headdim,
+            "n_groups": cfg.ngroups,
+            "chunk_size": cfg.chunk_size,
+            "rms_norm": True,
+            "architectures": ["Mamba2ForCausalLM"],
+        }
+    return {**shared, "time_step_rank": cfg.dt_rank_value, "architectures": ["MambaForCausalLM"]}
 
 
 def mamba_ssm_config_dict(cfg: ModelConfig) -> dict[str, Any]:
