@@ -670,9 +670,9 @@ def init_from(model: MambaLM, par: Parametrized, cfg: RunConfig, load: bool = Tr
     from mupt.parametrization import set_forward_multipliers
 
     assert cfg.train.init_from is not None
-    if unfolded_c(model) != 1.0:
+    if (c := unfolded_c(model)) != 1.0:
         raise ConfigError(
-            f"--init-from: this Mamba-2 run multiplies C by {unfolded_c(model):.4g} after its SiLU (a d_state scaled "
+            f"--init-from: this Mamba-2 run multiplies C by {c:.4g} after its SiLU (a d_state scaled "
             "from the base), which a transformers/mamba_ssm checkpoint does not carry; keep d_state at the base's"
         )
     factors = fold_factors(model)
