@@ -161,6 +161,27 @@ def test_mamba2_with_a_scaled_d_state_is_refused_in_one_line(tmp_path: Path, cli
         assert not (tmp_path / fmt).exists()
 
 
+def test_init_from_refuses_another_arch_and_an_unfoldable_c_in_one_line(tmp_path: Path, cli) -> None:
+    """--init-from a Mamba-2 export into a Mamba-1 run names both archs; into a Mamba-2 run whose d_state is scaled
+    from the base (C carries 1/r_x after its SiLU, which the checkpoint cannot) names the multiplier; nothing is
+    trained."""
+    run = train_dir(tmp_path, cli, mamba2_config())
+    code, _, err = cli("export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    base = ["train", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--width", "64",
+            "--init-from", str(tmp_path / "hf")]  # fmt: skip
+    code, _, err = cli(*base, "--d-state", "8", "--discretization", "euler", "--run-dir", str(tmp_path / "m1"))
+    msg = one_line(err)
+    assert code == 2 and "a mamba2 checkpoint but the run is mamba1" in msg and "--arch mamba2" in msg, msg
+    scaled = mamba2_config(scale_state=True)
+    scaled.train.init_from = str(tmp_path / "hf")
+    save_yaml(tmp_path / "scaled.yaml", scaled)
+    code, _, err = cli("train", "--config", str(tmp_path / "scaled.yaml"), "--run-dir", str(tmp_path / "m2"))
+    msg = one_line(err)
+    assert code == 2 and "multiplies C by 0.5" in msg and "keep d_state at the base's" in msg, msg
+    assert not (tmp_path / "m1" / "model.safetensors").exists() and not (tmp_path / "m2" / "model.safetensors").exists()
+
+
 def test_help_and_readme_say_mamba1_and_euler_from_the_start(cli) -> None:  # type: ignore[no-untyped-def]
     """A user who wants an exportable large run learns before tuning that a Mamba-1 export takes Euler-B runs
     only and that the discretization must be chosen at tuning time (the LR belongs to it), and which Mamba-2
